@@ -1,0 +1,20 @@
+"""Panda: babysit one PyTorch training run from the browser.
+
+The library half of Panda: import :class:`Babysitter` to hook any training loop into a run
+store, and :func:`lr_find` to run a learning-rate range test. Nothing here imports Streamlit.
+"""
+
+from trainer.babysitter import Babysitter
+from trainer.knobs import KnobError
+
+__all__ = ["Babysitter", "KnobError", "lr_find"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # lr_find lives in its own module; imported lazily so `import trainer` stays light.
+    if name == "lr_find":
+        from trainer.lr_finder import lr_find
+
+        return lr_find
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")

@@ -1,0 +1,109 @@
+"""Reading and writing knobs on any ``torch.optim`` optimizer, across all param groups.
+
+Knob meaning per optimizer family:
+
+* ``lr``: ``group["lr"]`` everywhere. The reported value is group 0's; a change keeps the
+  ratios between groups (e.g. a 10× smaller LR for a backbone stays 10× smaller).
+* ``momentum``: ``group["momentum"]`` for SGD / RMSprop, ``group["betas"][0]`` (β1) for the
+  Adam family. A change sets every group to the value.
+* ``weight_decay``: ``group["weight_decay"]``. The reported value is the largest over groups;
+  a change keeps the ratios, so groups excluded from decay (0, e.g. biases and norms) stay 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.knobs import KnobError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def make_optimizer(name: str, params, *, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """Build one of Panda's listed optimizers; ``momentum`` is β1 for Adam and AdamW."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999),
+                                weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999),
+                                 weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+class OptimizerKnobs:
+    """The knobs of one optimizer: what it supports, current values, and proportional writes."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.groups = optimizer.param_groups
+        first = self.groups[0]
+        self.momentum_key = "betas" if "betas" in first else (
+            "momentum" if "momentum" in first else None)
+        self.has_weight_decay = "weight_decay" in first
+        self.name = type(optimizer).__name__
+        # Ratios between groups' weight decay, fixed at construction so that setting 0 and then
+        # a value again restores the original exclusions.
+        decays = [g.get("weight_decay", 0.0) for g in self.groups]
+        top = max(decays)
+        self._wd_ratios = [w / top for w in decays] if top > 0 else [1.0] * len(decays)
+
+    @property
+    def supported(self) -> tuple[str, ...]:
+        """Knob names this optimizer has, in the literature's order of importance."""
+        names = ["lr"]
+        if self.momentum_key:
+            names.append("momentum")
+        if self.has_weight_decay:
+            names.append("weight_decay")
+        return tuple(names)
+
+    def check(self, knobs: dict[str, float]) -> None:
+        """Raise :class:`KnobError` for a knob this optimizer does not have."""
+        for name in knobs:
+            if name not in self.supported:
+                raise KnobError(f"{self.name} has no {name} knob (it has "
+                                f"{', '.join(self.supported)})")
+
+    # --- reads (cheap: a few dict lookups; called every step) ----------------------------------
+
+    def lr(self) -> float:
+        return self.groups[0]["lr"]
+
+    def momentum(self) -> float | None:
+        if self.momentum_key == "betas":
+            return self.groups[0]["betas"][0]
+        if self.momentum_key == "momentum":
+            return self.groups[0]["momentum"]
+        return None
+
+    def weight_decay(self) -> float | None:
+        if not self.has_weight_decay:
+            return None
+        return max(g["weight_decay"] for g in self.groups)
+
+    def values(self) -> dict[str, float | None]:
+        return {"lr": self.lr(), "momentum": self.momentum(),
+                "weight_decay": self.weight_decay()}
+
+    def lrs(self) -> list[float]:
+        return [g["lr"] for g in self.groups]
+
+    # --- writes ---------------------------------------------------------------------------------
+
+    def write_lrs(self, lrs: list[float]) -> None:
+        for group, lr in zip(self.groups, lrs):
+            group["lr"] = lr
+
+    def set_momentum(self, value: float) -> None:
+        for group in self.groups:
+            if self.momentum_key == "betas":
+                group["betas"] = (value, group["betas"][1])
+            else:
+                group["momentum"] = value
+
+    def set_weight_decay(self, value: float) -> None:
+        for group, ratio in zip(self.groups, self._wd_ratios):
+            group["weight_decay"] = value * ratio

@@ -1,0 +1,422 @@
+"""The run store: one SQLite file per run, the only bridge between processes.
+
+Trainers, dashboards and the CLI never talk to each other directly; they read and write
+``runs/<run>/run.db``. SQLite in WAL mode allows one writer and many concurrent readers, and a
+committed transaction survives ``kill -9`` of the writer (https://sqlite.org/wal.html).
+``synchronous=NORMAL`` in WAL mode keeps every commit safe from process crashes; only an OS
+crash or power cut can lose the last transactions, never corrupt the file.
+
+Tables (schema version in ``PRAGMA user_version``):
+
+* ``meta``       key → JSON value: name, task, optimizer, config, created, status, heartbeat …
+* ``metrics``    one row per optimizer step: step, epoch, wall, loss, lr, momentum, weight_decay
+* ``validation`` one row per named metric per evaluation: step, epoch, wall, name, value
+* ``commands``   id, created, kind, payload (JSON), status, applied_step, error, source
+* ``events``     intervention events, drawn as chart markers: step, wall, kind, knob, old, new
+* ``results``    JSON results attached to the run (e.g. LR range tests)
+
+Every read method is incremental ("everything after X") so a dashboard fetches only new rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+DB_NAME = "run.db"
+BUSY_TIMEOUT_MS = 10_000  # writers wait this long for the lock instead of failing
+HEARTBEAT_STALE_S = 10.0  # a live trainer updates its heartbeat every flush (~0.1 s)
+
+RUNNING_STATES = ("running", "paused")
+FINAL_STATES = ("stopped", "finished", "failed", "diverged")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS metrics (
+    step INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, wall REAL NOT NULL, loss REAL,
+    lr REAL, momentum REAL, weight_decay REAL);
+CREATE TABLE IF NOT EXISTS validation (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER NOT NULL, epoch INTEGER NOT NULL,
+    wall REAL NOT NULL, name TEXT NOT NULL, value REAL);
+CREATE TABLE IF NOT EXISTS commands (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, kind TEXT NOT NULL,
+    payload TEXT NOT NULL DEFAULT '{}', status TEXT NOT NULL DEFAULT 'pending',
+    applied_step INTEGER, error TEXT, source TEXT NOT NULL DEFAULT 'api', updated REAL);
+CREATE INDEX IF NOT EXISTS commands_status ON commands(status, id);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER NOT NULL, wall REAL NOT NULL,
+    kind TEXT NOT NULL, knob TEXT, old REAL, new REAL, command_id INTEGER, message TEXT);
+CREATE TABLE IF NOT EXISTS results (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, kind TEXT NOT NULL,
+    status TEXT NOT NULL, payload TEXT NOT NULL DEFAULT '{}');
+"""
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class StoreError(RuntimeError):
+    """A run store that cannot be used (missing, corrupt, or from a newer Panda)."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One row of the command table."""
+
+    id: int
+    created: float
+    kind: str
+    payload: str
+    status: str
+    applied_step: int | None
+    error: str | None
+    source: str
+
+
+def sanitize_run_name(name: str) -> str:
+    """Return ``name`` if it is a safe run name (letters, digits, ``._-``), else raise ValueError.
+
+    Names never contain a path separator or start with a dot, so they cannot escape the runs
+    directory.
+    """
+    if not isinstance(name, str) or not _RUN_NAME.match(name) or name in (".", ".."):
+        raise ValueError(f"invalid run name {name!r}: use letters, digits, '.', '_' or '-' "
+                         "(at most 100, not starting with '.')")
+    return name
+
+
+def resolve_run(spec: str | os.PathLike, runs_dir: str | os.PathLike = "runs", *,
+                must_exist: bool = True) -> Path:
+    """Turn a RUN argument into a run directory.
+
+    ``spec`` is either a path to a run directory (anything containing a path separator, or an
+    existing directory holding ``run.db``) or a bare run name under ``runs_dir``.
+    """
+    text = os.fspath(spec)
+    as_path = Path(text)
+    if os.sep in text or "/" in text or (as_path / DB_NAME).exists():
+        run_dir = as_path
+    else:
+        run_dir = Path(runs_dir) / sanitize_run_name(text)
+    if must_exist and not (run_dir / DB_NAME).exists():
+        raise StoreError(f"no run at {run_dir} (no {DB_NAME} there)")
+    return run_dir
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
+
+
+class RunStore:
+    """Read and write one run's ``run.db``. Safe to share between threads of one process.
+
+    Each thread gets its own SQLite connection (SQLite connections must not be used from two
+    threads at once); each process opens its own store.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, create: bool = False):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / DB_NAME
+        if create:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        elif not self.path.exists():
+            raise StoreError(f"no run at {self.run_dir} (no {DB_NAME} there)")
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        try:
+            self._check_schema(create)
+        except sqlite3.DatabaseError as err:
+            self.close()
+            raise StoreError(f"{self.path} is not a readable Panda run store: {err}") from None
+
+    # --- connections ---------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _check_schema(self, create: bool) -> None:
+        conn = self._conn()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} was written by a newer Panda (schema {version}, "
+                             f"this one reads up to {SCHEMA_VERSION}); upgrade panda-babysitter")
+        if version == 0:
+            if not create:
+                raise StoreError(f"{self.path} is not a Panda run store (no schema)")
+            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                raise StoreError(f"cannot switch {self.path} to WAL mode")
+            with self.transaction() as tx:
+                # Statement by statement: executescript() would COMMIT the open transaction.
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    tx.execute(statement)
+                tx.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def transaction(self):
+        """Context manager: one IMMEDIATE transaction on this thread's connection."""
+        return _Transaction(self._conn())
+
+    def close(self) -> None:
+        """Close every connection this store opened (from any thread)."""
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- meta ----------------------------------------------------------------------------------
+
+    def set_meta(self, **values: Any) -> None:
+        """Store JSON-serializable metadata values (run name, config, status, …)."""
+        rows = [(key, json.dumps(value)) for key, value in values.items()]
+        with self.transaction() as tx:
+            tx.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", rows)
+
+    def meta(self) -> dict[str, Any]:
+        rows = self._conn().execute("SELECT key, value FROM meta").fetchall()
+        return {key: json.loads(value) for key, value in rows}
+
+    # --- metrics -------------------------------------------------------------------------------
+
+    def append_metrics(self, rows: Sequence[tuple], *, meta: dict | None = None) -> None:
+        """Insert ``(step, epoch, wall, loss, lr, momentum, weight_decay)`` rows in one commit.
+
+        Non-finite losses are stored as NULL (SQLite has no NaN) and read back as NaN. ``meta``
+        values (e.g. the heartbeat) are written in the same transaction.
+        """
+        clean = [(r[0], r[1], r[2], _finite_or_none(r[3]), *r[4:]) for r in rows]
+        with self.transaction() as tx:
+            tx.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?)", clean)
+            if meta:
+                tx.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                               [(k, json.dumps(v)) for k, v in meta.items()])
+
+    def metrics_since(self, after_step: int = -1, *, columns: Iterable[str] = (
+            "step", "epoch", "wall", "loss", "lr", "momentum", "weight_decay")) -> dict[str, list]:
+        """Metric columns for every step after ``after_step``, as ``{column: list}``."""
+        cols = list(columns)
+        allowed = {"step", "epoch", "wall", "loss", "lr", "momentum", "weight_decay"}
+        if not set(cols) <= allowed:
+            raise ValueError(f"unknown metric column in {cols}")
+        rows = self._conn().execute(
+            f"SELECT {', '.join(cols)} FROM metrics WHERE step > ? ORDER BY step",
+            (after_step,)).fetchall()
+        out: dict[str, list] = {c: [r[i] for r in rows] for i, c in enumerate(cols)}
+        if "loss" in out:
+            out["loss"] = [math.nan if v is None else v for v in out["loss"]]
+        return out
+
+    def last_metric(self) -> dict[str, Any] | None:
+        """The newest metrics row, or None before the first step."""
+        cur = self._conn().execute("SELECT * FROM metrics ORDER BY step DESC LIMIT 1")
+        row = cur.fetchone()
+        return None if row is None else dict(zip([d[0] for d in cur.description], row))
+
+    def truncate_after(self, step: int) -> None:
+        """Forget metrics and validation logged at or after ``step`` (used on resume)."""
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM metrics WHERE step >= ?", (step,))
+            tx.execute("DELETE FROM validation WHERE step >= ?", (step,))
+
+    # --- validation ----------------------------------------------------------------------------
+
+    def append_validation(self, rows: Sequence[tuple]) -> None:
+        """Insert ``(step, epoch, wall, name, value)`` rows."""
+        clean = [(*r[:4], _finite_or_none(r[4])) for r in rows]
+        with self.transaction() as tx:
+            tx.executemany("INSERT INTO validation(step, epoch, wall, name, value) "
+                           "VALUES (?, ?, ?, ?, ?)", clean)
+
+    def validation_since(self, after_id: int = 0) -> list[dict[str, Any]]:
+        """Validation rows with id > ``after_id``: dicts with id, step, epoch, wall, name, value."""
+        return self._dicts("SELECT * FROM validation WHERE id > ? ORDER BY id", (after_id,))
+
+    # --- commands ------------------------------------------------------------------------------
+
+    def submit_command(self, kind: str, payload: dict | None = None, *,
+                       source: str = "api") -> int:
+        """Append a pending command and return its id. Callers validate before submitting."""
+        with self.transaction() as tx:
+            cur = tx.execute("INSERT INTO commands(created, kind, payload, source) "
+                             "VALUES (?, ?, ?, ?)",
+                             (time.time(), kind, json.dumps(payload or {}), source))
+            return int(cur.lastrowid)
+
+    def submit_raw_command(self, kind: str, payload_text: str, *, source: str = "raw") -> int:
+        """Append a command whose payload is stored verbatim (tests of hostile input use this)."""
+        with self.transaction() as tx:
+            cur = tx.execute("INSERT INTO commands(created, kind, payload, source) "
+                             "VALUES (?, ?, ?, ?)", (time.time(), kind, payload_text, source))
+            return int(cur.lastrowid)
+
+    def pending_commands(self, after_id: int = 0) -> list[Command]:
+        """Pending commands with id > ``after_id``, oldest first."""
+        rows = self._conn().execute(
+            "SELECT id, created, kind, payload, status, applied_step, error, source "
+            "FROM commands WHERE status = 'pending' AND id > ? ORDER BY id", (after_id,))
+        return [Command(*row) for row in rows.fetchall()]
+
+    def command(self, command_id: int) -> Command | None:
+        row = self._conn().execute(
+            "SELECT id, created, kind, payload, status, applied_step, error, source "
+            "FROM commands WHERE id = ?", (command_id,)).fetchone()
+        return None if row is None else Command(*row)
+
+    def commands(self, after_id: int = 0) -> list[Command]:
+        rows = self._conn().execute(
+            "SELECT id, created, kind, payload, status, applied_step, error, source "
+            "FROM commands WHERE id > ? ORDER BY id", (after_id,))
+        return [Command(*row) for row in rows.fetchall()]
+
+    def resolve_commands(self, outcomes: Sequence[tuple], events: Sequence[tuple] = ()) -> None:
+        """Record command outcomes and their intervention events in one transaction.
+
+        ``outcomes``: ``(command_id, status, applied_step, error)``; only pending commands
+        change, so a command is resolved exactly once. ``events``: see :meth:`add_events`.
+        """
+        now = time.time()
+        with self.transaction() as tx:
+            tx.executemany("UPDATE commands SET status = ?, applied_step = ?, error = ?, "
+                           "updated = ? WHERE id = ? AND status = 'pending'",
+                           [(s, st, e, now, cid) for cid, s, st, e in outcomes])
+            self._insert_events(tx, events)
+
+    # --- events --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _insert_events(tx: sqlite3.Connection, events: Sequence[tuple]) -> None:
+        tx.executemany("INSERT INTO events(step, wall, kind, knob, old, new, command_id, message)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", events)
+
+    def add_events(self, events: Sequence[tuple]) -> None:
+        """Insert ``(step, wall, kind, knob, old, new, command_id, message)`` events."""
+        with self.transaction() as tx:
+            self._insert_events(tx, events)
+
+    def events_since(self, after_id: int = 0) -> list[dict[str, Any]]:
+        return self._dicts("SELECT * FROM events WHERE id > ? ORDER BY id", (after_id,))
+
+    # --- results -------------------------------------------------------------------------------
+
+    def add_result(self, kind: str, payload: dict, *, status: str = "done") -> int:
+        with self.transaction() as tx:
+            cur = tx.execute("INSERT INTO results(created, kind, status, payload) "
+                             "VALUES (?, ?, ?, ?)", (time.time(), kind, status,
+                                                     json.dumps(payload)))
+            return int(cur.lastrowid)
+
+    def update_result(self, result_id: int, payload: dict, *, status: str) -> None:
+        with self.transaction() as tx:
+            tx.execute("UPDATE results SET payload = ?, status = ? WHERE id = ?",
+                       (json.dumps(payload), status, result_id))
+
+    def results(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Stored results (newest last), payload decoded."""
+        rows = self._dicts("SELECT * FROM results WHERE kind = ? OR ? IS NULL ORDER BY id",
+                           (kind, kind))
+        for row in rows:
+            row["payload"] = json.loads(row["payload"])
+        return rows
+
+    # --- summary -------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """What ``panda status`` shows: state, step, epoch and current knob values."""
+        meta = self.meta()
+        last = self.last_metric() or {}
+        knobs = meta.get("knobs", {})
+        state = meta.get("status", "created")
+        heartbeat = meta.get("heartbeat")
+        if state in RUNNING_STATES and heartbeat is not None and \
+                time.time() - heartbeat > HEARTBEAT_STALE_S and not _pid_alive(meta.get("pid")):
+            state = "interrupted"  # the trainer died without saying so (kill -9, power cut)
+        return {
+            "run": meta.get("name", self.run_dir.name),
+            "run_dir": str(self.run_dir),
+            "state": state,
+            "step": meta.get("step", last.get("step", -1) + 1),
+            "epoch": meta.get("epoch", last.get("epoch", 0)),
+            "loss": last.get("loss"),
+            "lr": knobs.get("lr", last.get("lr")),
+            "momentum": knobs.get("momentum", last.get("momentum")),
+            "weight_decay": knobs.get("weight_decay", last.get("weight_decay")),
+            "schedule": meta.get("schedule"),
+            "task": meta.get("task"),
+            "optimizer": meta.get("optimizer"),
+            "created": meta.get("created"),
+            "heartbeat": heartbeat,
+        }
+
+    def _dicts(self, sql: str, params: tuple) -> list[dict[str, Any]]:
+        cur = self._conn().execute(sql, params)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK``) on one connection."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def list_runs(runs_dir: str | os.PathLike = "runs") -> list[dict[str, Any]]:
+    """Summaries of every run directory under ``runs_dir``, newest first.
+
+    A run whose store cannot be read is listed with state ``unreadable`` and an ``error``.
+    """
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    runs = []
+    for db in root.glob(f"*/{DB_NAME}"):
+        try:
+            with RunStore(db.parent) as store:
+                runs.append(store.summary())
+        except (StoreError, sqlite3.Error, ValueError) as err:
+            runs.append({"run": db.parent.name, "run_dir": str(db.parent), "state": "unreadable",
+                         "error": str(err), "created": None})
+    return sorted(runs, key=lambda r: r.get("created") or 0, reverse=True)

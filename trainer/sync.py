@@ -1,0 +1,140 @@
+"""The Babysitter's two background threads: the flusher (writes) and the poller (reads commands).
+
+Neither ever touches the model or optimizer: the poller hands validated commands to the
+training thread through a deque, and the training thread hands everything that needs I/O to
+the flusher through another. ``deque.append`` and ``popleft`` are atomic in CPython, so the
+training thread takes no lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from trainer import checkpoint
+from trainer.knobs import KnobError, validate_command
+from trainer.optim import OptimizerKnobs
+from trainer.store import RunStore
+
+log = logging.getLogger(__name__)
+
+
+def drain(queue: deque) -> list:
+    """Pop everything currently in ``queue`` (safe against concurrent appends)."""
+    items = []
+    while True:
+        try:
+            items.append(queue.popleft())
+        except IndexError:
+            return items
+
+
+def to_floats(values: list) -> list[float]:
+    """Turn a batch of scalar tensors / numbers into floats with one device sync at most."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if tensors and len(tensors) == len(values):
+        try:
+            return torch.stack([t.reshape(()) for t in tensors]).double().cpu().tolist()
+        except RuntimeError:  # mixed devices or dtypes: slow path, still off the hot path
+            pass
+    return [float(v) for v in values]
+
+
+class _Worker(threading.Thread):
+    """A daemon thread that calls ``tick()`` every ``interval`` seconds until stopped."""
+
+    def __init__(self, name: str, interval: float):
+        super().__init__(name=name, daemon=True)
+        self.interval = interval
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            self._safe_tick()
+        self._safe_tick()  # one last pass after stop(): nothing buffered is lost
+
+    def _safe_tick(self) -> None:
+        try:
+            self.tick()
+        except (sqlite3.Error, OSError):
+            # A locked or briefly unavailable store must not kill training; the data stays
+            # queued and the next tick retries.
+            log.exception("%s: store unavailable, will retry", self.name)
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join()
+
+
+class Flusher(_Worker):
+    """Writes buffered metric rows and outbox items to the store in batches."""
+
+    def __init__(self, store: RunStore, rows: deque, outbox: deque, interval: float,
+                 live_meta: Callable[[], dict[str, Any]]):
+        super().__init__("panda-flusher", interval)
+        self.store, self.rows, self.outbox, self.live_meta = store, rows, outbox, live_meta
+
+    def tick(self) -> None:
+        rows = drain(self.rows)
+        if rows:
+            losses = to_floats([r[3] for r in rows])
+            batch = [(*r[:3], loss, *r[4:]) for r, loss in zip(rows, losses)]
+            try:
+                self.store.append_metrics(batch, meta=self.live_meta())
+            except sqlite3.Error:
+                self.rows.extendleft(reversed(rows))
+                raise
+        else:
+            self.store.set_meta(**self.live_meta())  # heartbeat, also while paused
+        while self.outbox:
+            kind, payload = self.outbox[0]
+            self._write(kind, payload)
+            self.outbox.popleft()  # only once written: a failed write is retried next tick
+
+    def _write(self, kind: str, payload: Any) -> None:
+        if kind == "validation":
+            values = to_floats([r[4] for r in payload])
+            self.store.append_validation([(*r[:4], v) for r, v in zip(payload, values)])
+        elif kind == "resolve":
+            outcomes, events = payload
+            self.store.resolve_commands(outcomes, events)
+        elif kind == "meta":
+            self.store.set_meta(**payload)
+        elif kind == "checkpoint":
+            checkpoint.write(checkpoint.path_in(self.store.run_dir), payload)
+        else:
+            raise ValueError(f"unknown outbox item {kind!r}")
+
+
+class Poller(_Worker):
+    """Reads new commands, validates them (second time) and hands them to the training thread."""
+
+    def __init__(self, store: RunStore, pending: deque, outbox: deque, knobs: OptimizerKnobs,
+                 interval: float):
+        super().__init__("panda-poller", interval)
+        self.store, self.pending, self.outbox, self.knobs = store, pending, outbox, knobs
+        self.wake = threading.Event()  # set whenever a command is handed over (ends a pause)
+        self.last_id = 0
+
+    def tick(self) -> None:
+        for command in self.store.pending_commands(self.last_id):
+            self.last_id = command.id
+            try:
+                payload = validate_command(command.kind, command.payload)
+                if command.kind == "set":
+                    self.knobs.check(payload)
+            except KnobError as err:
+                self.outbox.append(("resolve", ([(command.id, "rejected", None, str(err))], [])))
+                continue
+            self.pending.append((command.id, command.kind, payload))
+            self.wake.set()
