@@ -259,7 +259,11 @@ class Babysitter:
             "knobs": self.knobs.values(), "schedule": self.schedule.to_dict(),
             "steps_per_epoch": self.steps_per_epoch, "step": self.step_count}
         if "created" not in meta:
-            values.update(name=self.run_dir.name, created=now, config=config, task=task)
+            values.update(name=self.run_dir.name, created=now)
+        if config:
+            values["config"] = config
+        if task:
+            values["task"] = task
         self.store.set_meta(**values)
         if resumed_from is not None:
             self.store.add_events([(resumed_from, now, "resume", None, None, None, None,

@@ -1,0 +1,278 @@
+"""The ``panda`` command.
+
+Every command takes ``--help``; commands that report something take ``--json``. Exit codes: 0 on
+success, 2 on bad input (one-line reason on stderr, nothing changed), 1 when a command was sent
+but the trainer did not act on it in time.
+
+``RUN`` is a run directory path, or a run name under ``--runs-dir`` (default ``./runs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from trainer.knobs import KnobError, format_sci, validate_command
+from trainer.store import FINAL_STATES, RunStore, StoreError, list_runs, resolve_run
+
+log = logging.getLogger("panda")
+
+DEFAULT_RUNS_DIR = "runs"
+DEFAULT_WAIT_S = 5.0
+WAIT_POLL_S = 0.02
+
+
+class CliError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, default=str) if getattr(args, "json", False) else text)
+
+
+def _open_run(args: argparse.Namespace) -> RunStore:
+    try:
+        return RunStore(resolve_run(args.run, args.runs_dir))
+    except (StoreError, ValueError) as err:
+        raise CliError(str(err)) from None
+
+
+def _send(args: argparse.Namespace, kind: str, payload: dict) -> int:
+    """Validate, submit a command to a live run, and wait for the trainer's verdict."""
+    try:
+        payload = validate_command(kind, payload)
+    except KnobError as err:
+        raise CliError(str(err)) from None
+    with _open_run(args) as store:
+        summary = store.summary()
+        if summary["state"] in (*FINAL_STATES, "interrupted"):
+            raise CliError(f"run {summary['run']} is {summary['state']}: it takes no commands")
+        supported = store.meta().get("supported_knobs")
+        if kind == "set" and supported:
+            missing = [k for k in payload if k not in supported]
+            if missing:
+                raise CliError(f"{summary['optimizer']} has no {missing[0]} knob (it has "
+                               f"{', '.join(supported)})")
+        command_id = store.submit_command(kind, payload, source="cli")
+        if args.no_wait:
+            _emit(args, {"command": command_id, "status": "pending"},
+                  f"sent {kind} as command {command_id}")
+            return 0
+        return _wait_for(args, store, command_id, summary)
+
+
+def _wait_for(args, store: RunStore, command_id: int, before: dict) -> int:
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        command = store.command(command_id)
+        if command.status != "pending":
+            break
+        time.sleep(WAIT_POLL_S)
+    result = {"command": command_id, "status": command.status,
+              "applied_step": command.applied_step, "error": command.error}
+    if command.status == "applied":
+        changes = [e["message"] for e in store.events_since(0) if e["command_id"] == command_id]
+        _emit(args, result, "; ".join(changes) or f"{command.kind} applied at step "
+              f"{command.applied_step}")
+        return 0
+    if command.status == "rejected":
+        print(f"panda: error: trainer refused it: {command.error}", file=sys.stderr)
+        return 2
+    _emit(args, result, f"command {command_id} sent but not applied within {args.wait:g} s "
+          f"(the run is {before['state']}); it stays queued")
+    return 1
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.runner import TrainConfig, stored_config, train
+
+    run_dir = Path(args.run_dir)
+    if args.resume:
+        cfg = stored_config(run_dir)
+    elif args.config_json:
+        cfg = TrainConfig.from_dict(json.loads(args.config_json))
+    else:
+        cfg = TrainConfig(task=args.task, optimizer=args.optimizer, lr=args.lr,
+                          momentum=args.momentum, weight_decay=args.weight_decay,
+                          batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
+                          checkpoint_every=args.checkpoint_every, step_delay=args.step_delay)
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    status = train(cfg, run_dir, resume=args.resume)
+    log.info("run %s %s", run_dir, status)
+    return 0
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    values = {name: getattr(args, name) for name in ("lr", "momentum", "weight_decay")
+              if getattr(args, name) is not None}
+    return _send(args, "set", values)
+
+
+def _control(kind: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        return _send(args, kind, {})
+    return run
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _open_run(args) as store:
+        summary = store.summary()
+    _emit(args, summary, _status_line(summary))
+    return 0
+
+
+def _status_line(s: dict) -> str:
+    def fmt(v):
+        return "-" if v is None else format_sci(v)
+    loss = "-" if s.get("loss") is None or not math.isfinite(s["loss"]) else f"{s['loss']:.4g}"
+    return (f"{s['run']}: {s['state']}, step {s['step']}, epoch {s['epoch']}, loss {loss}, "
+            f"lr {fmt(s['lr'])}, momentum {fmt(s['momentum'])}, "
+            f"weight_decay {fmt(s['weight_decay'])}")
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    runs = list_runs(args.runs_dir)
+    if args.json:
+        print(json.dumps(runs, default=str))
+    elif not runs:
+        print(f"no runs under {args.runs_dir}")
+    else:
+        for summary in runs:
+            error = summary.get("error")
+            print(f"{summary['run']}: unreadable ({error})" if error else _status_line(summary))
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from trainer.launch import dashboard_command
+
+    cmd = dashboard_command(args.runs_dir, host=args.host, port=args.port)
+    os.execv(cmd[0], cmd)  # replace this process: Ctrl-C goes straight to Streamlit
+    return 0  # pragma: no cover
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trainer.launch import start_demo_run
+
+    run_dir, proc = start_demo_run(args.runs_dir)
+    print(f"training the digits task in the background: {run_dir} (pid {proc.pid})")
+    print(f"dashboard: http://{args.host}:{args.port}  (Ctrl-C stops the dashboard; "
+          f"`panda stop {run_dir}` stops training)")
+    return cmd_dashboard(args)
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _knob_value(text: str) -> str:
+    # Knob values are validated by trainer.knobs (one place for every entry point), so the
+    # parser keeps the text as typed and validation gives the reason.
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trainer.runner import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="panda", description="Babysit one PyTorch training "
+                                     "run from the browser.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    defaults = TrainConfig()
+
+    def add(name: str, func, help_text: str, *, run: bool = False, json_flag: bool = False):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        p.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR,
+                       help=f"directory holding runs (default ./{DEFAULT_RUNS_DIR})")
+        if run:
+            p.add_argument("run", metavar="RUN", help="run directory, or run name under "
+                           "--runs-dir")
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    def add_wait(p):
+        p.add_argument("--wait", type=_positive_float, default=DEFAULT_WAIT_S,
+                       help=f"seconds to wait for the trainer to apply it (default "
+                       f"{DEFAULT_WAIT_S:g})")
+        p.add_argument("--no-wait", action="store_true", help="send and return at once")
+
+    p = add("train", cmd_train, "train a built-in task under a Babysitter")
+    p.add_argument("--task", choices=("digits", "spirals", "quadratic"), default=defaults.task)
+    p.add_argument("--run-dir", required=True, help="where the run is stored, e.g. runs/NAME")
+    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=defaults.optimizer)
+    p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate (default 0.01)")
+    p.add_argument("--momentum", type=float, default=defaults.momentum,
+                   help="SGD momentum or Adam β1 (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                   help="steps between rolling checkpoints")
+    p.add_argument("--step-delay", type=float, default=0.0,
+                   help="seconds to sleep per step (slows a demo to watching speed)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its checkpoint")
+    p.add_argument("--config-json", help=argparse.SUPPRESS)
+
+    p = add("set", cmd_set, "change knobs of a live run", run=True, json_flag=True)
+    p.add_argument("--lr", type=_knob_value, help="learning rate, > 0")
+    p.add_argument("--momentum", type=_knob_value, help="momentum β (Adam β1), in [0, 1)")
+    p.add_argument("--weight-decay", dest="weight_decay", type=_knob_value,
+                   help="weight decay, >= 0")
+    add_wait(p)
+    for kind, text in (("pause", "pause a live run (the trainer blocks without using CPU)"),
+                       ("resume", "resume a paused run"),
+                       ("stop", "stop a live run after the current step")):
+        add_wait(add(kind, _control(kind), text, run=True, json_flag=True))
+    add("status", cmd_status, "show a run's state, step and knobs", run=True, json_flag=True)
+    add("runs", cmd_runs, "list runs under --runs-dir", json_flag=True)
+    for name, func, text in (("dashboard", cmd_dashboard, "open the dashboard on --runs-dir"),
+                             ("demo", cmd_demo, "start a digits run in the background and "
+                              "open the dashboard on it")):
+        p = add(name, func, text)
+        p.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1: this machine only)")
+        p.add_argument("--port", type=int, default=8501)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (CliError, StoreError) as err:
+        print(f"panda: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""``panda train``: run a built-in task under a Babysitter, in this process or in the background.
+
+The loop is deliberately plain (nanoGPT style): the data order of every epoch depends only on
+``(seed, epoch)``, so a resumed run skips exactly the batches it already trained on, and with the
+RNG restored from the checkpoint it continues as if it had never been interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from trainer.babysitter import Babysitter
+from trainer.knobs import KNOBS
+from trainer.optim import OPTIMIZERS, make_optimizer
+from trainer.store import RunStore
+from trainer.tasks import TASK_NAMES, make_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a built-in training run. Defaults follow the literature."""
+
+    task: str = "digits"        # digits | spirals | quadratic
+    optimizer: str = "sgd"      # sgd | adam | adamw; SGD is the well-understood baseline
+    lr: float = 0.01            # a sensible start on normalized inputs (Ng, DLS course 2)
+    momentum: float = 0.9       # β (β1 for Adam): averages over ~1/(1−β) = 10 steps
+    weight_decay: float = 0.0   # regularization comes after LR and momentum in priority
+    batch_size: int = 32        # small batches generalize well (Masters & Luschi 2018)
+    epochs: int = 20
+    seed: int = 0
+    checkpoint_every: int = 200   # steps between rolling checkpoints (and at each epoch end)
+    step_delay: float = 0.0     # seconds slept per step: slows a demo to watching speed
+    schedule: dict | None = None  # LR decay, see trainer.schedules.Schedule
+
+    def validate(self) -> TrainConfig:
+        """Raise ValueError with a one-line reason for any value that cannot be trained."""
+        if self.task not in TASK_NAMES:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_NAMES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of "
+                             f"{', '.join(OPTIMIZERS)}")
+        for name in KNOBS:
+            KNOBS[name].validate(getattr(self, name))
+        for name in ("batch_size", "epochs", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.step_delay <= 10:
+            raise ValueError(f"step_delay must be in [0, 10] seconds, got {self.step_delay}")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False) -> str:
+    """Train ``cfg`` into ``run_dir`` and return the final status.
+
+    SIGTERM stops the run cleanly (status ``stopped``, final checkpoint written).
+    """
+    cfg.validate()
+    if threading_is_main():
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    torch.manual_seed(cfg.seed)
+    task = make_task(cfg.task, seed=cfg.seed)
+    optimizer = make_optimizer(cfg.optimizer, task.model.parameters(), lr=cfg.lr,
+                               momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps_per_epoch = task.steps_per_epoch(cfg.batch_size)
+    with Babysitter(optimizer, run_dir, model=task.model, config=asdict(cfg),
+                    task=task.info["description"], steps_per_epoch=steps_per_epoch,
+                    schedule=cfg.schedule, checkpoint_every=cfg.checkpoint_every,
+                    resume=resume) as bs:
+        start_epoch, first_batch = divmod(bs.step_count, steps_per_epoch)
+        for epoch in range(start_epoch, cfg.epochs):
+            bs.epoch = epoch
+            start = first_batch if epoch == start_epoch else 0
+            for x, y in task.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start):
+                loss = task.loss_fn(task.model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                bs.step(loss)
+                if bs.should_stop:
+                    break
+                if cfg.step_delay:
+                    time.sleep(cfg.step_delay)
+            if bs.should_stop:
+                break
+            bs.log_validation(**_validation_metrics(task))
+            bs.checkpoint()
+        status = "stopped" if bs.should_stop else "finished"
+    return status
+
+
+def _validation_metrics(task) -> dict[str, float]:
+    metrics = task.evaluate()
+    if metrics:
+        return metrics
+    # No held-out split (quadratic): report the full-batch training loss, the quantity that
+    # the closed-form analysis is about.
+    with torch.no_grad():
+        return {"loss": float(task.loss_fn(task.model(task.train_x), task.train_y))}
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def stored_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The TrainConfig a run was started with (for ``--resume``)."""
+    with RunStore(run_dir) as store:
+        config = store.meta().get("config")
+    if not isinstance(config, dict) or "task" not in config:
+        raise ValueError(f"{run_dir} was not started by `panda train`; cannot resume it here")
+    return TrainConfig.from_dict(config)
