@@ -56,13 +56,16 @@ class Babysitter:
         schedule: an LR decay (:class:`~trainer.schedules.Schedule` or its dict).
         checkpoint_every: write a rolling checkpoint every this many steps (needs ``model``).
         resume: continue from ``run_dir/checkpoint.pt`` (model, optimizer, knobs, step, RNG).
+        replay: ``(step, kind, payload)`` commands to apply at exactly those step boundaries
+            (see :func:`trainer.export.replay_commands`): a recorded session, re-enacted.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, run_dir: str | os.PathLike = "runs/run",
                  *, model: torch.nn.Module | None = None, config: dict | None = None,
                  task: str | None = None, steps_per_epoch: int | None = None,
                  schedule: Schedule | dict | None = None, checkpoint_every: int | None = None,
-                 resume: bool = False, flush_interval: float = FLUSH_INTERVAL_S,
+                 resume: bool = False, replay: list[tuple[int, str, dict]] | None = None,
+                 flush_interval: float = FLUSH_INTERVAL_S,
                  poll_interval: float = POLL_INTERVAL_S):
         self.run_dir = Path(run_dir)
         sanitize_run_name(self.run_dir.name)
@@ -86,6 +89,10 @@ class Babysitter:
         self._outbox: deque = deque()       # (kind, payload) for the flusher: I/O off-thread
         self._closed = False
         self._stopped_by_command = False
+        self._replay = deque(sorted(replay or [], key=lambda c: c[0]))
+        for _, kind, payload in self._replay:
+            validate_command(kind, payload)
+        self._next_replay = self._replay[0][0] if self._replay else None
 
         self.store = RunStore(self.run_dir, create=True)
         resumed_from = self._restore() if resume else None
@@ -110,6 +117,8 @@ class Babysitter:
         self._rows.append((self.step_count, self.epoch, time.time(), value, knobs.lr(),
                            knobs.momentum(), knobs.weight_decay()))
         self.step_count += 1
+        if self._next_replay == self.step_count:
+            self._apply_replay()
         if self._pending:
             self._apply_pending()
         if self.schedule.shape != "constant":
@@ -145,7 +154,13 @@ class Babysitter:
         """Change knobs from code, exactly like a command (validated, logged, marked)."""
         payload = validate_command("set", knobs)
         self.knobs.check(payload)
-        self._apply("set", payload, command_id=None)
+        self._apply("set", payload, command_id=None, source="api")
+
+    def _apply_replay(self) -> None:
+        while self._replay and self._replay[0][0] == self.step_count:
+            _, kind, payload = self._replay.popleft()
+            self._apply(kind, payload, command_id=None, source="replay")
+        self._next_replay = self._replay[0][0] if self._replay else None
 
     def _apply_pending(self) -> None:
         while self._pending:
@@ -154,7 +169,13 @@ class Babysitter:
         if self.paused and not self.should_stop:
             self._wait_while_paused()
 
-    def _apply(self, kind: str, payload: dict, command_id: int | None) -> None:
+    def _apply(self, kind: str, payload: dict, command_id: int | None,
+               source: str = "store") -> None:
+        """Apply one validated command now, at a step boundary; queue its record for the store.
+
+        Commands that did not come through the store (``bs.set``, replay) are recorded as
+        applied commands too, so the timeline and exports see every intervention.
+        """
         step, wall = self.step_count, time.time()
         events: list[tuple] = []
         if kind == "set":
@@ -182,8 +203,10 @@ class Babysitter:
             self.checkpoint()
             events.append((step, wall, "checkpoint", None, None, None, command_id,
                            f"checkpoint at step {step}"))
-        outcome = [(command_id, "applied", step, None)] if command_id is not None else []
-        self._outbox.append(("resolve", (outcome, events)))
+        if command_id is None:
+            self._outbox.append(("record", (kind, payload, source, step, events)))
+        else:
+            self._outbox.append(("resolve", ([(command_id, "applied", step, None)], events)))
 
     def _set_knob(self, name: str, value: float) -> None:
         if name == "lr":

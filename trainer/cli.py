@@ -99,8 +99,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.runner import TrainConfig, stored_config, train
 
     run_dir = Path(args.run_dir)
+    replay = None
     if args.resume:
         cfg = stored_config(run_dir)
+    elif args.replay:
+        from trainer.export import ExportError, load_export, replay_commands
+
+        try:
+            export = load_export(args.replay)
+        except (ExportError, KnobError) as err:
+            raise CliError(str(err)) from None
+        cfg, replay = TrainConfig.from_dict(export["initial"]), replay_commands(export)
     elif args.config_json:
         cfg = TrainConfig.from_dict(json.loads(args.config_json))
     else:
@@ -112,8 +121,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.validate()
     except ValueError as err:
         raise CliError(str(err)) from None
-    status = train(cfg, run_dir, resume=args.resume)
+    if not args.resume and (run_dir / "run.db").exists() and \
+            RunStore(run_dir).summary()["step"] > 0:
+        raise CliError(f"{run_dir} already holds a run; use --resume or another --run-dir")
+    status = train(cfg, run_dir, resume=args.resume, replay=replay)
     log.info("run %s %s", run_dir, status)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import ExportError, build_export, render, safe_output_path, write_atomic
+
+    with _open_run(args) as store:
+        export = build_export(store)
+    try:
+        text = render(export, args.format)
+        if args.out is None:
+            sys.stdout.write(text)
+            return 0
+        target = safe_output_path(args.out)
+        write_atomic(target, text)
+    except (ExportError, OSError) as err:
+        raise CliError(str(err)) from None
+    print(f"exported {export['run']} ({len(export['timeline'])} interventions) to {target}",
+          file=sys.stderr)
     return 0
 
 
@@ -238,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to sleep per step (slows a demo to watching speed)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its checkpoint")
+    p.add_argument("--replay", metavar="EXPORT",
+                   help="re-run an exported run (JSON/YAML) with its timeline at the same steps")
     p.add_argument("--config-json", help=argparse.SUPPRESS)
 
     p = add("set", cmd_set, "change knobs of a live run", run=True, json_flag=True)
@@ -250,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ("resume", "resume a paused run"),
                        ("stop", "stop a live run after the current step")):
         add_wait(add(kind, _control(kind), text, run=True, json_flag=True))
+    p = add("export", cmd_export, "export a run's settings and intervention timeline", run=True)
+    p.add_argument("--format", choices=("json", "yaml", "python"), default="json")
+    p.add_argument("--out", metavar="FILE", help="write here (inside the current directory) "
+                   "instead of stdout; written atomically")
     add("status", cmd_status, "show a run's state, step and knobs", run=True, json_flag=True)
     add("runs", cmd_runs, "list runs under --runs-dir", json_flag=True)
     for name, func, text in (("dashboard", cmd_dashboard, "open the dashboard on --runs-dir"),

@@ -67,8 +67,11 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False) -> str:
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
+          replay: list[tuple[int, str, dict]] | None = None) -> str:
     """Train ``cfg`` into ``run_dir`` and return the final status.
+
+    ``replay`` re-enacts a recorded timeline (see :mod:`trainer.export`) at its exact steps.
 
     SIGTERM stops the run cleanly (status ``stopped``, final checkpoint written).
     """
@@ -83,7 +86,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False)
     with Babysitter(optimizer, run_dir, model=task.model, config=asdict(cfg),
                     task=task.info["description"], steps_per_epoch=steps_per_epoch,
                     schedule=cfg.schedule, checkpoint_every=cfg.checkpoint_every,
-                    resume=resume) as bs:
+                    resume=resume, replay=replay) as bs:
         start_epoch, first_batch = divmod(bs.step_count, steps_per_epoch)
         for epoch in range(start_epoch, cfg.epochs):
             bs.epoch = epoch

@@ -36,6 +36,7 @@ SCHEMA_VERSION = 1
 DB_NAME = "run.db"
 BUSY_TIMEOUT_MS = 10_000  # writers wait this long for the lock instead of failing
 HEARTBEAT_STALE_S = 10.0  # a live trainer updates its heartbeat every flush (~0.1 s)
+SCHEMA_WAIT_S = 2.0       # how long a reader waits for a store that is being created
 
 RUNNING_STATES = ("running", "paused")
 FINAL_STATES = ("stopped", "finished", "failed", "diverged")
@@ -156,6 +157,11 @@ class RunStore:
     def _check_schema(self, create: bool) -> None:
         conn = self._conn()
         version = conn.execute("PRAGMA user_version").fetchone()[0]
+        deadline = time.monotonic() + SCHEMA_WAIT_S
+        while version == 0 and not create and time.monotonic() < deadline:
+            # Another process may be creating this store right now: give it a moment.
+            time.sleep(0.05)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path} was written by a newer Panda (schema {version}, "
                              f"this one reads up to {SCHEMA_VERSION}); upgrade panda-babysitter")
@@ -304,6 +310,19 @@ class RunStore:
                            "updated = ? WHERE id = ? AND status = 'pending'",
                            [(s, st, e, now, cid) for cid, s, st, e in outcomes])
             self._insert_events(tx, events)
+
+    def record_command(self, kind: str, payload: dict, source: str, applied_step: int,
+                       events: Sequence[tuple] = ()) -> int:
+        """Record a command that was applied without passing through the table (API, replay),
+        with its events linked to it; returns its id."""
+        now = time.time()
+        with self.transaction() as tx:
+            cur = tx.execute("INSERT INTO commands(created, kind, payload, status, applied_step, "
+                             "source, updated) VALUES (?, ?, ?, 'applied', ?, ?, ?)",
+                             (now, kind, json.dumps(payload), applied_step, source, now))
+            command_id = int(cur.lastrowid)
+            self._insert_events(tx, [(*e[:6], command_id, *e[7:]) for e in events])
+        return command_id
 
     # --- events --------------------------------------------------------------------------------
 

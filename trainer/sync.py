@@ -108,6 +108,8 @@ class Flusher(_Worker):
         elif kind == "resolve":
             outcomes, events = payload
             self.store.resolve_commands(outcomes, events)
+        elif kind == "record":
+            self.store.record_command(*payload)
         elif kind == "meta":
             self.store.set_meta(**payload)
         elif kind == "checkpoint":
