@@ -144,7 +144,7 @@ def test_bad_export_requests_exit_2_and_write_nothing(original, tmp_path, monkey
     work.mkdir()
     monkeypatch.chdir(work)
     args = [str(run_dir) if a == "RUN" else a for a in args]
-    code, out, err = _run_cli(args, capsys)
+    code, _, err = _run_cli(args, capsys)
     assert code == 2
     assert reason in err and err.count("\n") == 1
     assert list(work.iterdir()) == [] and not (tmp_path / "escape.json").exists()
