@@ -89,7 +89,7 @@ def command_latency(commands: int) -> dict[str, float]:
                 while store.command(command_id).status == "pending":
                     time.sleep(0.005)
                 confirmed.append(time.time() - store.command(command_id).created)
-                event = [e for e in store.events_since(0) if e["command_id"] == command_id][0]
+                event = next(e for e in store.events_since(0) if e["command_id"] == command_id)
                 applied.append(event["wall"] - store.command(command_id).created)
             store.close()
         finally:
@@ -97,7 +97,9 @@ def command_latency(commands: int) -> dict[str, float]:
             proc.wait(timeout=30)
     def p95(xs):
         return statistics.quantiles(xs, n=20)[-1]
-    return {"applied_p50_ms": 1e3 * statistics.median(applied), "applied_p95_ms": 1e3 * p95(applied),
+
+    return {"applied_p50_ms": 1e3 * statistics.median(applied),
+            "applied_p95_ms": 1e3 * p95(applied),
             "confirmed_p50_ms": 1e3 * statistics.median(confirmed),
             "confirmed_p95_ms": 1e3 * p95(confirmed)}
 

@@ -1,0 +1,346 @@
+"""Specification of the range tests in ``trainer.lr_finder``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from trainer.lr_finder import (
+    LRFindResult,
+    Probe,
+    SweepResult,
+    exp_ramp,
+    lr_find,
+    momentum_find,
+    steepest,
+    suggest,
+    valley,
+    weight_decay_find,
+)
+from trainer.tasks import make_task
+
+torch.set_num_threads(1)
+
+CLOSED_FORM_TOLERANCE = 1.5   # refined max_stable_lr must be within this factor of 2(1+β)/L
+
+
+def full_batch(task):
+    return [(task.train_x, task.train_y)]
+
+
+def quadratic_sgd(condition: float = 10.0, momentum: float = 0.0):
+    task = make_task("quadratic", seed=0, condition=condition)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01, momentum=momentum)
+    return task, optimizer
+
+
+# --- suggestion rules on a pinned curve -----------------------------------------------------------
+
+PINNED_LRS = [1e-4, 1e-3, 1e-2, 1e-1, 1e0, 1e1]    # 6 log-spaced LRs, one decade apart
+PINNED_LOSSES = [10.0, 8.0, 4.0, 1.0, 4.0, 16.0]
+
+
+def test_steepest_descent_of_pinned_curve_is_at_index_2():
+    # Central differences per decade: [8-10, (4-10)/2, (1-8)/2, (4-4)/2, (16-1)/2, 16-4]
+    #                               = [-2,   -3,        -3.5,    0,         7.5,       12]
+    # The most negative slope is at index 2 (loss 4, between the 8 → 1 drop).
+    slopes = np.gradient(PINNED_LOSSES, np.log(PINNED_LRS)) * math.log(10)
+    np.testing.assert_allclose(slopes, [-2, -3, -3.5, 0, 7.5, 12])
+    assert steepest(PINNED_LRS, PINNED_LOSSES) == (1e-2, 2)
+
+
+def test_valley_of_pinned_curve_is_the_middle_of_the_longest_descent():
+    # The longest descent is indices 0..3 (10 → 8 → 4 → 1); its middle rounds to index 2.
+    assert valley(PINNED_LRS, PINNED_LOSSES) == (1e-2, 2)
+
+
+def test_suggest_prefers_steepest_and_gives_a_range_around_it():
+    s = suggest(PINNED_LRS, PINNED_LOSSES)
+    assert (s.lr, s.index, s.method) == (1e-2, 2, "steepest")
+    # Slopes at least half of -3.5 (<= -1.75): indices 0, 1, 2 (index 3 is flat).
+    assert (s.low, s.high) == (1e-4, 1e-2)
+    assert s.reason is None
+
+
+def test_suggest_falls_back_to_valley_when_the_minimum_is_in_the_trimmed_start():
+    lrs = list(np.logspace(-5, 0, 20))
+    losses = [1.0, 0.5, 0.6, 0.58, 0.56, 0.5, 0.45, 0.44, 0.43, 0.42] + [0.7] * 10
+    losses[1] = 0.1   # global minimum inside the skipped start: steepest has no window
+    s = suggest(lrs, losses)
+    assert s.method == "valley"
+    assert s.low <= s.lr <= s.high
+
+
+def test_too_few_finite_points_give_no_suggestion_and_a_reason():
+    assert steepest([1e-3, 1e-2, 1e-1], [3.0, 2.0, 1.0]) == (None, None)
+    assert valley([1e-3, 1e-2, 1e-1], [3.0, 2.0, 1.0]) == (None, None)
+    s = suggest([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], [3.0, 2.0, 1.0, math.nan, math.inf, math.nan])
+    assert s.lr is None
+    assert "only 3 finite" in s.reason
+
+
+def test_exp_ramp_hits_both_ends_and_is_geometric():
+    assert exp_ramp(1e-7, 10.0, 0.0) == pytest.approx(1e-7)
+    assert exp_ramp(1e-7, 10.0, 1.0) == pytest.approx(10.0)
+    assert exp_ramp(1e-6, 1.0, 0.5) == pytest.approx(1e-3)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0.0, 100.0), min_size=5, max_size=40))
+def test_any_suggestion_lies_inside_its_range(losses):
+    lrs = list(np.logspace(-6, 1, len(losses)))
+    s = suggest(lrs, losses)
+    if s.lr is None:
+        assert s.reason
+    else:
+        assert s.low <= s.lr <= s.high
+
+
+# --- the caller's objects are untouched -----------------------------------------------------------
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.1),
+                         nn.Linear(16, 2))
+
+
+def snapshot(model, optimizer):
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+             for p, s in optimizer.state_dict()["state"].items()}
+    groups = json.dumps(optimizer.state_dict()["param_groups"], default=str)
+    return params, state, groups, torch.get_rng_state()
+
+
+def assert_bitwise_equal(before, after):
+    params, state, groups, rng = before
+    params2, state2, groups2, rng2 = after
+    assert params.keys() == params2.keys()
+    for key in params:
+        assert torch.equal(params[key], params2[key]), key
+    assert state.keys() == state2.keys()
+    for p in state:
+        for key, value in state[p].items():
+            other = state2[p][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+    assert groups == groups2
+    assert torch.equal(rng, rng2)
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4),
+    lambda params: torch.optim.Adam(params, lr=1e-3),
+], ids=["sgd-momentum", "adam"])
+def test_model_optimizer_and_rng_are_bitwise_unchanged_and_no_files_written(
+        make_optimizer, tmp_path, monkeypatch):
+    task = make_task("spirals", seed=0)
+    model = small_net()
+    optimizer = make_optimizer(model.parameters())
+    batches = list(task.batches(64, seed=0, epoch=0))[:5]
+    for x, y in batches:  # warm-up so the optimizer has state tensors (momentum, Adam moments)
+        optimizer.zero_grad()
+        task.loss_fn(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    before = snapshot(model, optimizer)
+    # After the warm-up: torch itself creates a compiler cache dir on a first optimizer step.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    result = lr_find(model, optimizer, task.loss_fn, batches, start_lr=1e-5, end_lr=100.0,
+                     num_iter=30, probe_steps=10)
+    momentum_find(model, optimizer, task.loss_fn, batches, lr=1e-2, num_iter=5)
+
+    assert result.lrs and not model.training
+    assert_bitwise_equal(before, snapshot(model, optimizer))
+    assert os.listdir(tmp_path) == []
+
+
+def test_no_host_sync_per_step(monkeypatch):
+    # Losses stay tensors and are copied to the host per chunk, never with `.item()` per step.
+    task, optimizer = quadratic_sgd()
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail(".item() was called"))
+    result = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), num_iter=40,
+                     refine=False)
+    assert len(result.lrs) >= 1
+
+
+# --- failures are results, not exceptions ---------------------------------------------------------
+
+def test_diverging_run_stops_early_with_a_clear_reason():
+    task, optimizer = quadratic_sgd()
+    result = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), start_lr=1e-4,
+                     end_lr=1e6, num_iter=100)
+    assert len(result.lrs) < 100
+    assert result.stop_reason.startswith(("diverged", "non-finite"))
+    assert result.diverged_at == result.lrs[-1]
+    assert result.suggested_lr is not None
+    assert result.max_stable_lr < result.diverged_at
+
+
+def test_nan_loss_from_step_one_gives_a_result_without_suggestion(caplog):
+    task, optimizer = quadratic_sgd()
+
+    def nan_loss(output, target):
+        return task.loss_fn(output, target) * math.nan
+
+    with caplog.at_level(logging.WARNING, logger="trainer.lr_finder"):
+        result = lr_find(task.model, optimizer, nan_loss, full_batch(task), num_iter=50)
+    assert result.stop_reason.startswith("non-finite loss at step 0")
+    assert result.suggested_lr is None and result.max_stable_lr is None
+    assert "finite loss points" in result.suggestion_reason
+    assert "no suggestion" in caplog.text
+
+
+def test_a_run_that_never_diverges_completes():
+    task, optimizer = quadratic_sgd()
+    result = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), start_lr=1e-6,
+                     end_lr=1e-2, num_iter=30)
+    assert result.stop_reason == "completed 30 steps"
+    assert len(result.lrs) == 30 and result.diverged_at is None
+    assert result.lrs[0] == pytest.approx(1e-6) and result.lrs[-1] == pytest.approx(1e-2)
+
+
+# --- the largest stable LR against the closed form ------------------------------------------------
+
+@pytest.mark.parametrize("condition", [10.0, 100.0])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_refined_max_stable_lr_matches_closed_form(condition, momentum):
+    task, optimizer = quadratic_sgd(condition, momentum)
+    result = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), start_lr=1e-5,
+                     end_lr=10.0, num_iter=100)
+    ratio = result.max_stable_lr / task.max_stable_lr(momentum)
+    assert 1 / CLOSED_FORM_TOLERANCE <= ratio <= CLOSED_FORM_TOLERANCE
+    assert len(result.refine_probes) >= 6
+    assert all(isinstance(p, Probe) for p in result.refine_probes)
+
+
+def test_the_coarse_ramp_alone_overshoots_the_limit():
+    # Why refinement exists: the ramp only notices divergence after it has happened.
+    task, optimizer = quadratic_sgd(10.0, 0.0)
+    result = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), start_lr=1e-5,
+                     end_lr=10.0, num_iter=100, refine=False)
+    assert result.diverged_at > 1.5 * task.max_stable_lr(0.0)
+    assert result.refine_probes == []
+
+
+# --- batches and validation mode ------------------------------------------------------------------
+
+def test_short_generators_and_callables_are_cycled():
+    task, optimizer = quadratic_sgd()
+    generator = task.batches(128, seed=0, epoch=0)          # 4 batches, one-shot
+    from_generator = lr_find(task.model, optimizer, task.loss_fn, generator, start_lr=1e-6,
+                             end_lr=1e-3, num_iter=20, refine=False)
+    from_callable = lr_find(task.model, optimizer, task.loss_fn,
+                            lambda: task.batches(128, seed=0, epoch=0), start_lr=1e-6,
+                            end_lr=1e-3, num_iter=20, refine=False)
+    assert len(from_generator.lrs) == 20
+    assert from_generator.losses == from_callable.losses
+
+
+def test_validation_mode_records_validation_loss():
+    task = make_task("spirals", seed=0)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
+    result = lr_find(task.model, optimizer, task.loss_fn, list(task.batches(64, seed=0, epoch=0)),
+                     val_batches=[(task.val_x, task.val_y)], start_lr=1e-4, end_lr=1.0,
+                     num_iter=20, refine=False)
+    assert result.validation
+    assert all(math.isfinite(v) for v in result.losses)
+
+
+# --- JSON -----------------------------------------------------------------------------------------
+
+def test_json_round_trip_keeps_nan_inf_and_probes():
+    task, optimizer = quadratic_sgd()
+    result = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), start_lr=1e-4,
+                     end_lr=1e3, num_iter=60, probe_steps=20)
+    result.losses[-1] = math.nan
+    result.smoothed_losses[-1] = math.inf
+    text = json.dumps(result.to_dict(), allow_nan=False)
+    back = LRFindResult.from_dict(json.loads(text))
+    assert back.to_dict() == result.to_dict()
+    assert math.isnan(back.losses[-1]) and back.smoothed_losses[-1] == math.inf
+    assert isinstance(back.refine_probes[0], Probe)
+    assert isinstance(back.suggestion_range, tuple)
+
+
+# --- momentum and weight-decay sweeps -------------------------------------------------------------
+
+def test_momentum_sweep_picks_a_stabilising_momentum():
+    task, optimizer = quadratic_sgd(100.0, 0.0)
+    lr = 1.5 * task.max_stable_lr(0.0)    # unstable without momentum, stable with β >= 0.5
+    sweep = momentum_find(task.model, optimizer, task.loss_fn, full_batch(task), lr=lr,
+                          one_minus_beta=(1.0, 0.3, 0.1, 0.01), num_iter=40)
+    assert sweep.values == pytest.approx([0.0, 0.7, 0.9, 0.99])
+    assert sweep.best in (0.7, 0.9)
+    assert not sweep.losses[0] < 1e3 * min(sweep.losses[1:])    # β = 0 blew up (or went NaN)
+    round_trip = SweepResult.from_dict(json.loads(json.dumps(sweep.to_dict(), allow_nan=False)))
+    assert round_trip.to_dict() == sweep.to_dict()
+
+
+def test_momentum_sweep_sets_adam_beta1():
+    task = make_task("spirals", seed=0)
+    optimizer = torch.optim.Adam(task.model.parameters(), lr=0.01, betas=(0.5, 0.999))
+    sweep = momentum_find(task.model, optimizer, task.loss_fn,
+                          list(task.batches(64, seed=0, epoch=0)), lr=0.01, num_iter=10)
+    assert len(set(sweep.losses)) > 1             # β1 really changed between runs
+    assert sweep.best in sweep.values
+    assert optimizer.param_groups[0]["betas"] == (0.5, 0.999)
+
+
+def test_weight_decay_sweep_prefers_little_decay_on_a_well_posed_problem():
+    task, optimizer = quadratic_sgd(10.0, 0.0)
+    sweep = weight_decay_find(task.model, optimizer, task.loss_fn, full_batch(task),
+                              lr=0.5 * task.max_stable_lr(0.0), num_iter=30)
+    assert sweep.values[0] == 0.0
+    assert sweep.best <= 1e-3
+    assert sweep.losses[-1] > sweep.losses[0]     # λ = 0.1 visibly hurts the training loss
+
+
+# --- bad inputs -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"start_lr": 1.0, "end_lr": 1.0}, "start_lr must be below end_lr"),
+    ({"start_lr": 10.0, "end_lr": 1.0}, "start_lr must be below end_lr"),
+    ({"start_lr": 0.0}, "start_lr must be a finite number > 0"),
+    ({"start_lr": -1e-3}, "start_lr must be a finite number > 0"),
+    ({"start_lr": math.nan}, "start_lr must be a finite number > 0"),
+    ({"end_lr": math.inf}, "end_lr must be a finite number > 0"),
+    ({"num_iter": 1}, "num_iter must be an integer >= 2"),
+    ({"smooth": 1.0}, "smooth must be in"),
+    ({"diverge": 0.5}, "diverge must be > 1"),
+])
+def test_bad_lr_find_arguments_are_refused(kwargs, message):
+    task, optimizer = quadratic_sgd()
+    with pytest.raises(ValueError, match=message):
+        lr_find(task.model, optimizer, task.loss_fn, full_batch(task), **kwargs)
+
+
+def test_bad_sweep_arguments_are_refused():
+    task, optimizer = quadratic_sgd()
+    args = (task.model, optimizer, task.loss_fn, full_batch(task))
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        momentum_find(*args, lr=math.nan)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        momentum_find(*args, lr=0.01, one_minus_beta=(0.0,))
+    with pytest.raises(ValueError, match="weight_decay must be in"):
+        weight_decay_find(*args, lr=0.01, values=(-1e-3,))
+    with pytest.raises(ValueError, match="has no momentum knob"):
+        momentum_find(task.model, torch.optim.Adagrad(task.model.parameters()), task.loss_fn,
+                      full_batch(task), lr=0.01)
+
+
+def test_empty_batches_are_refused():
+    task, optimizer = quadratic_sgd()
+    with pytest.raises(ValueError, match="yielded no batches"):
+        lr_find(task.model, optimizer, task.loss_fn, [], num_iter=10)

@@ -1,0 +1,533 @@
+"""Range tests: learning rate (Smith 2017, "Cyclical Learning Rates", §3.3), momentum, weight decay.
+
+:func:`lr_find` ramps the LR exponentially over ``num_iter`` steps and records the loss; the
+suggestion is the steepest descent of the smoothed curve. Because a ramp overshoots the true
+stability limit (the loss needs a few steps to blow up, and the smoothed loss lags further), the
+limit is then refined coarse-to-fine with short constant-LR probes bisected on a log scale.
+:func:`momentum_find` and :func:`weight_decay_find` run the same constant-LR probe per value.
+
+Everything runs on deep copies of ``(model, optimizer)``: the caller's parameters, buffers,
+optimizer state and torch RNG state are bitwise unchanged afterwards. Every run starts from the
+caller's objects and RNG state, so runs see the same data and randomness. The copies do not keep
+the optimizer's hooks; AMP grad scalers are not supported.
+
+Batches (``train_batches``, ``val_batches``): an iterable of ``(x, y)`` pairs, restarted (cycled)
+when shorter than a run; or a zero-argument callable returning a fresh iterator per pass. A
+one-shot iterator (generator) is cached as it is consumed so later passes replay it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+
+from trainer.knobs import MOMENTUM, WEIGHT_DECAY
+from trainer.optim import OptimizerKnobs
+
+logger = logging.getLogger(__name__)
+
+# Loss values are copied to the host once per chunk, not per step (no `.item()` in the loop). The
+# divergence/NaN check therefore runs every CHECK_EVERY steps: a run that blows up wastes at most
+# CHECK_EVERY - 1 steps, which is cheap next to a host sync per step on a GPU.
+CHECK_EVERY = 16
+MIN_FINITE_POINTS = 5         # fewer finite points than this give no suggestion
+SKIP_START_FRACTION = 0.1     # leading share of the curve ignored by `steepest` (noisy, tiny LRs)
+RANGE_SLOPE_FRACTION = 0.5    # suggestion range: where the slope is >= half the steepest slope
+VALLEY_POSITION = 0.5         # where in the longest descent `valley` points (fastai: about half)
+PROBE_STEPS = 40              # constant-LR probe length: a few momentum time constants at β=0.9
+PROBE_WINDOW = 5              # a probe's final loss is the mean of its last PROBE_WINDOW losses
+PROBE_GROWTH = 1.0            # a probe is unstable when final loss > PROBE_GROWTH × first loss
+BRACKET_FACTOR = 10.0         # step down from the ramp's divergence point to find a stable LR
+MAX_BRACKET_STEPS = 4         # ... at most this many times (4 decades)
+BISECTIONS = 7                # log-scale bisections: a 10× bracket shrinks to 10^(1/128) ≈ 1.02×
+ONE_MINUS_BETA = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)   # momentum grid on a 1-β log scale
+WEIGHT_DECAYS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Suggester = Callable[[Sequence[float], Sequence[float]], tuple[float | None, int | None]]
+
+
+# --- pure functions -------------------------------------------------------------------------------
+
+def exp_ramp(start: float, end: float, pos: float) -> float:
+    """Exponential schedule: ``start·(end/start)^pos`` for ``pos`` in [0, 1] (Smith 2017)."""
+    return start * (end / start) ** pos
+
+
+def _finite_curve(lrs: Sequence[float], losses: Sequence[float]):
+    """Finite points of a curve as (indices, log lrs, losses); checks lrs rise strictly."""
+    lr_arr, loss_arr = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
+    if lr_arr.shape != loss_arr.shape:
+        raise ValueError(f"lrs and losses differ in length: {lr_arr.size} vs {loss_arr.size}")
+    if np.any(lr_arr <= 0) or np.any(np.diff(lr_arr) <= 0):
+        raise ValueError("lrs must be positive and strictly increasing")
+    idx = np.flatnonzero(np.isfinite(loss_arr))
+    return idx, np.log(lr_arr[idx]), loss_arr[idx]
+
+
+def _steepest_window(y: np.ndarray) -> tuple[int, int]:
+    """Indices [start, stop] where steepest descent may lie: skip the noisy start and
+    everything after the minimum (the unstable end, where the loss only rises or explodes)."""
+    return int(len(y) * SKIP_START_FRACTION), int(np.argmin(y))
+
+
+def steepest(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float | None, int | None]:
+    """LR of the most negative d loss / d log lr (central differences), or ``(None, None)``."""
+    idx, x, y = _finite_curve(lrs, losses)
+    if len(idx) < MIN_FINITE_POINTS:
+        return None, None
+    grads = np.gradient(y, x)
+    start, stop = _steepest_window(y)
+    if stop <= start:
+        return None, None
+    k = start + int(np.argmin(grads[start:stop + 1]))
+    if grads[k] >= 0:
+        return None, None
+    return float(lrs[idx[k]]), int(idx[k])
+
+
+def _longest_descent(y: np.ndarray) -> tuple[int, int]:
+    """(first, last) positions of the longest run of consecutive decreases of ``y``."""
+    best, run_start = (0, 0), 0
+    for k in range(1, len(y)):
+        if y[k] >= y[k - 1]:
+            run_start = k
+        elif k - run_start > best[1] - best[0]:
+            best = (run_start, k)
+    return best
+
+
+def valley(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float | None, int | None]:
+    """Midpoint (in log lr) of the longest descent of the curve (after fastai's ``valley``)."""
+    idx, _, y = _finite_curve(lrs, losses)
+    if len(idx) < MIN_FINITE_POINTS:
+        return None, None
+    first, last = _longest_descent(y)
+    if last == first:
+        return None, None
+    k = first + round((last - first) * VALLEY_POSITION)
+    return float(lrs[idx[k]]), int(idx[k])
+
+
+@dataclass
+class Suggestion:
+    """A suggested LR, the rule that chose it, a (low, high) range, or why there is none."""
+
+    lr: float | None = None
+    index: int | None = None
+    method: str | None = None
+    low: float | None = None
+    high: float | None = None
+    reason: str | None = None
+
+
+def suggest(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion:
+    """Steepest descent first, valley as the fallback.
+
+    Steepest descent wins when it finds a falling slope: it is the point where the loss responds
+    fastest to the LR (Smith 2017) and it depends on local slopes only. It needs a descent
+    between the trimmed start and the minimum; when the minimum sits in the trimmed start (a
+    short or flat-then-noisy curve), ``valley`` still finds the longest descent anywhere.
+    """
+    idx, x, y = _finite_curve(lrs, losses)
+    if len(idx) < MIN_FINITE_POINTS:
+        return Suggestion(reason=f"only {len(idx)} finite loss points, need {MIN_FINITE_POINTS}")
+    lr, k = steepest(lrs, losses)
+    if lr is not None:
+        pos = int(np.searchsorted(idx, k))
+        lo, hi = _steep_range(np.gradient(y, x), pos, _steepest_window(y))
+        return Suggestion(lr, k, "steepest", float(lrs[idx[lo]]), float(lrs[idx[hi]]))
+    lr, k = valley(lrs, losses)
+    if lr is not None:
+        first, last = _longest_descent(y)
+        return Suggestion(lr, k, "valley", float(lrs[idx[first]]), float(lrs[idx[last]]))
+    return Suggestion(reason="the loss never decreased over the ramp")
+
+
+def _steep_range(grads: np.ndarray, k: int, window: tuple[int, int]) -> tuple[int, int]:
+    """Widen around ``k`` while the slope stays at least RANGE_SLOPE_FRACTION of the steepest."""
+    limit = RANGE_SLOPE_FRACTION * grads[k]
+    lo, hi = k, k
+    while lo > window[0] and grads[lo - 1] <= limit:
+        lo -= 1
+    while hi < window[1] and grads[hi + 1] <= limit:
+        hi += 1
+    return lo, hi
+
+
+# --- results and JSON -----------------------------------------------------------------------------
+
+def _enc(value):
+    """JSON-safe float: NaN and ±inf become the strings "nan", "inf", "-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_enc(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _enc(v) for k, v in value.items()}
+    return value
+
+
+def _dec(value):
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, list):
+        return [_dec(v) for v in value]
+    return value
+
+
+class _JsonMixin:
+    def to_dict(self) -> dict:
+        """Plain, JSON-safe dict (``json.dumps(..., allow_nan=False)`` works)."""
+        return {k: _enc(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{f.name: _dec(data[f.name]) for f in fields(cls) if f.name in data})
+
+
+@dataclass
+class Probe(_JsonMixin):
+    """One constant-LR run from the initial state."""
+
+    lr: float
+    stable: bool
+    first_loss: float
+    final_loss: float
+    steps: int
+
+
+@dataclass
+class LRFindResult(_JsonMixin):
+    """Outcome of :func:`lr_find`; a diverged run is a result, see ``stop_reason``."""
+
+    lrs: list[float]
+    losses: list[float]
+    smoothed_losses: list[float]
+    stop_reason: str
+    suggested_lr: float | None = None
+    suggestion_method: str | None = None
+    suggestion_range: tuple[float, float] | None = None
+    suggestion_reason: str | None = None
+    max_stable_lr: float | None = None
+    diverged_at: float | None = None
+    refine_probes: list[Probe] = field(default_factory=list)
+    validation: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LRFindResult:
+        result = super().from_dict(data)
+        result.refine_probes = [Probe.from_dict(p) for p in data.get("refine_probes", [])]
+        if result.suggestion_range is not None:
+            result.suggestion_range = tuple(result.suggestion_range)
+        return result
+
+
+@dataclass
+class SweepResult(_JsonMixin):
+    """Outcome of a momentum or weight-decay sweep at a fixed LR."""
+
+    knob: str
+    lr: float
+    values: list[float]
+    losses: list[float]          # final loss per value (mean of the last PROBE_WINDOW steps)
+    mean_losses: list[float]
+    best: float | None
+
+
+# --- the machinery: snapshot, batches, training runs ----------------------------------------------
+
+class _Replay:
+    """A restartable source of batches (see the module docstring)."""
+
+    def __init__(self, source: Iterable | Callable[[], Iterator]):
+        self.source = source
+        # Not `iter(source) is source`: that would start a DataLoader's worker processes.
+        self.one_shot = isinstance(source, Iterator)
+        self.cache: list = []
+
+    def one_pass(self) -> Iterator:
+        if callable(self.source):
+            return iter(self.source())
+        if self.one_shot:
+            return self._replay()
+        return iter(self.source)
+
+    def _replay(self) -> Iterator:
+        yield from list(self.cache)
+        for item in self.source:
+            self.cache.append(item)
+            yield item
+
+    def cycle(self, n: int) -> Iterator:
+        """Exactly ``n`` batches, restarting the source as often as needed."""
+        produced = 0
+        while True:
+            empty = True
+            for item in self.one_pass():
+                empty = False
+                yield item
+                produced += 1
+                if produced == n:
+                    return
+            if empty:
+                raise ValueError("train_batches yielded no batches")
+
+
+class _Session:
+    """The caller's objects (never modified) plus what every run needs."""
+
+    def __init__(self, model, optimizer, loss_fn, train_batches, val_batches, check_every):
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.train = _Replay(train_batches)
+        self.val = None if val_batches is None else _Replay(val_batches)
+        self.check_every = check_every
+        self.cpu_rng = torch.get_rng_state()
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
+
+    def restore_rng(self) -> None:
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+
+    def fresh(self):
+        """A deep copy of (model, optimizer), with the RNG reset to the caller's state.
+        One deepcopy call with a shared memo keeps the optimizer pointing at the copied params."""
+        self.restore_rng()
+        model, optimizer = copy.deepcopy((self.model, self.optimizer))
+        model.train()
+        return model, optimizer
+
+    def chunks(self, model, optimizer, lrs: Sequence[float], overrides=None):
+        """Train one step per LR; yield (first index, losses) per chunk of check_every steps."""
+        knobs = OptimizerKnobs(optimizer)
+        knobs.check(overrides or {})
+        for name, value in (overrides or {}).items():
+            getattr(knobs, f"set_{name}")(value)
+        base = knobs.lrs()
+        ratios = [b / base[0] for b in base] if base[0] > 0 else [1.0] * len(base)
+        device = next(model.parameters()).device
+        pending, first = [], 0
+        for i, (lr, batch) in enumerate(zip(lrs, self.train.cycle(len(lrs)))):
+            knobs.write_lrs([lr * r for r in ratios])
+            loss = _train_step(model, optimizer, self.loss_fn, batch, device)
+            pending.append(loss if self.val is None else self._val_loss(model, device))
+            if len(pending) == self.check_every or i == len(lrs) - 1:
+                yield first, torch.stack([p.float() for p in pending]).cpu().tolist()
+                pending, first = [], i + 1
+
+    @torch.no_grad()
+    def _val_loss(self, model, device) -> torch.Tensor:
+        model.eval()
+        total, count = torch.zeros((), device=device), 0
+        for x, y in self.val.one_pass():
+            x, y = _to(x, device), _to(y, device)
+            n = int(x.shape[0]) if hasattr(x, "shape") and x.dim() else 1
+            total += self.loss_fn(model(x), y).detach().float() * n
+            count += n
+        model.train()
+        return total / max(count, 1)
+
+
+def _to(value, device):
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+
+def _train_step(model, optimizer, loss_fn, batch: Batch, device) -> torch.Tensor:
+    x, y = batch
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(_to(x, device)), _to(y, device))
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def _constant_run(session: _Session, lr: float, steps: int, overrides=None) -> list[float]:
+    """Losses of ``steps`` constant-LR steps from the snapshot; stops at the first non-finite
+    chunk (the list is then shorter and ends with the non-finite value)."""
+    model, optimizer = session.fresh()
+    losses: list[float] = []
+    for _, values in session.chunks(model, optimizer, [lr] * steps, overrides):
+        losses.extend(values)
+        if not all(math.isfinite(v) for v in values):
+            break
+    return losses
+
+
+def _probe(session: _Session, lr: float, steps: int) -> Probe:
+    """Is ``lr`` stable? Unstable when the loss goes non-finite or ends above where it began."""
+    losses = _constant_run(session, lr, steps)
+    final = float(np.mean(losses[-PROBE_WINDOW:]))
+    stable = len(losses) == steps and math.isfinite(final) and final <= PROBE_GROWTH * losses[0]
+    return Probe(lr, bool(stable), losses[0], final, len(losses))
+
+
+# --- public API -----------------------------------------------------------------------------------
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_count(name: str, value: int, low: int) -> None:
+    if not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_args(start_lr, end_lr, num_iter, smooth, diverge) -> None:
+    _check_positive("start_lr", start_lr)
+    _check_positive("end_lr", end_lr)
+    if start_lr >= end_lr:
+        raise ValueError(f"start_lr must be below end_lr, got {start_lr:g} >= {end_lr:g}")
+    _check_count("num_iter", num_iter, 2)
+    if not (isinstance(smooth, (int, float)) and 0 <= smooth < 1):
+        raise ValueError(f"smooth must be in [0, 1), got {smooth!r}")
+    _check_positive("diverge", diverge)
+    if diverge <= 1:
+        raise ValueError(f"diverge must be > 1 (a multiple of the best loss), got {diverge!r}")
+
+
+def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+            train_batches: Iterable[Batch] | Callable[[], Iterator[Batch]], *,
+            val_batches: Iterable[Batch] | Callable[[], Iterator[Batch]] | None = None,
+            start_lr: float = 1e-7, end_lr: float = 10.0, num_iter: int = 100,
+            smooth: float = 0.98, diverge: float = 4.0, refine: bool = True,
+            probe_steps: int = PROBE_STEPS, check_every: int = CHECK_EVERY) -> LRFindResult:
+    """LR range test: ramp the LR from ``start_lr`` to ``end_lr``, suggest one, find the limit.
+
+    The ramp stops early when the smoothed loss exceeds ``diverge`` × its best, or a loss is
+    non-finite (checked every ``check_every`` steps). With ``val_batches`` the curve is the
+    validation loss after each step. With ``refine`` the largest stable LR is bisected with
+    ``probe_steps``-step constant-LR probes; without it, it is the ramp's last LR before the stop.
+    It is None when no LR up to ``end_lr`` proved unstable (raise ``end_lr``) or none stable.
+    The caller's model, optimizer and RNG state are left bitwise unchanged.
+    """
+    _check_args(start_lr, end_lr, num_iter, smooth, diverge)
+    _check_count("probe_steps", probe_steps, 1)
+    _check_count("check_every", check_every, 1)
+    session = _Session(model, optimizer, loss_fn, train_batches, val_batches, check_every)
+    try:
+        result = _ramp(session, start_lr, end_lr, num_iter, smooth, diverge)
+        if refine and any(math.isfinite(v) for v in result.losses):
+            upper = result.diverged_at if result.diverged_at is not None else end_lr
+            _refine(session, result, upper, probe_steps)
+    finally:
+        session.restore_rng()
+    _attach_suggestion(result)
+    return result
+
+
+def _ramp(session, start_lr, end_lr, num_iter, smooth, diverge) -> LRFindResult:
+    plan = [exp_ramp(start_lr, end_lr, i / (num_iter - 1)) for i in range(num_iter)]
+    model, optimizer = session.fresh()
+    losses, smoothed = [], []
+    avg, best, stop = 0.0, math.inf, None
+    for first, values in session.chunks(model, optimizer, plan):
+        for i, loss in enumerate(values, start=first):
+            # Debiased EMA (as in Adam's bias correction; fastai's lr_find smoothing).
+            avg = smooth * avg + (1 - smooth) * loss
+            smoothed.append(avg / (1 - smooth ** (i + 1)))
+            losses.append(loss)
+            best = min(best, smoothed[-1])
+            if not math.isfinite(loss):
+                stop = f"non-finite loss at step {i} (lr={plan[i]:.3g})"
+            elif i > 0 and smoothed[-1] > diverge * best:
+                stop = (f"diverged at step {i}: smoothed loss > {diverge:g} × best "
+                        f"(lr={plan[i]:.3g})")
+            if stop:
+                break
+        if stop:
+            break
+    n = len(losses)
+    stopped = stop is not None
+    result = LRFindResult(plan[:n], losses, smoothed, stop or f"completed {num_iter} steps",
+                          diverged_at=plan[n - 1] if stopped else None,
+                          max_stable_lr=plan[n - 2] if stopped and n > 1 else None,
+                          validation=session.val is not None)
+    logger.info("lr_find: %s", result.stop_reason)
+    return result
+
+
+def _refine(session: _Session, result: LRFindResult, upper: float, steps: int) -> None:
+    """Coarse-to-fine: bracket [stable, unstable] below ``upper``, then bisect in log space."""
+    def stable(lr: float) -> bool:
+        result.refine_probes.append(_probe(session, lr, steps))
+        return result.refine_probes[-1].stable
+
+    if stable(upper):
+        # Stable from the initial state for `steps` steps: keep the ramp's own estimate.
+        logger.info("lr_find: probe at %.3g was stable; keeping the ramp's estimate", upper)
+        return
+    hi, lo = upper, None
+    for _ in range(MAX_BRACKET_STEPS):
+        if stable(hi / BRACKET_FACTOR):
+            lo = hi / BRACKET_FACTOR
+            break
+        hi /= BRACKET_FACTOR
+    if lo is None:
+        logger.warning("lr_find: no stable LR found down to %.3g", hi)
+        result.max_stable_lr = None
+        return
+    for _ in range(BISECTIONS):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if stable(mid) else (lo, mid)
+    result.max_stable_lr = lo
+
+
+def _attach_suggestion(result: LRFindResult) -> None:
+    s = suggest(result.lrs, result.smoothed_losses)
+    result.suggested_lr, result.suggestion_method = s.lr, s.method
+    result.suggestion_reason = s.reason
+    result.suggestion_range = (s.low, s.high) if s.lr is not None else None
+    if s.lr is None:
+        logger.warning("lr_find: no suggestion: %s", s.reason)
+
+
+def _sweep(model, optimizer, loss_fn, train_batches, *, knob: str, lr: float,
+           values: Sequence[float], num_iter: int) -> SweepResult:
+    """One constant-LR run per knob value from the same snapshot; best = lowest final loss."""
+    _check_positive("lr", lr)
+    _check_count("num_iter", num_iter, 1)
+    if not values:
+        raise ValueError(f"no {knob} values to try")
+    session = _Session(model, optimizer, loss_fn, train_batches, None, CHECK_EVERY)
+    finals, means = [], []
+    try:
+        for value in values:
+            losses = _constant_run(session, lr, num_iter, {knob: value})
+            complete = len(losses) == num_iter
+            finals.append(float(np.mean(losses[-PROBE_WINDOW:])) if complete else math.nan)
+            means.append(float(np.mean(losses)) if complete else math.nan)
+    finally:
+        session.restore_rng()
+    ranked = [(f, v) for f, v in zip(finals, values) if math.isfinite(f)]
+    best = min(ranked)[1] if ranked else None
+    return SweepResult(knob, lr, list(values), finals, means, best)
+
+
+def momentum_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn, train_batches,
+                  *, lr: float, one_minus_beta: Sequence[float] = ONE_MINUS_BETA,
+                  num_iter: int = PROBE_STEPS) -> SweepResult:
+    """Momentum range test at a fixed LR on a 1-β log grid. ``values`` and ``best`` are β
+    (``momentum`` for SGD, ``betas[0]`` for Adam/AdamW)."""
+    betas = [MOMENTUM.validate(1.0 - float(m)) for m in one_minus_beta]
+    return _sweep(model, optimizer, loss_fn, train_batches, knob="momentum", lr=lr,
+                  values=betas, num_iter=num_iter)
+
+
+def weight_decay_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
+                      train_batches, *, lr: float, values: Sequence[float] = WEIGHT_DECAYS,
+                      num_iter: int = PROBE_STEPS) -> SweepResult:
+    """Weight-decay range test at a fixed LR (log grid with an explicit 0)."""
+    decays = [WEIGHT_DECAY.validate(v) for v in values]
+    return _sweep(model, optimizer, loss_fn, train_batches, knob="weight_decay", lr=lr,
+                  values=decays, num_iter=num_iter)
