@@ -19,7 +19,9 @@ step never sees half a change.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 
 from trainer import checkpoint
+from trainer.guard import DivergenceGuard
 from trainer.knobs import KnobError, format_sci, validate_command
 from trainer.optim import OptimizerKnobs
 from trainer.schedules import Schedule, rebased, schedule_from
@@ -40,6 +43,9 @@ FLUSH_INTERVAL_S = 0.1   # metrics reach the store at most this late (kill -9 lo
 POLL_INTERVAL_S = 0.05   # a command waits at most this long before the trainer sees it
 PAUSE_WAKE_S = 0.5       # a paused trainer re-checks for stop/close at least this often
 TINY_FACTOR = 1e-12      # a schedule factor below this cannot be divided by safely
+ON_DIVERGE = ("pause", "rollback", "ignore")
+RESCUE_LR_FACTOR = 0.5   # --on-diverge rollback halves the LR that diverged
+MIN_IMPROVEMENT = 1e-12  # early stopping: smaller validation-loss gains are not improvements
 
 
 class Babysitter:
@@ -58,6 +64,13 @@ class Babysitter:
         resume: continue from ``run_dir/checkpoint.pt`` (model, optimizer, knobs, step, RNG).
         replay: ``(step, kind, payload)`` commands to apply at exactly those step boundaries
             (see :func:`trainer.export.replay_commands`): a recorded session, re-enacted.
+        on_diverge: what the divergence guard does when the loss turns NaN/inf or blows up:
+            ``pause`` (mark the run diverged and wait for a person), ``rollback`` (restore the
+            last good checkpoint, halve the LR, go on), or ``ignore``.
+        guard: a :class:`~trainer.guard.DivergenceGuard` with custom thresholds.
+        early_stop: stop when the validation loss has not improved for this many evaluations
+            (the best model is kept as a pinned checkpoint).
+        keep_checkpoints: size of the ring of automatic checkpoints.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, run_dir: str | os.PathLike = "runs/run",
@@ -65,12 +78,20 @@ class Babysitter:
                  task: str | None = None, steps_per_epoch: int | None = None,
                  schedule: Schedule | dict | None = None, checkpoint_every: int | None = None,
                  resume: bool = False, replay: list[tuple[int, str, dict]] | None = None,
+                 on_diverge: str = "pause", guard: DivergenceGuard | None = None,
+                 early_stop: int | None = None, keep_checkpoints: int = checkpoint.DEFAULT_KEEP,
                  flush_interval: float = FLUSH_INTERVAL_S,
                  poll_interval: float = POLL_INTERVAL_S):
         self.run_dir = Path(run_dir)
         sanitize_run_name(self.run_dir.name)
         if checkpoint_every is not None and (model is None or checkpoint_every < 1):
             raise ValueError("checkpoint_every needs a model and a positive step count")
+        if on_diverge not in ON_DIVERGE:
+            raise ValueError(f"on_diverge must be one of {', '.join(ON_DIVERGE)}")
+        if early_stop is not None and early_stop < 1:
+            raise ValueError(f"early_stop patience must be at least 1, got {early_stop}")
+        self.on_diverge, self.early_stop = on_diverge, early_stop
+        self.keep_checkpoints = keep_checkpoints
         self.optimizer, self.model = optimizer, model
         self.knobs = OptimizerKnobs(optimizer)
         self.steps_per_epoch = steps_per_epoch
@@ -89,6 +110,10 @@ class Babysitter:
         self._outbox: deque = deque()       # (kind, payload) for the flusher: I/O off-thread
         self._closed = False
         self._stopped_by_command = False
+        self.final_status: str | None = None  # set by close()
+        self._wake = threading.Event()      # set when a command arrives (ends a pause's wait)
+        self._last_snapshot: dict | None = None  # newest checkpoint, kept until rollback needs it
+        self._best_val, self._evals_since_best = math.inf, 0
         self._replay = deque(sorted(replay or [], key=lambda c: c[0]))
         for _, kind, payload in self._replay:
             validate_command(kind, payload)
@@ -99,9 +124,12 @@ class Babysitter:
         self._init_meta(config or {}, task, resumed_from)
         self._apply_schedule_lr()
         self._poller = Poller(self.store, self._pending, self._outbox, self.knobs,
-                              poll_interval)
+                              poll_interval, self._wake)
         self._flusher = Flusher(self.store, self._rows, self._outbox, flush_interval,
-                                live_meta=self._live_meta)
+                                live_meta=self._live_meta, keep_checkpoints=keep_checkpoints,
+                                guard=None if on_diverge == "ignore" else (
+                                    guard or DivergenceGuard()),
+                                on_divergence=self._on_divergence)
         self._poller.start()
         self._flusher.start()
 
@@ -124,13 +152,14 @@ class Babysitter:
         if self.schedule.shape != "constant":
             self._apply_schedule_lr()
         if self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
-            self.checkpoint()
+            self.checkpoint("periodic")
 
     def log_validation(self, loss: torch.Tensor | float | None = None, *, end_epoch: bool = True,
                        **metrics: torch.Tensor | float) -> None:
         """Record validation metrics (any names) at the current step; ends the epoch by default.
 
-        Tensor values are converted off the training thread, so this does not sync either.
+        Tensor values are converted off the training thread, so this does not sync either
+        (except the loss when ``early_stop`` is on: one number per evaluation).
         """
         values = dict(metrics)
         if loss is not None:
@@ -139,6 +168,8 @@ class Babysitter:
         rows = [(self.step_count, self.epoch, wall, name,
                  v.detach() if isinstance(v, torch.Tensor) else v) for name, v in values.items()]
         self._outbox.append(("validation", rows))
+        if self.early_stop and loss is not None:
+            self._check_early_stop(float(loss))
         if end_epoch:
             self.epoch += 1
             if self.schedule.shape != "constant":
@@ -155,6 +186,11 @@ class Babysitter:
         payload = validate_command("set", knobs)
         self.knobs.check(payload)
         self._apply("set", payload, command_id=None, source="api")
+
+    def rollback(self, step: int | None = None) -> None:
+        """Restore the newest checkpoint (at or before ``step``) now, from code."""
+        self._apply("rollback", validate_command("rollback", {} if step is None else
+                                                 {"step": step}), None, source="api")
 
     def _apply_replay(self) -> None:
         while self._replay and self._replay[0][0] == self.step_count:
@@ -177,7 +213,26 @@ class Babysitter:
         applied commands too, so the timeline and exports see every intervention.
         """
         step, wall = self.step_count, time.time()
+        try:
+            events = self._effects(kind, payload, command_id, step, wall)
+        except KnobError as err:  # valid command, impossible now (e.g. nothing to roll back to)
+            if command_id is None:
+                raise
+            self._outbox.append(("resolve", ([(command_id, "rejected", None, str(err))], [])))
+            return
+        if kind == "diverged":  # the guard's own news, not a command anyone sent
+            self._outbox.append(("events", events))
+        elif command_id is None:
+            self._outbox.append(("record", (kind, payload, source, step, events)))
+        else:
+            self._outbox.append(("resolve", ([(command_id, "applied", step, None)], events)))
+
+    def _effects(self, kind: str, payload: dict, command_id: int | None, step: int,
+                 wall: float) -> list[tuple]:
+        """Carry out one command; return its intervention events."""
         events: list[tuple] = []
+        if kind in ("set", "schedule") and self.model is not None:
+            self.checkpoint("intervention")  # the state to roll back to if this goes wrong
         if kind == "set":
             for name, new in payload.items():
                 old = self.knobs.values()[name]
@@ -195,18 +250,21 @@ class Babysitter:
             self.paused = kind == "pause"
             if kind == "stop":
                 self.should_stop = self._stopped_by_command = True
-            status = "paused" if self.paused else "running"
-            self._outbox.append(("meta", {"status": status}))
+            if kind == "resume":
+                self._flusher.arm_guard(self.step_count)
+            self._outbox.append(("meta", {"status": "paused" if self.paused else "running"}))
             events.append((step, wall, kind, None, None, None, command_id,
                            f"{kind} at step {step}"))
         elif kind == "checkpoint":
-            self.checkpoint()
+            self.checkpoint("manual", pin=True)
             events.append((step, wall, "checkpoint", None, None, None, command_id,
-                           f"checkpoint at step {step}"))
-        if command_id is None:
-            self._outbox.append(("record", (kind, payload, source, step, events)))
-        else:
-            self._outbox.append(("resolve", ([(command_id, "applied", step, None)], events)))
+                           f"pinned checkpoint at step {step}"))
+        elif kind == "rollback":
+            events.append(self._rollback_event(step, wall, command_id,
+                                               at_or_before=payload.get("step")))
+        elif kind == "diverged":
+            events.extend(self._handle_divergence(step, wall, payload))
+        return events
 
     def _set_knob(self, name: str, value: float) -> None:
         if name == "lr":
@@ -232,19 +290,20 @@ class Babysitter:
     def _wait_while_paused(self) -> None:
         # Blocks the training thread on an Event: no CPU is burnt while paused.
         while self.paused and not self.should_stop and not self._closed:
-            self._wake_event.wait(PAUSE_WAKE_S)
-            self._wake_event.clear()
+            self._wake.wait(PAUSE_WAKE_S)
+            self._wake.clear()
             while self._pending:
                 command_id, kind, payload = self._pending.popleft()
                 self._apply(kind, payload, command_id)
 
     # --- checkpoints ----------------------------------------------------------------------------
 
-    def checkpoint(self, **extra: Any) -> None:
+    def checkpoint(self, reason: str = "manual", *, pin: bool = False, **extra: Any) -> None:
         """Snapshot model, optimizer, knobs, step and RNG now; write it in the background.
 
         The snapshot is a CPU copy taken on the training thread (a sync on GPU, but only at
-        checkpoint time); the file is written atomically by the flusher.
+        checkpoint time); the file is written atomically by the flusher. Automatic reasons
+        go to a bounded ring; ``pin=True`` keeps the file forever.
         """
         if self.model is None:
             raise ValueError("checkpoints need the model: Babysitter(..., model=model)")
@@ -253,23 +312,116 @@ class Babysitter:
             "step": self.step_count, "epoch": self.epoch, "base_lr": self._base_lr,
             "lr_ratios": self._lr_ratios, "schedule": self.schedule.to_dict(),
             "extra": dict(self.extra_state)})
-        self._outbox.append(("checkpoint", state))
+        self._last_snapshot = state
+        self._outbox.append(("checkpoint", (state, reason, pin)))
+
+    def _load_state(self, state: dict) -> int:
+        """Put a checkpoint back into model, optimizer (incl. its knobs) and our knob state."""
+        sitter = checkpoint.restore(state, self.model, self.optimizer)
+        self._base_lr, self._lr_ratios = sitter["base_lr"], sitter["lr_ratios"]
+        self.schedule = schedule_from(sitter["schedule"])
+        self.extra_state = dict(sitter.get("extra", {}))
+        return int(sitter["step"])
 
     def _restore(self) -> int | None:
-        path = checkpoint.path_in(self.run_dir)
         if self.model is None:
             raise ValueError("resume needs the model: Babysitter(..., model=model, resume=True)")
-        if not path.exists():
-            log.warning("no checkpoint at %s: starting from scratch", path)
+        found = checkpoint.find(self.run_dir)
+        if found is None:
+            log.warning("no checkpoint in %s: starting from scratch", self.run_dir)
             return None
-        state = checkpoint.load_into(path, self.model, self.optimizer)
-        self.step_count, self.epoch = state["step"], state["epoch"]
-        self._base_lr, self._lr_ratios = state["base_lr"], state["lr_ratios"]
-        self.schedule = schedule_from(state["schedule"])
-        self.extra_state = dict(state.get("extra", {}))
+        state = checkpoint.load(found.path)
+        self.step_count = self._load_state(state)
+        self.epoch = state["babysitter"]["epoch"]
         # Steps logged after the checkpoint are trained again, so their rows are replaced.
         self.store.truncate_after(self.step_count)
         return self.step_count
+
+    # --- divergence, rollback, early stopping ---------------------------------------------------
+
+    def _on_divergence(self, divergence) -> None:
+        """Called on the flusher thread: hand the news to the training thread like a command."""
+        self._pending.append((None, "diverged", {
+            "first_bad_step": divergence.first_bad_step, "cause": divergence.cause}))
+        self._wake.set()
+
+    def _handle_divergence(self, step: int, wall: float, payload: dict) -> list[tuple]:
+        cause = payload["cause"]
+        events = [(step, wall, "diverged", None, None, None, None, f"diverged: {cause}")]
+        if self.on_diverge == "rollback" and self.model is not None:
+            try:
+                events.append(self._rollback_event(step, wall, None,
+                                                   before=payload["first_bad_step"]))
+            except KnobError as err:  # nothing to roll back to: wait for a person instead
+                self.paused = True
+                self._outbox.append(("meta", {"status": "diverged", "diverged": payload}))
+                return [*events, (step, wall, "rollback", None, None, None, None,
+                                  f"automatic rollback impossible: {err}")]
+            new_lr = self.knobs.lr() * RESCUE_LR_FACTOR
+            events.append((step, wall, "set", "lr", self.knobs.lr(), new_lr, None,
+                           f"lr {format_sci(self.knobs.lr())} → {format_sci(new_lr)} "
+                           f"at step {step} (rescue)"))
+            self._set_knob("lr", new_lr)
+            self._outbox.append(("meta", {"status": "running"}))
+            self._flusher.arm_guard(self.step_count)
+        else:
+            self.paused = True
+            self._outbox.append(("meta", {"status": "diverged", "diverged": payload}))
+        return events
+
+    def _rollback_event(self, step: int, wall: float, command_id: int | None, *,
+                        before: int | None = None, at_or_before: int | None = None) -> tuple:
+        """Restore the newest checkpoint matching the bound; return the event describing it.
+
+        The step counter keeps counting up (rows are never overwritten): the chart shows the
+        blow-up, the rollback marker, and the recovery.
+        """
+        if self.model is None:
+            raise KnobError("rollback needs the model: Babysitter(..., model=model)")
+        old_lr = self.knobs.lr()
+        target = self._rollback_target(before, at_or_before)
+        if target is None:
+            bound = before if before is not None else at_or_before
+            raise KnobError("no checkpoint to roll back to" +
+                            (f" at or before step {bound}" if bound is not None else ""))
+        restored_step = self._load_state(target)
+        self._flusher.arm_guard(self.step_count)
+        self._outbox.append(("meta", {"status": "paused" if self.paused else "running"}))
+        return (step, wall, "rollback", "lr", old_lr, self.knobs.lr(), command_id,
+                f"rolled back to the checkpoint of step {restored_step} "
+                f"(lr {format_sci(old_lr)} → {format_sci(self.knobs.lr())})")
+
+    def _rollback_target(self, before: int | None, at_or_before: int | None) -> dict | None:
+        def fits(s: int) -> bool:
+            return (before is None or s < before) and (at_or_before is None or s <= at_or_before)
+
+        # The newest snapshot may not be on disk yet (the flusher writes it), so it competes
+        # with the files; on a tie the in-memory copy wins (no read needed).
+        memory = self._last_snapshot
+        if memory is not None and not fits(memory["babysitter"]["step"]):
+            memory = None
+        on_disk = checkpoint.find(self.run_dir, before=before, at_or_before=at_or_before)
+        if on_disk is None or (memory is not None and
+                               memory["babysitter"]["step"] >= on_disk.step):
+            return memory
+        try:
+            return checkpoint.load(on_disk.path)
+        except FileNotFoundError:  # pruned from the ring a moment ago
+            return memory
+
+    def _check_early_stop(self, val_loss: float) -> None:
+        if val_loss < self._best_val - MIN_IMPROVEMENT:
+            self._best_val, self._evals_since_best = val_loss, 0
+            if self.model is not None:
+                self.checkpoint("best", pin=True)
+            return
+        self._evals_since_best += 1
+        if self._evals_since_best >= self.early_stop:
+            self.should_stop = True
+            self._outbox.append(("events", [(
+                self.step_count, time.time(), "early_stop", None, None, None, None,
+                f"early stop: validation loss has not improved for {self.early_stop} "
+                f"evaluations (best {self._best_val:.4g})")]))
 
     # --- run metadata ---------------------------------------------------------------------------
 
@@ -304,11 +456,12 @@ class Babysitter:
         if self._closed:
             return
         self._closed = True
-        self._wake_event.set()
+        self._wake.set()
         self._poller.stop()
         if self.model is not None and status != "failed":
-            self.checkpoint()
+            self.checkpoint("final")
         final = status or ("stopped" if self._stopped_by_command else "finished")
+        self.final_status = final
         meta = {"status": final, "ended": time.time()}
         if error:
             meta["error"] = error
@@ -327,10 +480,6 @@ class Babysitter:
         else:
             self.close("failed", error=f"{exc_type.__name__}: {exc}")
         return False
-
-    @property
-    def _wake_event(self):
-        return self._poller.wake
 
 
 __all__ = ["Babysitter", "KnobError"]

@@ -1,25 +1,49 @@
-"""Rolling checkpoints: snapshot in memory on the training thread, write atomically elsewhere.
+"""Checkpoints: snapshot in memory on the training thread, write atomically elsewhere.
 
 A checkpoint holds the model and optimizer state, the Babysitter's knob state and step, and the
 RNG state, so a resumed run continues exactly where the checkpoint was taken. Files are written
 to a temporary name, fsynced and renamed (POSIX ``rename`` is atomic), so a kill -9 during a
-write leaves the previous checkpoint intact. Loading uses ``torch.load(weights_only=True)``:
+write leaves the previous checkpoints intact. Loading uses ``torch.load(weights_only=True)``:
 a checkpoint can never execute code.
+
+Files live in ``run_dir/checkpoints/``: automatic ones (``ckpt-<step>-<reason>.pt``) form a
+bounded ring, newest kept; pinned ones (``pin-<step>-<reason>.pt``) are never pruned.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_DIR = "checkpoints"
+DEFAULT_KEEP = 8  # automatic checkpoints kept in the ring
+REASONS = ("periodic", "epoch", "intervention", "final", "manual", "best", "branch")
+_NAME = re.compile(r"^(ckpt|pin)-(\d{9})-([a-z]+)\.pt$")
 
 
-def path_in(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / CHECKPOINT_NAME
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint file: the step it was taken at (steps completed), why, and where."""
+
+    step: int
+    reason: str
+    pinned: bool
+    path: Path
+    size: int
+    mtime: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "reason": self.reason, "pinned": self.pinned,
+                "path": str(self.path), "size": self.size, "mtime": self.mtime}
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
 
 
 def _cpu_copy(value: Any) -> Any:
@@ -44,7 +68,7 @@ def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     }
 
 
-def write(path: str | os.PathLike, state: dict[str, Any]) -> None:
+def write_atomic(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically (temp file, fsync, rename, fsync directory)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -63,11 +87,64 @@ def write(path: str | os.PathLike, state: dict[str, Any]) -> None:
         os.close(dir_fd)
 
 
+def save(run_dir: str | os.PathLike, state: dict[str, Any], *, reason: str = "periodic",
+         pinned: bool = False, keep: int = DEFAULT_KEEP) -> Path:
+    """Write a checkpoint of ``state`` into the run's ring (or pin it), then prune the ring."""
+    if reason not in REASONS:
+        raise ValueError(f"unknown checkpoint reason {reason!r}")
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    step = int(state["babysitter"]["step"])
+    path = folder / f"{'pin' if pinned else 'ckpt'}-{step:09d}-{reason}.pt"
+    write_atomic(path, state)
+    ring = [c for c in list_checkpoints(run_dir) if not c.pinned]
+    for old in ring[:-keep] if keep > 0 else ring:
+        old.path.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[CheckpointInfo]:
+    """Every checkpoint of a run, oldest first (by step, then time)."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _NAME.match(path.name)
+        if match:
+            stat = path.stat()
+            found.append(CheckpointInfo(int(match[2]), match[3], match[1] == "pin", path,
+                                        stat.st_size, stat.st_mtime))
+    return sorted(found, key=lambda c: (c.step, c.mtime))
+
+
+def find(run_dir: str | os.PathLike, *, before: int | None = None,
+         at_or_before: int | None = None) -> CheckpointInfo | None:
+    """The newest checkpoint with step < ``before`` / step <= ``at_or_before`` (or newest)."""
+    for info in reversed(list_checkpoints(run_dir)):
+        if before is not None and info.step >= before:
+            continue
+        if at_or_before is not None and info.step > at_or_before:
+            continue
+        return info
+    return None
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint safely (tensors and plain containers only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_into(path: str | os.PathLike, model: torch.nn.Module,
               optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Load a checkpoint into ``model`` (and ``optimizer``), restore the RNG; return its
     Babysitter state."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    return restore(load(path), model, optimizer)
+
+
+def restore(state: dict[str, Any], model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Put an in-memory checkpoint back into ``model`` / ``optimizer`` and the RNG."""
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])

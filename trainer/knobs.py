@@ -60,7 +60,7 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (LR, MOMENTUM, WEIGHT_DECAY)}
 
 # Command kinds the trainer understands. "set" carries knob values; "schedule" carries an LR
 # decay description (validated by trainer.schedules); the rest carry nothing.
-CONTROL_KINDS = ("pause", "resume", "stop", "checkpoint")
+CONTROL_KINDS = ("pause", "resume", "stop", "checkpoint", "rollback")
 COMMAND_KINDS = ("set", "schedule", *CONTROL_KINDS)
 
 
@@ -110,9 +110,25 @@ def validate_command(kind: Any, payload: Any) -> dict:
         from trainer.schedules import validate_schedule  # local: schedules imports knobs
 
         return validate_schedule(payload)
+    if kind == "rollback":
+        return _validate_rollback(payload)
     if payload:
         raise KnobError(f"{kind} takes no arguments, got {sorted(payload)}")
     return {}
+
+
+def _validate_rollback(payload: dict) -> dict:
+    """``{"step": S}`` rolls back to the newest checkpoint at or before S; ``{}`` to the newest
+    one before the trouble."""
+    unknown = sorted(set(payload) - {"step"})
+    if unknown:
+        raise KnobError(f"rollback takes only 'step', got {unknown[0]!r}")
+    if "step" not in payload:
+        return {}
+    step = payload["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise KnobError(f"rollback step must be a whole number >= 0, got {step!r}")
+    return {"step": step}
 
 
 # --- log-scale ladders for sliders -------------------------------------------------------------

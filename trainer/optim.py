@@ -38,17 +38,21 @@ class OptimizerKnobs:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
-        self.groups = optimizer.param_groups
-        first = self.groups[0]
+        first = optimizer.param_groups[0]
         self.momentum_key = "betas" if "betas" in first else (
             "momentum" if "momentum" in first else None)
         self.has_weight_decay = "weight_decay" in first
         self.name = type(optimizer).__name__
         # Ratios between groups' weight decay, fixed at construction so that setting 0 and then
         # a value again restores the original exclusions.
-        decays = [g.get("weight_decay", 0.0) for g in self.groups]
+        decays = [g.get("weight_decay", 0.0) for g in optimizer.param_groups]
         top = max(decays)
         self._wd_ratios = [w / top for w in decays] if top > 0 else [1.0] * len(decays)
+
+    @property
+    def groups(self) -> list[dict]:
+        # Never cached: Optimizer.load_state_dict replaces param_groups with new dicts.
+        return self.optimizer.param_groups
 
     @property
     def supported(self) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from trainer.babysitter import Babysitter
+from trainer.babysitter import ON_DIVERGE, Babysitter
 from trainer.knobs import KNOBS
 from trainer.optim import OPTIMIZERS, make_optimizer
 from trainer.store import RunStore
@@ -40,6 +40,8 @@ class TrainConfig:
     checkpoint_every: int = 200   # steps between rolling checkpoints (and at each epoch end)
     step_delay: float = 0.0     # seconds slept per step: slows a demo to watching speed
     schedule: dict | None = None  # LR decay, see trainer.schedules.Schedule
+    on_diverge: str = "pause"   # pause | rollback | ignore (see Babysitter)
+    early_stop: int | None = None  # stop after this many epochs without a better val loss
 
     def validate(self) -> TrainConfig:
         """Raise ValueError with a one-line reason for any value that cannot be trained."""
@@ -53,6 +55,10 @@ class TrainConfig:
         for name in ("batch_size", "epochs", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.on_diverge not in ON_DIVERGE:
+            raise ValueError(f"on_diverge must be one of {', '.join(ON_DIVERGE)}")
+        if self.early_stop is not None and self.early_stop < 1:
+            raise ValueError(f"early_stop must be at least 1 epoch, got {self.early_stop}")
         if not 0 <= self.step_delay <= 10:
             raise ValueError(f"step_delay must be in [0, 10] seconds, got {self.step_delay}")
         return self
@@ -86,7 +92,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     with Babysitter(optimizer, run_dir, model=task.model, config=asdict(cfg),
                     task=task.info["description"], steps_per_epoch=steps_per_epoch,
                     schedule=cfg.schedule, checkpoint_every=cfg.checkpoint_every,
-                    resume=resume, replay=replay) as bs:
+                    resume=resume, replay=replay, on_diverge=cfg.on_diverge,
+                    early_stop=cfg.early_stop) as bs:
         start_epoch, first_batch = divmod(bs.step_count, steps_per_epoch)
         for epoch in range(start_epoch, cfg.epochs):
             bs.epoch = epoch
@@ -104,9 +111,10 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             if bs.should_stop:
                 break
             bs.log_validation(**_validation_metrics(task))
-            bs.checkpoint()
-        status = "stopped" if bs.should_stop else "finished"
-    return status
+            bs.checkpoint("epoch")
+            if bs.should_stop:  # early stopping decides at validation time
+                break
+    return bs.final_status
 
 
 def _validation_metrics(task) -> dict[str, float]:

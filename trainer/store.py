@@ -89,7 +89,7 @@ def sanitize_run_name(name: str) -> str:
     Names never contain a path separator or start with a dot, so they cannot escape the runs
     directory.
     """
-    if not isinstance(name, str) or not _RUN_NAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _RUN_NAME.fullmatch(name) or name in (".", ".."):
         raise ValueError(f"invalid run name {name!r}: use letters, digits, '.', '_' or '-' "
                          "(at most 100, not starting with '.')")
     return name
@@ -139,6 +139,9 @@ class RunStore:
         except sqlite3.DatabaseError as err:
             self.close()
             raise StoreError(f"{self.path} is not a readable Panda run store: {err}") from None
+        except StoreError:
+            self.close()  # refused stores leave no open connection behind
+            raise
 
     # --- connections ---------------------------------------------------------------------------
 

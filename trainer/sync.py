@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from trainer import checkpoint
+from trainer.guard import Divergence, DivergenceGuard
 from trainer.knobs import KnobError, validate_command
 from trainer.optim import OptimizerKnobs
 from trainer.store import RunStore
@@ -77,17 +78,48 @@ class _Worker(threading.Thread):
 
 
 class Flusher(_Worker):
-    """Writes buffered metric rows and outbox items to the store in batches."""
+    """Writes buffered metric rows and outbox items to the store in batches.
+
+    It is also where losses become numbers, so the divergence guard runs here: when it fires,
+    ``on_divergence`` hands the news to the training thread and the guard disarms until the
+    training thread re-arms it (after a rollback or a resume).
+    """
 
     def __init__(self, store: RunStore, rows: deque, outbox: deque, interval: float,
-                 live_meta: Callable[[], dict[str, Any]]):
+                 live_meta: Callable[[], dict[str, Any]], *, keep_checkpoints: int,
+                 guard: DivergenceGuard | None = None,
+                 on_divergence: Callable[[Divergence], None] | None = None):
         super().__init__("panda-flusher", interval)
         self.store, self.rows, self.outbox, self.live_meta = store, rows, outbox, live_meta
+        self.keep_checkpoints = keep_checkpoints
+        self.guard, self.on_divergence = guard, on_divergence
+        self._armed, self._rearm_at = guard is not None, None
+
+    def arm_guard(self, from_step: int) -> None:
+        """Re-arm the guard with fresh smoothing for rows from ``from_step`` on (called from the
+        training thread; rows logged before a rollback must not fire it again)."""
+        if self.guard is not None:
+            self._rearm_at = from_step
+
+    def _watch(self, rows: list, losses: list[float]) -> None:
+        rearm_at = self._rearm_at
+        if rearm_at is not None:
+            self._rearm_at, self._armed = None, True
+            self.guard.reset()
+            kept = [i for i, r in enumerate(rows) if r[0] >= rearm_at]
+            rows, losses = [rows[i] for i in kept], [losses[i] for i in kept]
+        if not self._armed:
+            return
+        divergence = self.guard.update([r[0] for r in rows], losses)
+        if divergence is not None:
+            self._armed = False
+            self.on_divergence(divergence)
 
     def tick(self) -> None:
         rows = drain(self.rows)
         if rows:
             losses = to_floats([r[3] for r in rows])
+            self._watch(rows, losses)
             batch = [(*r[:3], loss, *r[4:]) for r, loss in zip(rows, losses)]
             try:
                 self.store.append_metrics(batch, meta=self.live_meta())
@@ -110,10 +142,14 @@ class Flusher(_Worker):
             self.store.resolve_commands(outcomes, events)
         elif kind == "record":
             self.store.record_command(*payload)
+        elif kind == "events":
+            self.store.add_events(payload)
         elif kind == "meta":
             self.store.set_meta(**payload)
         elif kind == "checkpoint":
-            checkpoint.write(checkpoint.path_in(self.store.run_dir), payload)
+            state, reason, pinned = payload
+            checkpoint.save(self.store.run_dir, state, reason=reason, pinned=pinned,
+                            keep=self.keep_checkpoints)
         else:
             raise ValueError(f"unknown outbox item {kind!r}")
 
@@ -122,10 +158,10 @@ class Poller(_Worker):
     """Reads new commands, validates them (second time) and hands them to the training thread."""
 
     def __init__(self, store: RunStore, pending: deque, outbox: deque, knobs: OptimizerKnobs,
-                 interval: float):
+                 interval: float, wake: threading.Event):
         super().__init__("panda-poller", interval)
         self.store, self.pending, self.outbox, self.knobs = store, pending, outbox, knobs
-        self.wake = threading.Event()  # set whenever a command is handed over (ends a pause)
+        self.wake = wake  # set whenever a command is handed over (ends a pause's wait)
         self.last_id = 0
 
     def tick(self) -> None:
