@@ -113,6 +113,7 @@ class Babysitter:
         self.final_status: str | None = None  # set by close()
         self._wake = threading.Event()      # set when a command arrives (ends a pause's wait)
         self._last_snapshot: dict | None = None  # newest checkpoint, kept until rollback needs it
+        self._pre_change: dict | None = None     # the state just before the latest knob change
         self._best_val, self._evals_since_best = math.inf, 0
         self._replay = deque(sorted(replay or [], key=lambda c: c[0]))
         for _, kind, payload in self._replay:
@@ -132,6 +133,10 @@ class Babysitter:
                                 on_divergence=self._on_divergence)
         self._poller.start()
         self._flusher.start()
+        branch_knobs = self.store.meta().get("branch_knobs") if resumed_from is not None else None
+        if branch_knobs:  # a "what if" branch: its different knobs apply before its first step
+            self.store.set_meta(branch_knobs=None)
+            self._apply("set", validate_command("set", branch_knobs), None, source="branch")
 
     # --- the hot path ---------------------------------------------------------------------------
 
@@ -233,6 +238,7 @@ class Babysitter:
         events: list[tuple] = []
         if kind in ("set", "schedule") and self.model is not None:
             self.checkpoint("intervention")  # the state to roll back to if this goes wrong
+            self._pre_change = self._last_snapshot
         if kind == "set":
             for name, new in payload.items():
                 old = self.knobs.values()[name]
@@ -392,6 +398,16 @@ class Babysitter:
                 f"(lr {format_sci(old_lr)} → {format_sci(self.knobs.lr())})")
 
     def _rollback_target(self, before: int | None, at_or_before: int | None) -> dict | None:
+        """The state to restore: with no explicit step, the state just before the latest knob
+        change that preceded the trouble (that change is what gets undone); otherwise, or
+        without such a change, the newest checkpoint within the bound."""
+        pre_change = self._pre_change
+        if at_or_before is None and pre_change is not None and (
+                before is None or pre_change["babysitter"]["step"] <= before):
+            return pre_change
+        return self._newest_checkpoint(before, at_or_before)
+
+    def _newest_checkpoint(self, before: int | None, at_or_before: int | None) -> dict | None:
         def fits(s: int) -> bool:
             return (before is None or s < before) and (at_or_before is None or s <= at_or_before)
 
@@ -441,7 +457,7 @@ class Babysitter:
             values["task"] = task
         self.store.set_meta(**values)
         if resumed_from is not None:
-            self.store.add_events([(resumed_from, now, "resume", None, None, None, None,
+            self.store.add_events([(resumed_from, now, "restart", None, None, None, None,
                                     f"resumed from checkpoint at step {resumed_from}")])
 
     def _live_meta(self) -> dict[str, Any]:

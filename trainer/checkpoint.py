@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 CHECKPOINT_DIR = "checkpoints"
-DEFAULT_KEEP = 8  # automatic checkpoints kept in the ring
+DEFAULT_KEEP = 10  # automatic checkpoints kept in the ring
 REASONS = ("periodic", "epoch", "intervention", "final", "manual", "best", "branch")
 _NAME = re.compile(r"^(ckpt|pin)-(\d{9})-([a-z]+)\.pt$")
 

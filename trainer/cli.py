@@ -116,7 +116,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(task=args.task, optimizer=args.optimizer, lr=args.lr,
                           momentum=args.momentum, weight_decay=args.weight_decay,
                           batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
-                          checkpoint_every=args.checkpoint_every, step_delay=args.step_delay)
+                          checkpoint_every=args.checkpoint_every, step_delay=args.step_delay,
+                          on_diverge=args.on_diverge, early_stop=args.early_stop)
     try:
         cfg.validate()
     except ValueError as err:
@@ -145,6 +146,38 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from None
     print(f"exported {export['run']} ({len(export['timeline'])} interventions) to {target}",
           file=sys.stderr)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    return _send(args, "rollback", {} if args.to is None else {"step": args.to})
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    from trainer.checkpoint import list_checkpoints
+
+    with _open_run(args) as store:
+        found = [c.to_dict() for c in list_checkpoints(store.run_dir)]
+    lines = [f"step {c['step']:>8}  {c['reason']:<12} {'pinned' if c['pinned'] else 'ring':<6} "
+             f"{c['size'] / 1024:8.1f} KiB  {time.strftime('%H:%M:%S', time.localtime(c['mtime']))}"
+             for c in found]
+    _emit(args, found, "\n".join(lines) or "no checkpoints")
+    return 0
+
+
+def cmd_branch(args: argparse.Namespace) -> int:
+    from trainer.launch import branch_run
+
+    knobs = {name: getattr(args, name) for name in ("lr", "momentum", "weight_decay")
+             if getattr(args, name) is not None}
+    with _open_run(args) as store:
+        parent = store.run_dir
+    try:
+        child, proc = branch_run(parent, args.from_step, knobs, name=args.name)
+    except (KnobError, ValueError) as err:
+        raise CliError(str(err)) from None
+    _emit(args, {"run": child.name, "run_dir": str(child), "pid": proc.pid},
+          f"branched {parent.name} into {child} (pid {proc.pid})")
     return 0
 
 
@@ -269,16 +302,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to sleep per step (slows a demo to watching speed)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its checkpoint")
+    p.add_argument("--on-diverge", choices=("pause", "rollback", "ignore"),
+                   default=defaults.on_diverge, help="when the loss turns NaN or blows up: pause "
+                   "and wait (default), roll back to the last good checkpoint and halve the LR, "
+                   "or ignore")
+    p.add_argument("--early-stop", type=int, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a better validation loss")
     p.add_argument("--replay", metavar="EXPORT",
                    help="re-run an exported run (JSON/YAML) with its timeline at the same steps")
     p.add_argument("--config-json", help=argparse.SUPPRESS)
 
+    def add_knob_flags(p):
+        p.add_argument("--lr", type=_knob_value, help="learning rate, > 0")
+        p.add_argument("--momentum", type=_knob_value, help="momentum β (Adam β1), in [0, 1)")
+        p.add_argument("--weight-decay", dest="weight_decay", type=_knob_value,
+                       help="weight decay, >= 0")
+
     p = add("set", cmd_set, "change knobs of a live run", run=True, json_flag=True)
-    p.add_argument("--lr", type=_knob_value, help="learning rate, > 0")
-    p.add_argument("--momentum", type=_knob_value, help="momentum β (Adam β1), in [0, 1)")
-    p.add_argument("--weight-decay", dest="weight_decay", type=_knob_value,
-                   help="weight decay, >= 0")
+    add_knob_flags(p)
     add_wait(p)
+    p = add("rollback", cmd_rollback, "restore a live run's newest checkpoint (before its "
+            "divergence, or at or before --to STEP)", run=True, json_flag=True)
+    p.add_argument("--to", type=int, metavar="STEP", help="newest checkpoint at or before STEP")
+    add_wait(p)
+    add("checkpoints", cmd_checkpoints, "list a run's checkpoints", run=True, json_flag=True)
+    p = add("branch", cmd_branch, "start a new run from a checkpoint with different knobs",
+            run=True, json_flag=True)
+    p.add_argument("--from", dest="from_step", type=int, required=True, metavar="STEP",
+                   help="branch from the newest checkpoint at or before STEP")
+    p.add_argument("--name", help="name of the new run (default PARENT-bSTEP-TIME)")
+    add_knob_flags(p)
     for kind, text in (("pause", "pause a live run (the trainer blocks without using CPU)"),
                        ("resume", "resume a paused run"),
                        ("stop", "stop a live run after the current step")):

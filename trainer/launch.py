@@ -10,13 +10,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from trainer.runner import TrainConfig
+from trainer import checkpoint
+from trainer.knobs import validate_knobs
+from trainer.runner import TrainConfig, stored_config
 from trainer.store import RunStore, sanitize_run_name
 
 LOG_NAME = "train.log"
@@ -56,6 +59,36 @@ def new_run_name(prefix: str) -> str:
 def start_demo_run(runs_dir: str | os.PathLike) -> tuple[Path, subprocess.Popen]:
     run_dir = Path(runs_dir) / new_run_name("demo")
     return run_dir, launch_training(DEMO_CONFIG, run_dir)
+
+
+def branch_run(parent_dir: str | os.PathLike, from_step: int, knobs: dict[str, float], *,
+               name: str | None = None) -> tuple[Path, subprocess.Popen]:
+    """Start a "what if" run from a checkpoint of ``parent_dir`` with different knobs.
+
+    The branch starts from the newest checkpoint at or before ``from_step``, applies ``knobs``
+    before its first step (recorded as an intervention with source ``branch``), and is linked
+    to its parent (meta ``parent``) so the dashboard can overlay the two.
+    """
+    parent_dir = Path(parent_dir)
+    knobs = validate_knobs(knobs)
+    cfg = stored_config(parent_dir)
+    found = checkpoint.find(parent_dir, at_or_before=from_step)
+    if found is None:
+        raise ValueError(f"{parent_dir.name} has no checkpoint at or before step {from_step}")
+    child = parent_dir.parent / sanitize_run_name(name or new_run_name(
+        f"{parent_dir.name}-b{found.step}"))
+    if (child / "run.db").exists():
+        raise ValueError(f"run {child.name} already exists; choose another --name")
+    folder = checkpoint.checkpoint_dir(child)
+    folder.mkdir(parents=True)
+    shutil.copyfile(found.path, folder / f"ckpt-{found.step:09d}-branch.pt")
+    with RunStore(child, create=True) as store:
+        store.set_meta(name=child.name, created=time.time(), config=asdict(cfg), task=cfg.task,
+                       status="starting", parent={"run": parent_dir.name,
+                                                  "run_dir": str(parent_dir.resolve()),
+                                                  "step": found.step},
+                       branch_knobs=knobs)
+    return child, launch_training(cfg, child, resume=True)
 
 
 def dashboard_command(runs_dir: str | os.PathLike, *, host: str = "127.0.0.1",

@@ -37,7 +37,7 @@ class TrainConfig:
     batch_size: int = 32        # small batches generalize well (Masters & Luschi 2018)
     epochs: int = 20
     seed: int = 0
-    checkpoint_every: int = 200   # steps between rolling checkpoints (and at each epoch end)
+    checkpoint_every: int = 200   # steps between rolling checkpoints
     step_delay: float = 0.0     # seconds slept per step: slows a demo to watching speed
     schedule: dict | None = None  # LR decay, see trainer.schedules.Schedule
     on_diverge: str = "pause"   # pause | rollback | ignore (see Babysitter)
@@ -111,7 +111,6 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             if bs.should_stop:
                 break
             bs.log_validation(**_validation_metrics(task))
-            bs.checkpoint("epoch")
             if bs.should_stop:  # early stopping decides at validation time
                 break
     return bs.final_status

@@ -38,8 +38,9 @@ BUSY_TIMEOUT_MS = 10_000  # writers wait this long for the lock instead of faili
 HEARTBEAT_STALE_S = 10.0  # a live trainer updates its heartbeat every flush (~0.1 s)
 SCHEMA_WAIT_S = 2.0       # how long a reader waits for a store that is being created
 
-RUNNING_STATES = ("running", "paused")
-FINAL_STATES = ("stopped", "finished", "failed", "diverged")
+# A diverged run is alive: its trainer waits (paused) for a rollback or a resume.
+RUNNING_STATES = ("starting", "running", "paused", "diverged")
+FINAL_STATES = ("stopped", "finished", "failed")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
