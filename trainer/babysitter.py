@@ -19,7 +19,6 @@ step never sees half a change.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -30,9 +29,10 @@ from typing import Any
 import torch
 
 from trainer import checkpoint
-from trainer.guard import DivergenceGuard
+from trainer.guard import DivergenceGuard, EarlyStopping
 from trainer.knobs import KnobError, format_sci, validate_command
 from trainer.optim import OptimizerKnobs
+from trainer.rollback import RollbackPoints
 from trainer.schedules import Schedule, rebased, schedule_from
 from trainer.store import RunStore, sanitize_run_name
 from trainer.sync import Flusher, Poller
@@ -45,7 +45,6 @@ PAUSE_WAKE_S = 0.5       # a paused trainer re-checks for stop/close at least th
 TINY_FACTOR = 1e-12      # a schedule factor below this cannot be divided by safely
 ON_DIVERGE = ("pause", "rollback", "ignore")
 RESCUE_LR_FACTOR = 0.5   # --on-diverge rollback halves the LR that diverged
-MIN_IMPROVEMENT = 1e-12  # early stopping: smaller validation-loss gains are not improvements
 
 
 class Babysitter:
@@ -88,8 +87,6 @@ class Babysitter:
             raise ValueError("checkpoint_every needs a model and a positive step count")
         if on_diverge not in ON_DIVERGE:
             raise ValueError(f"on_diverge must be one of {', '.join(ON_DIVERGE)}")
-        if early_stop is not None and early_stop < 1:
-            raise ValueError(f"early_stop patience must be at least 1, got {early_stop}")
         self.on_diverge, self.early_stop = on_diverge, early_stop
         self.keep_checkpoints = keep_checkpoints
         self.optimizer, self.model = optimizer, model
@@ -112,9 +109,8 @@ class Babysitter:
         self._stopped_by_command = False
         self.final_status: str | None = None  # set by close()
         self._wake = threading.Event()      # set when a command arrives (ends a pause's wait)
-        self._last_snapshot: dict | None = None  # newest checkpoint, kept until rollback needs it
-        self._pre_change: dict | None = None     # the state just before the latest knob change
-        self._best_val, self._evals_since_best = math.inf, 0
+        self._rollback_points = RollbackPoints(self.run_dir)
+        self._early_stopping = EarlyStopping(early_stop) if early_stop else None
         self._replay = deque(sorted(replay or [], key=lambda c: c[0]))
         for _, kind, payload in self._replay:
             validate_command(kind, payload)
@@ -173,7 +169,7 @@ class Babysitter:
         rows = [(self.step_count, self.epoch, wall, name,
                  v.detach() if isinstance(v, torch.Tensor) else v) for name, v in values.items()]
         self._outbox.append(("validation", rows))
-        if self.early_stop and loss is not None:
+        if self._early_stopping and loss is not None:
             self._check_early_stop(float(loss))
         if end_epoch:
             self.epoch += 1
@@ -238,7 +234,6 @@ class Babysitter:
         events: list[tuple] = []
         if kind in ("set", "schedule") and self.model is not None:
             self.checkpoint("intervention")  # the state to roll back to if this goes wrong
-            self._pre_change = self._last_snapshot
         if kind == "set":
             for name, new in payload.items():
                 old = self.knobs.values()[name]
@@ -318,7 +313,7 @@ class Babysitter:
             "step": self.step_count, "epoch": self.epoch, "base_lr": self._base_lr,
             "lr_ratios": self._lr_ratios, "schedule": self.schedule.to_dict(),
             "extra": dict(self.extra_state)})
-        self._last_snapshot = state
+        self._rollback_points.remember(state, before_change=reason == "intervention")
         self._outbox.append(("checkpoint", (state, reason, pin)))
 
     def _load_state(self, state: dict) -> int:
@@ -385,7 +380,7 @@ class Babysitter:
         if self.model is None:
             raise KnobError("rollback needs the model: Babysitter(..., model=model)")
         old_lr = self.knobs.lr()
-        target = self._rollback_target(before, at_or_before)
+        target = self._rollback_points.target(before=before, at_or_before=at_or_before)
         if target is None:
             bound = before if before is not None else at_or_before
             raise KnobError("no checkpoint to roll back to" +
@@ -397,47 +392,16 @@ class Babysitter:
                 f"rolled back to the checkpoint of step {restored_step} "
                 f"(lr {format_sci(old_lr)} → {format_sci(self.knobs.lr())})")
 
-    def _rollback_target(self, before: int | None, at_or_before: int | None) -> dict | None:
-        """The state to restore: with no explicit step, the state just before the latest knob
-        change that preceded the trouble (that change is what gets undone); otherwise, or
-        without such a change, the newest checkpoint within the bound."""
-        pre_change = self._pre_change
-        if at_or_before is None and pre_change is not None and (
-                before is None or pre_change["babysitter"]["step"] <= before):
-            return pre_change
-        return self._newest_checkpoint(before, at_or_before)
-
-    def _newest_checkpoint(self, before: int | None, at_or_before: int | None) -> dict | None:
-        def fits(s: int) -> bool:
-            return (before is None or s < before) and (at_or_before is None or s <= at_or_before)
-
-        # The newest snapshot may not be on disk yet (the flusher writes it), so it competes
-        # with the files; on a tie the in-memory copy wins (no read needed).
-        memory = self._last_snapshot
-        if memory is not None and not fits(memory["babysitter"]["step"]):
-            memory = None
-        on_disk = checkpoint.find(self.run_dir, before=before, at_or_before=at_or_before)
-        if on_disk is None or (memory is not None and
-                               memory["babysitter"]["step"] >= on_disk.step):
-            return memory
-        try:
-            return checkpoint.load(on_disk.path)
-        except FileNotFoundError:  # pruned from the ring a moment ago
-            return memory
-
     def _check_early_stop(self, val_loss: float) -> None:
-        if val_loss < self._best_val - MIN_IMPROVEMENT:
-            self._best_val, self._evals_since_best = val_loss, 0
-            if self.model is not None:
-                self.checkpoint("best", pin=True)
-            return
-        self._evals_since_best += 1
-        if self._evals_since_best >= self.early_stop:
+        verdict = self._early_stopping.update(val_loss)
+        if verdict == "improved" and self.model is not None:
+            self.checkpoint("best", pin=True)
+        elif verdict == "stop":
             self.should_stop = True
             self._outbox.append(("events", [(
                 self.step_count, time.time(), "early_stop", None, None, None, None,
                 f"early stop: validation loss has not improved for {self.early_stop} "
-                f"evaluations (best {self._best_val:.4g})")]))
+                f"evaluations (best {self._early_stopping.best:.4g})")]))
 
     # --- run metadata ---------------------------------------------------------------------------
 

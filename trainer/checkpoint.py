@@ -97,6 +97,10 @@ def save(run_dir: str | os.PathLike, state: dict[str, Any], *, reason: str = "pe
     step = int(state["babysitter"]["step"])
     path = folder / f"{'pin' if pinned else 'ckpt'}-{step:09d}-{reason}.pt"
     write_atomic(path, state)
+    if pinned and reason == "best":  # only one best model is worth keeping
+        for old in list_checkpoints(run_dir):
+            if old.pinned and old.reason == "best" and old.path != path:
+                old.path.unlink(missing_ok=True)
     ring = [c for c in list_checkpoints(run_dir) if not c.pinned]
     for old in ring[:-keep] if keep > 0 else ring:
         old.path.unlink(missing_ok=True)

@@ -66,3 +66,24 @@ class DivergenceGuard:
                 self._over = 0
                 self.best = min(self.best, smoothed)
         return None
+
+
+class EarlyStopping:
+    """Patience on the validation loss (Prechelt, "Early Stopping — But When?", 1998)."""
+
+    MIN_IMPROVEMENT = 1e-12  # smaller gains are rounding, not progress
+
+    def __init__(self, patience: int):
+        if patience < 1:
+            raise ValueError(f"early-stopping patience must be at least 1, got {patience}")
+        self.patience = patience
+        self.best = math.inf
+        self.evals_since_best = 0
+
+    def update(self, val_loss: float) -> str:
+        """``improved`` (a new best), ``stop`` (patience exhausted) or ``wait``."""
+        if val_loss < self.best - self.MIN_IMPROVEMENT:
+            self.best, self.evals_since_best = val_loss, 0
+            return "improved"
+        self.evals_since_best += 1
+        return "stop" if self.evals_since_best >= self.patience else "wait"

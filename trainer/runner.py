@@ -69,8 +69,12 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception: the Babysitter closes the run as ``stopped``."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"signal {signum}")
 
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
@@ -82,8 +86,19 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     SIGTERM stops the run cleanly (status ``stopped``, final checkpoint written).
     """
     cfg.validate()
-    if threading_is_main():
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading_is_main() else None
+    try:
+        return _train(cfg, run_dir, resume=resume, replay=replay)
+    except Terminated:  # a clean stop, not a crash: the Babysitter already closed the run
+        log.info("SIGTERM: run %s stopped", run_dir)
+        return "stopped"
+    finally:
+        if previous is not None:  # in-process callers get their own handler back
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool,
+           replay: list[tuple[int, str, dict]] | None) -> str:
     torch.manual_seed(cfg.seed)
     task = make_task(cfg.task, seed=cfg.seed)
     optimizer = make_optimizer(cfg.optimizer, task.model.parameters(), lr=cfg.lr,
