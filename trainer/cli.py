@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from trainer.knobs import KnobError, format_sci, validate_command
+from trainer.knobs import KnobError, format_sci, validate_command, validate_knobs
 from trainer.store import FINAL_STATES, RunStore, StoreError, list_runs, resolve_run
 
 log = logging.getLogger("panda")
@@ -32,6 +32,13 @@ WAIT_POLL_S = 0.02
 
 class CliError(Exception):
     """Bad input: reported as one line on stderr with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a malformed command line is one line on stderr (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"panda: error: {message} (see `{self.prog} --help`)\n")
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -50,6 +57,8 @@ def _open_run(args: argparse.Namespace) -> RunStore:
 def _send(args: argparse.Namespace, kind: str, payload: dict) -> int:
     """Validate, submit a command to a live run, and wait for the trainer's verdict."""
     try:
+        if kind == "set":  # typed text ("3e-4") becomes numbers here, once
+            payload = validate_knobs(payload)
         payload = validate_command(kind, payload)
     except KnobError as err:
         raise CliError(str(err)) from None
@@ -222,6 +231,64 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from trainer import lr_job
+    from trainer.lr_job import LRJobError
+
+    options = {"num_iter": args.num_iter, "start_lr": args.start_lr, "end_lr": args.end_lr,
+               "refine": not args.no_refine}
+    if (args.run is None) == (args.task is None):
+        raise CliError("give either RUN (a run started by `panda train`) or --task TASK")
+    if args.task is not None and (args.background or args.job_id is not None):
+        raise CliError("--background needs a RUN; --task runs in the foreground")
+    try:
+        if args.task is not None:
+            result = lr_job.lr_find_for_task(args.task, **options).to_dict()
+            where = f"task {args.task} (fresh model)"
+        else:
+            with _open_run(args) as store:
+                run_dir = store.run_dir
+            if args.job_id is not None:
+                lr_job.run_job(run_dir, args.job_id, **options)
+                return 0
+            if args.background:
+                result_id = lr_job.start_lr_find_job(run_dir, **options)
+                _emit(args, {"id": result_id, "status": "running", "run": run_dir.name},
+                      f"started LR range test {result_id} on {run_dir.name} in the background "
+                      "(the dashboard shows its progress and result)")
+                return 0
+            result = lr_job.run_lr_find_for_run(run_dir, **options)
+            where = f"{run_dir.name} from its checkpoint at step {result['checkpoint_step']}"
+    except LRJobError as err:
+        raise CliError(str(err)) from None
+    except (CliError, StoreError):
+        raise
+    except Exception as err:  # a failure during the test: recorded in the run, reported here
+        print(f"panda: error: LR range test failed: {err}", file=sys.stderr)
+        return 1
+    _emit(args, result, _lr_find_text(where, result))
+    return 0
+
+
+def _lr_find_text(where: str, r: dict) -> str:
+    lines = [f"LR range test on {where}: {len(r['lrs'])} steps from {format_sci(r['lrs'][0])}"]
+    if r.get("suggested_lr") is not None:
+        low, high = r["suggestion_range"]
+        lines.append(f"  suggested lr   {format_sci(r['suggested_lr'])}  ({r['suggestion_method']}"
+                     f"; range {format_sci(low)} .. {format_sci(high)})")
+    else:
+        lines.append(f"  suggested lr   none: {r.get('suggestion_reason')}")
+    if r.get("max_stable_lr") is not None:
+        lines.append(f"  max stable lr  {format_sci(r['max_stable_lr'])}")
+    elif r.get("diverged_at") is None:
+        lines.append("  max stable lr  not found: no LR in the range was unstable "
+                     "(raise --end-lr)")
+    else:
+        lines.append("  max stable lr  not found: no LR in the range was stable")
+    lines.append(f"  stopped        {r['stop_reason']}")
+    return "\n".join(lines)
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from trainer.launch import dashboard_command
 
@@ -261,8 +328,8 @@ def _knob_value(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from trainer.runner import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="panda", description="Babysit one PyTorch training "
-                                     "run from the browser.")
+    parser = _Parser(prog="panda", description="Babysit one PyTorch training run from the "
+                     "browser.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     defaults = TrainConfig()
@@ -342,6 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of stdout; written atomically")
     add("status", cmd_status, "show a run's state, step and knobs", run=True, json_flag=True)
     add("runs", cmd_runs, "list runs under --runs-dir", json_flag=True)
+    p = add("lr-find", cmd_lr_find, "LR range test on a copy of a run's newest checkpoint "
+            "(the run keeps training), or on a fresh built-in --task", json_flag=True)
+    p.add_argument("run", metavar="RUN", nargs="?", help="run directory, or run name under "
+                   "--runs-dir (a run started by `panda train`)")
+    p.add_argument("--task", choices=("digits", "spirals", "quadratic"),
+                   help="test a fresh built-in task instead of a run")
+    p.add_argument("--background", action="store_true",
+                   help="start the test in a detached process and print its result id")
+    p.add_argument("--num-iter", type=int, help="steps of the LR ramp (default 100)")
+    p.add_argument("--start-lr", type=float, help="first LR of the ramp (default 1e-7)")
+    p.add_argument("--end-lr", type=float, help="last LR of the ramp (default 10)")
+    p.add_argument("--no-refine", action="store_true", help="skip the constant-LR probes "
+                   "that refine the max stable LR")
+    p.add_argument("--job-id", type=int, help=argparse.SUPPRESS)
     for name, func, text in (("dashboard", cmd_dashboard, "open the dashboard on --runs-dir"),
                              ("demo", cmd_demo, "start a digits run in the background and "
                               "open the dashboard on it")):

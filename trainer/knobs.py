@@ -35,9 +35,13 @@ class Knob:
     high_open: bool
     help: str
 
-    def validate(self, value: Any) -> float:
-        """Return ``value`` as a float, or raise :class:`KnobError` saying why not."""
-        number = _as_number(self.name, value)
+    def validate(self, value: Any, *, allow_text: bool = True) -> float:
+        """Return ``value`` as a float, or raise :class:`KnobError` saying why not.
+
+        ``allow_text`` accepts what a person types ("3e-4"); command payloads are stricter and
+        must hold JSON numbers.
+        """
+        number = _as_number(self.name, value, allow_text)
         too_low = number <= self.low if self.low_open else number < self.low
         too_high = number >= self.high if self.high_open else number > self.high
         if too_low or too_high:
@@ -64,28 +68,33 @@ CONTROL_KINDS = ("pause", "resume", "stop", "checkpoint", "rollback")
 COMMAND_KINDS = ("set", "schedule", *CONTROL_KINDS)
 
 
-def _as_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+def _as_number(name: str, value: Any, allow_text: bool) -> float:
+    kinds = (int, float, str) if allow_text else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
         raise KnobError(f"{name} must be a number, got {type(value).__name__}")
     try:
         number = float(value)
-    except ValueError:
-        raise KnobError(f"{name} must be a number, got {value!r}") from None
+    except (ValueError, OverflowError):
+        raise KnobError(f"{name} must be a number, got {str(value)[:40]!r}") from None
     if not math.isfinite(number):
         raise KnobError(f"{name} must be finite, got {value}")
     return number
 
 
-def validate_knobs(values: Mapping[str, Any]) -> dict[str, float]:
-    """Validate a ``{knob: value}`` mapping; unknown knobs and empty mappings are refused."""
+def validate_knobs(values: Mapping[str, Any], *, allow_text: bool = True) -> dict[str, float]:
+    """Validate a ``{knob: value}`` mapping; unknown knobs and empty mappings are refused.
+
+    Values may be typed text ("3e-4") unless ``allow_text`` is False (command payloads).
+    """
     if not isinstance(values, Mapping):
         raise KnobError(f"knob values must be a mapping, got {type(values).__name__}")
     if not values:
         raise KnobError("nothing to set: give at least one of " + ", ".join(KNOBS))
-    unknown = sorted(set(values) - set(KNOBS))
+    unknown = sorted(str(k) for k in set(values) - set(KNOBS))
     if unknown:
-        raise KnobError(f"unknown knob {unknown[0]!r}; known knobs: {', '.join(KNOBS)}")
-    return {name: KNOBS[name].validate(value) for name, value in values.items()}
+        raise KnobError(f"unknown knob {unknown[0][:40]!r}; known knobs: {', '.join(KNOBS)}")
+    return {name: KNOBS[name].validate(value, allow_text=allow_text)
+            for name, value in values.items()}
 
 
 def validate_command(kind: Any, payload: Any) -> dict:
@@ -94,7 +103,8 @@ def validate_command(kind: Any, payload: Any) -> dict:
     ``payload`` may be a dict or its JSON text (as stored in the command table).
     """
     if kind not in COMMAND_KINDS:
-        raise KnobError(f"unknown command {kind!r}; known commands: {', '.join(COMMAND_KINDS)}")
+        raise KnobError(f"unknown command {str(kind)[:40]!r}; known commands: "
+                        f"{', '.join(COMMAND_KINDS)}")
     if isinstance(payload, (str, bytes)):
         try:
             payload = json.loads(payload) if payload else {}
@@ -105,7 +115,7 @@ def validate_command(kind: Any, payload: Any) -> dict:
     if not isinstance(payload, dict):
         raise KnobError(f"command payload must be an object, got {type(payload).__name__}")
     if kind == "set":
-        return validate_knobs(payload)
+        return validate_knobs(payload, allow_text=False)
     if kind == "schedule":
         from trainer.schedules import validate_schedule  # local: schedules imports knobs
 

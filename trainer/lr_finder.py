@@ -48,6 +48,7 @@ MAX_BRACKET_STEPS = 4         # ... at most this many times (4 decades)
 BISECTIONS = 7                # log-scale bisections: a 10× bracket shrinks to 10^(1/128) ≈ 1.02×
 ONE_MINUS_BETA = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)   # momentum grid on a 1-β log scale
 WEIGHT_DECAYS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+PLANNED_PROBES = 1 + 1 + BISECTIONS   # typical refinement: upper probe, one bracket, bisections
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Suggester = Callable[[Sequence[float], Sequence[float]], tuple[float | None, int | None]]
@@ -281,6 +282,29 @@ class _Replay:
                 raise ValueError("train_batches yielded no batches")
 
 
+class _Progress:
+    """Reports the share of planned training steps done to a callback, once per chunk.
+
+    The plan is the ramp plus :data:`PLANNED_PROBES` probes; refinement can take a few more
+    probes, so the fraction is capped below 1 until :meth:`finish`. Never decreases.
+    """
+
+    def __init__(self, callback: Callable[[float], None] | None = None, planned: int = 1):
+        self.callback, self.planned, self.done = callback, max(planned, 1), 0
+
+    def advance(self, steps: int) -> None:
+        self.done += steps
+        if self.callback is not None:
+            self.callback(min(self.done / self.planned, 0.99))
+
+    def skip_to(self, steps: int) -> None:
+        self.done = max(self.done, steps)
+
+    def finish(self) -> None:
+        if self.callback is not None:
+            self.callback(1.0)
+
+
 class _Session:
     """The caller's objects (never modified) plus what every run needs."""
 
@@ -289,6 +313,7 @@ class _Session:
         self.train = _Replay(train_batches)
         self.val = None if val_batches is None else _Replay(val_batches)
         self.check_every = check_every
+        self.progress = _Progress()
         self.cpu_rng = torch.get_rng_state()
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         self.cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
@@ -321,7 +346,9 @@ class _Session:
             loss = _train_step(model, optimizer, self.loss_fn, batch, device)
             pending.append(loss if self.val is None else self._val_loss(model, device))
             if len(pending) == self.check_every or i == len(lrs) - 1:
-                yield first, torch.stack([p.float() for p in pending]).cpu().tolist()
+                values = torch.stack([p.float() for p in pending]).cpu().tolist()
+                self.progress.advance(len(values))   # after the chunk's one host sync
+                yield first, values
                 pending, first = [], i + 1
 
     @torch.no_grad()
@@ -401,7 +428,8 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             val_batches: Iterable[Batch] | Callable[[], Iterator[Batch]] | None = None,
             start_lr: float = 1e-7, end_lr: float = 10.0, num_iter: int = 100,
             smooth: float = 0.98, diverge: float = 4.0, refine: bool = True,
-            probe_steps: int = PROBE_STEPS, check_every: int = CHECK_EVERY) -> LRFindResult:
+            probe_steps: int = PROBE_STEPS, check_every: int = CHECK_EVERY,
+            progress: Callable[[float], None] | None = None) -> LRFindResult:
     """LR range test: ramp the LR from ``start_lr`` to ``end_lr``, suggest one, find the limit.
 
     The ramp stops early when the smoothed loss exceeds ``diverge`` × its best, or a loss is
@@ -409,20 +437,26 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     validation loss after each step. With ``refine`` the largest stable LR is bisected with
     ``probe_steps``-step constant-LR probes; without it, it is the ramp's last LR before the stop.
     It is None when no LR up to ``end_lr`` proved unstable (raise ``end_lr``) or none stable.
+    ``progress``, if given, is called with the fraction done (0..1, non-decreasing) once per
+    ``check_every`` steps, right after the chunk's host sync, and with 1.0 at the end.
     The caller's model, optimizer and RNG state are left bitwise unchanged.
     """
     _check_args(start_lr, end_lr, num_iter, smooth, diverge)
     _check_count("probe_steps", probe_steps, 1)
     _check_count("check_every", check_every, 1)
     session = _Session(model, optimizer, loss_fn, train_batches, val_batches, check_every)
+    session.progress = _Progress(progress, num_iter + (PLANNED_PROBES * probe_steps
+                                                       if refine else 0))
     try:
         result = _ramp(session, start_lr, end_lr, num_iter, smooth, diverge)
+        session.progress.skip_to(num_iter)   # an early stop skips the rest of the ramp
         if refine and any(math.isfinite(v) for v in result.losses):
             upper = result.diverged_at if result.diverged_at is not None else end_lr
             _refine(session, result, upper, probe_steps)
     finally:
         session.restore_rng()
     _attach_suggestion(result)
+    session.progress.finish()
     return result
 
 

@@ -1,0 +1,202 @@
+"""Guardrails: a bad knob turn at 3 a.m. must be detected, survivable and undoable."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+
+import pytest
+import torch
+
+from trainer import checkpoint
+from trainer.babysitter import Babysitter
+from trainer.guard import DivergenceGuard, EarlyStopping
+from trainer.store import RunStore
+from trainer.tasks import make_task
+
+torch.set_num_threads(1)
+
+SAFE_LR, CRAZY_LR = 0.01, 10.0  # 1000× too high for the digits MLP
+TIMEOUT_S = 60
+
+
+def _until(predicate, what: str, timeout: float = TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- the detector on its own -----------------------------------------------------------------
+
+def test_guard_fires_on_nan_at_once():
+    guard = DivergenceGuard(warmup=0)
+    assert guard.update([0, 1], [1.0, 0.9]) is None
+    divergence = guard.update([2, 3], [float("nan"), 1.0])
+    assert divergence.first_bad_step == 2 and "nan" in divergence.cause
+
+
+def test_guard_needs_a_sustained_blow_up_not_one_spike():
+    guard = DivergenceGuard(factor=4, patience=5, smoothing=0.0, warmup=3)
+    steady = [1.0] * 10
+    assert guard.update(range(10), steady) is None
+    assert guard.update([10], [100.0]) is None            # one noisy batch
+    assert guard.update(range(11, 20), steady[:9]) is None
+    divergence = guard.update(range(20, 30), [100.0] * 10)
+    assert divergence.first_bad_step == 20 and divergence.detected_step == 24
+    assert "4× its best 1" in divergence.cause
+
+
+def test_early_stopping_counts_evaluations_without_improvement():
+    stopper = EarlyStopping(patience=2)
+    assert [stopper.update(v) for v in (1.0, 0.5, 0.6, 0.5, 0.4, 0.7, 0.9)] == [
+        "improved", "improved", "wait", "stop", "improved", "wait", "stop"]
+    with pytest.raises(ValueError):
+        EarlyStopping(0)
+
+
+# --- a live digits run, 1000× too high an LR -------------------------------------------------
+
+def _train_in_thread(bs: Babysitter, task, optimizer, keep: deque, stop_after: int):
+    """The training loop, keeping copies of recent (step_count → params, momentum) states."""
+    epoch = 0
+    while not bs.should_stop and bs.step_count < stop_after:
+        for x, y in task.batches(32, seed=0, epoch=epoch):
+            loss = task.loss_fn(task.model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            keep.append((bs.step_count + 1, [p.detach().clone() for p in task.model.parameters()],
+                         [optimizer.state[p]["momentum_buffer"].clone()
+                          for p in task.model.parameters()]))
+            bs.step(loss)
+            if bs.should_stop or bs.step_count >= stop_after:
+                break
+        bs.log_validation(**task.evaluate())
+        epoch += 1
+
+
+def _start(tmp_path, on_diverge: str, stop_after: int = 100_000):
+    task = make_task("digits", seed=0)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=SAFE_LR, momentum=0.9)
+    bs = Babysitter(optimizer, tmp_path / "run", model=task.model, steps_per_epoch=45,
+                    on_diverge=on_diverge)
+    keep: deque = deque(maxlen=2000)
+    thread = threading.Thread(target=_train_in_thread,
+                              args=(bs, task, optimizer, keep, stop_after))
+    thread.start()
+    store = RunStore(tmp_path / "run")
+    _until(lambda: store.summary()["step"] > 60, "training to start")
+    return task, optimizer, bs, keep, thread, store
+
+
+def _crank_lr(store: RunStore) -> int:
+    command_id = store.submit_command("set", {"lr": CRAZY_LR}, source="test")
+    _until(lambda: store.command(command_id).status == "applied", "the LR change")
+    return store.command(command_id).applied_step
+
+
+def test_divergence_pauses_and_rollback_restores_the_pre_change_state_bitwise(tmp_path):
+    task, optimizer, bs, keep, thread, store = _start(tmp_path, "pause")
+    try:
+        changed_at = _crank_lr(store)
+        _until(lambda: store.summary()["state"] == "diverged", "divergence to be detected")
+        detected = next(e for e in store.events_since() if e["kind"] == "diverged")
+        assert detected["step"] - changed_at < 2000  # bounded: patience + one flush interval
+        time.sleep(0.3)  # let the last rows before the pause reach the store
+        paused_step = store.summary()["step"]
+        time.sleep(0.3)
+        assert store.summary()["step"] == paused_step  # paused: the trainer waits for a person
+
+        command_id = store.submit_command("rollback", {}, source="test")
+        _until(lambda: store.command(command_id).status == "applied", "the rollback")
+        # The trainer is still paused (blocked), so its model can be read safely here.
+        step, params, momentum = next(k for k in keep if k[0] == changed_at)
+        assert step == changed_at
+        assert all(torch.equal(a, b) for a, b in zip(params, task.model.parameters()))
+        assert all(torch.equal(a, optimizer.state[p]["momentum_buffer"])
+                   for a, p in zip(momentum, task.model.parameters()))
+        assert optimizer.param_groups[0]["lr"] == SAFE_LR
+        assert store.summary()["state"] == "paused" and store.summary()["lr"] == SAFE_LR
+
+        store.submit_command("resume", {}, source="test")
+        _until(lambda: store.summary()["step"] > paused_step + 50, "training to go on")
+        assert math.isfinite(store.last_metric()["loss"])
+    finally:
+        bs.should_stop = True
+        store.submit_command("stop", {}, source="test")
+        thread.join(TIMEOUT_S)
+        bs.close()
+    kinds = [e["kind"] for e in RunStore(tmp_path / "run").events_since()]
+    assert kinds[:4] == ["set", "diverged", "rollback", "resume"]
+
+
+def test_on_diverge_rollback_recovers_with_no_person_involved(tmp_path):
+    _, optimizer, bs, _, thread, store = _start(tmp_path, "rollback", stop_after=900)
+    try:
+        changed_at = _crank_lr(store)
+        thread.join(TIMEOUT_S)
+    finally:
+        bs.should_stop = True
+        thread.join(TIMEOUT_S)
+        bs.close()
+    store = RunStore(tmp_path / "run")
+    events = store.events_since()
+    assert [e["kind"] for e in events][:4] == ["set", "diverged", "rollback", "set"]
+    assert f"checkpoint of step {changed_at}" in events[2]["message"]
+    assert events[3]["new"] == SAFE_LR / 2  # the undone change, then a halved LR
+    assert store.summary()["state"] == "finished"
+    losses = store.metrics_since(events[3]["step"])["loss"]
+    assert all(math.isfinite(v) for v in losses[-100:]) and losses[-1] < 1.0
+
+
+# --- checkpoints survive kill -9 ---------------------------------------------------------------
+
+_WRITER = """
+import sys, torch
+from trainer import checkpoint
+run_dir = sys.argv[1]
+big = torch.randn(4_000_000)  # 16 MB: the write takes long enough to be interrupted
+for step in range(1, 10_000):
+    checkpoint.save(run_dir, {"babysitter": {"step": step}, "weights": big * step}, keep=3)
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.7, 1.1])
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, delay):
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "1"  # at least one checkpoint is complete
+    time.sleep(delay)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    found = checkpoint.list_checkpoints(tmp_path)
+    assert found, "the ring must still hold checkpoints"
+    for info in found:  # every listed checkpoint is whole: temp files are never listed
+        state = checkpoint.load(info.path)
+        assert state["babysitter"]["step"] == info.step
+        assert state["weights"].numel() == 4_000_000
+
+
+def test_checkpoint_ring_is_bounded_and_pins_are_kept(tmp_path):
+    for step in range(1, 8):
+        checkpoint.save(tmp_path, {"babysitter": {"step": step}}, keep=3)
+    checkpoint.save(tmp_path, {"babysitter": {"step": 2}}, reason="manual", pinned=True, keep=3)
+    checkpoint.save(tmp_path, {"babysitter": {"step": 8}}, keep=3)
+    found = [(c.step, c.pinned) for c in checkpoint.list_checkpoints(tmp_path)]
+    assert found == [(2, True), (6, False), (7, False), (8, False)]
+    assert checkpoint.find(tmp_path, at_or_before=5).step == 2
+    assert checkpoint.find(tmp_path, before=7).step == 6
+    assert checkpoint.find(tmp_path, before=2) is None
+    with pytest.raises(ValueError, match="reason"):
+        checkpoint.save(tmp_path, {"babysitter": {"step": 9}}, reason="whenever")

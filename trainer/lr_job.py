@@ -1,0 +1,341 @@
+"""LR range tests beside a live run, or on a built-in task alone.
+
+A range test on a run never touches the run's training process or files: it copies the run's
+newest checkpoint (``checkpoint.find``) to a temporary directory, rebuilds the model and the
+optimizer from the run's stored :class:`~trainer.runner.TrainConfig`, loads the copy into them
+and runs :func:`trainer.lr_finder.lr_find` on the task's training batches (same batch size) in
+its own process, while the run goes on training. The only trace in the run is one row of its
+``results`` table (kind ``lr_find``):
+
+* ``running``: payload ``{"progress": 0..1, "pid", "checkpoint_step", "options", ...}``,
+  updated about once per second;
+* ``done``: ``LRFindResult.to_dict()`` plus ``checkpoint_step``, ``checkpoint_epoch``,
+  ``options``, ``elapsed_s``;
+* ``failed``: ``{"error": "one-line reason", ...}``.
+
+A job process that dies without saying so (kill -9) leaves a ``running`` row behind; readers use
+:func:`latest_lr_find` / :func:`effective_status`, which report such a row as failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainer.store import RunStore
+
+RESULT_KIND = "lr_find"
+DEFAULT_OPTIONS = {"num_iter": 100, "start_lr": 1e-7, "end_lr": 10.0, "refine": True}
+PROGRESS_EVERY_S = 0.5      # at most this often a running job writes its progress
+START_GRACE_S = 60.0        # a running row without a pid older than this: the job never started
+COPY_ATTEMPTS = 3           # the checkpoint ring may prune the file we picked; pick again
+
+
+class LRJobError(ValueError):
+    """Bad input for a range test (unknown task, bad option, run that cannot do it)."""
+
+
+# --- options and run checks -----------------------------------------------------------------------
+
+def check_options(num_iter: Any = None, start_lr: Any = None, end_lr: Any = None,
+                  refine: Any = None) -> dict[str, Any]:
+    """Fill defaults and validate; return the options dict or raise :class:`LRJobError`."""
+    opts = dict(DEFAULT_OPTIONS)
+    given = {"num_iter": num_iter, "start_lr": start_lr, "end_lr": end_lr, "refine": refine}
+    opts.update({k: v for k, v in given.items() if v is not None})
+    for name in ("start_lr", "end_lr"):
+        value = opts[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or value <= 0:
+            raise LRJobError(f"{name} must be a finite number > 0, got {value!r}")
+        opts[name] = float(value)
+    if opts["start_lr"] >= opts["end_lr"]:
+        raise LRJobError(f"start_lr must be below end_lr, got {opts['start_lr']:g} >= "
+                         f"{opts['end_lr']:g}")
+    if isinstance(opts["num_iter"], bool) or not isinstance(opts["num_iter"], int) or \
+            opts["num_iter"] < 2:
+        raise LRJobError(f"num_iter must be an integer >= 2, got {opts['num_iter']!r}")
+    opts["refine"] = bool(opts["refine"])
+    return opts
+
+
+def run_config(store: RunStore):
+    """The run's :class:`TrainConfig`, or :class:`LRJobError` for a run `panda train` did not
+    start (a user's own loop: Panda cannot rebuild its model, data or loss)."""
+    from trainer.runner import TrainConfig
+
+    config = store.meta().get("config")
+    name = store.meta().get("name", store.run_dir.name)
+    if not isinstance(config, dict) or "task" not in config:
+        raise LRJobError(f"run {name} was not started by `panda train` (no built-in task in its "
+                         "config), so Panda cannot rebuild its model and data; call "
+                         "trainer.lr_find(model, optimizer, loss_fn, batches) in your own code")
+    try:
+        return TrainConfig.from_dict(config).validate()
+    except (TypeError, ValueError) as err:
+        raise LRJobError(f"run {name} has an unusable config: {err}") from None
+
+
+def readiness(store: RunStore) -> str | None:
+    """Why a range test cannot start on this run now, or None when it can."""
+    try:
+        cfg = run_config(store)
+    except LRJobError as err:
+        return str(err)
+    from trainer import checkpoint
+
+    if checkpoint.find(store.run_dir) is None:
+        return (f"run {store.run_dir.name} has no checkpoint yet (it writes one every "
+                f"{cfg.checkpoint_every} steps and at each epoch end)")
+    running = latest_lr_find(store)
+    if running is not None and running["status"] == "running":
+        return f"an LR range test is already running (result {running['id']})"
+    return None
+
+
+# --- reading results ------------------------------------------------------------------------------
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not running
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def effective_status(row: dict[str, Any], now: float | None = None) -> tuple[str, str | None]:
+    """A results row's status, with a ``running`` row whose job died reported as failed."""
+    status, payload = row["status"], row.get("payload") or {}
+    if status != "running":
+        return status, payload.get("error")
+    pid = payload.get("pid")
+    if pid is None:
+        if (now or time.time()) - row["created"] > START_GRACE_S:
+            return "failed", "the range test process never started"
+        return status, None
+    if not _pid_alive(pid):
+        return "failed", f"the range test process (pid {pid}) exited without a result"
+    return status, None
+
+
+def latest_lr_find(store: RunStore) -> dict[str, Any] | None:
+    """The newest ``lr_find`` row with its effective status (and ``error``), or None."""
+    rows = store.results(RESULT_KIND)
+    if not rows:
+        return None
+    row = dict(rows[-1])
+    row["status"], error = effective_status(row)
+    if error and not row["payload"].get("error"):
+        row["payload"] = {**row["payload"], "error": error}
+    return row
+
+
+# --- building the model ---------------------------------------------------------------------------
+
+def _build(cfg, model_state=None, optimizer_state=None):
+    """(task, optimizer) for ``cfg``, with checkpointed states loaded when given."""
+    import torch
+
+    from trainer.optim import make_optimizer
+    from trainer.tasks import make_task
+
+    torch.manual_seed(cfg.seed)
+    task = make_task(cfg.task, seed=cfg.seed)
+    optimizer = make_optimizer(cfg.optimizer, task.model.parameters(), lr=cfg.lr,
+                               momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if model_state is not None:
+        task.model.load_state_dict(model_state)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    return task, optimizer
+
+
+def _copy_newest_checkpoint(run_dir: Path, into: Path):
+    """Copy the run's newest checkpoint into ``into``; return (info, copy path)."""
+    from trainer import checkpoint
+
+    for _ in range(COPY_ATTEMPTS):
+        found = checkpoint.find(run_dir)
+        if found is None:
+            raise LRJobError(f"run {run_dir.name} has no checkpoint yet; try again once it "
+                             "has trained a little")
+        target = into / found.path.name
+        try:
+            shutil.copyfile(found.path, target)
+            return found, target
+        except FileNotFoundError:
+            continue  # pruned from the ring between find and copy: take the newer one
+    raise RuntimeError(f"could not copy a checkpoint of {run_dir.name}: the ring kept changing")
+
+
+class _Reporter:
+    """Throttled progress writes into the results row."""
+
+    def __init__(self, store: RunStore, result_id: int, base: dict[str, Any]):
+        self.store, self.result_id, self.base = store, result_id, base
+        self.last = 0.0
+
+    def __call__(self, fraction: float) -> None:
+        now = time.monotonic()
+        if fraction < 1.0 and now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        self.write(round(float(fraction), 4))
+
+    def write(self, fraction: float) -> None:
+        self.store.update_result(self.result_id, {**self.base, "progress": fraction},
+                                 status="running")
+
+
+# --- public API -----------------------------------------------------------------------------------
+
+def lr_find_for_task(task_name: str, *, seed: int = 0, batch_size: int | None = None,
+                     optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0,
+                     num_iter: int | None = None, start_lr: float | None = None,
+                     end_lr: float | None = None, refine: bool | None = None,
+                     progress: Callable[[float], None] | None = None):
+    """Range test on a fresh built-in task (no run), with ``panda train``'s defaults.
+
+    ``batch_size`` defaults to ``panda train``'s (32), except for ``quadratic``, whose default is
+    the full batch: the setting its closed-form limit ``Task.max_stable_lr(momentum)`` describes.
+    Returns an :class:`~trainer.lr_finder.LRFindResult`.
+    """
+    from trainer.lr_finder import lr_find
+    from trainer.runner import TrainConfig
+    from trainer.tasks import TASK_NAMES
+
+    if task_name not in TASK_NAMES:
+        raise LRJobError(f"unknown task {task_name!r}; choose one of {', '.join(TASK_NAMES)}")
+    opts = check_options(num_iter, start_lr, end_lr, refine)
+    try:
+        cfg = TrainConfig(task=task_name, optimizer=optimizer, momentum=momentum,
+                          weight_decay=weight_decay, seed=seed,
+                          batch_size=batch_size or TrainConfig.batch_size).validate()
+    except (TypeError, ValueError) as err:
+        raise LRJobError(str(err)) from None
+    task, opt = _build(cfg)
+    size = batch_size or (task.num_train if task_name == "quadratic" else cfg.batch_size)
+    return lr_find(task.model, opt, task.loss_fn,
+                   lambda: task.batches(size, seed=seed, epoch=0), start_lr=opts["start_lr"],
+                   end_lr=opts["end_lr"], num_iter=opts["num_iter"], refine=opts["refine"],
+                   progress=progress)
+
+
+def run_lr_find_for_run(run_dir: str | os.PathLike, result_id: int | None = None,
+                        **options: Any) -> dict[str, Any]:
+    """Range test from a run's newest checkpoint, in this process; return the stored payload.
+
+    With ``result_id`` (a ``running`` row made by :func:`start_lr_find_job`) that row is
+    filled in; otherwise a new row is added. Bad input raises :class:`LRJobError` before any
+    row is written (when ``result_id`` is None). A failure during the test marks the row
+    ``failed`` with the reason and re-raises.
+    """
+    run_dir = Path(run_dir)
+    opts = check_options(**options)
+    with RunStore(run_dir) as store:
+        if result_id is None:
+            reason = readiness(store)
+            if reason:
+                raise LRJobError(reason)
+            result_id = store.add_result(RESULT_KIND, {"progress": 0.0, "options": opts,
+                                                       "pid": os.getpid()}, status="running")
+        base: dict[str, Any] = {"options": opts, "pid": os.getpid(), "started": time.time()}
+        reporter = _Reporter(store, result_id, base)
+        reporter.write(0.0)
+        try:
+            payload = _run(store, opts, base, reporter)
+        except BaseException as err:
+            reason = str(err) if isinstance(err, Exception) else f"interrupted ({err!r})"
+            store.update_result(result_id, {**base, "error": reason or type(err).__name__},
+                                status="failed")
+            raise
+        store.update_result(result_id, payload, status="done")
+    return {"id": result_id, "status": "done", **payload}
+
+
+def _run(store: RunStore, opts: dict, base: dict, reporter: _Reporter) -> dict[str, Any]:
+    from trainer import checkpoint
+    from trainer.lr_finder import lr_find
+
+    cfg = run_config(store)
+    with tempfile.TemporaryDirectory(prefix="panda-lr-find-") as tmp:
+        found, copy = _copy_newest_checkpoint(store.run_dir, Path(tmp))
+        state = checkpoint.load(copy)
+    epoch = int(state["babysitter"].get("epoch", 0))
+    base.update(checkpoint_step=found.step, checkpoint_epoch=epoch, batch_size=cfg.batch_size)
+    reporter.write(0.0)
+    task, optimizer = _build(cfg, state["model"], state["optimizer"])
+    started = time.monotonic()
+    result = lr_find(task.model, optimizer, task.loss_fn,
+                     lambda: task.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch),
+                     start_lr=opts["start_lr"], end_lr=opts["end_lr"],
+                     num_iter=opts["num_iter"], refine=opts["refine"], progress=reporter)
+    return {**result.to_dict(), **{k: v for k, v in base.items() if k != "pid"},
+            "progress": 1.0, "elapsed_s": round(time.monotonic() - started, 3)}
+
+
+def start_lr_find_job(run_dir: str | os.PathLike, **options: Any) -> int:
+    """Start a range test on a run in a detached process; return its results row id at once.
+
+    Checks the run and options first (:class:`LRJobError`, nothing written). The job runs
+    ``python -m trainer.cli lr-find RUN_DIR --job-id ID``, in its own session and at a lower
+    CPU priority than the training, so it outlives the page or terminal that started it.
+    """
+    run_dir = Path(run_dir).resolve()
+    opts = check_options(**options)
+    with RunStore(run_dir) as store:
+        reason = readiness(store)
+        if reason:
+            raise LRJobError(reason)
+        result_id = store.add_result(RESULT_KIND, {"progress": 0.0, "options": opts},
+                                     status="running")
+    cmd = [sys.executable, "-m", "trainer.cli", "lr-find", str(run_dir),
+           "--job-id", str(result_id), "--num-iter", str(opts["num_iter"]),
+           "--start-lr", repr(opts["start_lr"]), "--end-lr", repr(opts["end_lr"])]
+    if not opts["refine"]:
+        cmd.append("--no-refine")
+    try:
+        # No preexec_fn (unsafe in threaded callers such as Streamlit): the job lowers its own
+        # priority in run_job.
+        subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError as err:
+        with RunStore(run_dir) as store:
+            store.update_result(result_id, {"options": opts, "error": f"could not start the "
+                                            f"range test: {err}"}, status="failed")
+        raise
+    return result_id
+
+
+def run_job(run_dir: str | os.PathLike, result_id: int, **options: Any) -> dict[str, Any]:
+    """The detached job's body: fill in row ``result_id`` (which must be ``running``), at a
+    lower CPU priority than the training it runs beside."""
+    with contextlib.suppress(OSError):
+        os.nice(10)
+    with RunStore(run_dir) as store:
+        rows = {row["id"]: row for row in store.results(RESULT_KIND)}
+    row = rows.get(result_id)
+    if row is None or row["status"] != "running":
+        raise LRJobError(f"no running lr_find result {result_id} in {Path(run_dir).name}")
+    return run_lr_find_for_run(run_dir, result_id=result_id, **options)
+
+
+__all__ = ["RESULT_KIND", "LRJobError", "check_options", "effective_status", "latest_lr_find",
+           "lr_find_for_task", "readiness", "run_config", "run_job", "run_lr_find_for_run",
+           "start_lr_find_job"]
