@@ -141,7 +141,7 @@ def test_divergence_pauses_and_rollback_restores_the_pre_change_state_bitwise(tm
 
 
 def test_on_diverge_rollback_recovers_with_no_person_involved(tmp_path):
-    _, optimizer, bs, _, thread, store = _start(tmp_path, "rollback", stop_after=900)
+    _, _, bs, _, thread, store = _start(tmp_path, "rollback", stop_after=900)
     try:
         changed_at = _crank_lr(store)
         thread.join(TIMEOUT_S)
