@@ -293,7 +293,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from trainer.launch import dashboard_command
 
     cmd = dashboard_command(args.runs_dir, host=args.host, port=args.port)
-    os.execv(cmd[0], cmd)  # replace this process: Ctrl-C goes straight to Streamlit
+    env = dict(os.environ)
+    if args.token:  # passed in the environment, not argv, so `ps` does not show it
+        env["PANDA_TOKEN"] = args.token
+    os.execve(cmd[0], cmd, env)  # replace this process: Ctrl-C goes straight to Streamlit
     return 0  # pragma: no cover
 
 
@@ -430,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only)")
         p.add_argument("--port", type=int, default=8501)
+        p.add_argument("--token", help="ask for this token before the page lets anyone "
+                       "change a knob (or set PANDA_TOKEN)")
     return parser
 
 

@@ -278,9 +278,9 @@ def _run(store: RunStore, opts: dict, base: dict, reporter: _Reporter) -> dict[s
         found, copy = _copy_newest_checkpoint(store.run_dir, Path(tmp))
         state = checkpoint.load(copy)
     epoch = int(state["babysitter"].get("epoch", 0))
+    task, optimizer = _build(cfg, state["model"], state["optimizer"])
     base.update(checkpoint_step=found.step, checkpoint_epoch=epoch, batch_size=cfg.batch_size)
     reporter.write(0.0)
-    task, optimizer = _build(cfg, state["model"], state["optimizer"])
     started = time.monotonic()
     result = lr_find(task.model, optimizer, task.loss_fn,
                      lambda: task.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch),

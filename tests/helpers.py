@@ -1,0 +1,160 @@
+"""Shared helpers for the foundation tests (store, babysitter, CLI, real processes).
+
+Also runnable as a script: ``python tests/helpers.py ROLE RUN_DIR ...`` plays one part in the
+multi-process store test (``writer``, ``reader``, ``commander``), so those tests use real,
+separate processes rather than threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+HELPERS = Path(__file__).resolve()
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for child processes: one BLAS/OpenMP thread (2-core CI, deterministic)."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def panda_cmd(*args: str | os.PathLike) -> list[str]:
+    return [sys.executable, "-m", "trainer.cli", *map(os.fspath, args)]
+
+
+def panda(*args: str | os.PathLike, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the ``panda`` CLI as a real subprocess and capture its output."""
+    return subprocess.run(panda_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env(), cwd=REPO)
+
+
+def start_train(run_dir: Path, *args: str | os.PathLike, log_name: str = "test-train.log"
+                ) -> subprocess.Popen:
+    """Start ``panda train --run-dir RUN_DIR ARGS`` in the background (output to a log file)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir.parent / f"{run_dir.name}-{log_name}", "ab")  # noqa: SIM115
+    try:
+        return subprocess.Popen(panda_cmd("train", "--run-dir", run_dir, *args), stdout=log,
+                                stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO)
+    finally:
+        log.close()  # the child holds its own descriptor
+
+
+def train_log(run_dir: Path, log_name: str = "test-train.log") -> str:
+    path = run_dir.parent / f"{run_dir.name}-{log_name}"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.02,
+               what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    The timeout is only a safety net against a hung test, never a performance assertion.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all threads) from /proc/<pid>/stat."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()   # the name may contain spaces
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def summary_of(run_dir: Path) -> dict[str, Any] | None:
+    """The store's summary, or None while the store does not exist yet."""
+    from trainer.store import RunStore, StoreError
+
+    if not (run_dir / "run.db").exists():
+        return None
+    try:
+        with RunStore(run_dir) as store:
+            return store.summary()
+    except StoreError:
+        return None
+
+
+# --- roles for the multi-process store test ---------------------------------------------------
+
+def _writer(run_dir: str, total: int, batch: int) -> dict:
+    from trainer.store import RunStore
+
+    with RunStore(run_dir) as store:
+        for first in range(0, total, batch):
+            rows = [(s, 0, time.time(), 1.0 / (s + 1), 0.01, 0.9, 0.0)
+                    for s in range(first, min(total, first + batch))]
+            store.append_metrics(rows, meta={"heartbeat": time.time(), "step": rows[-1][0] + 1})
+            time.sleep(0.002)
+        store.set_meta(status="finished")
+    return {"written": total}
+
+
+def _reader(run_dir: str, total: int) -> dict:
+    from trainer.store import RunStore
+
+    seen: list[int] = []
+    reads = 0
+    deadline = time.monotonic() + 120
+    with RunStore(run_dir) as store:
+        last = -1
+        while last < total - 1 and time.monotonic() < deadline:
+            new = store.metrics_since(last, columns=("step", "loss"))
+            reads += 1
+            steps = new["step"]
+            if steps:
+                # Incremental reads are monotone: every step is new, contiguous, increasing.
+                if steps != list(range(last + 1, last + 1 + len(steps))):
+                    return {"error": f"non-contiguous read after {last}: {steps[:5]}..."}
+                if any(abs(loss - 1.0 / (s + 1)) > 1e-12 for s, loss in zip(steps, new["loss"])):
+                    return {"error": "a row came back with the wrong loss"}
+                seen.extend(steps)
+                last = steps[-1]
+            store.summary()  # the dashboard's other query, interleaved
+            time.sleep(0.001)
+    return {"seen": len(seen), "last": last, "reads": reads}
+
+
+def _commander(run_dir: str, count: int) -> dict:
+    from trainer.store import RunStore
+
+    ids = []
+    with RunStore(run_dir) as store:
+        for i in range(count):
+            ids.append(store.submit_command("set", {"lr": 0.001 * (i + 1)}, source="test"))
+            time.sleep(0.005)
+    return {"ids": ids}
+
+
+def _main(argv: list[str]) -> int:
+    sys.path.insert(0, str(REPO))
+    role, run_dir, *numbers = argv
+    ints = [int(n) for n in numbers]
+    try:
+        result = {"writer": _writer, "reader": _reader, "commander": _commander}[role](
+            run_dir, *ints)
+    except Exception as err:  # report, do not hide: the test asserts on this
+        result = {"error": f"{type(err).__name__}: {err}"}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
