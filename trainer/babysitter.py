@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -409,7 +410,8 @@ class Babysitter:
         meta = self.store.meta()
         now = time.time()
         values: dict[str, Any] = {
-            "status": "running", "pid": os.getpid(), "heartbeat": now,
+            "status": "running", "pid": os.getpid(), "host": socket.gethostname(),
+            "heartbeat": now,
             "optimizer": self.knobs.name, "supported_knobs": list(self.knobs.supported),
             "knobs": self.knobs.values(), "schedule": self.schedule.to_dict(),
             "steps_per_epoch": self.steps_per_epoch, "step": self.step_count}

@@ -131,9 +131,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.validate()
     except ValueError as err:
         raise CliError(str(err)) from None
-    if not args.resume and (run_dir / "run.db").exists() and \
-            RunStore(run_dir).summary()["step"] > 0:
-        raise CliError(f"{run_dir} already holds a run; use --resume or another --run-dir")
+    if not args.resume and (run_dir / "run.db").exists():
+        with RunStore(run_dir) as existing:
+            if existing.summary()["step"] > 0:
+                raise CliError(f"{run_dir} already holds a run; use --resume or another "
+                               "--run-dir")
     status = train(cfg, run_dir, resume=args.resume, replay=replay)
     log.info("run %s %s", run_dir, status)
     return 0

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -35,7 +36,7 @@ from typing import Any
 SCHEMA_VERSION = 1
 DB_NAME = "run.db"
 BUSY_TIMEOUT_MS = 10_000  # writers wait this long for the lock instead of failing
-HEARTBEAT_STALE_S = 10.0  # a live trainer updates its heartbeat every flush (~0.1 s)
+HEARTBEAT_STALE_S = 3.0   # a live trainer updates its heartbeat every flush (~0.1 s)
 SCHEMA_WAIT_S = 2.0       # how long a reader waits for a store that is being created
 
 # A diverged run is alive: its trainer waits (paused) for a rollback or a resume.
@@ -374,8 +375,8 @@ class RunStore:
         knobs = meta.get("knobs", {})
         state = meta.get("status", "created")
         heartbeat = meta.get("heartbeat")
-        if state in RUNNING_STATES and heartbeat is not None and \
-                time.time() - heartbeat > HEARTBEAT_STALE_S and not _pid_alive(meta.get("pid")):
+        if state in RUNNING_STATES and heartbeat is not None and _trainer_gone(
+                heartbeat, meta.get("pid"), meta.get("host")):
             state = "interrupted"  # the trainer died without saying so (kill -9, power cut)
         return {
             "run": meta.get("name", self.run_dir.name),
@@ -414,6 +415,14 @@ class _Transaction:
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
+def _trainer_gone(heartbeat: float, pid: Any, host: Any) -> bool:
+    """A trainer is gone when its process is dead (same host) or, elsewhere, when its
+    heartbeat is stale. A live process with a stale heartbeat is busy, not gone."""
+    if host == socket.gethostname() and isinstance(pid, int):
+        return not _pid_alive(pid)
+    return time.time() - heartbeat > HEARTBEAT_STALE_S
+
+
 def _pid_alive(pid: Any) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -423,7 +432,11 @@ def _pid_alive(pid: Any) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed child that its parent has not reaped yet is a zombie: dead, not alive
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def list_runs(runs_dir: str | os.PathLike = "runs") -> list[dict[str, Any]]:
