@@ -238,7 +238,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     from trainer.lr_job import LRJobError
 
     options = {"num_iter": args.num_iter, "start_lr": args.start_lr, "end_lr": args.end_lr,
-               "refine": not args.no_refine}
+               "refine": not args.no_refine, "measure": args.measure}
     if (args.run is None) == (args.task is None):
         raise CliError("give either RUN (a run started by `panda train`) or --task TASK")
     if args.task is not None and (args.background or args.job_id is not None):
@@ -427,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end-lr", type=float, help="last LR of the ramp (default 10)")
     p.add_argument("--no-refine", action="store_true", help="skip the constant-LR probes "
                    "that refine the max stable LR")
+    p.add_argument("--measure", choices=("train", "batch"), help="loss recorded after each "
+                   "step: on a fixed set of training samples (default; robust mid-training) or "
+                   "of the mini-batch just trained on (cheaper, noisy)")
     p.add_argument("--job-id", type=int, help=argparse.SUPPRESS)
     for name, func, text in (("dashboard", cmd_dashboard, "open the dashboard on --runs-dir"),
                              ("demo", cmd_demo, "start a digits run in the background and "

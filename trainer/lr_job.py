@@ -4,7 +4,9 @@ A range test on a run never touches the run's training process or files: it copi
 newest checkpoint (``checkpoint.find``) to a temporary directory, rebuilds the model and the
 optimizer from the run's stored :class:`~trainer.runner.TrainConfig`, loads the copy into them
 and runs :func:`trainer.lr_finder.lr_find` on the task's training batches (same batch size) in
-its own process, while the run goes on training. The only trace in the run is one row of its
+its own process, while the run goes on training. By default the curve is the loss on a fixed
+set of training samples after each step, not the noisy loss of each mini-batch (see
+:func:`check_options`). The only trace in the run is one row of its
 ``results`` table (kind ``lr_find``):
 
 * ``running``: payload ``{"progress": 0..1, "pid", "checkpoint_step", "options", ...}``,
@@ -34,7 +36,10 @@ from typing import Any
 from trainer.store import RunStore
 
 RESULT_KIND = "lr_find"
-DEFAULT_OPTIONS = {"num_iter": 100, "start_lr": 1e-7, "end_lr": 10.0, "refine": True}
+DEFAULT_OPTIONS = {"num_iter": 100, "start_lr": 1e-7, "end_lr": 10.0, "refine": True,
+                   "measure": "train"}
+MEASURES = ("train", "batch")
+MEASURE_MAX_SAMPLES = 2048  # the fixed measurement set: the training set, or a seeded subset
 PROGRESS_EVERY_S = 0.5      # at most this often a running job writes its progress
 START_GRACE_S = 60.0        # a running row without a pid older than this: the job never started
 COPY_ATTEMPTS = 3           # the checkpoint ring may prune the file we picked; pick again
@@ -47,10 +52,18 @@ class LRJobError(ValueError):
 # --- options and run checks -----------------------------------------------------------------------
 
 def check_options(num_iter: Any = None, start_lr: Any = None, end_lr: Any = None,
-                  refine: Any = None) -> dict[str, Any]:
-    """Fill defaults and validate; return the options dict or raise :class:`LRJobError`."""
+                  refine: Any = None, measure: Any = None) -> dict[str, Any]:
+    """Fill defaults and validate; return the options dict or raise :class:`LRJobError`.
+
+    ``measure``: what the curve records after each training step. ``"train"`` (default): the
+    loss on a fixed set of training samples (:data:`MEASURE_MAX_SAMPLES` at most). ``"batch"``:
+    the loss of the mini-batch just trained on (Smith's original), which is cheaper but, once
+    a run is past its first steeps, is dominated by batch-to-batch noise: the probes then cannot
+    tell stable from unstable and the steepest-descent suggestion lands on noise.
+    """
     opts = dict(DEFAULT_OPTIONS)
-    given = {"num_iter": num_iter, "start_lr": start_lr, "end_lr": end_lr, "refine": refine}
+    given = {"num_iter": num_iter, "start_lr": start_lr, "end_lr": end_lr, "refine": refine,
+             "measure": measure}
     opts.update({k: v for k, v in given.items() if v is not None})
     for name in ("start_lr", "end_lr"):
         value = opts[name]
@@ -65,7 +78,24 @@ def check_options(num_iter: Any = None, start_lr: Any = None, end_lr: Any = None
             opts["num_iter"] < 2:
         raise LRJobError(f"num_iter must be an integer >= 2, got {opts['num_iter']!r}")
     opts["refine"] = bool(opts["refine"])
+    if opts["measure"] not in MEASURES:
+        raise LRJobError(f"measure must be one of {', '.join(MEASURES)}, got {opts['measure']!r}")
     return opts
+
+
+def _measurement_set(task, opts: dict[str, Any], seed: int):
+    """``val_batches`` for :func:`lr_find`: None (mini-batch losses) or one fixed batch of
+    training samples."""
+    if opts["measure"] == "batch":
+        return None
+    x, y = task.train_x, task.train_y
+    if task.num_train > MEASURE_MAX_SAMPLES:
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(task.num_train, generator=generator)[:MEASURE_MAX_SAMPLES]
+        x, y = x[idx], y[idx]
+    return [(x, y)]
 
 
 def run_config(store: RunStore):
@@ -209,6 +239,7 @@ def lr_find_for_task(task_name: str, *, seed: int = 0, batch_size: int | None = 
                      optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0,
                      num_iter: int | None = None, start_lr: float | None = None,
                      end_lr: float | None = None, refine: bool | None = None,
+                     measure: str | None = None,
                      progress: Callable[[float], None] | None = None):
     """Range test on a fresh built-in task (no run), with ``panda train``'s defaults.
 
@@ -222,7 +253,7 @@ def lr_find_for_task(task_name: str, *, seed: int = 0, batch_size: int | None = 
 
     if task_name not in TASK_NAMES:
         raise LRJobError(f"unknown task {task_name!r}; choose one of {', '.join(TASK_NAMES)}")
-    opts = check_options(num_iter, start_lr, end_lr, refine)
+    opts = check_options(num_iter, start_lr, end_lr, refine, measure)
     try:
         cfg = TrainConfig(task=task_name, optimizer=optimizer, momentum=momentum,
                           weight_decay=weight_decay, seed=seed,
@@ -232,7 +263,8 @@ def lr_find_for_task(task_name: str, *, seed: int = 0, batch_size: int | None = 
     task, opt = _build(cfg)
     size = batch_size or (task.num_train if task_name == "quadratic" else cfg.batch_size)
     return lr_find(task.model, opt, task.loss_fn,
-                   lambda: task.batches(size, seed=seed, epoch=0), start_lr=opts["start_lr"],
+                   lambda: task.batches(size, seed=seed, epoch=0),
+                   val_batches=_measurement_set(task, opts, seed), start_lr=opts["start_lr"],
                    end_lr=opts["end_lr"], num_iter=opts["num_iter"], refine=opts["refine"],
                    progress=progress)
 
@@ -284,6 +316,7 @@ def _run(store: RunStore, opts: dict, base: dict, reporter: _Reporter) -> dict[s
     started = time.monotonic()
     result = lr_find(task.model, optimizer, task.loss_fn,
                      lambda: task.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch),
+                     val_batches=_measurement_set(task, opts, cfg.seed),
                      start_lr=opts["start_lr"], end_lr=opts["end_lr"],
                      num_iter=opts["num_iter"], refine=opts["refine"], progress=reporter)
     return {**result.to_dict(), **{k: v for k, v in base.items() if k != "pid"},
@@ -310,6 +343,7 @@ def start_lr_find_job(run_dir: str | os.PathLike, **options: Any) -> int:
            "--start-lr", repr(opts["start_lr"]), "--end-lr", repr(opts["end_lr"])]
     if not opts["refine"]:
         cmd.append("--no-refine")
+    cmd += ["--measure", opts["measure"]]
     try:
         # No preexec_fn (unsafe in threaded callers such as Streamlit): the job lowers its own
         # priority in run_job.
