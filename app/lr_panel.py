@@ -17,7 +17,13 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from trainer.knobs import KnobError, format_sci, validate_knobs
-from trainer.lr_job import LRJobError, latest_lr_find, readiness, start_lr_find_job
+from trainer.lr_job import (
+    LRJobError,
+    describe_result,
+    latest_lr_find,
+    readiness,
+    start_lr_find_job,
+)
 from trainer.store import FINAL_STATES, RunStore
 
 RAW_OPACITY = 0.3            # raw per-step losses: faint behind the smoothed curve
@@ -92,24 +98,7 @@ def lr_find_figure(payload: dict[str, Any]) -> go.Figure:
 
 def lr_find_summary(payload: dict[str, Any]) -> str:
     """The numbers of a finished test as short Markdown."""
-    lines = []
-    if payload.get("suggested_lr") is not None:
-        low, high = payload["suggestion_range"]
-        lines.append(f"**Suggested LR** {format_sci(float(payload['suggested_lr']))} "
-                     f"({payload.get('suggestion_method')}; range {format_sci(float(low))} – "
-                     f"{format_sci(float(high))})")
-    else:
-        lines.append(f"**No suggestion**: {payload.get('suggestion_reason')}")
-    if payload.get("max_stable_lr") is not None:
-        lines.append(f"**Max stable LR** {format_sci(float(payload['max_stable_lr']))}")
-    elif payload.get("diverged_at") is None:
-        lines.append("**Max stable LR** not found: nothing in the range was unstable")
-    else:
-        lines.append("**Max stable LR** not found: nothing in the range was stable")
-    where = payload.get("checkpoint_step")
-    lines.append(f"Stopped: {payload.get('stop_reason')}"
-                 + (f" · from the checkpoint at step {where}" if where is not None else ""))
-    return "  \n".join(lines)
+    return "  \n".join(f"**{label}** {text}" for label, text in describe_result(payload))
 
 
 def _apply_block(store: RunStore, row: dict[str, Any], key: str) -> None:

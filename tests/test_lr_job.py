@@ -46,7 +46,7 @@ def test_lr_find_for_task_api_and_text_output(capsys):
         lr_job.lr_find_for_task("imagenet")
     assert cli_main(["lr-find", "--task", "quadratic", "--num-iter", "30", "--no-refine"]) == 0
     text = capsys.readouterr().out
-    assert "suggested lr" in text and "max stable lr" in text and "stopped" in text
+    assert "suggested LR" in text and "max stable LR" in text and "stopped" in text
 
 
 # --- the progress callback ------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_figure_and_summary_without_suggestion_or_limit():
     names = {t.name for t in lr_find_figure(payload).data}
     assert names == {"raw loss", "smoothed loss"}
     text = lr_find_summary(payload)
-    assert "No suggestion" in text and "not found" in text
+    assert "**suggested LR** none: only 1 finite" in text and "not found" in text
 
 
 def test_summary_states_the_numbers(stored_payload):

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from trainer import checkpoint
+from trainer.distributed import DEFAULT_SYNC_EVERY, DistributedSync
 from trainer.guard import DivergenceGuard, EarlyStopping
 from trainer.knobs import KnobError, format_sci, validate_command
 from trainer.optim import OptimizerKnobs
@@ -71,6 +72,10 @@ class Babysitter:
         early_stop: stop when the validation loss has not improved for this many evaluations
             (the best model is kept as a pinned checkpoint).
         keep_checkpoints: size of the ring of automatic checkpoints.
+        sync_every: under ``torch.distributed`` (world size > 1), the ranks meet every this
+            many steps to average the logged loss and share knob changes, so every rank
+            applies a change at the same step; only rank 0 writes the run store, checkpoint
+            files and the divergence guard (see :mod:`trainer.distributed`).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, run_dir: str | os.PathLike = "runs/run",
@@ -81,7 +86,8 @@ class Babysitter:
                  on_diverge: str = "pause", guard: DivergenceGuard | None = None,
                  early_stop: int | None = None, keep_checkpoints: int = checkpoint.DEFAULT_KEEP,
                  flush_interval: float = FLUSH_INTERVAL_S,
-                 poll_interval: float = POLL_INTERVAL_S):
+                 poll_interval: float = POLL_INTERVAL_S,
+                 sync_every: int = DEFAULT_SYNC_EVERY):
         self.run_dir = Path(run_dir)
         sanitize_run_name(self.run_dir.name)
         if checkpoint_every is not None and (model is None or checkpoint_every < 1):
@@ -117,7 +123,9 @@ class Babysitter:
             validate_command(kind, payload)
         self._next_replay = self._replay[0][0] if self._replay else None
 
-        self.store = RunStore(self.run_dir, create=True)
+        self._dist = DistributedSync.detect(sync_every)  # None unless DDP with world size > 1
+        self.store = (RunStore(self.run_dir, create=True) if self._dist is None
+                      else self._dist.open_store(self.run_dir))
         resumed_from = self._restore() if resume else None
         self._init_meta(config or {}, task, resumed_from)
         self._apply_schedule_lr()
@@ -128,6 +136,8 @@ class Babysitter:
                                 guard=None if on_diverge == "ignore" else (
                                     guard or DivergenceGuard()),
                                 on_divergence=self._on_divergence)
+        if self._dist is not None:
+            self._dist.attach(self)  # rank 0: hand-overs via the meetings; others: no threads
         self._poller.start()
         self._flusher.start()
         branch_knobs = self.store.meta().get("branch_knobs") if resumed_from is not None else None
@@ -147,6 +157,8 @@ class Babysitter:
         self._rows.append((self.step_count, self.epoch, time.time(), value, knobs.lr(),
                            knobs.momentum(), knobs.weight_decay()))
         self.step_count += 1
+        if self._dist is not None and self.step_count % self._dist.every == 0:
+            self._dist.sync(self)  # all ranks, same step: mean loss, shared commands
         if self._next_replay == self.step_count:
             self._apply_replay()
         if self._pending:
@@ -439,6 +451,8 @@ class Babysitter:
             return
         self._closed = True
         self._wake.set()
+        if self._dist is not None:  # the last, not yet averaged losses
+            self._dist.close(self, collective=status is None)
         self._poller.stop()
         if self.model is not None and status != "failed":
             self.checkpoint("final")

@@ -273,21 +273,10 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def _lr_find_text(where: str, r: dict) -> str:
+    from trainer.lr_job import describe_result
+
     lines = [f"LR range test on {where}: {len(r['lrs'])} steps from {format_sci(r['lrs'][0])}"]
-    if r.get("suggested_lr") is not None:
-        low, high = r["suggestion_range"]
-        lines.append(f"  suggested lr   {format_sci(r['suggested_lr'])}  ({r['suggestion_method']}"
-                     f"; range {format_sci(low)} .. {format_sci(high)})")
-    else:
-        lines.append(f"  suggested lr   none: {r.get('suggestion_reason')}")
-    if r.get("max_stable_lr") is not None:
-        lines.append(f"  max stable lr  {format_sci(r['max_stable_lr'])}")
-    elif r.get("diverged_at") is None:
-        lines.append("  max stable lr  not found: no LR in the range was unstable "
-                     "(raise --end-lr)")
-    else:
-        lines.append("  max stable lr  not found: no LR in the range was stable")
-    lines.append(f"  stopped        {r['stop_reason']}")
+    lines += [f"  {label:<14} {text}" for label, text in describe_result(r)]
     return "\n".join(lines)
 
 

@@ -33,7 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer.store import RunStore
+from trainer.knobs import format_sci
+from trainer.store import RunStore, pid_alive
 
 RESULT_KIND = "lr_find"
 DEFAULT_OPTIONS = {"num_iter": 100, "start_lr": 1e-7, "end_lr": 10.0, "refine": True,
@@ -134,20 +135,6 @@ def readiness(store: RunStore) -> str | None:
 
 # --- reading results ------------------------------------------------------------------------------
 
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not running
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
 
 def effective_status(row: dict[str, Any], now: float | None = None) -> tuple[str, str | None]:
     """A results row's status, with a ``running`` row whose job died reported as failed."""
@@ -159,7 +146,7 @@ def effective_status(row: dict[str, Any], now: float | None = None) -> tuple[str
         if (now or time.time()) - row["created"] > START_GRACE_S:
             return "failed", "the range test process never started"
         return status, None
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return "failed", f"the range test process (pid {pid}) exited without a result"
     return status, None
 
@@ -373,3 +360,24 @@ def run_job(run_dir: str | os.PathLike, result_id: int, **options: Any) -> dict[
 __all__ = ["RESULT_KIND", "LRJobError", "check_options", "effective_status", "latest_lr_find",
            "lr_find_for_task", "readiness", "run_config", "run_job", "run_lr_find_for_run",
            "start_lr_find_job"]
+
+
+def describe_result(payload: dict[str, Any]) -> list[tuple[str, str]]:
+    """A finished test's numbers as ``(label, text)`` lines, for the CLI and the dashboard."""
+    if payload.get("suggested_lr") is not None:
+        low, high = payload["suggestion_range"]
+        suggestion = (f"{format_sci(float(payload['suggested_lr']))} "
+                      f"({payload.get('suggestion_method')}; range {format_sci(float(low))} – "
+                      f"{format_sci(float(high))})")
+    else:
+        suggestion = f"none: {payload.get('suggestion_reason')}"
+    if payload.get("max_stable_lr") is not None:
+        limit = format_sci(float(payload["max_stable_lr"]))
+    elif payload.get("diverged_at") is None:
+        limit = "not found: no LR in the range was unstable (raise the end LR)"
+    else:
+        limit = "not found: no LR in the range was stable"
+    where = payload.get("checkpoint_step")
+    stopped = str(payload.get("stop_reason")) + (
+        f" · from the checkpoint at step {where}" if where is not None else "")
+    return [("suggested LR", suggestion), ("max stable LR", limit), ("stopped", stopped)]

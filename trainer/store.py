@@ -419,11 +419,12 @@ def _trainer_gone(heartbeat: float, pid: Any, host: Any) -> bool:
     """A trainer is gone when its process is dead (same host) or, elsewhere, when its
     heartbeat is stale. A live process with a stale heartbeat is busy, not gone."""
     if host == socket.gethostname() and isinstance(pid, int):
-        return not _pid_alive(pid)
+        return not pid_alive(pid)
     return time.time() - heartbeat > HEARTBEAT_STALE_S
 
 
-def _pid_alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """Whether process ``pid`` runs on this host (a zombie counts as dead)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:

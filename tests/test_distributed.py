@@ -1,0 +1,293 @@
+"""DDP: a Babysitter on every rank of a real 2-process ``torchrun`` job (CPU, gloo).
+
+Specification: under ``torch.distributed`` with world size > 1, only rank 0 writes the run store
+(and runs the flusher and poller threads); a knob change sent with ``panda set`` reaches every
+rank at the same step, so the replicas keep identical parameters; the logged loss is the mean
+over ranks; pause, resume and stop reach every rank at the same step; losses buffered after
+the last meeting are still averaged and logged when the run ends.
+
+Also runnable as the worker itself:
+``python -m torch.distributed.run --nproc_per_node 2 tests/test_distributed.py RUN_DIR REPORTS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent
+OLD_LR, NEW_LR = 0.01, 0.05
+SYNC_EVERY = 10  # the default, spelled out for the worker
+
+
+# --- the worker (one per rank, started by torchrun) ----------------------------------------------
+
+def _params_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def worker(argv: list[str]) -> None:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from trainer import Babysitter
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir")
+    parser.add_argument("reports")
+    parser.add_argument("--step-delay", type=float, default=0.0)
+    parser.add_argument("--max-steps", type=int, default=3000)
+    parser.add_argument("--sync-every", type=int, default=SYNC_EVERY)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # same initial weights (DDP broadcasts rank 0's anyway)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    ddp = DDP(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=OLD_LR, momentum=0.9)
+    data = torch.Generator().manual_seed(1000 + rank)  # each rank its own shard
+    x, y = torch.randn(512, 16, generator=data), torch.randint(0, 4, (512,), generator=data)
+
+    losses, lr_changes = [], []
+    slowest = {"wall": 0.0, "cpu": 0.0, "step": -1}
+    last_lr = optimizer.param_groups[0]["lr"]
+    wall0, cpu0 = time.monotonic(), time.process_time()
+    with Babysitter(optimizer, args.run_dir, model=model, sync_every=args.sync_every) as bs:
+        while bs.step_count < args.max_steps and not bs.should_stop:
+            i = (bs.step_count * 32) % 512
+            loss = F.cross_entropy(ddp(x[i:i + 32]), y[i:i + 32])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            t, c = time.monotonic(), time.process_time()
+            bs.step(loss)
+            t, c = time.monotonic() - t, time.process_time() - c
+            if t > slowest["wall"]:
+                slowest = {"wall": t, "cpu": c, "step": bs.step_count}
+            lr = optimizer.param_groups[0]["lr"]
+            if lr != last_lr:
+                lr_changes.append([bs.step_count, lr])
+                last_lr = lr
+            if args.step_delay:
+                time.sleep(args.step_delay)
+        report = {
+            "rank": rank, "pid": __import__("os").getpid(), "steps": bs.step_count,
+            "should_stop": bs.should_stop, "lr_changes": lr_changes, "final_lr": bs.lr,
+            "applied": bs._dist.applied, "losses": losses, "slowest_step": slowest,
+            "store": type(bs.store).__name__,
+            "threads": sorted(t.name for t in threading.enumerate()),
+        }
+    report["wall"] = time.monotonic() - wall0
+    report["cpu"] = time.process_time() - cpu0
+    report["params"] = _params_digest(model)
+    dist.barrier()
+    dist.destroy_process_group()
+    out = Path(args.reports)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json.tmp").write_text(json.dumps(report))
+    (out / f"rank{rank}.json.tmp").rename(out / f"rank{rank}.json")
+
+
+# --- the tests -----------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(run_dir: Path, reports: Path, *args: str) -> subprocess.Popen:
+    sys.path.insert(0, str(HERE.parent))
+    from helpers import subprocess_env
+
+    log = open(run_dir.parent / f"{run_dir.name}-torchrun.log", "wb")  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+             "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+             "--master_port", str(_free_port()), str(HERE), str(run_dir), str(reports), *args],
+            stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO)
+    finally:
+        log.close()
+
+
+def _finish(proc: subprocess.Popen, run_dir: Path, reports: Path) -> list[dict]:
+    try:
+        rc = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = "timeout"
+    log = (run_dir.parent / f"{run_dir.name}-torchrun.log").read_text(errors="replace")
+    assert rc == 0, f"torchrun ended with {rc}:\n{log[-4000:]}"
+    return [json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _cli_json(*args: str | Path) -> dict:
+    from helpers import panda
+
+    result = panda(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _rows(store) -> list[dict]:
+    columns = store.metrics_since(-1)
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+@pytest.fixture(scope="module")
+def ddp_session(tmp_path_factory):
+    """One 2-rank job, steered from outside: set the LR, pause, resume, stop."""
+    sys.path.insert(0, str(HERE.parent))
+    from helpers import summary_of, wait_until
+
+    from trainer.store import RunStore
+
+    base = tmp_path_factory.mktemp("ddp")
+    run_dir, reports = base / "ddp-run", base / "reports"
+    proc = _launch(run_dir, reports, "--step-delay", "0.01")
+    try:
+        wait_until(lambda: (summary_of(run_dir) or {}).get("step", 0) >= 25, timeout=60,
+                   what="the DDP run to log 25 steps")
+        cli = {"set": _cli_json("set", run_dir, "--lr", str(NEW_LR))}
+        wait_until(lambda: summary_of(run_dir)["step"] >= cli["set"]["applied_step"] + 15,
+                   what="steps after the LR change")
+        cli["pause"] = _cli_json("pause", run_dir)
+        time.sleep(1.0)  # a paused job stays paused: both ranks wait inside step()
+        cli["paused_step"] = summary_of(run_dir)["step"]
+        cli["resume"] = _cli_json("resume", run_dir)
+        wait_until(lambda: summary_of(run_dir)["step"] >= cli["resume"]["applied_step"] + 15,
+                   what="steps after resume")
+        cli["stop"] = _cli_json("stop", run_dir)
+        ranks = _finish(proc, run_dir, reports)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with RunStore(run_dir) as store:
+        stored = {"metrics": _rows(store), "events": store.events_since(0),
+                  "commands": store.commands(0), "meta": store.meta()}
+    return {"cli": cli, "ranks": ranks, "store": stored, "run_dir": run_dir}
+
+
+@pytest.mark.slow
+def test_lr_change_lands_on_every_rank_at_the_same_step(ddp_session):
+    cli, ranks, metrics = ddp_session["cli"], ddp_session["ranks"], ddp_session["store"]["metrics"]
+    step = cli["set"]["applied_step"]
+    assert cli["set"]["status"] == "applied"
+    assert step % SYNC_EVERY == 0  # a meeting boundary, known to every rank in advance
+    for rank in ranks:
+        assert rank["lr_changes"] == [[step, NEW_LR]]
+        assert rank["final_lr"] == NEW_LR
+    # The replicas stayed identical: same LR at every step, so the same optimizer steps.
+    assert ranks[0]["params"] == ranks[1]["params"]
+    # The store's per-step LR: the old one before the reported step, the new one from it on.
+    assert [m["lr"] for m in metrics] == [OLD_LR if m["step"] < step else NEW_LR
+                                          for m in metrics]
+
+
+@pytest.mark.slow
+def test_logged_loss_is_the_mean_over_ranks(ddp_session):
+    ranks, metrics = ddp_session["ranks"], ddp_session["store"]["metrics"]
+    assert [m["step"] for m in metrics] == list(range(ranks[0]["steps"]))
+    expected = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
+    assert [m["loss"] for m in metrics] == pytest.approx(expected, rel=1e-9)
+    assert ranks[0]["losses"] != ranks[1]["losses"]  # different shards: the mean is a real mean
+
+
+@pytest.mark.slow
+def test_only_rank_0_writes_the_run(ddp_session):
+    ranks, stored = ddp_session["ranks"], ddp_session["store"]
+    assert ranks[0]["store"] == "RunStore" and ranks[1]["store"] == "_NullStore"
+    assert {"panda-flusher", "panda-poller"} <= set(ranks[0]["threads"])
+    assert not {"panda-flusher", "panda-poller"} & set(ranks[1]["threads"])
+    assert stored["meta"]["pid"] == ranks[0]["pid"]
+    assert stored["meta"]["distributed"] == {"world_size": 2, "backend": "gloo",
+                                             "sync_every": SYNC_EVERY}
+    # One record per intervention (a second writer would have duplicated them) ...
+    assert [e["kind"] for e in stored["events"]] == ["set", "pause", "resume", "stop"]
+    assert [c.source for c in stored["commands"]] == ["cli"] * 4
+    # ... and nothing but rank 0's store and checkpoints in the run directory.
+    names = {p.name for p in ddp_session["run_dir"].iterdir()}
+    assert names <= {"run.db", "run.db-wal", "run.db-shm", "checkpoints"}, names
+
+
+@pytest.mark.slow
+def test_pause_resume_and_stop_reach_every_rank_at_the_same_step(ddp_session):
+    cli, ranks, stored = ddp_session["cli"], ddp_session["ranks"], ddp_session["store"]
+    pause, resume, stop = (cli[k]["applied_step"] for k in ("pause", "resume", "stop"))
+    assert pause == resume == cli["paused_step"]  # no step while paused
+    expected = [[cli["set"]["applied_step"], "set"], [pause, "pause"], [resume, "resume"],
+                [stop, "stop"]]
+    for rank in ranks:
+        assert rank["applied"] == expected
+        assert rank["should_stop"] and rank["steps"] == stop
+        # Both ranks waited inside the step() that met the pause, asleep rather than spinning:
+        # relative to their own CPU use per second while training.
+        slowest = rank["slowest_step"]
+        assert slowest["step"] == pause
+        running_rate = (rank["cpu"] - slowest["cpu"]) / (rank["wall"] - slowest["wall"])
+        assert slowest["cpu"] / slowest["wall"] < 0.5 * running_rate, (slowest, running_rate)
+    assert [(c.kind, c.status, c.applied_step) for c in stored["commands"]] == [
+        ("set", "applied", cli["set"]["applied_step"]), ("pause", "applied", pause),
+        ("resume", "applied", resume), ("stop", "applied", stop)]
+    assert stored["meta"]["status"] == "stopped"
+
+
+@pytest.mark.slow
+def test_losses_after_the_last_meeting_are_averaged_at_the_end(tmp_path):
+    """A run whose length is not a multiple of the cadence: the tail is averaged by close()."""
+    from trainer.store import RunStore
+
+    run_dir, reports = tmp_path / "tail-run", tmp_path / "reports"
+    ranks = _finish(_launch(run_dir, reports, "--max-steps", "53", "--sync-every", "7"),
+                    run_dir, reports)
+    with RunStore(run_dir) as store:
+        metrics, meta = _rows(store), store.meta()
+    assert meta["status"] == "finished"
+    assert [m["step"] for m in metrics] == list(range(53))
+    expected = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
+    assert [m["loss"] for m in metrics] == pytest.approx(expected, rel=1e-9)
+    assert ranks[0]["params"] == ranks[1]["params"]
+
+
+def test_a_single_process_has_no_distributed_sync(tmp_path):
+    """Outside torch.distributed (or with world size 1) nothing changes: no meetings."""
+    from trainer import Babysitter
+    from trainer.distributed import DistributedSync
+    from trainer.store import RunStore
+
+    assert DistributedSync.detect() is None
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Babysitter(optimizer, tmp_path / "single", sync_every=3) as bs:
+        for _ in range(5):
+            bs.step(torch.tensor(1.0))
+        assert bs._dist is None
+    with RunStore(tmp_path / "single") as store:
+        assert len(_rows(store)) == 5
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    worker(sys.argv[1:])

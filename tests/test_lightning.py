@@ -1,0 +1,264 @@
+"""PandaCallback: a real Lightning ``Trainer.fit`` babysat through the run store.
+
+Skipped when Lightning is not installed: it is an optional extra
+(``pip install -e '.[lightning]'``).
+Training runs on the CPU in a background thread; commands go in through the store exactly as
+the dashboard and the CLI send them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+
+import pytest
+import torch
+from helpers import wait_until
+
+L = pytest.importorskip("lightning.pytorch", reason="Lightning is an optional extra "
+                        "(pip install -e '.[lightning]'); PandaCallback tests need it")
+
+from trainer.lightning import PandaCallback, batch_loss, validation_name  # noqa: E402
+from trainer.store import RunStore  # noqa: E402
+
+BATCHES = 8  # training batches per epoch
+
+# Lightning's own deprecation noise with newer torch (its _pytree LeafSpec use), not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Regression(L.LightningModule):
+    """Linear regression on a fixed random problem; logs val_loss per step, val_mae at the end."""
+
+    def __init__(self, lr: float = 0.01, fail_at: int | None = None, scheduler: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Linear(4, 1)
+        self.raw_losses: list[torch.Tensor] = []
+        self._abs_errors: list[torch.Tensor] = []
+        self.maes: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        if self.hparams.fail_at is not None and self.global_step >= self.hparams.fail_at:
+            raise RuntimeError("boom in training_step")
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.raw_losses.append(loss.detach())
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self.net(x)
+        self.log("val_loss", torch.nn.functional.mse_loss(pred, y))
+        self._abs_errors.append((pred - y).abs().mean())
+
+    def on_validation_epoch_end(self):
+        # Logged after the callbacks' on_validation_epoch_end: PandaCallback must still see it.
+        mae = torch.stack(self._abs_errors).mean()
+        self.log("val_mae", mae)
+        self._abs_errors.clear()
+        if not self.trainer.sanity_checking:
+            self.maes.append(mae)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        if self.hparams.scheduler:
+            return {"optimizer": opt,
+                    "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1)}
+        return opt
+
+
+def loaders(batch_size: int = 8):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCHES * batch_size, 4, generator=gen)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 0.1 * torch.randn(len(x), 1,
+                                                                             generator=gen)
+    data = torch.utils.data.TensorDataset(x, y)
+    return (torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
+                                        generator=gen),
+            torch.utils.data.DataLoader(data, batch_size=batch_size * 4))
+
+
+def make_trainer(callback: PandaCallback, max_epochs: int, **kwargs) -> L.Trainer:
+    return L.Trainer(max_epochs=max_epochs, callbacks=[callback], accelerator="cpu",
+                     devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def store_of(run_dir) -> RunStore:
+    return RunStore(run_dir)
+
+
+# --- helpers, no training -------------------------------------------------------------------
+
+
+def test_validation_names_are_picked_and_renamed():
+    assert validation_name("val_loss") == "loss"
+    assert validation_name("val/loss") == "loss"
+    assert validation_name("val") == "loss"
+    assert validation_name("val_acc") == "acc"
+    assert validation_name("validation/f1") == "f1"
+    assert validation_name("train_loss") is None
+    assert validation_name("loss") is None
+    assert validation_name("value") is None
+
+
+def test_validation_metrics_keep_tensors_and_skip_what_the_store_cannot_hold():
+    cb = PandaCallback("runs/unused")
+    loss = torch.tensor(0.5)
+    picked = cb.validation_metrics({"val_loss": loss, "val_acc": 0.9, "train_loss": 1.0,
+                                    "val_hist": torch.ones(3), "val_flag": True})
+    assert picked == {"loss": loss, "acc": 0.9}
+    assert picked["loss"] is not loss and isinstance(picked["loss"], torch.Tensor)
+    only = PandaCallback("runs/unused", val_metrics=["loss", "val_acc"])
+    assert only.validation_metrics({"loss": 1.0, "val_acc": 0.5, "val_loss": 2.0}) == {
+        "loss": 1.0, "acc": 0.5}
+
+
+def test_batch_loss_reads_tensors_and_dicts_without_syncing():
+    t = torch.tensor(2.0, requires_grad=True) * 1
+    assert isinstance(batch_loss(t), torch.Tensor) and not batch_loss(t).requires_grad
+    assert batch_loss({"loss": t, "extra": 1}) is not None
+    assert batch_loss(None) is None
+    assert batch_loss({"loss": None}) is None
+
+
+def test_optimizer_argument_is_refused():
+    with pytest.raises(TypeError, match="optimizer"):
+        PandaCallback("runs/x", optimizer=object())
+
+
+# --- real training ----------------------------------------------------------------------------
+
+
+def test_fit_logs_every_batch_and_validation_then_finishes(tmp_path):
+    run_dir = tmp_path / "pl-finished"
+    model, cb = Regression(lr=0.01), PandaCallback(run_dir, config={"batch_size": 8})
+    make_trainer(cb, max_epochs=3, accumulate_grad_batches=2).fit(model, *loaders())
+
+    assert cb.final_status == "finished" and cb.babysitter is None
+    with store_of(run_dir) as store:
+        meta = store.meta()
+        assert meta["status"] == "finished"
+        assert meta["config"] == {"batch_size": 8}
+        assert meta["task"] == "Regression"
+        assert meta["steps_per_epoch"] == BATCHES
+        rows = store.metrics_since(-1)
+        assert rows["step"] == list(range(3 * BATCHES))
+        assert rows["epoch"] == [e for e in range(3) for _ in range(BATCHES)]
+        # the batch's own loss, not Lightning's loss / accumulate_grad_batches
+        raw = [float(v) for v in model.raw_losses]
+        assert rows["loss"] == pytest.approx(raw, rel=1e-5)
+        val = store.validation_since(0)
+    # one validation per epoch (the sanity check is not logged), both metrics present
+    assert sorted({r["name"] for r in val}) == ["loss", "mae"]
+    assert [r["step"] for r in val if r["name"] == "loss"] == [8, 16, 24]
+    assert all(math.isfinite(r["value"]) for r in val)
+    # this validation's values, not a stale callback_metrics entry from the previous one
+    assert [r["value"] for r in val if r["name"] == "mae"] == pytest.approx(
+        [float(m) for m in model.maes], rel=1e-5)
+
+
+def test_live_lr_change_pause_resume_and_stop(tmp_path):
+    run_dir = tmp_path / "pl-live"
+    model, cb = Regression(lr=0.01), PandaCallback(run_dir)
+    trainer = make_trainer(cb, max_epochs=10_000)
+    errors: list[BaseException] = []
+
+    def fit():
+        try:
+            trainer.fit(model, *loaders())
+        except BaseException as err:  # surfaced in the test thread below
+            errors.append(err)
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: (run_dir / "run.db").exists(), what="run store")
+        store = store_of(run_dir)
+        wait_until(lambda: len(store.metrics_since(-1, columns=("step",))["step"]) > 5,
+                   what="first metrics")
+        cid = store.submit_command("set", {"lr": 0.003})
+        cmd = wait_until(lambda: (c := store.command(cid)) and c.status != "pending" and c,
+                         what="lr command resolved")
+        assert cmd.status == "applied", cmd.error
+        applied = cmd.applied_step
+        rows = wait_until(lambda: (r := store.metrics_since(applied, columns=("step", "lr")))
+                          ["step"] and r, what="rows after the change")
+        assert set(rows["lr"]) == {0.003}
+        before = store.metrics_since(-1, columns=("step", "lr"))
+        assert {lr for s, lr in zip(before["step"], before["lr"]) if s < applied} == {0.01}
+        wait_until(lambda: any(r["name"] == "mae" for r in store.validation_since(0)),
+                   what="validation metrics")
+
+        pause = store.submit_command("pause")
+        wait_until(lambda: store.meta().get("status") == "paused", what="paused")
+        assert store.command(pause).status == "applied"
+        assert thread.is_alive()  # blocked inside on_train_batch_end, not finished
+        paused_at = store.command(pause).applied_step
+        store.submit_command("resume")
+        wait_until(lambda: store.meta().get("step", 0) > paused_at + 3, what="training resumed")
+
+        stop = store.submit_command("stop")
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "fit did not end after the stop command"
+        assert not errors, errors
+        assert store.command(stop).status == "applied"
+        assert store.meta()["status"] == "stopped"
+        assert trainer.optimizers[0].param_groups[0]["lr"] == 0.003
+        assert trainer.current_epoch < trainer.max_epochs - 1
+        events = store.events_since(0)
+        assert any(e["kind"] == "set" and e["new"] == 0.003 for e in events)
+        store.close()
+    finally:
+        if thread.is_alive():  # never leave a trainer running behind a failed assertion
+            trainer.should_stop = True
+            thread.join(timeout=30)
+    assert cb.final_status == "stopped"
+
+
+def test_exception_in_training_step_marks_the_run_failed(tmp_path):
+    run_dir = tmp_path / "pl-failed"
+    cb = PandaCallback(run_dir)
+    with pytest.raises(RuntimeError, match="boom"):
+        make_trainer(cb, max_epochs=2).fit(Regression(fail_at=5), *loaders())
+    assert cb.final_status == "failed"
+    with store_of(run_dir) as store:
+        meta = store.meta()
+        assert meta["status"] == "failed"
+        assert "RuntimeError: boom in training_step" in meta["error"]
+        assert store.metrics_since(-1, columns=("step",))["step"] == list(range(5))
+
+
+def test_lightning_lr_scheduler_is_warned_about(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="trainer.lightning")
+    cb = PandaCallback(tmp_path / "pl-sched")
+    make_trainer(cb, max_epochs=1, limit_val_batches=0).fit(Regression(scheduler=True),
+                                                             *loaders())
+    assert any("LR scheduler (StepLR)" in r.getMessage() for r in caplog.records)
+    assert cb.final_status == "finished"
+
+
+def test_only_global_rank_zero_babysits(tmp_path, monkeypatch):
+    monkeypatch.setattr(L.Trainer, "is_global_zero", property(lambda self: False))
+    cb = PandaCallback(tmp_path / "pl-rank1")
+    make_trainer(cb, max_epochs=1).fit(Regression(), *loaders())
+    assert cb.final_status is None and not (tmp_path / "pl-rank1").exists()
+
+
+def test_lightning_is_not_imported_by_the_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, trainer, trainer.babysitter, trainer.store; "
+            "assert 'lightning' not in sys.modules and 'lightning.pytorch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
