@@ -8,13 +8,18 @@ the dashboard and the CLI send them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import wait_until
+from helpers import subprocess_env, wait_until
 
 L = pytest.importorskip("lightning.pytorch", reason="Lightning is an optional extra "
                         "(pip install -e '.[lightning]'); PandaCallback tests need it")
@@ -89,9 +94,10 @@ def loaders(batch_size: int = 8):
 
 
 def make_trainer(callback: PandaCallback, max_epochs: int, **kwargs) -> L.Trainer:
+    kwargs.setdefault("devices", 1)
     return L.Trainer(max_epochs=max_epochs, callbacks=[callback], accelerator="cpu",
-                     devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+                     logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, **kwargs)
 
 
 def store_of(run_dir) -> RunStore:
@@ -256,9 +262,62 @@ def test_only_global_rank_zero_babysits(tmp_path, monkeypatch):
 
 
 def test_lightning_is_not_imported_by_the_library():
-    import subprocess
-    import sys
-
     code = ("import sys, trainer, trainer.babysitter, trainer.store; "
             "assert 'lightning' not in sys.modules and 'lightning.pytorch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# --- two ranks (Lightning's "ddp" strategy on the CPU, gloo) ----------------------------------
+
+
+def _ddp_worker(run_dir: str, reports: str) -> None:
+    """One rank of a 2-process Lightning DDP job (Lightning re-runs this script for rank 1)."""
+    torch.set_num_threads(1)
+    model, cb = Regression(lr=0.01), PandaCallback(run_dir)
+    trainer = make_trainer(cb, max_epochs=10_000, strategy="ddp", devices=2)
+    trainer.fit(model, *loaders())
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes()
+                                     for p in model.parameters())).hexdigest()
+    Path(reports, f"rank{trainer.global_rank}.json").write_text(json.dumps({
+        "lr": trainer.optimizers[0].param_groups[0]["lr"], "status": cb.final_status,
+        "params": digest, "epoch": trainer.current_epoch}))
+
+
+@pytest.mark.slow
+def test_ddp_every_rank_gets_the_knob_and_the_stop(tmp_path):
+    run_dir, reports = tmp_path / "pl-ddp", tmp_path / "reports"
+    reports.mkdir()
+    with open(tmp_path / "ddp.log", "wb") as out:
+        proc = subprocess.Popen([sys.executable, __file__, str(run_dir), str(reports)],
+                                stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(),
+                                cwd=tmp_path)
+    try:
+        wait_until(lambda: (run_dir / "run.db").exists() or proc.poll() is not None,
+                   what="the DDP run store")
+        assert proc.poll() is None, (tmp_path / "ddp.log").read_text()
+        store = store_of(run_dir)
+        wait_until(lambda: store.meta().get("step", 0) >= 20, what="20 steps")
+        cid = store.submit_command("set", {"lr": 0.003})
+        cmd = wait_until(lambda: (c := store.command(cid)) and c.status != "pending" and c,
+                         what="lr command resolved")
+        assert cmd.status == "applied", cmd.error
+        wait_until(lambda: store.meta().get("step", 0) >= cmd.applied_step + 10,
+                   what="steps after the change")
+        store.submit_command("stop")
+        assert proc.wait(timeout=120) == 0, (tmp_path / "ddp.log").read_text()
+        assert store.meta()["status"] == "stopped"
+        assert store.meta()["distributed"]["world_size"] == 2
+        store.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["lr"] for r in ranks] == [0.003, 0.003]
+    assert [r["status"] for r in ranks] == ["stopped", "stopped"]
+    assert ranks[0]["params"] == ranks[1]["params"]  # the replicas stayed identical
+    assert ranks[0]["epoch"] == ranks[1]["epoch"] < 9_999
+
+
+if __name__ == "__main__":
+    _ddp_worker(*sys.argv[1:3])

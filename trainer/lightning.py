@@ -29,11 +29,17 @@ Known limits, on purpose:
   The callback logs a warning when it sees one. For live LR control, leave the scheduler out
   and use Panda's own decay instead (``PandaCallback(..., schedule={"shape": "cosine", ...})``
   or the dashboard's decay knob), which composes with live changes.
-* **Multi-process training (DDP and friends).** Only global rank 0 creates a Babysitter; the
-  other ranks do nothing. Broadcasting knob changes, pause and stop from rank 0 to the other
-  ranks is a separate piece of work: until then a live change reaches rank 0's optimizer only
-  (the replicas would drift apart) and a stop ends rank 0 alone. The callback warns when
-  ``world_size > 1``.
+* **Multi-process training (DDP, FSDP, …).** When ``torch.distributed`` is initialized (every
+  Lightning multi-process strategy on GPUs or CPUs), the callback builds a Babysitter on
+  *every* rank, and the Babysitter keeps them in lockstep (:mod:`trainer.distributed`): only
+  rank 0 writes the run store; knobs, pause and stop reach all ranks at the same step (at
+  the next multiple of ``sync_every`` steps); the logged loss is the mean over ranks. Log
+  validation metrics with ``sync_dist=True`` when using ``early_stop`` so every rank decides
+  alike. Every rank must see the same number of batches (Lightning's distributed sampler
+  sees to that); a ``training_step`` that returns None on one rank only would break the
+  lockstep. Without a ``torch.distributed`` group (e.g. XLA/TPU) only global rank 0 babysits and
+  knobs, pause and stop do not reach the other ranks: broadcasting them there is separate
+  work, and the callback warns.
 * **One optimizer.** Knobs act on ``trainer.optimizers[0]``; others keep their settings.
 * A Panda step is one training batch. With ``accumulate_grad_batches=k`` the optimizer steps
   every k batches; the loss logged is the batch's own (Lightning's 1/k scaling is undone).
@@ -115,6 +121,9 @@ class PandaCallback(pl.Callback):
             ``model=None`` to turn those off); ``steps_per_epoch`` defaults to the trainer's
             number of training batches.
 
+    Under a multi-process strategy the callback runs on every rank; the Babysitters of all
+    ranks keep each other in lockstep and only rank 0 writes the run (see the module notes).
+
     The Babysitter exists from ``on_train_start`` (after Lightning has built the optimizers
     and restored any ``ckpt_path``) until the end of ``fit``; it is available as
     :attr:`babysitter` meanwhile, e.g. to call ``callback.babysitter.set(lr=...)`` from code.
@@ -140,14 +149,15 @@ class PandaCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not on_fit_start: Lightning restores a ckpt_path's optimizer state after that hook,
         # and only knows the number of batches per epoch from here on.
-        if not trainer.is_global_zero:
-            return  # knob / pause / stop broadcast to other ranks: not implemented yet
+        lockstep = trainer.world_size > 1 and _torch_distributed_ready()
+        if not lockstep and not trainer.is_global_zero:
+            return  # no process group to share knobs through: rank 0 alone babysits
         if self.babysitter is not None:  # a previous fit that did not end cleanly
             self.babysitter.close()
         if not trainer.optimizers:
             raise RuntimeError("PandaCallback needs an optimizer: configure_optimizers "
                                "returned none")
-        self._warn_about_setup(trainer)
+        self._warn_about_setup(trainer, lockstep)
         kwargs = dict(self.babysitter_kwargs)
         model = kwargs.pop("model", _DEFAULT_MODEL)
         kwargs.setdefault("steps_per_epoch", _batches_per_epoch(trainer))
@@ -239,7 +249,9 @@ class PandaCallback(pl.Callback):
     # --- checks -----------------------------------------------------------------------------
 
     @staticmethod
-    def _warn_about_setup(trainer: pl.Trainer) -> None:
+    def _warn_about_setup(trainer: pl.Trainer, lockstep: bool) -> None:
+        if not trainer.is_global_zero:
+            return  # one warning per job, not one per rank
         schedulers = [type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs]
         if schedulers:
             log.warning(
@@ -251,12 +263,17 @@ class PandaCallback(pl.Callback):
         if len(trainer.optimizers) > 1:
             log.warning("PandaCallback: %d optimizers; Panda's knobs act on the first one only "
                         "(%s).", len(trainer.optimizers), type(trainer.optimizers[0]).__name__)
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not lockstep:
             log.warning(
-                "PandaCallback: %d processes, Panda runs on global rank 0 only. Knob changes "
-                "reach rank 0's optimizer alone and pause/stop act on rank 0 alone (broadcast to "
-                "the other ranks is not implemented yet): do not change knobs live in this "
-                "run.", trainer.world_size)
+                "PandaCallback: %d processes but no torch.distributed process group: Panda "
+                "runs on global rank 0 only. Knob changes reach rank 0's optimizer alone and "
+                "pause/stop act on rank 0 alone (broadcast to the other ranks is not "
+                "implemented for this strategy): do not change knobs live in this run.",
+                trainer.world_size)
+
+
+def _torch_distributed_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _batches_per_epoch(trainer: pl.Trainer) -> int | None:
