@@ -281,9 +281,11 @@ def _lr_find_text(where: str, r: dict) -> str:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from trainer.launch import dashboard_command
+    from trainer.launch import dashboard_command, dashboard_cwd
 
     cmd = dashboard_command(args.runs_dir, host=args.host, port=args.port)
+    if dashboard_cwd() is not None:
+        os.chdir(dashboard_cwd())  # where .streamlit/config.toml (the theme) lives
     env = dict(os.environ)
     if args.token:  # passed in the environment, not argv, so `ps` does not show it
         env["PANDA_TOKEN"] = args.token

@@ -91,6 +91,19 @@ def branch_run(parent_dir: str | os.PathLike, from_step: int, knobs: dict[str, f
     return child, launch_training(cfg, child, resume=True)
 
 
+def dashboard_cwd() -> Path | None:
+    """The source checkout holding ``.streamlit/config.toml`` (the theme), if there is one.
+
+    Streamlit reads its config from the working directory, so the dashboard starts there;
+    runs_dir and the script are absolute paths, so nothing else depends on it.
+    """
+    spec = importlib.util.find_spec("app")
+    if spec is None or spec.origin is None:
+        return None
+    root = Path(spec.origin).resolve().parent.parent
+    return root if (root / ".streamlit" / "config.toml").is_file() else None
+
+
 def dashboard_command(runs_dir: str | os.PathLike, *, host: str = "127.0.0.1",
                       port: int = 8501) -> list[str]:
     """The command line that serves the dashboard for ``runs_dir``."""
