@@ -12,12 +12,14 @@ How. Only rank 0 opens the run store and runs the flusher and poller threads; th
 never touch the run directory. Every ``sync_every`` optimizer steps (a cadence every rank knows,
 so no rank has to ask whether to sync) all ranks meet once:
 
-1. the losses buffered since the last meeting are stacked into one tensor and all-reduced
-   (``SUM`` then divided by the world size: ``ReduceOp.AVG`` exists only for NCCL); rank 0
-   hands the averaged values to its flusher, so the logged curve is the mean over ranks;
-2. rank 0 broadcasts how many commands its poller handed over since the last meeting and, if
-   any, the commands themselves (``broadcast_object_list``,
-   https://pytorch.org/docs/stable/distributed.html#torch.distributed.broadcast_object_list);
+1. the losses buffered since the last meeting are stacked into one tensor and summed over
+   ranks, then divided by the world size (``ReduceOp.AVG`` exists only for NCCL); rank 0
+   hands the averages to its flusher, so the logged curve is the mean over ranks;
+2. rank 0 tells every rank how many commands its poller handed over since the last meeting
+   and, if any, broadcasts the commands themselves (``broadcast_object_list``,
+   https://pytorch.org/docs/stable/distributed.html#torch.distributed.broadcast_object_list).
+   On the CPU, steps 1 and 2 are one ``all_gather`` of ``[losses…, count]``: a meeting without
+   commands costs a single small collective;
 3. every rank applies them, in order, through :meth:`Babysitter._apply` (rank 0 records them in
    the store exactly as without DDP; the other ranks' records go to a sink).
 
@@ -194,39 +196,63 @@ class DistributedSync:
 
     def sync(self, bs: Babysitter) -> None:
         """All ranks, at the same step: average the buffered losses, then share the commands."""
-        self._reduce_losses(bs)
-        self._exchange(bs)
+        commands = drain(self.inbox) if self.leader else []
+        count = self._meet(drain(bs._rows), len(commands))
+        self._receive(bs, commands, count)
         if bs.paused and not bs.should_stop:
             self._wait_while_paused(bs)
 
-    def _reduce_losses(self, bs: Babysitter) -> None:
-        self._reduce(drain(bs._rows))
+    def _meet(self, rows: list, count: int) -> int:
+        """Average the rows' losses (rank 0 keeps them); return rank 0's command count.
 
-    def _reduce(self, rows: list) -> None:
-        if not rows:
-            return
+        On the CPU (gloo) one ``all_gather`` of ``[losses…, count]`` does both: every rank
+        learns rank 0's count, rank 0 averages the gathered losses (a gloo all-gather of a few
+        numbers costs about half an all-reduce plus a broadcast). With losses on a GPU the
+        all-reduce stays on the device (asynchronous, no host sync) and the count travels on
+        the gloo control group.
+        """
         values = [r[3] for r in rows]
         device = self._device(values)
-        losses = torch.stack([torch.as_tensor(v).detach().reshape(()).to(device, torch.float64)
-                              for v in values])
-        dist.all_reduce(losses, op=dist.ReduceOp.SUM, group=self.group)
-        losses /= self.world_size
-        if self.leader:
-            self.flush_rows.extend((*r[:3], loss, *r[4:])
-                                   for r, loss in zip(rows, losses.unbind()))
+        losses = [torch.as_tensor(v).detach().reshape(()).to(device, torch.float64)
+                  for v in values]
+        if device.type == "cpu" and self.control is self.group:
+            mine = torch.cat([*(t.reshape(1) for t in losses),
+                              torch.tensor([count], dtype=torch.float64)])
+            gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(gathered, mine, group=self.group)
+            if self.leader and rows:
+                self._hand_to_flusher(rows, torch.stack(gathered)[:, :-1].sum(0))
+            return int(gathered[LEADER][-1])
+        if rows:
+            stacked = torch.stack(losses)
+            dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=self.group)
+            if self.leader:
+                self._hand_to_flusher(rows, stacked)
+        return self._broadcast_count(count)
+
+    def _hand_to_flusher(self, rows: list, loss_sums: torch.Tensor) -> None:
+        means = (loss_sums / self.world_size).unbind()
+        self.flush_rows.extend((*r[:3], loss, *r[4:]) for r, loss in zip(rows, means))
 
     def _device(self, values: list) -> torch.device:
         """Where to reduce: the losses' CUDA device under NCCL (no host sync), else the CPU."""
-        first = values[0]
-        if (isinstance(first, torch.Tensor) and first.is_cuda and "nccl" in self.backend):
+        first = values[0] if values else None
+        if "nccl" not in self.backend:
+            return torch.device("cpu")
+        if isinstance(first, torch.Tensor) and first.is_cuda:
             return first.device
-        return torch.device("cpu")
+        if "gloo" in self.backend:  # e.g. "cpu:gloo,cuda:nccl": CPU numbers go through gloo
+            return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device())
 
-    def _exchange(self, bs: Babysitter) -> None:
-        commands = drain(self.inbox) if self.leader else []
-        count = torch.tensor([len(commands)], dtype=torch.int64)
-        dist.broadcast(count, src=LEADER, group=self.control)
-        if not int(count):
+    def _broadcast_count(self, count: int) -> int:
+        box = torch.tensor([count], dtype=torch.int64)
+        dist.broadcast(box, src=LEADER, group=self.control)
+        return int(box)
+
+    def _receive(self, bs: Babysitter, commands: list, count: int) -> None:
+        """Rank 0 sends its ``count`` commands (if any); every rank applies them in order."""
+        if not count:
             return
         box = [commands]
         dist.broadcast_object_list(box, src=LEADER, group=self.control)
@@ -241,7 +267,8 @@ class DistributedSync:
             if self.leader:
                 self._wake.wait(PAUSE_WAKE_S)
                 self._wake.clear()
-            self._exchange(bs)
+            commands = drain(self.inbox) if self.leader else []
+            self._receive(bs, commands, self._broadcast_count(len(commands)))
 
     # --- end of the run ---------------------------------------------------------------------------
 
@@ -255,7 +282,7 @@ class DistributedSync:
         rows = drain(bs._rows)
         if collective:
             try:
-                self._reduce(rows)
+                self._meet(rows, 0)  # commands sent now stay pending: the run is over
                 return
             except (RuntimeError, ValueError):  # a peer is gone: keep what this rank has
                 log.exception("could not average the last losses; logging rank %d's own",
