@@ -1,210 +1,337 @@
 """The knobs panel: log-scale sliders, pending vs applied, one Apply, pause / resume / stop.
 
 Widgets hold *pending* values; the run store holds *applied* ones (the trainer's own report).
-Apply validates the pending values (``trainer.knobs``, the same rules the trainer applies
-again) and sends one ``set`` command with only the knobs that changed.
+A widget the user has not moved since it was seeded follows the applied value (an LR decay or
+a change from the CLI moves it), so only knobs the user actually turned count as pending.
+Apply validates the pending values (``trainer.knobs``; the trainer validates them again) and
+sends one ``set`` command with only the knobs that changed.
 """
 
 from __future__ import annotations
 
-import os
+import math
 from typing import Any
 
 import streamlit as st
 
 from trainer.knobs import KnobError, format_sci, log_ladder, nearest_on_ladder, validate_knobs
-from trainer.schedules import DEFAULT_RATES, SHAPES, validate_schedule
 from trainer.store import FINAL_STATES, RunStore
 
-LR_LADDER = log_ladder(-6, 1)                        # 1e-6 … 10, 1-1.5-2-3-5-7 per decade
-ONE_MINUS_BETA = sorted(log_ladder(-3, 0), reverse=True)  # 1 … 1e-3, i.e. β 0 … 0.999
+LR_LADDER = log_ladder(-6, 1)                              # 1e-6 … 10
+ONE_MINUS_BETA = sorted(log_ladder(-3, 0), reverse=True)   # 1 … 1e-3, i.e. β 0 … 0.999
 MOMENTUM_OPTIONS = [round(1.0 - v, 12) for v in ONE_MINUS_BETA]
-WD_OPTIONS = [0.0, *log_ladder(-6, -1)]              # an explicit 0, then 1e-6 … 0.1
-SHAPE_LABELS = {"constant": "constant", "exponential": "exponential  α0·r^epoch",
-                "inverse_time": "inverse time  α0/(1+k·epoch)", "step": "step  ×γ every N",
-                "cosine": "cosine to a floor"}
-RATE_LABELS = {"exponential": "r per epoch", "inverse_time": "k", "step": "γ per drop",
-               "cosine": "floor (fraction of base LR)"}
+WD_OPTIONS = [0.0, *log_ladder(-6, 0)]                     # an explicit 0, then 1e-6 … 1
+KNOB_ORDER = ("lr", "momentum", "weight_decay")            # the literature's priority
+LOCKED_STATES = (*FINAL_STATES, "interrupted")
+SAME_REL_TOL = 1e-9        # pending within this relative distance of applied is "no change"
+KNOB_LABELS = {"lr": "learning rate", "momentum": "momentum β", "weight_decay": "weight decay"}
+TABLE_LABELS = {"lr": "LR", "momentum": "momentum β", "weight_decay": "weight decay"}
 
 
-def _momentum_label(beta: float) -> str:
-    return f"β {beta:.6g}  (1−β {format_sci(1.0 - beta)})"
+def key(run: str, name: str) -> str:
+    """Session-state key of one run's widget or value (knobs are remembered per run)."""
+    return f"knob:{run}:{name}"
 
 
-def _key(run: str, name: str) -> str:
-    return f"knob_{run}_{name}"
+def is_locked(state: str) -> bool:
+    """Whether a run in ``state`` can take no commands (knobs shown read-only)."""
+    return state in LOCKED_STATES
 
 
-def _init_pending(run: str, applied: dict[str, Any]) -> None:
-    """Seed the widgets with the applied values the first time a run is shown."""
-    if st.session_state.get(_key(run, "seeded")):
-        return
-    st.session_state[_key(run, "lr")] = nearest_on_ladder(applied["lr"], LR_LADDER)
-    if applied.get("momentum") is not None:
-        st.session_state[_key(run, "momentum")] = min(
-            MOMENTUM_OPTIONS, key=lambda b: abs((1 - b) - (1 - applied["momentum"])))
-    if applied.get("weight_decay") is not None:
-        wd = applied["weight_decay"]
-        st.session_state[_key(run, "weight_decay")] = 0.0 if wd == 0 else nearest_on_ladder(
-            wd, WD_OPTIONS[1:])
-    st.session_state[_key(run, "seeded")] = True
+def supported_knobs(meta: dict[str, Any], applied: dict[str, Any]) -> list[str]:
+    """The knobs the run's optimizer has (meta ``supported_knobs``; else those it reports)."""
+    names = meta.get("supported_knobs") or [k for k in KNOB_ORDER if applied.get(k) is not None]
+    return [k for k in KNOB_ORDER if k in names]
 
 
-def _scale_lr(run: str, factor: float) -> None:
-    key = _key(run, "lr")
-    target = st.session_state[key] * factor
-    st.session_state[key] = nearest_on_ladder(target, LR_LADDER)
-    st.session_state[_key(run, "exact")] = ""
+def format_beta(beta: float) -> str:
+    """Momentum slider label: β, with the 1−β the slider is spaced by."""
+    return f"β {beta:.6g} (1−β {format_sci(round(1.0 - beta, 12))})"
 
 
-def pending_knobs(run: str, supported: list[str]) -> dict[str, float]:
-    """The values the widgets hold now; an exact LR typed in the text field wins."""
+def _on_widget_scale(name: str, value: float) -> float:
+    """The option of ``name``'s slider nearest to ``value`` (log scale)."""
+    if name == "lr":
+        return nearest_on_ladder(value, LR_LADDER)
+    if name == "momentum":
+        return round(1.0 - nearest_on_ladder(1.0 - value, ONE_MINUS_BETA), 12)
+    return 0.0 if value == 0 else nearest_on_ladder(value, WD_OPTIONS[1:])
+
+
+def _seed(run: str, name: str, value: float, basis: float | None = None) -> None:
+    """Put ``value`` on the widget as its untouched state. ``basis`` is the applied value it
+    was seeded for (``value`` itself unless a command to change it is in flight)."""
     state = st.session_state
-    pending: dict[str, Any] = {"lr": state.get(_key(run, "lr"))}
-    exact = (state.get(_key(run, "exact")) or "").strip()
-    if exact:
+    state[key(run, name)] = state[key(run, f"seed_{name}")] = _on_widget_scale(name, value)
+    state[key(run, f"basis_{name}")] = value if basis is None else basis
+
+
+def _touched(run: str, name: str) -> bool:
+    state = st.session_state
+    if name == "lr" and (state.get(key(run, "exact")) or "").strip():
+        return True
+    return state.get(key(run, name)) != state.get(key(run, f"seed_{name}"))
+
+
+def sync_widgets(run: str, applied: dict[str, Any], supported: list[str]) -> None:
+    """Seed widgets with applied values; re-seed untouched ones when the applied value moved.
+
+    Call before the widgets are created in a script run (Streamlit forbids changing a widget's
+    value after that).
+    """
+    for name in supported:
+        value = applied.get(name)
+        if value is None:
+            continue
+        state = st.session_state
+        if key(run, name) not in state or (
+                not _touched(run, name) and state.get(key(run, f"basis_{name}")) != value):
+            _seed(run, name, value)
+
+
+def widgets_behind(run: str, applied: dict[str, Any], supported: list[str]) -> bool:
+    """Whether an untouched widget shows a stop other than the applied value's (the knobs have
+    no refresh timer; the live part calls this and re-runs the page when it is True).
+
+    An applied value that moved without moving the widget (an LR decay, mostly) is simply
+    noted, so a decaying LR does not re-run the page every second.
+    """
+    state = st.session_state
+    behind = False
+    for name in supported:
+        value = applied.get(name)
+        basis = key(run, f"basis_{name}")
+        if value is None or key(run, name) not in state or _touched(run, name) \
+                or state.get(basis) == value:
+            continue
+        if _on_widget_scale(name, value) == state[key(run, name)]:
+            state[basis] = value
+        else:
+            behind = True
+    return behind
+
+
+def pending_knobs(run: str, applied: dict[str, Any], supported: list[str]) -> dict[str, Any]:
+    """What Apply would send for each knob: the user's value if touched, else the applied one.
+
+    A typed exact LR wins over the LR slider and may be invalid text (validated on Apply).
+    """
+    state = st.session_state
+    pending: dict[str, Any] = {}
+    for name in supported:
+        pending[name] = state.get(key(run, name)) if _touched(run, name) else applied.get(name)
+    exact = (state.get(key(run, "exact")) or "").strip()
+    if exact and "lr" in supported:
         pending["lr"] = exact
-    for name in ("momentum", "weight_decay"):
-        if name in supported and _key(run, name) in state:
-            pending[name] = state[_key(run, name)]
     return pending
 
 
+def _same(a: float, b: float | None) -> bool:
+    return b is not None and math.isclose(a, b, rel_tol=SAME_REL_TOL, abs_tol=0.0)
+
+
 def changed_knobs(pending: dict[str, Any], applied: dict[str, Any]) -> dict[str, float]:
-    """Validate pending values and keep those that differ from the applied ones.
+    """Validate pending values; return those that differ from the applied ones.
 
-    Raises :class:`KnobError` for a bad value (nothing is sent then).
+    Raises :class:`KnobError` (nothing is sent then).
     """
-    valid = validate_knobs(pending)
-    return {k: v for k, v in valid.items() if applied.get(k) is None or
-            abs(v - applied[k]) > 1e-12 * max(1.0, abs(applied[k]))}
+    present = {k: v for k, v in pending.items() if v is not None}
+    valid = validate_knobs(present) if present else {}
+    return {k: v for k, v in valid.items() if not _same(v, applied.get(k))}
 
 
-def token_ok() -> bool:
-    """With ``PANDA_TOKEN`` set, knobs stay locked until the page is given that token."""
-    expected = os.environ.get("PANDA_TOKEN")
-    if not expected:
-        return True
-    given = st.sidebar.text_input("Access token", type="password", key="panda_token",
-                                  help="this dashboard was started with --token")
-    if given and given != expected:
-        st.sidebar.error("Wrong token: knobs stay locked.")
-    return given == expected
+def remember_command(run: str, command_id: int, what: str) -> None:
+    """Note the command this page sent last, so its outcome can be shown."""
+    st.session_state[key(run, "last_command")] = (command_id, what)
 
 
-def knobs_panel(store: RunStore, summary: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Sliders and buttons for one run. Writes commands only through ``store``."""
-    run = summary["run"]
-    applied = {k: summary[k] for k in ("lr", "momentum", "weight_decay")}
+def format_knob(name: str, value: float | None) -> str:
+    """A knob value as the page shows it: β plainly (0.99), LR and decay in 1e-03 form."""
+    if value is None:
+        return "–"
+    return f"{value:.6g}" if name == "momentum" else format_sci(value)
+
+
+def describe_changes(changes: dict[str, float]) -> str:
+    """``lr 3e-03, momentum β 0.95``: what a set command asks for."""
+    return ", ".join(f"{KNOB_LABELS.get(k, k)} {format_knob(k, v)}" for k, v in changes.items())
+
+
+# --- callbacks (run before the script re-runs, so they may reset widget values) -------------
+
+def _applied(run_dir: str) -> tuple[str, dict[str, Any]]:
+    """The run's state and applied knobs, read fresh (callback arguments are as old as the
+    last render of the knobs, which has no timer)."""
+    with RunStore(run_dir) as store:
+        summary = store.summary()
+    return summary["state"], {k: summary.get(k) for k in KNOB_ORDER}
+
+
+def _current_lr(run: str, applied: dict[str, Any]) -> float | None:
+    value = pending_knobs(run, applied, ["lr"]).get("lr")
+    try:
+        return validate_knobs({"lr": value})["lr"]
+    except KnobError:
+        return None
+
+
+def _scale_lr(run_dir: str, run: str, factor: float) -> None:
+    """×½ / ×2: the exact result goes into the text field, the slider to its nearest stop."""
+    state = st.session_state
+    base = _current_lr(run, _applied(run_dir)[1])
+    if base is None:
+        state[key(run, "error")] = "Type a valid learning rate first (e.g. 3e-4)."
+        return
+    target = float(f"{base * factor:.6g}")
+    state[key(run, "exact")] = f"{target:.6g}"
+    state[key(run, "lr")] = nearest_on_ladder(target, LR_LADDER)
+    state.pop(key(run, "error"), None)
+
+
+def _slider_moved(run: str) -> None:
+    st.session_state[key(run, "exact")] = ""  # the slider wins over an older typed value
+    st.session_state.pop(key(run, "error"), None)
+
+
+def _exact_typed(run: str) -> None:
+    state = st.session_state
+    text = (state.get(key(run, "exact")) or "").strip()
+    if not text:
+        state.pop(key(run, "error"), None)
+        return
+    try:
+        lr = validate_knobs({"lr": text})["lr"]
+    except KnobError as err:
+        state[key(run, "error")] = f"Not a valid learning rate: {err}"
+        return
+    state.pop(key(run, "error"), None)
+    state[key(run, "lr")] = nearest_on_ladder(lr, LR_LADDER)
+
+
+def _apply(run_dir: str, run: str, supported: list[str]) -> None:
+    """Apply: validate, send one ``set`` command with the changed knobs, re-seed widgets."""
+    state = st.session_state
+    run_state, applied = _applied(run_dir)
+    if is_locked(run_state):
+        state[key(run, "error")] = f"Not sent: the run is {run_state}."
+        return
+    try:
+        changes = changed_knobs(pending_knobs(run, applied, supported), applied)
+    except KnobError as err:
+        state[key(run, "error")] = f"Not sent: {err}"
+        return
+    if not changes:
+        state[key(run, "error")] = "Nothing to apply: every pending value equals the applied one."
+        return
+    with RunStore(run_dir) as store:
+        command_id = store.submit_command("set", changes, source="dashboard")
+    state.pop(key(run, "error"), None)
+    remember_command(run, command_id, describe_changes(changes))
+    state[key(run, "exact")] = ""
+    for name, value in changes.items():
+        # Untouched again, showing the sent value; it follows the applied one from the moment
+        # the trainer has applied it (basis: the value in force until then).
+        _seed(run, name, value, basis=applied.get(name))
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+def knob_widgets(store: RunStore, summary: dict[str, Any], meta: dict[str, Any],
+                 *, allowed: bool = True) -> None:
+    """LR, momentum and weight decay widgets for one run, ×½ / ×2, exact LR, and Apply.
+
+    ``allowed`` False (no access token) shows them disabled, like a finished run.
+    """
+    run, run_dir = summary["run"], str(store.run_dir)
+    applied = {k: summary.get(k) for k in KNOB_ORDER}
     if applied["lr"] is None:
         st.info("Waiting for the trainer to report its knobs…")
         return
-    supported = meta.get("supported_knobs") or ["lr", "momentum", "weight_decay"]
-    locked = summary["state"] in (*FINAL_STATES, "interrupted") or not token_ok()
-    if summary["state"] in (*FINAL_STATES, "interrupted"):
-        st.caption(f"Run is {summary['state']}: knobs are read-only.")
-    _init_pending(run, applied)
-
+    supported = supported_knobs(meta, applied)
+    locked = is_locked(summary["state"]) or not allowed
+    if is_locked(summary["state"]):
+        st.caption(f"The run is {summary['state']}: knobs are read-only.")
+    sync_widgets(run, applied, supported)
     st.select_slider("Learning rate (log scale)", options=LR_LADDER, format_func=format_sci,
-                     key=_key(run, "lr"), disabled=locked)
-    half, double = st.columns(2)
-    half.button("LR ×½", key=_key(run, "half"), on_click=_scale_lr, args=(run, 0.5),
-                disabled=locked, width="stretch")
-    double.button("LR ×2", key=_key(run, "double"), on_click=_scale_lr, args=(run, 2.0),
-                  disabled=locked, width="stretch")
-    st.text_input("Exact LR (overrides the slider)", key=_key(run, "exact"),
-                  placeholder="e.g. 3.2e-4", disabled=locked)
+                     key=key(run, "lr"), disabled=locked, on_change=_slider_moved, args=(run,),
+                     help="equal effort per decade: 1e-6 … 10")
+    half, double, exact = st.columns([1, 1, 2], vertical_alignment="bottom")
+    half.button("×½", key=key(run, "half"), on_click=_scale_lr, args=(run_dir, run, 0.5),
+                disabled=locked, width="stretch", help="halve the pending learning rate")
+    double.button("×2", key=key(run, "double"), on_click=_scale_lr, args=(run_dir, run, 2.0),
+                  disabled=locked, width="stretch", help="double the pending learning rate")
+    exact.text_input("exact LR", key=key(run, "exact"), placeholder="exact LR",
+                     label_visibility="collapsed", disabled=locked, on_change=_exact_typed,
+                     args=(run,))
     if "momentum" in supported:
-        st.select_slider("Momentum β (log scale of 1−β)", options=MOMENTUM_OPTIONS,
-                         format_func=_momentum_label, key=_key(run, "momentum"),
-                         disabled=locked)
+        st.select_slider("Momentum (log scale of 1−β)", options=MOMENTUM_OPTIONS,
+                         format_func=format_beta, key=key(run, "momentum"), disabled=locked,
+                         help="β near 1 is sensitive: the slider is spaced by 1−β")
     if "weight_decay" in supported:
-        st.select_slider("Weight decay", options=WD_OPTIONS, format_func=format_sci,
-                         key=_key(run, "weight_decay"), disabled=locked)
-
-    pending = pending_knobs(run, supported)
-    _pending_table(pending, applied, supported)
-    if st.button("Apply", type="primary", key=_key(run, "apply"), disabled=locked,
-                 width="stretch"):
-        try:
-            changes = changed_knobs(pending, applied)
-        except KnobError as err:
-            st.error(f"Not sent: {err}")
-        else:
-            if changes:
-                command_id = store.submit_command("set", changes, source="dashboard")
-                st.session_state[_key(run, "last_command")] = command_id
-            else:
-                st.info("Nothing to apply: pending equals applied.")
-    _decay_controls(store, run, meta, locked)
-    _run_buttons(store, run, summary["state"], locked)
+        st.select_slider("Weight decay (log scale)", options=WD_OPTIONS, format_func=format_sci,
+                         key=key(run, "weight_decay"), disabled=locked)
+    st.button("Apply", type="primary", key=key(run, "apply"), disabled=locked, width="stretch",
+              on_click=_apply, args=(run_dir, run, supported))
+    if st.session_state.get(key(run, "error")):
+        st.error(st.session_state[key(run, "error")])
 
 
-def _pending_table(pending: dict[str, Any], applied: dict[str, Any], supported: list[str]):
-    lines = []
+def pending_table(run: str, summary: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Applied vs pending, one row per supported knob; changed rows are marked."""
+    applied = {k: summary.get(k) for k in KNOB_ORDER}
+    if applied["lr"] is None:
+        return
+    supported = supported_knobs(meta, applied)
+    pending = pending_knobs(run, applied, supported)
+    lines = ["| knob | applied | pending |", "|---|---|---|"]
+    waiting = False
     for name in supported:
         value = pending.get(name)
         try:
-            shown = format_sci(float(value)) if value is not None else "–"
-        except ValueError:
-            shown = f"`{str(value)[:12]}` (invalid)"
-        now = format_sci(applied[name]) if applied.get(name) is not None else "–"
-        lines.append(f"{name} **{now}**" if shown == now else
-                     f"{name} **{now}** → **{shown}** (pending)")
-    st.markdown("  \n".join(lines))
-
-
-def _decay_controls(store: RunStore, run: str, meta: dict[str, Any], locked: bool) -> None:
-    current = (meta.get("schedule") or {}).get("shape", "constant")
-    with st.expander(f"LR decay: {current}"):
-        shape = st.selectbox("shape", SHAPES, index=SHAPES.index(current),
-                             format_func=SHAPE_LABELS.get, key=_key(run, "shape"),
-                             disabled=locked)
-        payload: dict[str, Any] = {"shape": shape}
-        if shape != "constant":
-            payload["rate"] = st.number_input(RATE_LABELS[shape], value=DEFAULT_RATES[shape],
-                                              format="%.4g", key=_key(run, f"rate_{shape}"),
-                                              disabled=locked)
-        if shape == "step":
-            payload["step_epochs"] = st.number_input("epochs between drops", value=10.0,
-                                                     min_value=0.0, key=_key(run, "step_n"))
-        if shape == "cosine":
-            payload["total_epochs"] = st.number_input("epochs to the floor", value=100.0,
-                                                      min_value=0.0, key=_key(run, "cos_t"))
-        if st.button("Apply decay", key=_key(run, "apply_decay"), disabled=locked):
-            try:
-                schedule = validate_schedule(payload)
-            except KnobError as err:
-                st.error(f"Not sent: {err}")
-            else:
-                schedule.pop("origin_epoch")  # the trainer sets where the new shape starts
-                command_id = store.submit_command("schedule", schedule, source="dashboard")
-                st.session_state[_key(run, "last_command")] = command_id
-
-
-def _run_buttons(store: RunStore, run: str, state: str, locked: bool) -> None:
-    pause, resume, stop = st.columns(3)
-    for column, kind, enabled in ((pause, "pause", state == "running"),
-                                  (resume, "resume", state in ("paused", "diverged")),
-                                  (stop, "stop", True)):
-        if column.button(kind.capitalize(), key=_key(run, kind), disabled=locked or not enabled,
-                         width="stretch"):
-            command_id = store.submit_command(kind, {}, source="dashboard")
-            st.session_state[_key(run, "last_command")] = command_id
+            number = validate_knobs({name: value})[name] if value is not None else None
+        except KnobError:
+            shown, waiting = f":red[{str(value)[:12]} (invalid)]", True
+        else:
+            shown = format_knob(name, number)
+            if number is not None and not _same(number, applied[name]):
+                shown, waiting = f":orange[**{shown}**]", True
+        lines.append(f"| {TABLE_LABELS[name]} | {format_knob(name, applied[name])} | {shown} |")
+    st.markdown("\n".join(lines))
+    if waiting:
+        st.caption("Orange: pending, not sent yet. Press Apply to send.")
 
 
 def command_outcome(store: RunStore, run: str) -> None:
-    """Show what became of the last command this page sent (live: called in the fragment)."""
-    command_id = st.session_state.get(_key(run, "last_command"))
-    if command_id is None:
+    """What became of the last command this page sent: applied at step N, or refused."""
+    sent = st.session_state.get(key(run, "last_command"))
+    if sent is None:
         return
+    command_id, what = sent
     command = store.command(command_id)
     if command is None:
         return
     if command.status == "applied":
-        st.success(f"Command {command.id} ({command.kind}) applied at step "
-                   f"{command.applied_step}.")
-    elif command.status == "rejected":
-        st.error(f"Command {command.id} refused by the trainer: {command.error}")
+        st.success(f"✓ {what}: applied at step {command.applied_step}")
+    elif command.status == "pending":
+        st.info(f"… {what}: sent (command {command_id}), waiting for the trainer")
     else:
-        st.info(f"Command {command.id} ({command.kind}) sent; waiting for the trainer…")
+        st.error(f"✗ {what}: {command.status} by the trainer: {command.error}")
+        if st.session_state.get(key(run, "resynced")) != command_id:
+            # The widgets still show the refused values: forget what they were seeded for,
+            # so they go back to the applied values on the next refresh.
+            st.session_state[key(run, "resynced")] = command_id
+            for name in KNOB_ORDER:
+                st.session_state.pop(key(run, f"basis_{name}"), None)
+
+
+def run_buttons(store: RunStore, run: str, state: str, *, allowed: bool = True) -> None:
+    """Pause / Resume / Stop, enabled by the run's state."""
+    live = allowed and not is_locked(state)
+    choices = (("pause", "Pause", state in ("running", "starting")),
+               ("resume", "Resume", state in ("paused", "diverged")),
+               ("stop", "Stop", True))
+    for column, (kind, label, enabled) in zip(st.columns(len(choices)), choices):
+        if column.button(label, key=key(run, kind), disabled=not (live and enabled),
+                         width="stretch"):
+            command_id = store.submit_command(kind, {}, source="dashboard")
+            remember_command(run, command_id, kind)

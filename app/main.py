@@ -1,8 +1,9 @@
 """Panda's dashboard: one page to watch a run and turn its knobs.
 
 Served by ``panda dashboard`` (``streamlit run app/main.py -- --runs-dir DIR``). It reads and
-writes only through the run store; the live parts are ``st.fragment(run_every=…)`` blocks that
-fetch only rows newer than the ones they already hold.
+writes only through the run store. The live parts are ``st.fragment(run_every=…)`` blocks that
+fetch only rows newer than the ones this session already holds (:mod:`app.data`); the knob
+widgets live in a fragment without a timer, so a refresh never resets what the user is typing.
 """
 
 from __future__ import annotations
@@ -15,235 +16,311 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import streamlit as st
 
 from app.charts import training_figure
-from app.controls import command_outcome, knobs_panel, pending_knobs
+from app.controls import (
+    KNOB_ORDER,
+    command_outcome,
+    is_locked,
+    knob_widgets,
+    pending_table,
+    run_buttons,
+    supported_knobs,
+    widgets_behind,
+)
+from app.data import early_stop_hint, fetch, steps_per_second
 from app.lr_panel import render_lr_panel
-from trainer.export import build_export, render
-from trainer.knobs import format_sci, log_ladder
-from trainer.launch import launch_training, new_run_name
-from trainer.optim import OPTIMIZERS
-from trainer.runner import TrainConfig
-from trainer.store import RUNNING_STATES, RunStore, StoreError, list_runs, sanitize_run_name
-from trainer.tasks import TASK_NAMES
+from app.panels import decay_controls, export_block, new_run_form
+from trainer.knobs import format_sci
+from trainer.store import RUNNING_STATES, RunStore, StoreError, list_runs
 
 REFRESH_S = 1.0            # live parts re-render about once a second
-RATE_WINDOW = 50           # steps/s is measured over the last this many steps
-PATIENCE_HINT = 5          # epochs without a better val loss before the page suggests stopping
+DEFAULT_SMOOTHING = 0.6    # TensorBoard's default EMA weight
+RUNS_DIR_ENV = "PANDA_RUNS_DIR"
+TOKEN_ENV = "PANDA_TOKEN"
+WINDOWS = {"all": None, "last 500": 500, "last 2,000": 2_000, "last 10,000": 10_000}
+CHART_HEIGHT = 450        # px: loss and LR panels fit a 1280×800 window under the status row
+# Compact metrics and narrower page margins, so nine status cells fit beside the sidebar at
+# 1280 px. (No emoji anywhere: headless and minimal Linux browsers often lack the font.)
+PAGE_CSS = """<style>
+[data-testid="stMetricValue"] { font-size: 1.15rem; }
+[data-testid="stMetricLabel"] p { font-size: 0.8rem; }
+[data-testid="stMainBlockContainer"], .block-container {
+    padding: 2.5rem 1.8rem 1rem 1.8rem; }
+</style>"""
 
 
-def runs_dir() -> Path:
+def runs_dir(argv: list[str] | None = None) -> Path:
     """``--runs-dir`` after ``--`` on the streamlit command line, else $PANDA_RUNS_DIR, else
     ./runs."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--runs-dir", default=os.environ.get("PANDA_RUNS_DIR", "runs"))
-    args, _ = parser.parse_known_args(sys.argv[1:])
+    parser.add_argument("--runs-dir", default=os.environ.get(RUNS_DIR_ENV, "runs"))
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     return Path(args.runs_dir)
 
 
-# --- incremental data ------------------------------------------------------------------------
-
-def _empty_cache() -> dict[str, Any]:
-    return {"step": np.empty(0), "loss": np.empty(0), "lr": np.empty(0), "wall": np.empty(0),
-            "last_step": -1, "val": {}, "last_val": 0, "events": [], "last_event": 0}
-
-
-def fetch(store: RunStore) -> dict[str, Any]:
-    """This session's copy of a run's curves, extended with rows newer than it holds."""
-    caches = st.session_state.setdefault("curves", {})
-    cache = caches.setdefault(str(store.run_dir), _empty_cache())
-    new_events = store.events_since(cache["last_event"])
-    if any(e["kind"] == "restart" for e in new_events):
-        cache = caches[str(store.run_dir)] = _empty_cache()  # resumed: old rows were replaced
-        new_events = store.events_since(0)
-    rows = store.metrics_since(cache["last_step"], columns=("step", "wall", "loss", "lr"))
-    if rows["step"]:
-        for name in ("step", "wall", "loss", "lr"):
-            cache[name] = np.concatenate([cache[name], np.asarray(rows[name], dtype=float)])
-        cache["last_step"] = rows["step"][-1]
-    for row in store.validation_since(cache["last_val"]):
-        steps, values = cache["val"].setdefault(row["name"], ([], []))
-        steps.append(row["step"])
-        values.append(math.nan if row["value"] is None else row["value"])
-        cache["last_val"] = row["id"]
-    if new_events:
-        cache["events"] = cache["events"] + new_events
-        cache["last_event"] = new_events[-1]["id"]
-    return cache
-
-
-def steps_per_second(cache: dict[str, Any]) -> float | None:
-    steps, wall = cache["step"][-RATE_WINDOW:], cache["wall"][-RATE_WINDOW:]
-    if steps.size < 2 or wall[-1] <= wall[0]:
+def _open(run_dir: str) -> RunStore | None:
+    try:
+        return RunStore(run_dir)
+    except StoreError as err:
+        st.error(str(err))
         return None
-    return float((steps[-1] - steps[0]) / (wall[-1] - wall[0]))
 
 
-def early_stop_hint(val: dict[str, tuple]) -> str | None:
-    """A hint when validation loss has not improved for PATIENCE_HINT evaluations."""
-    steps, values = val.get("loss", ([], []))
-    finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
-    if len(finite) <= PATIENCE_HINT:
-        return None
-    best = min(range(len(finite)), key=lambda i: finite[i][1])
-    waited = len(finite) - 1 - best
-    if waited < PATIENCE_HINT:
-        return None
-    return (f"Validation loss has not improved for {waited} evaluations (best "
-            f"{finite[best][1]:.4g} at step {finite[best][0]}): consider stopping, or lowering "
-            "the LR.")
+def _curves(store: RunStore) -> dict[str, Any]:
+    return fetch(store, st.session_state.setdefault("curves", {}))
 
 
-# --- page parts --------------------------------------------------------------------------------
+def _fmt(value: float | None, fmt=format_sci) -> str:
+    return "–" if value is None else fmt(value)
 
-def status_row(summary: dict[str, Any], cache: dict[str, Any], meta: dict[str, Any]) -> None:
-    rate = steps_per_second(cache) if summary["state"] == "running" else None
+
+# --- live fragments ---------------------------------------------------------------------------
+
+@st.fragment(run_every=REFRESH_S)
+def live_status(run_dir: str, title: str, allowed: bool) -> None:
+    """Title with pause / resume / stop; state, step, epoch, speed, elapsed time and the
+    knobs in force."""
+    store = _open(run_dir)
+    if store is None:
+        return
+    with store:
+        summary, meta = store.summary(), store.meta()
+        cache = _curves(store)
+        heading, buttons = st.columns([3, 2], vertical_alignment="center")
+        heading.markdown(f"#### {title}")
+        with buttons:
+            run_buttons(store, summary["run"], summary["state"], allowed=allowed)
+    state = summary["state"]
+    seen = st.session_state.setdefault("seen_state", {})
+    if run_dir in seen and is_locked(seen[run_dir]) != is_locked(state):
+        seen[run_dir] = state
+        st.rerun(scope="app")  # the knob widgets (outside this fragment) lock or unlock
+    seen[run_dir] = state
+    rate = steps_per_second(cache) if state == "running" else None
     elapsed = (meta.get("ended") or time.time()) - (meta.get("created") or time.time())
-    schedule = (summary.get("schedule") or {}).get("shape", "constant")
-    cells = [("state", summary["state"]), ("step", f"{summary['step']:,}"),
+    cells = [("state", state), ("step", f"{summary['step']:,}"),
              ("epoch", str(summary["epoch"])),
-             ("steps/s", "–" if rate is None else f"{rate:,.0f}"),
+             ("steps/s", "–" if rate is None else f"{rate:,.1f}"),
              ("elapsed", time.strftime("%H:%M:%S", time.gmtime(max(0.0, elapsed)))),
-             ("lr", format_sci(summary["lr"]) if summary["lr"] is not None else "–"),
-             ("momentum", "–" if summary["momentum"] is None else f"{summary['momentum']:.4g}"),
-             ("weight decay", "–" if summary["weight_decay"] is None
-              else format_sci(summary["weight_decay"])), ("decay", schedule)]
-    # One wrapping line: nine st.metric cells do not fit beside the knobs at 1280 px.
-    st.markdown("  ·  ".join(f"{label} **{value}**" for label, value in cells))
+             ("learning rate", _fmt(summary["lr"])),
+             ("momentum β", _fmt(summary["momentum"], lambda v: f"{v:.4g}")),
+             ("weight decay", _fmt(summary["weight_decay"])),
+             ("decay", (summary.get("schedule") or {}).get("shape", "constant"))]
+    for column, (label, value) in zip(st.columns(len(cells)), cells):
+        column.metric(label, value)
+    hint = early_stop_hint(cache["val"])
+    if hint:
+        st.markdown(f":orange[{hint}]")
+    if state == "diverged":
+        st.error(f"Diverged: {(meta.get('diverged') or {}).get('cause', '')}. Roll back with "
+                 f"`panda rollback {summary['run']}`, or lower the LR and resume.")
 
 
-def _overlay_curves(root: Path, names: list[str]) -> dict[str, dict[str, np.ndarray]]:
+def _overlays(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Other runs' loss curves to draw beside this one (compare / branch parent)."""
     overlays = {}
     for name in names:
         try:
             with RunStore(root / name) as other:
-                cache = fetch(other)
+                cache = _curves(other)
         except (StoreError, ValueError):
             continue
         overlays[name] = {"step": cache["step"], "loss": cache["loss"]}
     return overlays
 
 
+def _steps_shown(run_dir: str, last_step: int) -> tuple[float, float] | None:
+    """The box-zoomed step range if there is one, else the "Steps shown" window."""
+    zoom = st.session_state.get("zoom")
+    if zoom is not None and zoom[0] == run_dir:
+        return zoom[1]
+    window = WINDOWS.get(st.session_state.get("window", "all"))
+    return None if window is None or last_step < 0 else (last_step - window, math.inf)
+
+
+def _figure(run_dir: str, store: RunStore, compare: list[str]):
+    """The chart for this refresh; while "freeze" is on, the same figure as last time.
+
+    Streamlit re-creates a plotly chart whose figure changed (it keys the element by its
+    spec): a zoom made in the browser is dropped despite ``uirevision``, and a drag is cut
+    short by the next refresh. So the page zooms on the server: drag a box on the frozen
+    chart, and that step range is kept (in session state) when the chart goes live again.
+    """
+    state = st.session_state
+    settings = (run_dir, tuple(compare), state.get("smoothing", DEFAULT_SMOOTHING),
+                state.get("log_y", False), state.get("window", "all"), state.get("zoom"))
+    frozen = state.get("frozen_figure")
+    if state.get("freeze") and frozen is not None and frozen[0] == settings:
+        return frozen[1]
+    meta = store.meta()
+    cache = _curves(store)
+    parent = meta.get("parent") or {}
+    names = [*compare, *([parent["run"]] if parent.get("run") else [])]
+    figure = training_figure(cache, cache["val"], cache["events"], smoothing=settings[2],
+                             log_y=settings[3], overlays=_overlays(Path(run_dir).parent, names),
+                             steps_shown=_steps_shown(run_dir, cache["last_step"]),
+                             height=CHART_HEIGHT)
+    figure.update_layout(dragmode="select", selectdirection="h")  # drag = zoom (see above)
+    state["frozen_figure"] = (settings, figure)
+    return figure
+
+
+def chart_settings() -> None:
+    """Smoothing, the steps shown, log-y and freeze: one row above the chart."""
+    smooth, window, toggles = st.columns([2.1, 1.3, 1.2], vertical_alignment="bottom")
+    smooth.slider("Smoothing (EMA β)", 0.0, 0.99, DEFAULT_SMOOTHING, 0.01, key="smoothing")
+    window.selectbox("Steps shown", tuple(WINDOWS), key="window", on_change=_reset_zoom)
+    toggles.toggle("log-scale loss", key="log_y")
+    toggles.toggle("freeze chart", key="freeze",
+                   help="stop redrawing the chart, to hover over it or drag a zoom range; "
+                        "training goes on")
+
+
+def _reset_zoom() -> None:
+    st.session_state.pop("zoom", None)
+
+
+def _take_zoom(run_dir: str, chart_state: Any) -> None:
+    """Turn a box selection on the chart into a server-side zoom on its step range."""
+    boxes = (chart_state or {}).get("selection", {}).get("box") or []
+    if not boxes or not boxes[0].get("x"):
+        return
+    low, high = sorted(float(x) for x in boxes[0]["x"])
+    zoom = (run_dir, (low, high))
+    if high > low and st.session_state.get("zoom") != zoom:
+        st.session_state["zoom"] = zoom
+        st.rerun(scope="fragment")  # redraw at once with the new range
+
+
 @st.fragment(run_every=REFRESH_S)
-def live_view(run_dir: str, compare: list[str]) -> None:
-    """Status, curves, pending vs applied and the LR range test: re-rendered every second."""
-    try:
-        store = RunStore(run_dir)
-    except StoreError as err:
-        st.error(str(err))
+def live_chart(run_dir: str, compare: list[str]) -> None:
+    """Loss, validation metrics, LR and intervention markers; the LR range test below."""
+    store = _open(run_dir)
+    if store is None:
+        return
+    with store:
+        zoom = st.session_state.get("zoom")
+        if zoom is not None and zoom[0] == run_dir:
+            note, reset = st.columns([4, 1], vertical_alignment="center")
+            note.caption(f"Zoomed to steps {zoom[1][0]:,.0f} – {zoom[1][1]:,.0f}")
+            reset.button("Reset zoom", on_click=_reset_zoom, key="reset_zoom", width="stretch")
+        else:
+            st.caption("To zoom: freeze the chart, drag across a range of steps, unfreeze.")
+        chart_state = st.plotly_chart(
+            _figure(run_dir, store, compare), key="training_chart", on_select="rerun",
+            selection_mode=("box",),
+            config={"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d"]})
+        _take_zoom(run_dir, chart_state)
+        events = _curves(store)["events"]
+        if events:
+            with st.expander(f"Interventions ({len(events)})"):
+                st.dataframe([{"step": e["step"], "what": e["message"] or e["kind"]}
+                              for e in reversed(events)], hide_index=True, width="stretch")
+        with st.expander("LR range test", expanded=bool(store.results("lr_find"))):
+            render_lr_panel(store, Path(run_dir))
+
+
+@st.fragment(run_every=REFRESH_S)
+def live_knob_state(run_dir: str, allowed: bool) -> None:
+    """Applied vs pending, the last command's outcome, and pause / resume / stop."""
+    store = _open(run_dir)
+    if store is None:
         return
     with store:
         summary, meta = store.summary(), store.meta()
-        cache = fetch(store)
-        status_row(summary, cache, meta)
-        hint = early_stop_hint(cache["val"])
-        if hint:
-            st.warning(hint)
-        if summary["state"] == "diverged":
-            st.error(f"Diverged: {(meta.get('diverged') or {}).get('cause', '')}. Roll back "
-                     f"with `panda rollback {summary['run']}` or resume to continue.")
-        smoothing = st.session_state.get("smoothing", 0.6)
-        log_y = st.session_state.get("log_y", False)
-        compare = [*compare, *([meta["parent"]["run"]] if meta.get("parent") else [])]
-        figure = training_figure(cache, {k: tuple(v) for k, v in cache["val"].items()},
-                                 cache["events"], smoothing=smoothing, log_y=log_y,
-                                 overlays=_overlay_curves(Path(run_dir).parent, compare))
-        st.plotly_chart(figure, key="curves", config={"displaylogo": False})
+        applied = {k: summary.get(k) for k in KNOB_ORDER}
+        if widgets_behind(summary["run"], applied, supported_knobs(meta, applied)):
+            st.rerun(scope="app")  # move untouched sliders to the newly applied values
+        pending_table(summary["run"], summary, meta)
         command_outcome(store, summary["run"])
-        supported = meta.get("supported_knobs") or ["lr"]
-        pending = pending_knobs(summary["run"], supported)
-        differs = [k for k in supported if pending.get(k) is not None and
-                   summary.get(k) is not None and str(pending[k]) != str(summary[k])]
-        if differs:
-            st.caption("Pending (not applied yet): " + ", ".join(
-                f"{k} {pending[k] if isinstance(pending[k], str) else format_sci(pending[k])}"
-                for k in differs))
-        with st.expander("LR range test", expanded=bool(store.results("lr_find"))):
-            render_lr_panel(store, Path(run_dir))
-        if cache["events"]:
-            with st.expander(f"Interventions ({len(cache['events'])})"):
-                st.dataframe([{"step": e["step"], "what": e["message"]} for e in
-                              reversed(cache["events"])], hide_index=True, width="stretch")
 
 
-def new_run_form(root: Path) -> None:
-    with st.sidebar.expander("Start a new run"):
-        task = st.selectbox("task", TASK_NAMES, key="new_task")
-        optimizer = st.selectbox("optimizer", OPTIMIZERS, key="new_optimizer")
-        lr = st.select_slider("learning rate", options=log_ladder(-5, 0), value=0.01,
-                              format_func=format_sci, key="new_lr")
-        momentum = st.select_slider("momentum β", options=[0.0, 0.5, 0.8, 0.9, 0.95, 0.99,
-                                                           0.999], value=0.9, key="new_mom")
-        epochs = st.number_input("epochs", min_value=1, max_value=100_000, value=50,
-                                 key="new_epochs")
-        delay = st.number_input("seconds per step (slow it down to watch)", min_value=0.0,
-                                max_value=1.0, value=0.01, step=0.01, key="new_delay")
-        name = st.text_input("run name", value=new_run_name(task), key="new_name")
-        if st.button("Start training", key="new_start", width="stretch"):
-            try:
-                sanitize_run_name(name)
-                if (root / name / "run.db").exists():
-                    raise ValueError(f"run {name} already exists")
-                cfg = TrainConfig(task=task, optimizer=optimizer, lr=lr, momentum=momentum,
-                                  epochs=int(epochs), step_delay=float(delay)).validate()
-                proc = launch_training(cfg, root / name)
-            except ValueError as err:
-                st.error(str(err))
-            else:
-                st.success(f"started {name} (pid {proc.pid})")
-                st.session_state["run_picker"] = name
-
-
-def export_block(store: RunStore) -> None:
-    with st.expander("Export settings"):
-        fmt = st.radio("format", ("json", "yaml", "python"), horizontal=True, key="export_fmt")
-        if st.button("Prepare export", key="export_prepare"):
-            st.session_state["export_text"] = (fmt, render(build_export(store), fmt))
-        prepared = st.session_state.get("export_text")
-        if prepared:
-            suffix = {"json": "json", "yaml": "yaml", "python": "py"}[prepared[0]]
-            st.download_button(f"Download {prepared[0]}", prepared[1],
-                               file_name=f"{store.run_dir.name}-settings.{suffix}",
-                               key="export_download")
-
-
-def main() -> None:
-    st.set_page_config(page_title="Panda", page_icon=":material/monitoring:", layout="wide")
-    root = runs_dir()
-    st.sidebar.title("Panda")
-    st.sidebar.caption(f"runs in `{root}`")
-    new_run_form(root)
-    runs = [r for r in list_runs(root) if r.get("state") != "unreadable"]
-    if not runs:
-        st.info(f"No runs in {root} yet: start one from the sidebar, or run "
-                "`panda train --task digits --run-dir runs/first`.")
+@st.fragment
+def knobs(run_dir: str, allowed: bool) -> None:
+    """The knob widgets: interacting re-runs only this fragment, never on a timer."""
+    store = _open(run_dir)
+    if store is None:
         return
+    with store:
+        summary, meta = store.summary(), store.meta()
+        knob_widgets(store, summary, meta, allowed=allowed)
+
+
+@st.fragment
+def decay(run_dir: str, allowed: bool) -> None:
+    """The LR decay shape (its own fragment: below the live applied-vs-pending table)."""
+    store = _open(run_dir)
+    if store is None:
+        return
+    with store:
+        summary, meta = store.summary(), store.meta()
+        decay_controls(store, summary["run"], meta, is_locked(summary["state"]) or not allowed)
+
+
+# --- page ---------------------------------------------------------------------------------------
+
+def token_ok() -> bool:
+    """With ``PANDA_TOKEN`` set (``panda dashboard --token``), knobs stay locked until the page
+    is given that token."""
+    expected = os.environ.get(TOKEN_ENV)
+    if not expected:
+        return True
+    given = st.sidebar.text_input("Access token", type="password", key="panda_token",
+                                  help="this dashboard was started with --token")
+    if given and given != expected:
+        st.sidebar.error("Wrong token: knobs stay locked.")
+    return given == expected
+
+
+def pick_run(runs: list[dict[str, Any]]) -> str:
+    """Sidebar run picker, newest first; the newest live run is preselected."""
     names = [r["run"] for r in runs]
+    states = {r["run"]: r["state"] for r in runs}
     if st.session_state.get("run_picker") not in names:
         live = [r["run"] for r in runs if r["state"] in RUNNING_STATES]
         st.session_state["run_picker"] = (live or names)[0]
-    run = st.sidebar.selectbox("run", names, key="run_picker")
-    compare = st.sidebar.multiselect("compare with", [n for n in names if n != run],
+    return st.sidebar.selectbox("Run", names, key="run_picker",
+                                format_func=lambda n: f"{n} · {states.get(n, '')}")
+
+
+def main() -> None:
+    """The whole page."""
+    st.set_page_config(page_title="Panda", page_icon="🐼", layout="wide")
+    st.markdown(PAGE_CSS, unsafe_allow_html=True)
+    root = runs_dir()
+    st.sidebar.title("Panda")
+    st.sidebar.caption("babysit one training run")
+    new_run_form(root)  # first: starting a run selects it in the picker below
+    runs = [r for r in list_runs(root) if r.get("state") != "unreadable"]
+    if not runs:
+        st.info(f"No runs in `{root}` yet: start one from the sidebar, or run "
+                "`panda train --task digits --run-dir runs/first`.")
+        return
+    run = pick_run(runs)
+    compare = st.sidebar.multiselect("Compare with", [r["run"] for r in runs if r["run"] != run],
                                      key="compare")
-    st.sidebar.slider("smoothing (EMA)", 0.0, 0.99, 0.6, 0.01, key="smoothing")
-    st.sidebar.toggle("log-scale loss", key="log_y")
-    try:
-        store = RunStore(root / run)
-    except StoreError as err:
-        st.error(str(err))
+    allowed = token_ok()
+    st.sidebar.caption(f"runs in `{root}`")
+    run_dir = str(root / run)
+    store = _open(run_dir)
+    if store is None:
         return
     with store:
-        summary, meta = store.summary(), store.meta()
-        st.subheader(f"{run}  ·  {meta.get('task') or 'custom model'}  ·  "
-                     f"{meta.get('optimizer', '')}")
-        chart, knobs = st.columns([3, 1], gap="medium")
+        meta = store.meta()
+        title = f"{run} · {meta.get('task') or 'custom model'} · {meta.get('optimizer', '')}"
+        live_status(run_dir, title, allowed)
+        chart, side = st.columns([2.55, 1.45], gap="medium")
         with chart:
-            live_view(str(root / run), compare)
-        with knobs:
-            st.markdown("#### Knobs")
-            knobs_panel(store, summary, meta)
+            chart_settings()
+            live_chart(run_dir, compare)
+        with side:
+            st.markdown("##### Knobs")
+            knobs(run_dir, allowed)
+            live_knob_state(run_dir, allowed)
+            decay(run_dir, allowed)
+        with st.sidebar:
             export_block(store)
 
 

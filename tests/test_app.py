@@ -1,10 +1,13 @@
-"""The dashboard's page logic through Streamlit's AppTest, and its chart numerics."""
+"""Dashboard page logic through Streamlit's AppTest, and the chart numerics (EMA, downsampling).
+
+Run stores are prepared in tmp_path (see ``make_run`` in conftest.py): they look like a live
+Babysitter's, but no trainer runs, so a test plays the trainer's part where it needs one.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
+import math
 import time
 from pathlib import Path
 
@@ -12,218 +15,335 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from app.charts import downsample, ema, training_figure
-from app.main import early_stop_hint
+from app.charts import MAX_POINTS, downsample, ema, training_figure
+from app.controls import key
+from app.data import empty_cache, fetch, steps_per_second
+from app.main import runs_dir
 from trainer.store import RunStore
 
 APP = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
-RUN = "live"
-TIMEOUT_S = 60
-
-
-def _make_run(runs_dir, name=RUN, status="running", optimizer="SGD",
-              supported=("lr", "momentum", "weight_decay")):
-    """A run store as a live Babysitter leaves it (no trainer needed)."""
-    now = time.time()
-    with RunStore(runs_dir / name, create=True) as store:
-        store.set_meta(name=name, created=now - 60, status=status, heartbeat=now,
-                       pid=os.getpid(), host=socket.gethostname(), optimizer=optimizer,
-                       supported_knobs=list(supported), task="digits MLP", step=50,
-                       knobs={"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0},
-                       schedule={"shape": "constant"}, config={"task": "digits"})
-        store.append_metrics([(s, s // 10, now - 50 + s, 2.0 / (1 + s), 0.01, 0.9, 0.0)
-                              for s in range(50)])
-        store.append_validation([(45, 4, now, "loss", 0.3), (45, 4, now, "accuracy", 0.9)])
-    return runs_dir / name
+APP_TIMEOUT_S = 60  # a safety net for a slow CI machine, not a performance assertion
 
 
 @pytest.fixture
-def page(tmp_path, monkeypatch):
-    monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path))
-    monkeypatch.delenv("PANDA_TOKEN", raising=False)
-    run_dir = _make_run(tmp_path)
-    app = AppTest.from_file(APP, default_timeout=TIMEOUT_S).run()
-    assert not app.exception, app.exception
-    return app, RunStore(run_dir)
+def page(make_run, tmp_path, monkeypatch):
+    """Factory: prepare a run, open the dashboard on its runs dir, return (AppTest, run_dir)."""
+
+    def open_page(**run_args):
+        run_dir = make_run(**run_args)
+        monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path / "runs"))
+        monkeypatch.delenv("PANDA_TOKEN", raising=False)
+        at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
+        assert not at.exception, at.exception
+        return at, run_dir
+
+    return open_page
 
 
-def _key(name: str) -> str:
-    return f"knob_{RUN}_{name}"
+def commands(run_dir: Path):
+    with RunStore(run_dir) as store:
+        return store.commands()
 
 
-def _commands(store: RunStore) -> list[tuple[str, dict, str]]:
-    return [(c.kind, json.loads(c.payload), c.source) for c in store.commands()]
+def knobs_table(at: AppTest) -> str:
+    return next(m.value for m in at.markdown if m.value.startswith("| knob |"))
 
 
-def test_page_shows_the_run_and_its_state(page):
-    app, _ = page
-    text = " ".join(m.value for m in app.markdown)
-    assert "state **running**" in text and "step **50**" in text and "lr **1e-02**" in text
-    assert app.selectbox(key="run_picker").value == RUN
+# --- knobs: pending vs applied, Apply ---------------------------------------------------------
+
+def test_moving_lr_and_apply_sends_exactly_one_set_command(page):
+    at, run_dir = page()
+    at.select_slider(key=key("live", "lr")).set_value(0.003).run()
+    assert ":orange[**3e-03**]" in knobs_table(at)
+    assert commands(run_dir) == []  # moving a slider alone sends nothing
+    at.button(key=key("live", "apply")).click().run()
+    sent = commands(run_dir)
+    assert [(c.kind, json.loads(c.payload), c.source) for c in sent] == [
+        ("set", {"lr": 0.003}, "dashboard")]
+    assert not at.error
 
 
-def test_moving_the_lr_slider_and_apply_sends_exactly_one_set_command(page):
-    app, store = page
-    app.select_slider(key=_key("lr")).set_value(0.003).run()
-    pending = " ".join(m.value for m in app.markdown)
-    assert "lr **1e-02** → **3e-03** (pending)" in pending
-    assert store.commands() == []  # moving a slider sends nothing
-    app.button(key=_key("apply")).click().run()
-    assert _commands(store) == [("set", {"lr": 0.003}, "dashboard")]
+def test_apply_sends_only_the_changed_knobs(page):
+    at, run_dir = page()
+    at.select_slider(key=key("live", "momentum")).set_value(0.99)
+    at.select_slider(key=key("live", "lr")).set_value(0.02).run()
+    table = knobs_table(at)
+    assert "| LR | 1e-02 | :orange[**2e-02**] |" in table
+    assert "| momentum β | 0.9 | :orange[**0.99**] |" in table
+    assert "| weight decay | 0 | 0 |" in table
+    at.button(key=key("live", "apply")).click().run()
+    (command,) = commands(run_dir)
+    assert json.loads(command.payload) == {"lr": 0.02, "momentum": 0.99}
 
 
-def test_half_and_double_buttons_move_along_the_ladder(page):
-    app, store = page
-    app.button(key=_key("double")).click().run()
-    assert app.select_slider(key=_key("lr")).value == 0.02
-    app.button(key=_key("half")).click().run()
-    app.button(key=_key("half")).click().run()
-    assert app.select_slider(key=_key("lr")).value == 0.005
-    app.button(key=_key("apply")).click().run()
-    assert _commands(store) == [("set", {"lr": 0.005}, "dashboard")]
+@pytest.mark.parametrize("typed", ["-1", "abc", "0", "nan", "1e9"])
+def test_bad_typed_lr_shows_error_and_sends_nothing(page, typed):
+    at, run_dir = page()
+    at.text_input(key=key("live", "exact")).input(typed).run()
+    assert at.error, "a bad LR is reported as soon as it is typed"
+    at.button(key=key("live", "apply")).click().run()
+    assert any("Not sent" in e.value for e in at.error)
+    assert commands(run_dir) == []
 
 
-def test_momentum_is_chosen_on_a_one_minus_beta_scale(page):
-    app, store = page
-    slider = app.select_slider(key=_key("momentum"))
-    assert 0.999 in slider.options or "β 0.999" in str(slider.options)
-    slider.set_value(0.99).run()
-    app.button(key=_key("apply")).click().run()
-    assert _commands(store) == [("set", {"momentum": 0.99}, "dashboard")]
+def test_exact_lr_and_halving_buttons(page):
+    at, run_dir = page()
+    at.text_input(key=key("live", "exact")).input("3.2e-4").run()
+    assert ":orange[**3.2e-04**]" in knobs_table(at)
+    at.button(key=key("live", "half")).click().run()
+    assert at.text_input(key=key("live", "exact")).value == "0.00016"
+    at.button(key=key("live", "apply")).click().run()
+    (command,) = commands(run_dir)
+    assert json.loads(command.payload) == {"lr": 0.00016}
+    assert at.text_input(key=key("live", "exact")).value == ""  # sent: the field is cleared
 
 
-@pytest.mark.parametrize("typed, reason", [("-1", "lr must be in (0"), ("fast", "number"),
-                                           ("nan", "finite"), ("1e9", "lr must be in")])
-def test_a_bad_typed_lr_shows_an_error_and_sends_nothing(page, typed, reason):
-    app, store = page
-    app.text_input(key=_key("exact")).input(typed).run()
-    app.button(key=_key("apply")).click().run()
-    errors = [e.value for e in app.error]
-    assert any("Not sent" in e and reason in e for e in errors), errors
-    assert store.commands() == []
+def test_doubling_from_the_applied_lr(page):
+    at, run_dir = page()
+    at.button(key=key("live", "double")).click().run()
+    at.button(key=key("live", "apply")).click().run()
+    assert [json.loads(c.payload) for c in commands(run_dir)] == [{"lr": 0.02}]
 
 
-def test_an_exact_lr_overrides_the_slider(page):
-    app, store = page
-    app.text_input(key=_key("exact")).input("3.2e-4").run()
-    app.button(key=_key("apply")).click().run()
-    assert _commands(store) == [("set", {"lr": 3.2e-4}, "dashboard")]
+def test_apply_without_changes_sends_nothing(page):
+    at, run_dir = page()
+    at.button(key=key("live", "apply")).click().run()
+    assert commands(run_dir) == []
+    assert any("Nothing to apply" in e.value for e in at.error)
 
 
-def test_apply_with_nothing_changed_sends_nothing(page):
-    app, store = page
-    app.button(key=_key("apply")).click().run()
-    assert store.commands() == [] and any("Nothing to apply" in i.value for i in app.info)
+def test_outcome_applied_and_rejected(page):
+    at, run_dir = page()
+    at.select_slider(key=key("live", "lr")).set_value(0.005)
+    at.button(key=key("live", "apply")).click().run()
+    assert any("waiting for the trainer" in i.value for i in at.info)
+    assert at.select_slider(key=key("live", "lr")).value == 0.005  # in flight: keeps the sent
+    (command,) = commands(run_dir)
+    with RunStore(run_dir) as store:  # the trainer's part: apply it at step 25
+        store.resolve_commands([(command.id, "applied", 25, None)])
+        store.set_meta(knobs={"lr": 0.005, "momentum": 0.9, "weight_decay": 0.0})
+    at.run()
+    assert any("applied at step 25" in s.value for s in at.success)
+    assert "| LR | 5e-03 | 5e-03 |" in knobs_table(at)
+    at.select_slider(key=key("live", "lr")).set_value(0.002)
+    at.button(key=key("live", "apply")).click().run()
+    with RunStore(run_dir) as store:
+        store.resolve_commands([(commands(run_dir)[-1].id, "rejected", None, "lr too spicy")])
+    at.run()
+    assert any("lr too spicy" in e.value for e in at.error)
+    at.run()  # the refused value leaves the slider: it shows the applied LR again
+    assert at.select_slider(key=key("live", "lr")).value == 0.005
+    assert ":orange" not in knobs_table(at)
 
 
-def test_pause_and_stop_buttons_send_commands(page):
-    app, store = page
-    app.button(key=_key("pause")).click().run()
-    app.button(key=_key("stop")).click().run()
-    assert [kind for kind, _, _ in _commands(store)] == ["pause", "stop"]
+def test_untouched_knob_follows_the_applied_value(page):
+    at, run_dir = page()
+    with RunStore(run_dir) as store:  # e.g. an LR decay or `panda set` moved the LR
+        store.set_meta(knobs={"lr": 0.0123, "momentum": 0.9, "weight_decay": 0.0})
+    at.run()
+    assert "| LR | 1.23e-02 | 1.23e-02 |" in knobs_table(at)
+    assert ":orange" not in knobs_table(at)
+    assert at.select_slider(key=key("live", "lr")).value == 0.015  # nearest stop (log scale)
 
 
-def test_outcome_of_the_last_command_is_shown(page):
-    app, store = page
-    app.select_slider(key=_key("lr")).set_value(0.02).run()
-    app.button(key=_key("apply")).click().run()
-    command = store.commands()[0]
-    store.resolve_commands([(command.id, "applied", 51, None)])
-    app.run()
-    assert any("applied at step 51" in s.value for s in app.success)
+def test_pause_writes_a_pause_command(page):
+    at, run_dir = page()
+    assert at.button(key=key("live", "resume")).disabled  # running: nothing to resume
+    at.button(key=key("live", "pause")).click().run()
+    assert [(c.kind, json.loads(c.payload)) for c in commands(run_dir)] == [("pause", {})]
 
 
-def test_a_decay_change_is_validated_and_sent_as_a_schedule_command(page):
-    app, store = page
-    app.selectbox(key=_key("shape")).set_value("exponential").run()
-    app.number_input(key=_key("rate_exponential")).set_value(0.9).run()
-    app.button(key=_key("apply_decay")).click().run()
-    (kind, payload, _), = _commands(store)
-    assert kind == "schedule" and payload["shape"] == "exponential" and payload["rate"] == 0.9
-    app.number_input(key=_key("rate_exponential")).set_value(1.5).run()
-    app.button(key=_key("apply_decay")).click().run()
-    assert any("Not sent" in e.value for e in app.error) and len(store.commands()) == 1
+def test_resume_enabled_when_paused(page):
+    at, run_dir = page(status="paused")
+    assert at.button(key=key("live", "pause")).disabled
+    at.button(key=key("live", "resume")).click().run()
+    assert [c.kind for c in commands(run_dir)] == ["resume"]
 
 
-def test_a_finished_run_shows_read_only_knobs(tmp_path, monkeypatch):
-    monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path))
-    _make_run(tmp_path, status="finished")
-    app = AppTest.from_file(APP, default_timeout=TIMEOUT_S).run()
-    assert app.select_slider(key=_key("lr")).disabled
-    assert app.button(key=_key("apply")).disabled
+def test_finished_run_shows_knobs_disabled(page):
+    at, _ = page(status="finished")
+    for name in ("lr", "momentum", "weight_decay"):
+        assert at.select_slider(key=key("live", name)).disabled
+    for name in ("apply", "half", "double", "pause", "resume", "stop", "apply_decay"):
+        assert at.button(key=key("live", name)).disabled, name
+    assert at.text_input(key=key("live", "exact")).disabled
+    assert any(m.label == "state" and m.value == "finished" for m in at.metric)
 
 
-def test_knobs_the_optimizer_lacks_are_hidden(tmp_path, monkeypatch):
-    monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path))
-    _make_run(tmp_path, optimizer="Adagrad", supported=("lr", "weight_decay"))
-    app = AppTest.from_file(APP, default_timeout=TIMEOUT_S).run()
-    keys = {s.key for s in app.select_slider}
-    assert _key("lr") in keys and _key("momentum") not in keys
+def test_only_supported_knobs_are_shown(page):
+    at, _ = page(supported=("lr", "weight_decay"))
+    keys = {s.key for s in at.select_slider}
+    assert key("live", "lr") in keys and key("live", "weight_decay") in keys
+    assert key("live", "momentum") not in keys
 
 
-def test_a_token_locks_the_knobs_until_given(tmp_path, monkeypatch):
-    monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path))
-    monkeypatch.setenv("PANDA_TOKEN", "s3cret")
-    _make_run(tmp_path)
-    app = AppTest.from_file(APP, default_timeout=TIMEOUT_S).run()
-    assert app.button(key=_key("apply")).disabled
-    app.text_input(key="panda_token").input("wrong").run()
-    assert app.button(key=_key("apply")).disabled and app.sidebar.error
-    app.text_input(key="panda_token").input("s3cret").run()
-    assert not app.button(key=_key("apply")).disabled
+def test_decay_is_sent_as_one_schedule_command(page):
+    at, run_dir = page()
+    at.selectbox(key=key("live", "shape")).select("exponential").run()
+    at.button(key=key("live", "apply_decay")).click().run()
+    (command,) = commands(run_dir)
+    payload = json.loads(command.payload)
+    assert command.kind == "schedule"
+    assert payload["shape"] == "exponential" and payload["rate"] == pytest.approx(0.95)
+    assert "origin_epoch" not in payload
 
 
-def test_no_runs_yet_says_how_to_start_one(tmp_path, monkeypatch):
-    monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path))
-    app = AppTest.from_file(APP, default_timeout=TIMEOUT_S).run()
-    assert any("No runs" in i.value for i in app.info)
+def test_status_row_and_preselected_live_run(make_run, tmp_path, monkeypatch):
+    make_run("older-live", status="running")
+    newer = make_run("newer-done", status="finished")
+    with RunStore(newer) as store:
+        store.set_meta(created=time.time() + 60)
+    monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
+    picker = at.selectbox(key="run_picker")
+    assert picker.options[0].startswith("newer-done")  # newest first …
+    assert picker.value == "older-live"                 # … but the live one is shown
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["step"] == "20" and metrics["learning rate"] == "1e-02"
+    assert metrics["decay"] == "constant" and float(metrics["steps/s"]) > 0
 
 
-def test_new_run_form_refuses_a_bad_name(page):
-    app, _ = page
-    app.text_input(key="new_name").input("../escape").run()
-    app.button(key="new_start").click().run()
-    assert any("invalid run name" in e.value for e in app.sidebar.error)
+def test_new_run_form_refuses_bad_and_existing_names(page):
+    at, _ = page()
+    for name, reason in (("../escape", "invalid run name"), ("live", "already exists")):
+        at.text_input(key="new_name").input(name)
+        at.button(key="FormSubmitter:new_run-Start training").click().run()
+        assert any(reason in e.value for e in at.error), [e.value for e in at.error]
 
 
-# --- chart numerics ------------------------------------------------------------------------------
-
-def test_ema_is_debiased_and_skips_non_finite_values():
-    np.testing.assert_allclose(ema([1.0, 2.0, 3.0], 0.5), [1.0, 5 / 3, 17 / 7])
-    smoothed = ema([1.0, float("nan"), 3.0], 0.5)
-    assert smoothed[1] == smoothed[0] == 1.0 and np.isfinite(smoothed[2])
-    np.testing.assert_array_equal(ema([4.0, 5.0], 0.0), [4.0, 5.0])
-
-
-def test_downsampling_keeps_a_single_spike_in_a_million_points():
-    x = np.arange(1_000_000, dtype=float)
-    y = np.random.default_rng(0).random(x.size)
-    y[777_777] = 1e6
-    y[333_333] = -1e6
-    dx, dy = downsample(x, y, max_points=4000)
-    assert len(dx) <= 4000
-    assert 1e6 in dy and -1e6 in dy
-    assert np.all(np.diff(dx) > 0)  # still in step order
+def test_new_run_form_starts_a_run_that_outlives_the_page(page, tmp_path):
+    at, _ = page()
+    at.selectbox(key="new_task").select("quadratic")
+    at.number_input(key="new_epochs").set_value(1)
+    at.number_input(key="new_delay").set_value(0.0)
+    at.text_input(key="new_name").input("fresh")
+    at.button(key="FormSubmitter:new_run-Start training").click().run()
+    assert any("Started fresh" in m.value for m in at.success), [e.value for e in at.error]
+    assert at.selectbox(key="run_picker").value == "fresh"
+    with RunStore(tmp_path / "runs" / "fresh") as store:
+        assert store.meta()["config"]["task"] == "quadratic"
+        deadline = time.monotonic() + APP_TIMEOUT_S  # a safety net, not a speed assertion
+        while store.summary()["state"] not in ("finished", "failed", "stopped", "interrupted"):
+            assert time.monotonic() < deadline, "the launched run never finished"
+            time.sleep(0.1)
+        assert store.summary()["state"] == "finished"
 
 
-def test_downsampling_leaves_short_series_alone():
-    dx, dy = downsample([1, 2, 3], [3, 1, 2], max_points=10)
-    assert list(dx) == [1, 2, 3] and list(dy) == [3, 1, 2]
+def test_empty_runs_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path / "nothing-here"))
+    at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
+    assert not at.exception and "No runs" in at.info[0].value
 
 
-def test_figure_has_markers_for_interventions_and_a_log_lr_axis():
+def test_runs_dir_from_argv_and_env(monkeypatch):
+    monkeypatch.setenv("PANDA_RUNS_DIR", "/from/env")
+    assert runs_dir(["app/main.py"]) == Path("/from/env")
+    assert runs_dir(["app/main.py", "--runs-dir", "/from/argv"]) == Path("/from/argv")
+
+
+# --- incremental fetch ------------------------------------------------------------------------
+
+def test_fetch_reads_only_new_rows_and_keeps_nan(make_run):
+    run_dir = make_run(steps=10)
+    caches: dict = {}
+    with RunStore(run_dir) as store:
+        assert fetch(store, caches)["step"].size == 10
+        store.append_metrics([(10, 0, time.time(), math.nan, 0.01, 0.9, 0.0)])
+        store.add_events([(10, time.time(), "set", "lr", 0.01, 0.003, None, "lr 1e-02 → 3e-03")])
+        cache = fetch(store, caches)
+    assert cache["step"].size == 11 and math.isnan(cache["loss"][-1])
+    assert [e["message"] for e in cache["events"]] == ["lr 1e-02 → 3e-03"]
+    assert steps_per_second(cache) == pytest.approx(1.0, rel=0.5)
+
+
+def test_fetch_starts_over_after_a_restart_event(make_run):
+    run_dir = make_run(steps=10)
+    caches: dict = {}
+    with RunStore(run_dir) as store:
+        fetch(store, caches)
+        store.truncate_after(5)  # a resume from the checkpoint at step 5 rewrites later rows
+        store.add_events([(5, time.time(), "restart", None, None, None, None, "resumed")])
+        assert fetch(store, caches)["step"].tolist() == [0, 1, 2, 3, 4]
+    assert steps_per_second(empty_cache()) is None
+
+
+# --- chart numerics ---------------------------------------------------------------------------
+
+def test_ema_known_values():
+    # β = 0.5: biased 0, 0.5, 0.75 … debiased by 1 − 0.5^t → 0, 2/3, 6/7
+    assert ema([0.0, 1.0, 1.0], 0.5) == pytest.approx([0.0, 2 / 3, 6 / 7])
+    assert ema([3.0] * 5, 0.9) == pytest.approx([3.0] * 5)  # debiased: no pull towards 0
+    assert ema([1.0, 2.0], 0.0) == pytest.approx([1.0, 2.0])
+    # NaN is skipped: the smoothed value carries on, later points are not lost
+    smoothed = ema([math.nan, 0.0, math.nan, 1.0], 0.5)
+    assert math.isnan(smoothed[0])
+    assert smoothed[1:] == pytest.approx([0.0, 0.0, 2 / 3])
+
+
+def test_ema_matches_the_recurrence_over_a_long_series():
+    x = np.random.default_rng(0).normal(size=5000)
+    expected, s = [], 0.0
+    for t, value in enumerate(x, start=1):
+        s = 0.99 * s + 0.01 * value
+        expected.append(s / (1 - 0.99 ** t))
+    assert ema(x, 0.99) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_downsample_keeps_a_single_spike_in_a_million_points():
+    n = 1_000_000
+    x = np.arange(n, dtype=float)
+    y = np.sin(x / 1000.0)
+    y[654_321] = 1e6
+    y[123_457] = -1e6
+    dx, dy = downsample(x, y)
+    assert dx.size <= MAX_POINTS
+    assert dy.max() == 1e6 and dy.min() == -1e6
+    assert 654_321 in dx and 123_457 in dx
+    assert np.all(np.diff(dx) > 0)
+
+
+def test_downsample_bounds_and_nan():
+    x = np.arange(10_001, dtype=float)
+    y = np.where(x % 7 == 0, np.nan, x)
+    for limit in (10, 101, 2000):
+        dx, dy = downsample(x, y, limit)
+        assert dx.size <= limit and np.all(np.diff(dx) > 0)
+        assert not np.isnan(dy).any()
+    small_x, small_y = downsample([1, 2, 3], [3, 1, 2])
+    assert small_x.tolist() == [1, 2, 3] and small_y.tolist() == [3, 1, 2]
+
+
+def test_figure_has_marker_per_event_and_survives_nan():
     steps = np.arange(100, dtype=float)
-    figure = training_figure({"step": steps, "loss": 1 / (1 + steps), "lr": np.full(100, 0.01)},
-                             {"loss": ([50, 99], [0.3, 0.2])},
-                             [{"step": 40, "message": "lr 1e-02 → 3e-03 at step 40"}])
-    names = [trace.name for trace in figure.data]
-    assert {"train loss", "val loss", "learning rate", "interventions"} <= set(names)
-    marker = figure.data[names.index("interventions")]
-    assert list(marker.x) == [40] and "lr 1e-02 → 3e-03" in marker.text[0]
-    assert figure.layout.yaxis3.type == "log" and figure.layout.uirevision
+    loss = np.where(steps == 50, np.nan, 1.0 / (steps + 1))
+    events = [{"step": 30, "kind": "set", "message": "lr 1e-02 → 3e-03 at step 30"}]
+    fig = training_figure({"step": steps, "loss": loss, "lr": np.full(100, 0.01)},
+                          {"loss": ([44], [0.5]), "accuracy": ([44], [0.9])}, events,
+                          log_y=True)
+    names = [t.name for t in fig.data]
+    assert "val loss" in names and "val accuracy" in names and "learning rate" in names
+    (markers,) = [t for t in fig.data if t.name == "interventions"]
+    assert list(markers.text) == ["lr 1e-02 → 3e-03 at step 30"]
+    assert [s.x0 for s in fig.layout.shapes] == [30]
+    assert fig.layout.uirevision and fig.layout.yaxis.type == "log"
 
 
-def test_early_stop_hint_counts_evaluations_since_the_best():
-    assert early_stop_hint({"loss": ([1, 2, 3], [1.0, 0.9, 0.8])}) is None
-    hint = early_stop_hint({"loss": (list(range(8)), [1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1])})
-    assert hint and "6 evaluations" in hint and "best 0.5 at step 1" in hint
+def test_figure_window_keeps_only_recent_steps():
+    steps = np.arange(100, dtype=float)
+    events = [{"step": 10, "kind": "set", "message": "early"},
+              {"step": 80, "kind": "set", "message": "late"}]
+    fig = training_figure({"step": steps, "loss": np.ones(100), "lr": np.full(100, 0.01)},
+                          {"loss": ([9, 89], [0.5, 0.4])}, events,
+                          steps_shown=(50, math.inf))
+    train = next(t for t in fig.data if t.name == "train loss")
+    assert min(train.x) == 50 and max(train.x) == 99
+    assert list(next(t for t in fig.data if t.name == "val loss").x) == [89]
+    assert [s.x0 for s in fig.layout.shapes] == [80]
+
+
+def test_window_and_freeze_settings_render(page):
+    at, _ = page()
+    at.selectbox(key="window").select("last 500")
+    at.toggle(key="freeze").set_value(True)
+    at.toggle(key="log_y").set_value(True).run()
+    assert not at.exception

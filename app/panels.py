@@ -1,0 +1,126 @@
+"""The less frequent panels: LR decay, starting a run, exporting settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from app.controls import key, remember_command
+from trainer.export import ExportError, build_export, render
+from trainer.knobs import KnobError, format_sci, log_ladder
+from trainer.launch import launch_training, new_run_name
+from trainer.optim import OPTIMIZERS
+from trainer.runner import TrainConfig
+from trainer.schedules import DEFAULT_RATES, SHAPES, validate_schedule
+from trainer.store import DB_NAME, RunStore, sanitize_run_name
+from trainer.tasks import TASK_NAMES
+
+SHAPE_LABELS = {"constant": "constant", "exponential": "exponential  α0·r^epoch",
+                "inverse_time": "inverse time  α0/(1+k·epoch)", "step": "step  ×γ every N epochs",
+                "cosine": "cosine to a floor"}
+RATE_LABELS = {"exponential": "r per epoch", "inverse_time": "k", "step": "γ per drop",
+               "cosine": "floor (fraction of the base LR)"}
+NEW_RUN_LR_LADDER = log_ladder(-5, 0)
+NEW_RUN_BETAS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
+NEW_RUN_WD = (0.0, 1e-5, 1e-4, 5e-4, 1e-3, 1e-2)
+DEFAULT_EPOCHS = 50
+DEFAULT_STEP_DELAY = 0.01  # seconds per step: slow enough to watch the curves move
+EXPORT_SUFFIX = {"json": "json", "yaml": "yaml", "python": "py"}
+
+
+def decay_controls(store: RunStore, run: str, meta: dict[str, Any], locked: bool) -> None:
+    """LR decay shape and its rate, sent as one ``schedule`` command."""
+    current = (meta.get("schedule") or {}).get("shape", "constant")
+    with st.expander(f"LR decay: {SHAPE_LABELS.get(current, current)}"):
+        shape = st.selectbox("shape", SHAPES, index=SHAPES.index(current) if current in SHAPES
+                             else 0, format_func=SHAPE_LABELS.get, key=key(run, "shape"),
+                             disabled=locked)
+        payload: dict[str, Any] = {"shape": shape}
+        if shape != "constant":
+            payload["rate"] = st.number_input(RATE_LABELS[shape], value=DEFAULT_RATES[shape],
+                                              format="%.4g", key=key(run, f"rate_{shape}"),
+                                              disabled=locked)
+        if shape == "step":
+            payload["step_epochs"] = st.number_input("epochs between drops", value=10.0,
+                                                     key=key(run, "step_n"), disabled=locked)
+        if shape == "cosine":
+            payload["total_epochs"] = st.number_input("epochs to the floor", value=100.0,
+                                                      key=key(run, "cos_t"), disabled=locked)
+        if st.button("Apply decay", key=key(run, "apply_decay"), disabled=locked):
+            try:
+                schedule = validate_schedule(payload)
+            except KnobError as err:
+                st.error(f"Not sent: {err}")
+                return
+            schedule.pop("origin_epoch")  # the trainer rebases the shape at the current epoch
+            command_id = store.submit_command("schedule", schedule, source="dashboard")
+            remember_command(run, command_id, f"decay {shape}")
+
+
+def _start_run(root: Path, values: dict[str, Any]) -> None:
+    """Validate the form and launch the run in its own process (it outlives the page)."""
+    state = st.session_state
+    name = values.pop("name").strip()
+    try:
+        sanitize_run_name(name)
+        if (root / name / DB_NAME).exists():
+            raise ValueError(f"a run named {name!r} already exists in {root}")
+        cfg = TrainConfig(**values).validate()
+        proc = launch_training(cfg, root / name)
+    except (ValueError, OSError) as err:
+        state["new_run_message"] = ("error", str(err))
+        return
+    state["new_run_message"] = ("success", f"Started {name} (pid {proc.pid}).")
+    state["run_picker"] = name  # show the new run
+
+
+def new_run_form(root: Path) -> None:
+    """Sidebar form: task, optimizer, starting knobs, epochs and a name."""
+    with st.sidebar.expander("Start a new run"), st.form("new_run", border=False):
+        task = st.selectbox("task", TASK_NAMES, key="new_task")
+        optimizer = st.selectbox("optimizer", OPTIMIZERS, key="new_optimizer")
+        lr = st.select_slider("learning rate", options=NEW_RUN_LR_LADDER, value=0.01,
+                              format_func=format_sci, key="new_lr")
+        momentum = st.select_slider("momentum β", options=NEW_RUN_BETAS, value=0.9,
+                                    key="new_momentum")
+        weight_decay = st.select_slider("weight decay", options=NEW_RUN_WD, value=0.0,
+                                        format_func=format_sci, key="new_wd")
+        epochs = st.number_input("epochs", min_value=1, max_value=100_000, value=DEFAULT_EPOCHS,
+                                 key="new_epochs")
+        delay = st.number_input("seconds per step (slows it down to watch)", min_value=0.0,
+                                max_value=1.0, value=DEFAULT_STEP_DELAY, step=0.01,
+                                key="new_delay")
+        name = st.text_input("run name", placeholder=f"{task}-YYYYMMDD-HHMMSS",
+                             key="new_name")
+        if st.form_submit_button("Start training", width="stretch"):
+            _start_run(root, {"name": name or new_run_name(task), "task": task,
+                              "optimizer": optimizer, "lr": lr, "momentum": momentum,
+                              "weight_decay": weight_decay, "epochs": int(epochs),
+                              "step_delay": float(delay)})
+        message = st.session_state.get("new_run_message")
+        if message:
+            (st.error if message[0] == "error" else st.success)(message[1])
+
+
+def export_block(store: RunStore) -> None:
+    """Download exactly what was chosen (config + knob timeline) to reproduce the run.
+
+    Built on request: an export reads every metric row, too slow for every page refresh.
+    """
+    with st.expander("Export settings"):
+        fmt = st.radio("format", tuple(EXPORT_SUFFIX), horizontal=True, key="export_fmt")
+        if st.button("Prepare export", key="export_prepare", width="stretch"):
+            try:
+                st.session_state["export_text"] = (store.run_dir.name, fmt,
+                                                   render(build_export(store), fmt))
+            except ExportError as err:
+                st.session_state["export_text"] = None
+                st.error(f"Cannot export this run: {err}")
+        prepared = st.session_state.get("export_text")
+        if prepared and prepared[0] == store.run_dir.name:
+            run, chosen, text = prepared
+            st.download_button(f"Download {chosen}", text,
+                               file_name=f"{run}-settings.{EXPORT_SUFFIX[chosen]}",
+                               key="export_download", width="stretch")

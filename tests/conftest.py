@@ -1,0 +1,41 @@
+"""Shared fixtures. Keep this file small: helpers for one test module belong in that module."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainer.store import RunStore
+
+DEFAULT_KNOBS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0}
+
+
+@pytest.fixture
+def make_run(tmp_path: Path) -> Callable[..., Path]:
+    """Factory for a run store under ``tmp_path/runs`` that looks like a live Babysitter's:
+    status, heartbeat and pid (this process, so it counts as alive), knobs, supported knobs and
+    ``steps`` metric rows. No trainer is needed; returns the run directory."""
+
+    def make(name: str = "live", *, status: str = "running", steps: int = 20,
+             knobs: dict[str, Any] | None = None,
+             supported: tuple[str, ...] = ("lr", "momentum", "weight_decay")) -> Path:
+        run_dir = tmp_path / "runs" / name
+        knobs = {**DEFAULT_KNOBS, **(knobs or {})}
+        now = time.time()
+        with RunStore(run_dir, create=True) as store:
+            store.set_meta(name=name, created=now - steps, status=status, heartbeat=now,
+                           pid=os.getpid(), host=socket.gethostname(), task="digits",
+                           optimizer="SGD", supported_knobs=list(supported), knobs=knobs,
+                           step=steps, epoch=0, schedule={"shape": "constant"})
+            store.append_metrics([(s, 0, now - steps + s, 1.0 / (s + 1), knobs["lr"],
+                                   knobs["momentum"], knobs["weight_decay"])
+                                  for s in range(steps)])
+        return run_dir
+
+    return make

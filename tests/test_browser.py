@@ -1,0 +1,280 @@
+"""The dashboard in a real browser: Playwright drives Debian's Chromium against a real
+``panda dashboard`` server and a real ``panda train`` process, clicking like a person would.
+
+Never runs ``playwright install``: the browser is the system's ``chromium``; without it the
+module is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from trainer.store import RunStore
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = REPO / "assets"
+VIEWPORT = {"width": 1280, "height": 800}
+TIMEOUT_S = 90      # safety nets against a hung test, never performance assertions
+REFRESHES_S = 2.5   # a few of the page's ~1 s refreshes
+RUN = "live"
+SHOT_TRIES = 5
+
+if CHROMIUM is None:
+    pytest.skip("Debian's chromium is not installed (`make chromium` installs it); "
+                "Playwright's own browser download is never used", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(predicate, what: str, timeout: float = TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _env() -> dict[str, str]:
+    # One BLAS thread each: trainer, dashboard and browser share two cores on CI.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """A digits run training slowly, and the dashboard on its runs directory."""
+    root = tmp_path_factory.mktemp("browser")
+    runs, port = root / "runs", _free_port()
+    panda = [sys.executable, "-m", "trainer.cli"]
+    logs = [open(root / name, "w") for name in ("train.log", "dashboard.log")]  # noqa: SIM115
+    trainer = subprocess.Popen([*panda, "train", "--task", "digits", "--run-dir",
+                                str(runs / RUN), "--epochs", "200", "--step-delay", "0.01"],
+                               stdout=logs[0], stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+    dashboard = subprocess.Popen([*panda, "dashboard", "--runs-dir", str(runs), "--host",
+                                  "127.0.0.1", "--port", str(port)],
+                                 stdout=logs[1], stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait(lambda: _answers(url + "/_stcore/health"), "the dashboard to answer")
+        _wait(lambda: (runs / RUN / "run.db").exists(), "the trainer to create its store")
+        store = RunStore(runs / RUN)
+        _wait(lambda: store.summary()["state"] == "running", "the trainer to run")
+        yield url, store, root / "dashboard.log"
+        store.close()
+    finally:
+        for proc in (trainer, dashboard):
+            proc.terminate()
+        for proc in (trainer, dashboard):
+            try:
+                proc.wait(TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in logs:
+            log.close()
+
+
+@pytest.fixture(scope="module")
+def page(servers):
+    url, _, _ = servers
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        tab = browser.new_page(viewport=VIEWPORT)
+        tab.set_default_timeout(TIMEOUT_S * 1000)
+        tab.goto(url)
+        tab.get_by_text("Learning rate (log scale)").wait_for()
+        yield tab
+        browser.close()
+
+
+def _metric(page, label: str) -> str:
+    """The value of the status row's ``st.metric`` called ``label`` ('' before it shows)."""
+    return page.evaluate("""(label) => {
+        for (const m of document.querySelectorAll('[data-testid="stMetric"]')) {
+            const l = m.querySelector('[data-testid="stMetricLabel"]');
+            const v = m.querySelector('[data-testid="stMetricValue"]');
+            if (l && v && l.innerText.trim() === label) return v.innerText.trim();
+        }
+        return ''; }""", label)
+
+
+def _shown_step(page) -> int:
+    text = _metric(page, "step").replace(",", "")
+    return int(text) if text.isdigit() else -1
+
+
+def _plot(page, script: str):
+    """Evaluate ``script`` (a function of the plotly div) on the training chart."""
+    return page.evaluate(f"""() => {{
+        const plot = document.querySelector('.js-plotly-plot');
+        if (!plot || !plot._fullData) return null;
+        return ({script})(plot); }}""")
+
+
+def _loss_points(page) -> int:
+    # _fullData holds the decoded arrays (plotly.py sends numpy arrays base64-encoded).
+    return _plot(page, "p => { const t = p._fullData.find(t => t.name === 'train loss');"
+                       " return t ? t._length : 0; }") or 0
+
+
+def _markers(page) -> list[str]:
+    return _plot(page, "p => { const t = p._fullData.find(t => t.name === 'interventions');"
+                       " return t ? Array.from(t.text) : []; }") or []
+
+
+def _screenshot(page, path: Path, target=None) -> None:
+    """Screenshot with the chart drawn: Streamlit re-creates the chart on every refresh (blank
+    for a frame or two), so retry when a refresh replaced it during the shot."""
+    path.parent.mkdir(exist_ok=True)
+    for _ in range(SHOT_TRIES):
+        _wait(lambda: _loss_points(page), "the chart to be drawn")
+        page.evaluate("() => { window.__shot = document.querySelector('.js-plotly-plot'); }")
+        (target or page).screenshot(path=str(path))
+        if page.evaluate("() => window.__shot === document.querySelector('.js-plotly-plot')"):
+            return
+
+
+def test_the_chart_shows_new_points_over_time(page):
+    first_step = _wait(lambda: _shown_step(page) > 0 and _shown_step(page), "a first step")
+    first_points = _wait(lambda: _loss_points(page), "points on the chart")
+    _wait(lambda: _shown_step(page) > first_step + 20, "the step counter to move")
+    _wait(lambda: _loss_points(page) > first_points, "the chart to grow")
+    assert _metric(page, "state").endswith("running")
+
+
+def _drag_across_chart(page, start: float, end: float) -> None:
+    """Drag horizontally across the loss panel, from ``start`` to ``end`` (fractions of its
+    width), as a person would."""
+    drag = page.locator(".js-plotly-plot .nsewdrag").first
+    box = _wait(drag.bounding_box, "the chart's drag layer")
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * start, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * end, y, steps=8)
+    page.mouse.up()
+
+
+def _shown_x(page) -> list[float]:
+    return _plot(page, "p => { const t = p._fullData.find(t => t.name === 'train loss');"
+                       " return [Math.min(...t.x), Math.max(...t.x)]; }") or []
+
+
+def test_box_zoom_survives_refreshes(page):
+    """Streamlit re-creates a plotly chart whose figure changed, so neither a browser-side
+    zoom nor a drag survives a refresh: the page freezes, takes the dragged step range, and
+    zooms on the server, where the range outlives the refreshes."""
+    _wait(lambda: _loss_points(page) > 200, "a curve to zoom into")
+    freeze = page.get_by_text("freeze chart")
+    freeze.click()
+    time.sleep(REFRESHES_S)  # the last live figure is on the page, and stays
+    _drag_across_chart(page, 0.3, 0.6)
+    caption = page.get_by_text(re.compile(r"Zoomed to steps [\d,]+ – [\d,]+"))
+    low, high = (float(v.replace(",", "")) for v in
+                 re.findall(r"[\d,]+", caption.inner_text().split("steps")[1]))
+    freeze.click()
+    start = _shown_step(page)
+    _wait(lambda: _shown_step(page) > start + 50, "several refreshes")
+    first, last = _shown_x(page)
+    assert low <= first and last <= high and _shown_step(page) > high
+    page.get_by_role("button", name="Reset zoom").click()
+    _wait(lambda: _shown_x(page) and _shown_x(page)[1] > high, "the whole run again")
+
+
+def test_a_bad_typed_lr_shows_an_error_and_sends_nothing(page, servers):
+    _, store, _ = servers
+    before = len(store.commands())
+    exact = page.get_by_placeholder("exact LR")
+    exact.fill("-3")
+    exact.press("Enter")
+    page.get_by_text(re.compile("Not a valid learning rate: lr must be")).wait_for()
+    page.get_by_role("button", name="Apply", exact=True).click()
+    page.get_by_text(re.compile("Not sent: lr must be")).wait_for()
+    time.sleep(REFRESHES_S)
+    assert len(store.commands()) == before
+    exact.fill("")
+    exact.press("Enter")
+    page.get_by_text(re.compile("Not a valid learning rate")).wait_for(state="detached")
+
+
+def test_halving_the_lr_and_apply_changes_the_trainer_and_draws_a_marker(page, servers):
+    _, store, _ = servers
+    assert store.summary()["lr"] == 0.01
+    page.get_by_role("button", name="×½").click()
+    page.locator("td strong", has_text="5e-03").wait_for()  # pending, in the knobs table
+    page.get_by_role("button", name="Apply", exact=True).click()
+    _wait(lambda: store.summary()["lr"] == 0.005, "the trainer to apply lr 0.005")
+    page.get_by_text(re.compile(r"learning rate 5e-03: applied at step \d+")).wait_for()
+    markers = _wait(lambda: _markers(page), "an intervention marker on the chart")
+    assert re.search(r"lr 1e-02 → 5e-03", markers[-1]), markers
+    _wait(lambda: _metric(page, "learning rate") == "5e-03", "the status row to follow")
+    time.sleep(REFRESHES_S)  # let the curve run on past the marker for the screenshot
+    _screenshot(page, ASSETS / "dashboard.png")
+
+
+def test_pause_stops_the_step_counter_and_resume_restarts_it(page, servers):
+    _, store, _ = servers
+    page.get_by_role("button", name="Pause").click()
+    _wait(lambda: store.summary()["state"] == "paused", "the trainer to pause")
+    _wait(lambda: _metric(page, "state").endswith("paused"), "the page to show the pause")
+    paused_at = _shown_step(page)
+    time.sleep(REFRESHES_S)
+    assert _shown_step(page) == paused_at == store.summary()["step"]
+    page.get_by_role("button", name="Resume").click()
+    _wait(lambda: store.summary()["state"] == "running", "the trainer to resume")
+    _wait(lambda: _shown_step(page) > paused_at, "the step counter to move again")
+
+
+def test_the_knobs_panel_screenshot(page):
+    page.get_by_role("button", name="×2").click()
+    page.locator("td strong", has_text="1e-02").wait_for()
+    page.mouse.move(0, 0)  # no tooltip over the panel
+    time.sleep(REFRESHES_S)
+    column = page.locator('[data-testid="stColumn"]').filter(
+        has=page.get_by_text("Learning rate (log scale)")).last
+    _screenshot(page, ASSETS / "dashboard-knobs.png", column)
+
+
+def test_stop_ends_the_run_and_locks_the_knobs(page, servers):
+    _, store, _ = servers
+    page.get_by_role("button", name="Stop").click()
+    _wait(lambda: store.summary()["state"] == "stopped", "the trainer to stop")
+    apply = page.get_by_role("button", name="Apply", exact=True)
+    _wait(apply.is_disabled, "the knobs to lock")
+    page.get_by_text("The run is stopped: knobs are read-only.").wait_for()
+    assert page.get_by_role("button", name="Pause").is_disabled()
+
+
+def test_the_server_log_has_no_warnings(servers):
+    _, _, log = servers
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    assert not re.search(r"(?i)\bwarn(ing)?\b|deprecat", text), text
