@@ -7,6 +7,7 @@ module is skipped.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -261,6 +262,29 @@ def test_the_knobs_panel_screenshot(page):
     column = page.locator('[data-testid="stColumn"]').filter(
         has=page.get_by_text("Learning rate (log scale)")).last
     _screenshot(page, ASSETS / "dashboard-knobs.png", column)
+
+
+def _range_test_plotted(page) -> bool:
+    return page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).some(
+        p => p._fullData && p._fullData.some(t => t.name === 'smoothed loss'))""")
+
+
+def test_lr_range_test_beside_the_live_run_and_applying_its_suggestion(page, servers):
+    _, store, _ = servers
+    page.locator("summary", has_text="LR range test").click()  # open the panel
+    page.get_by_role("button", name="Run LR range test").click()
+    result = _wait(lambda: [r for r in store.results("lr_find") if r["status"] == "done"],
+                   "the range test to finish")[-1]["payload"]
+    assert store.summary()["state"] == "running"  # the live run went on training meanwhile
+    _wait(lambda: _range_test_plotted(page), "the loss-vs-LR plot")
+    suggested = result["suggested_lr"]
+    apply = page.get_by_role("button", name=re.compile(r"Apply suggested LR"))
+    apply.click()
+    _wait(lambda: math.isclose(store.summary()["lr"], suggested, rel_tol=1e-9),
+          "the live run to take the suggested LR")
+    command = store.commands()[-1]
+    assert command.kind == "set" and command.source == "dashboard"
+    _screenshot(page, ASSETS / "lr-range-test.png")
 
 
 def test_stop_ends_the_run_and_locks_the_knobs(page, servers):

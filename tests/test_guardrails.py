@@ -11,6 +11,7 @@ import threading
 import time
 from collections import deque
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,6 +55,16 @@ def test_guard_needs_a_sustained_blow_up_not_one_spike():
     divergence = guard.update(range(20, 30), [100.0] * 10)
     assert divergence.first_bad_step == 20 and divergence.detected_step == 24
     assert "4× its best 1" in divergence.cause
+
+
+def test_guard_ignores_a_loss_wandering_near_zero_late_in_training():
+    """10× its best, but far below where the run started: overfitting noise, not divergence."""
+    rng = np.random.default_rng(0)
+    steps = np.arange(5000)
+    losses = 2.3 * np.exp(-steps / 300) + 1e-4 * 10 ** rng.uniform(0, 1.5, steps.size)
+    assert DivergenceGuard().update(steps.tolist(), losses.tolist()) is None
+    blow_up = DivergenceGuard().update(range(5100), [*losses.tolist(), *[50.0] * 100])
+    assert blow_up is not None and blow_up.first_bad_step == 5000
 
 
 def test_early_stopping_counts_evaluations_without_improvement():

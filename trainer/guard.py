@@ -6,7 +6,9 @@ Two triggers, both common in practice:
 * a sustained blow-up: the debiased EMA of the loss stays above ``factor`` × its best value for
   ``patience`` consecutive steps. The same criterion ends an LR range test (Smith 2017; fastai
   and torch-lr-finder use 4× / 5× the best smoothed loss); requiring it for several steps keeps a
-  single noisy batch from pausing a healthy run.
+  single noisy batch from pausing a healthy run. The smoothed loss must also exceed where the
+  run started (its level after warm-up): a loss wandering between 1e-4 and 1e-3 late in
+  training is 10× its best but nowhere near diverging.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class DivergenceGuard:
     def reset(self) -> None:
         """Forget the smoothing state (after a rollback or resume); keep the best value."""
         self._avg, self._count, self._over_since, self._over = 0.0, 0, None, 0
+        self._start_level = 0.0  # smoothed loss at the end of warm-up
 
     def update(self, steps: Sequence[int], losses: Sequence[float]) -> Divergence | None:
         for step, loss in zip(steps, losses):
@@ -55,7 +58,10 @@ class DivergenceGuard:
             # Debiased EMA (Kingma & Ba 2015, §3): unbiased from the first step.
             self._avg = self.smoothing * self._avg + (1 - self.smoothing) * loss
             smoothed = self._avg / (1 - self.smoothing ** self._count)
-            if self._count > self.warmup and smoothed > self.factor * self.best:
+            if self._count <= max(self.warmup, 1):
+                self._start_level = smoothed
+            threshold = max(self.factor * self.best, self._start_level)
+            if self._count > self.warmup and smoothed > threshold:
                 self._over_since = step if self._over == 0 else self._over_since
                 self._over += 1
                 if self._over >= self.patience:
