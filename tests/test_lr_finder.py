@@ -344,3 +344,20 @@ def test_empty_batches_are_refused():
     task, optimizer = quadratic_sgd()
     with pytest.raises(ValueError, match="yielded no batches"):
         lr_find(task.model, optimizer, task.loss_fn, [], num_iter=10)
+
+
+def test_a_flat_curve_never_yields_a_suggestion_near_the_stability_limit():
+    """From a converged model the loss is flat until it blows up, so the "steepest" point sits
+    at the blow-up; the suggestion must fall back to a third of the largest stable LR."""
+    task = make_task("quadratic", condition=10.0)
+    with torch.no_grad():
+        solution = torch.linalg.lstsq(task.train_x, task.train_y).solution
+        task.model.weight.copy_(solution.T)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
+    result = lr_find(task.model, optimizer, task.loss_fn, [(task.train_x, task.train_y)],
+                     num_iter=80)
+    assert result.max_stable_lr is not None
+    # Whatever rule picks it on this noise-flat curve, it stays well inside the stable region.
+    assert result.suggested_lr <= result.max_stable_lr / 3 * (1 + 1e-12)
+    low, high = result.suggestion_range
+    assert low <= result.suggested_lr <= high < result.max_stable_lr

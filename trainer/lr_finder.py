@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 # CHECK_EVERY - 1 steps, which is cheap next to a host sync per step on a GPU.
 CHECK_EVERY = 16
 MIN_FINITE_POINTS = 5         # fewer finite points than this give no suggestion
+STABLE_FRACTION = 3.0  # suggestions stay at or below max_stable_lr / 3 (Smith 2017, §3.3)
 SKIP_START_FRACTION = 0.1     # leading share of the curve ignored by `steepest` (noisy, tiny LRs)
 RANGE_SLOPE_FRACTION = 0.5    # suggestion range: where the slope is >= half the steepest slope
 VALLEY_POSITION = 0.5         # where in the longest descent `valley` points (fastai: about half)
@@ -519,6 +520,14 @@ def _refine(session: _Session, result: LRFindResult, upper: float, steps: int) -
 
 def _attach_suggestion(result: LRFindResult) -> None:
     s = suggest(result.lrs, result.smoothed_losses)
+    limit = result.max_stable_lr
+    if limit is not None and (s.lr is None or s.lr > limit / STABLE_FRACTION):
+        # A flat curve (e.g. from a well-trained checkpoint) puts the "steepest" point right at
+        # the blow-up. Never suggest what the probes showed to be near unstable: fall back to
+        # Smith's rule of a third of the largest stable LR (Smith 2017, §3.3).
+        s = Suggestion(limit / STABLE_FRACTION, None, "max_stable/3", limit / 4, limit / 3,
+                       reason=f"the ramp's suggestion {s.lr} was not below max_stable_lr / 3"
+                       if s.lr is not None else s.reason)
     result.suggested_lr, result.suggestion_method = s.lr, s.method
     result.suggestion_reason = s.reason
     result.suggestion_range = (s.low, s.high) if s.lr is not None else None
