@@ -325,10 +325,15 @@ def command_outcome(store: RunStore, run: str) -> None:
 
 
 def run_buttons(store: RunStore, run: str, state: str, *, allowed: bool = True) -> None:
-    """Pause / Resume / Stop, enabled by the run's state."""
+    """Pause / Resume / Roll back / Stop, enabled by the run's state.
+
+    Roll back restores the state just before the latest knob change (the trainer picks the
+    checkpoint; see ``panda rollback``); a paused or diverged run stays paused afterwards.
+    """
     live = allowed and not is_locked(state)
     choices = (("pause", "Pause", state in ("running", "starting")),
                ("resume", "Resume", state in ("paused", "diverged")),
+               ("rollback", "Roll back", state in ("running", "paused", "diverged")),
                ("stop", "Stop", True))
     for column, (kind, label, enabled) in zip(st.columns(len(choices)), choices):
         if column.button(label, key=key(run, kind), disabled=not (live and enabled),

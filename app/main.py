@@ -114,8 +114,9 @@ def live_status(run_dir: str, title: str, allowed: bool) -> None:
     if hint:
         st.markdown(f":orange[{hint}]")
     if state == "diverged":
-        st.error(f"Diverged: {(meta.get('diverged') or {}).get('cause', '')}. Roll back with "
-                 f"`panda rollback {summary['run']}`, or lower the LR and resume.")
+        st.error(f"Diverged: {(meta.get('diverged') or {}).get('cause', '')}. Press Roll back "
+                 f"(or `panda rollback {summary['run']}`) to undo the latest change, or lower "
+                 "the LR and resume.")
 
 
 def _overlays(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:

@@ -160,6 +160,16 @@ def test_resume_enabled_when_paused(page):
     assert [c.kind for c in commands(run_dir)] == ["resume"]
 
 
+def test_a_diverged_run_offers_roll_back_and_resume(page):
+    at, run_dir = page(status="diverged")
+    assert any("Diverged" in e.value and "Roll back" in e.value for e in at.error)
+    assert at.button(key=key("live", "pause")).disabled
+    at.button(key=key("live", "rollback")).click().run()
+    at.button(key=key("live", "resume")).click().run()
+    assert [(c.kind, json.loads(c.payload)) for c in commands(run_dir)] == [
+        ("rollback", {}), ("resume", {})]
+
+
 def test_finished_run_shows_knobs_disabled(page):
     at, _ = page(status="finished")
     for name in ("lr", "momentum", "weight_decay"):
