@@ -29,12 +29,16 @@ from trainer.tasks import make_task
 BATCH_SIZE = 32
 
 
-def _loop(task, model, optimizer, steps: int, babysitter: Babysitter | None) -> float:
-    """Train ``steps`` steps; return steps per second."""
+def _loop(task, model, optimizer, steps: int, babysitter: Babysitter | None, *,
+          seed: int = 0, ready=None) -> float:
+    """Train ``steps`` steps; return steps per second. ``ready()`` runs just before the clock
+    starts (DDP ranks use a barrier there)."""
     epoch, done = 0, 0
+    if ready is not None:
+        ready()
     start = time.perf_counter()
     while done < steps:
-        for x, y in task.batches(BATCH_SIZE, seed=0, epoch=epoch):
+        for x, y in task.batches(BATCH_SIZE, seed=seed, epoch=epoch):
             loss = task.loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

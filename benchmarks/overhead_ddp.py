@@ -21,35 +21,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from overhead import _loop  # the same loop as the single-process benchmark
 
-BATCH_SIZE = 32
 REPO = Path(__file__).resolve().parent.parent
 
-
-def _loop(task, ddp, optimizer, steps: int, babysitter, rank: int) -> float:
-    """Train ``steps`` DDP steps on this rank's shard; return steps per second."""
-    import torch.distributed as dist
-
-    epoch, done = 0, 0
-    dist.barrier()  # both ranks start the clock together
-    start = time.perf_counter()
-    while done < steps:
-        for x, y in task.batches(BATCH_SIZE, seed=rank, epoch=epoch):
-            loss = task.loss_fn(ddp(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if babysitter is not None:
-                babysitter.step(loss)
-            done += 1
-            if done == steps:
-                break
-        epoch += 1
-    return steps / (time.perf_counter() - start)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -71,10 +49,10 @@ def worker(args: argparse.Namespace) -> None:
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     bare, babysat = [], []
     for i in range(args.rounds):
-        bare.append(_loop(task, ddp, opt, args.steps, None, rank))
+        bare.append(_loop(task, ddp, opt, args.steps, None, seed=rank, ready=dist.barrier))
         with Babysitter(opt, Path(args.tmp) / f"r{i}", model=model,
                         sync_every=args.sync_every) as bs:
-            babysat.append(_loop(task, ddp, opt, args.steps, bs, rank))
+            babysat.append(_loop(task, ddp, opt, args.steps, bs, seed=rank, ready=dist.barrier))
     dist.barrier()
     dist.destroy_process_group()
     if rank == 0:

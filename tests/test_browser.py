@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from trainer.store import RunStore
 
@@ -48,13 +49,7 @@ def _free_port() -> int:
 
 
 def _wait(predicate, what: str, timeout: float = TIMEOUT_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return wait_until(predicate, timeout=timeout, interval=0.1, what=what)
 
 
 def _answers(url: str) -> bool:

@@ -14,6 +14,7 @@ from collections import deque
 import numpy as np
 import pytest
 import torch
+from helpers import wait_until
 
 from trainer import checkpoint
 from trainer.babysitter import Babysitter
@@ -28,13 +29,7 @@ TIMEOUT_S = 60
 
 
 def _until(predicate, what: str, timeout: float = TIMEOUT_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(predicate, timeout=timeout, interval=0.1, what=what)
 
 
 # --- the detector on its own -----------------------------------------------------------------
