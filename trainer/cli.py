@@ -384,8 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("set", cmd_set, "change knobs of a live run", run=True, json_flag=True)
     add_knob_flags(p)
     add_wait(p)
-    p = add("rollback", cmd_rollback, "restore a live run's newest checkpoint (before its "
-            "divergence, or at or before --to STEP)", run=True, json_flag=True)
+    p = add("rollback", cmd_rollback, "restore a live run to the state just before its latest "
+            "knob change (or its newest checkpoint at or before --to STEP)", run=True,
+            json_flag=True)
     p.add_argument("--to", type=int, metavar="STEP", help="newest checkpoint at or before STEP")
     add_wait(p)
     add("checkpoints", cmd_checkpoints, "list a run's checkpoints", run=True, json_flag=True)
