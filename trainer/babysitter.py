@@ -33,9 +33,9 @@ from trainer import checkpoint
 from trainer.distributed import DEFAULT_SYNC_EVERY, DistributedSync
 from trainer.guard import DivergenceGuard, EarlyStopping
 from trainer.knobs import KnobError, format_sci, validate_command
-from trainer.optim import OptimizerKnobs
+from trainer.optim import OptimizerKnobs, ScheduledLR
 from trainer.rollback import RollbackPoints
-from trainer.schedules import Schedule, rebased, schedule_from
+from trainer.schedules import Schedule, schedule_from
 from trainer.store import RunStore, sanitize_run_name
 from trainer.sync import Flusher, Poller
 
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL_S = 0.1   # metrics reach the store at most this late (kill -9 loses ≤ this)
 POLL_INTERVAL_S = 0.05   # a command waits at most this long before the trainer sees it
 PAUSE_WAKE_S = 0.5       # a paused trainer re-checks for stop/close at least this often
-TINY_FACTOR = 1e-12      # a schedule factor below this cannot be divided by safely
 ON_DIVERGE = ("pause", "rollback", "ignore")
 RESCUE_LR_FACTOR = 0.5   # --on-diverge rollback halves the LR that diverged
 
@@ -100,10 +99,7 @@ class Babysitter:
         self.knobs = OptimizerKnobs(optimizer)
         self.steps_per_epoch = steps_per_epoch
         self.checkpoint_every = checkpoint_every
-        self.schedule = schedule_from(schedule or {})
-        self._lr_ratios = [lr / self.knobs.lr() if self.knobs.lr() > 0 else 1.0
-                           for lr in self.knobs.lrs()]
-        self._base_lr = self.knobs.lr()
+        self.lr_plan = ScheduledLR(self.knobs, schedule_from(schedule or {}))
         self.step_count = 0          # optimizer steps completed (the next row's step number)
         self.epoch = 0
         self.should_stop = False
@@ -128,7 +124,7 @@ class Babysitter:
                       else self._dist.open_store(self.run_dir))
         resumed_from = self._restore() if resume else None
         self._init_meta(config or {}, task, resumed_from)
-        self._apply_schedule_lr()
+        self.lr_plan.write(self._epoch_position())
         self._poller = Poller(self.store, self._pending, self._outbox, self.knobs,
                               poll_interval, self._wake)
         self._flusher = Flusher(self.store, self._rows, self._outbox, flush_interval,
@@ -163,8 +159,8 @@ class Babysitter:
             self._apply_replay()
         if self._pending:
             self._apply_pending()
-        if self.schedule.shape != "constant":
-            self._apply_schedule_lr()
+        if self.lr_plan.active:
+            self.lr_plan.write(self._epoch_position())
         if self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
             self.checkpoint("periodic")
 
@@ -186,8 +182,8 @@ class Babysitter:
             self._check_early_stop(float(loss))
         if end_epoch:
             self.epoch += 1
-            if self.schedule.shape != "constant":
-                self._apply_schedule_lr()
+            if self.lr_plan.active:
+                self.lr_plan.write(self._epoch_position())
 
     # --- knobs ----------------------------------------------------------------------------------
 
@@ -255,9 +251,7 @@ class Babysitter:
                                f"{name} {format_sci(old)} → {format_sci(new)} at step {step}"))
         elif kind == "schedule":
             old_shape = self.schedule.shape
-            self._base_lr = self.knobs.lr()   # the new shape continues from the current LR
-            self.schedule = rebased(schedule_from(payload), self._epoch_position())
-            self._apply_schedule_lr()
+            self.lr_plan.set_schedule(schedule_from(payload), self._epoch_position())
             events.append((step, wall, "schedule", "schedule", None, None, command_id,
                            f"decay {old_shape} → {self.schedule.shape} at step {step}"))
         elif kind in ("pause", "resume", "stop"):
@@ -282,9 +276,7 @@ class Babysitter:
 
     def _set_knob(self, name: str, value: float) -> None:
         if name == "lr":
-            factor = self.schedule.factor(self._epoch_position())
-            self._base_lr = value / factor if factor > TINY_FACTOR else value
-            self.knobs.write_lrs([value * r for r in self._lr_ratios])
+            self.lr_plan.set_lr(value, self._epoch_position())
         elif name == "momentum":
             self.knobs.set_momentum(value)
         else:
@@ -295,9 +287,15 @@ class Babysitter:
             return self.step_count / self.steps_per_epoch
         return float(self.epoch)
 
-    def _apply_schedule_lr(self) -> None:
-        lr = self._base_lr * self.schedule.factor(self._epoch_position())
-        self.knobs.write_lrs([lr * r for r in self._lr_ratios])
+    @property
+    def schedule(self) -> Schedule:
+        """The LR decay in force (change it with a ``schedule`` command)."""
+        return self.lr_plan.schedule
+
+    def apply_schedule(self) -> None:
+        """Write the scheduled LR for the current position (for loops that move ``epoch``
+        themselves, e.g. the Lightning callback without a batch count)."""
+        self.lr_plan.write(self._epoch_position())
 
     # --- pause / stop ---------------------------------------------------------------------------
 
@@ -323,8 +321,7 @@ class Babysitter:
             raise ValueError("checkpoints need the model: Babysitter(..., model=model)")
         self.extra_state.update(extra)
         state = checkpoint.snapshot(self.model, self.optimizer, {
-            "step": self.step_count, "epoch": self.epoch, "base_lr": self._base_lr,
-            "lr_ratios": self._lr_ratios, "schedule": self.schedule.to_dict(),
+            "step": self.step_count, "epoch": self.epoch, **self.lr_plan.state(),
             "extra": dict(self.extra_state)})
         self._rollback_points.remember(state, before_change=reason == "intervention")
         self._outbox.append(("checkpoint", (state, reason, pin)))
@@ -332,8 +329,7 @@ class Babysitter:
     def _load_state(self, state: dict) -> int:
         """Put a checkpoint back into model, optimizer (incl. its knobs) and our knob state."""
         sitter = checkpoint.restore(state, self.model, self.optimizer)
-        self._base_lr, self._lr_ratios = sitter["base_lr"], sitter["lr_ratios"]
-        self.schedule = schedule_from(sitter["schedule"])
+        self.lr_plan.load(sitter)
         self.extra_state = dict(sitter.get("extra", {}))
         return int(sitter["step"])
 

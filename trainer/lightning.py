@@ -195,7 +195,7 @@ class PandaCallback(pl.Callback):
             return
         bs.epoch = trainer.current_epoch
         if bs.steps_per_epoch is None and bs.schedule.shape != "constant":
-            bs._apply_schedule_lr()  # no batch count: the decay advances once per epoch
+            bs.apply_schedule()  # no batch count: the decay advances once per epoch
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
