@@ -12,7 +12,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,17 @@ def start_train(run_dir: Path, *args: str | os.PathLike, log_name: str = "test-t
                                 stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO)
     finally:
         log.close()  # the child holds its own descriptor
+
+
+@contextmanager
+def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """Kill and reap ``proc`` on the way out if the test left it running."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def train_log(run_dir: Path, log_name: str = "test-train.log") -> str:

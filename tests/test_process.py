@@ -19,7 +19,7 @@ import time
 
 import pytest
 import torch
-from helpers import cpu_seconds, panda, start_train, summary_of, train_log, wait_until
+from helpers import cpu_seconds, panda, reaped, start_train, summary_of, train_log, wait_until
 
 from trainer.checkpoint import list_checkpoints
 from trainer.store import DB_NAME, RunStore
@@ -46,7 +46,7 @@ def test_live_control_of_a_training_process(tmp_path):
     run_dir = tmp_path / "live"
     proc = start_train(run_dir, "--task", "digits", "--epochs", "100000", "--step-delay",
                        "0.002", "--lr", str(OLD_LR))
-    try:
+    with reaped(proc):
         wait_until(lambda: _step(run_dir) > 30 or proc.poll() is not None,
                    what="the trainer to take 30 steps")
         assert proc.poll() is None, train_log(run_dir)
@@ -100,10 +100,6 @@ def test_live_control_of_a_training_process(tmp_path):
         stopped = _cli_json("stop", run_dir)
         assert stopped["status"] == "applied"
         assert proc.wait(timeout=60) == 0, train_log(run_dir)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     summary = summary_of(run_dir)
     assert summary["state"] == "stopped"
     assert summary["lr"] == NEW_LR
@@ -123,17 +119,13 @@ def test_sigkill_leaves_a_clean_store_and_resume_matches_an_uninterrupted_run(tm
     # Meanwhile (2 cores): the reference run, same seed, never interrupted, no delay.
     ref_dir = tmp_path / "reference"
     ref = start_train(ref_dir, *KILL_CFG)
-    try:
+    with reaped(proc):
         wait_until(lambda: _step(run_dir) > 110 or proc.poll() is not None,
                    what="the trainer to pass step 110")
         assert proc.poll() is None, train_log(run_dir)
         killed_at = time.time()
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
     # The store survived: it opens, its pages are intact, and it holds the last second.
     conn = sqlite3.connect(run_dir / DB_NAME)
@@ -188,14 +180,10 @@ def test_sigterm_stops_a_training_process_cleanly(tmp_path):
     run_dir = tmp_path / "term"
     proc = start_train(run_dir, "--task", "spirals", "--epochs", "100000", "--step-delay",
                        "0.002")
-    try:
+    with reaped(proc):
         wait_until(lambda: _step(run_dir) > 5 or proc.poll() is not None, what="steps")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, train_log(run_dir)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     summary = summary_of(run_dir)
     assert summary["state"] == "stopped"
     assert [c.reason for c in list_checkpoints(run_dir)][-1] == "final"
