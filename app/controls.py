@@ -324,8 +324,12 @@ def command_outcome(store: RunStore, run: str) -> None:
                 st.session_state.pop(key(run, f"basis_{name}"), None)
 
 
+ROLLBACK_HELP = ("Roll back to the state just before the latest knob change (model, optimizer "
+                 "and knobs); a paused or diverged run stays paused")
+
+
 def run_buttons(store: RunStore, run: str, state: str, *, allowed: bool = True) -> None:
-    """Pause / Resume / Roll back / Stop, enabled by the run's state.
+    """Pause / Resume / Undo (roll back) / Stop, enabled by the run's state.
 
     Roll back restores the state just before the latest knob change (the trainer picks the
     checkpoint; see ``panda rollback``); a paused or diverged run stays paused afterwards.
@@ -333,10 +337,11 @@ def run_buttons(store: RunStore, run: str, state: str, *, allowed: bool = True) 
     live = allowed and not is_locked(state)
     choices = (("pause", "Pause", state in ("running", "starting")),
                ("resume", "Resume", state in ("paused", "diverged")),
-               ("rollback", "Roll back", state in ("running", "paused", "diverged")),
+               ("rollback", "Undo", state in ("running", "paused", "diverged")),
                ("stop", "Stop", True))
     for column, (kind, label, enabled) in zip(st.columns(len(choices)), choices):
         if column.button(label, key=key(run, kind), disabled=not (live and enabled),
+                         help=ROLLBACK_HELP if kind == "rollback" else None,
                          width="stretch"):
             command_id = store.submit_command(kind, {}, source="dashboard")
             remember_command(run, command_id, kind)

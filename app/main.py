@@ -114,7 +114,7 @@ def live_status(run_dir: str, title: str, allowed: bool) -> None:
     if hint:
         st.markdown(f":orange[{hint}]")
     if state == "diverged":
-        st.error(f"Diverged: {(meta.get('diverged') or {}).get('cause', '')}. Press Roll back "
+        st.error(f"Diverged: {(meta.get('diverged') or {}).get('cause', '')}. Press Undo "
                  f"(or `panda rollback {summary['run']}`) to undo the latest change, or lower "
                  "the LR and resume.")
 

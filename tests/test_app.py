@@ -162,7 +162,7 @@ def test_resume_enabled_when_paused(page):
 
 def test_a_diverged_run_offers_roll_back_and_resume(page):
     at, run_dir = page(status="diverged")
-    assert any("Diverged" in e.value and "Roll back" in e.value for e in at.error)
+    assert any("Diverged" in e.value and "Undo" in e.value for e in at.error)
     assert at.button(key=key("live", "pause")).disabled
     at.button(key=key("live", "rollback")).click().run()
     at.button(key=key("live", "resume")).click().run()
