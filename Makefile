@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check trainer app tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/overhead.py --rounds 31
+	$(BIN)/python benchmarks/overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
