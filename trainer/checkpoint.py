@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from trainer import atomic
+
 CHECKPOINT_DIR = "checkpoints"
 DEFAULT_KEEP = 10  # automatic checkpoints kept in the ring
 REASONS = ("periodic", "epoch", "intervention", "final", "manual", "best", "branch")
@@ -69,22 +71,8 @@ def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def write_atomic(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (temp file, fsync, rename, fsync directory)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write ``state`` to ``path`` atomically (see :mod:`trainer.atomic`)."""
+    atomic.write_atomic(path, lambda f: torch.save(state, f))
 
 
 def save(run_dir: str | os.PathLike, state: dict[str, Any], *, reason: str = "periodic",

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from trainer import atomic
 from trainer.knobs import validate_command
 from trainer.store import RunStore
 
@@ -177,14 +178,8 @@ def _python_snippet(export: dict[str, Any]) -> str:
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and rename: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``text`` to ``path`` atomically (see :mod:`trainer.atomic`): never half a file."""
+    atomic.write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def safe_output_path(out: str | os.PathLike, base: str | os.PathLike = ".") -> Path:

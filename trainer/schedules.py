@@ -84,10 +84,10 @@ def lr_at(step: int, base_lr: float, schedule: Schedule, steps_per_epoch: int) -
     return base_lr * schedule.factor(step / steps_per_epoch)
 
 
-_RATE_RULES = {  # shape -> (lowest, highest, inclusive-high, meaning)
-    "exponential": (0.0, 1.0, True, "r per epoch, in (0, 1]"),
+_RATE_RULES = {  # shape -> (lowest, highest, whether the lowest itself is allowed, meaning)
+    "exponential": (0.0, 1.0, False, "r per epoch, in (0, 1]"),
     "inverse_time": (0.0, 1e6, True, "k, >= 0"),
-    "step": (0.0, 1.0, True, "γ per drop, in (0, 1]"),
+    "step": (0.0, 1.0, False, "γ per drop, in (0, 1]"),
     "cosine": (0.0, 1.0, True, "floor as a fraction of the base LR, in [0, 1]"),
     "constant": (-math.inf, math.inf, True, "unused"),
 }
@@ -113,10 +113,9 @@ def validate_schedule(payload: Any) -> dict[str, Any]:
                 value):
             raise KnobError(f"schedule {name} must be a finite number, got {value!r}")
         values[name] = float(value)
-    low, high, _, meaning = _RATE_RULES[shape]
+    low, high, low_ok, meaning = _RATE_RULES[shape]
     rate = values["rate"]
-    zero_ok = shape in ("inverse_time", "cosine")
-    if (rate < low or (rate == low and not zero_ok)) or rate > high:
+    if rate < low or (rate == low and not low_ok) or rate > high:
         raise KnobError(f"{shape} rate must be {meaning}, got {rate:g}")
     for name in ("step_epochs", "total_epochs"):
         if name in values and values[name] <= 0:

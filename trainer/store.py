@@ -271,11 +271,7 @@ class RunStore:
     def submit_command(self, kind: str, payload: dict | None = None, *,
                        source: str = "api") -> int:
         """Append a pending command and return its id. Callers validate before submitting."""
-        with self.transaction() as tx:
-            cur = tx.execute("INSERT INTO commands(created, kind, payload, source) "
-                             "VALUES (?, ?, ?, ?)",
-                             (time.time(), kind, json.dumps(payload or {}), source))
-            return int(cur.lastrowid)
+        return self.submit_raw_command(kind, json.dumps(payload or {}), source=source)
 
     def submit_raw_command(self, kind: str, payload_text: str, *, source: str = "raw") -> int:
         """Append a command whose payload is stored verbatim (tests of hostile input use this)."""
@@ -284,24 +280,22 @@ class RunStore:
                              "VALUES (?, ?, ?, ?)", (time.time(), kind, payload_text, source))
             return int(cur.lastrowid)
 
+    def _select_commands(self, where: str, params: tuple) -> list[Command]:
+        rows = self._conn().execute(
+            "SELECT id, created, kind, payload, status, applied_step, error, source "
+            f"FROM commands WHERE {where} ORDER BY id", params)
+        return [Command(*row) for row in rows.fetchall()]
+
     def pending_commands(self, after_id: int = 0) -> list[Command]:
         """Pending commands with id > ``after_id``, oldest first."""
-        rows = self._conn().execute(
-            "SELECT id, created, kind, payload, status, applied_step, error, source "
-            "FROM commands WHERE status = 'pending' AND id > ? ORDER BY id", (after_id,))
-        return [Command(*row) for row in rows.fetchall()]
+        return self._select_commands("status = 'pending' AND id > ?", (after_id,))
 
     def command(self, command_id: int) -> Command | None:
-        row = self._conn().execute(
-            "SELECT id, created, kind, payload, status, applied_step, error, source "
-            "FROM commands WHERE id = ?", (command_id,)).fetchone()
-        return None if row is None else Command(*row)
+        found = self._select_commands("id = ?", (command_id,))
+        return found[0] if found else None
 
     def commands(self, after_id: int = 0) -> list[Command]:
-        rows = self._conn().execute(
-            "SELECT id, created, kind, payload, status, applied_step, error, source "
-            "FROM commands WHERE id > ? ORDER BY id", (after_id,))
-        return [Command(*row) for row in rows.fetchall()]
+        return self._select_commands("id > ?", (after_id,))
 
     def resolve_commands(self, outcomes: Sequence[tuple], events: Sequence[tuple] = ()) -> None:
         """Record command outcomes and their intervention events in one transaction.
