@@ -104,16 +104,14 @@ def run_config(store: RunStore):
     start (a user's own loop: Panda cannot rebuild its model, data or loss)."""
     from trainer.runner import TrainConfig
 
-    config = store.meta().get("config")
-    name = store.meta().get("name", store.run_dir.name)
-    if not isinstance(config, dict) or "task" not in config:
-        raise LRJobError(f"run {name} was not started by `panda train` (no built-in task in its "
-                         "config), so Panda cannot rebuild its model and data; call "
-                         "trainer.lr_find(model, optimizer, loss_fn, batches) in your own code")
+    meta = store.meta()
+    name = meta.get("name", store.run_dir.name)
     try:
-        return TrainConfig.from_dict(config).validate()
-    except (TypeError, ValueError) as err:
-        raise LRJobError(f"run {name} has an unusable config: {err}") from None
+        return TrainConfig.of_run(meta)
+    except ValueError as err:
+        raise LRJobError(f"run {name} cannot be rebuilt: {err}; Panda cannot rebuild a model "
+                         "and data it did not create, so call trainer.lr_find(model, optimizer, "
+                         "loss_fn, batches) in your own code") from None
 
 
 def readiness(store: RunStore) -> str | None:
@@ -167,15 +165,7 @@ def latest_lr_find(store: RunStore) -> dict[str, Any] | None:
 
 def _build(cfg, model_state=None, optimizer_state=None):
     """(task, optimizer) for ``cfg``, with checkpointed states loaded when given."""
-    import torch
-
-    from trainer.optim import make_optimizer
-    from trainer.tasks import make_task
-
-    torch.manual_seed(cfg.seed)
-    task = make_task(cfg.task, seed=cfg.seed)
-    optimizer = make_optimizer(cfg.optimizer, task.model.parameters(), lr=cfg.lr,
-                               momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    task, optimizer = cfg.build()
     if model_state is not None:
         task.model.load_state_dict(model_state)
     if optimizer_state is not None:

@@ -20,7 +20,7 @@ from trainer.babysitter import ON_DIVERGE, Babysitter
 from trainer.knobs import KNOBS
 from trainer.optim import OPTIMIZERS, make_optimizer
 from trainer.store import RunStore
-from trainer.tasks import TASK_NAMES, make_task
+from trainer.tasks import TASK_NAMES, Task, make_task
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,27 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
+    @classmethod
+    def of_run(cls, meta: dict[str, Any]) -> TrainConfig:
+        """The config a `panda train` run recorded in its store meta; ValueError for a run that
+        `panda train` did not start (a user's own loop) or an unusable config."""
+        config = meta.get("config")
+        if not isinstance(config, dict) or "task" not in config:
+            raise ValueError("it was not started by `panda train` (no built-in task in its "
+                             "config)")
+        try:
+            return cls.from_dict(config).validate()
+        except TypeError as err:
+            raise ValueError(f"its config is unusable: {err}") from None
+
+    def build(self) -> tuple[Task, torch.optim.Optimizer]:
+        """The seeded task and its optimizer, as a run of this config starts them."""
+        torch.manual_seed(self.seed)
+        task = make_task(self.task, seed=self.seed)
+        optimizer = make_optimizer(self.optimizer, task.model.parameters(), lr=self.lr,
+                                   momentum=self.momentum, weight_decay=self.weight_decay)
+        return task, optimizer
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, turned into an exception: the Babysitter closes the run as ``stopped``."""
@@ -99,10 +120,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
 def _train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool,
            replay: list[tuple[int, str, dict]] | None) -> str:
-    torch.manual_seed(cfg.seed)
-    task = make_task(cfg.task, seed=cfg.seed)
-    optimizer = make_optimizer(cfg.optimizer, task.model.parameters(), lr=cfg.lr,
-                               momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    task, optimizer = cfg.build()
     steps_per_epoch = task.steps_per_epoch(cfg.batch_size)
     with Babysitter(optimizer, run_dir, model=task.model, config=asdict(cfg),
                     task=task.info["description"], steps_per_epoch=steps_per_epoch,
@@ -150,7 +168,8 @@ def threading_is_main() -> bool:
 def stored_config(run_dir: str | os.PathLike) -> TrainConfig:
     """The TrainConfig a run was started with (for ``--resume``)."""
     with RunStore(run_dir) as store:
-        config = store.meta().get("config")
-    if not isinstance(config, dict) or "task" not in config:
-        raise ValueError(f"{run_dir} was not started by `panda train`; cannot resume it here")
-    return TrainConfig.from_dict(config)
+        meta = store.meta()
+    try:
+        return TrainConfig.of_run(meta)
+    except ValueError as err:
+        raise ValueError(f"cannot resume {run_dir} here: {err}") from None
