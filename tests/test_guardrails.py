@@ -206,3 +206,28 @@ def test_checkpoint_ring_is_bounded_and_pins_are_kept(tmp_path):
     assert checkpoint.find(tmp_path, before=2) is None
     with pytest.raises(ValueError, match="reason"):
         checkpoint.save(tmp_path, {"babysitter": {"step": 9}}, reason="whenever")
+
+
+# --- branches -----------------------------------------------------------------------------------
+
+def test_a_branch_starts_from_a_checkpoint_with_other_knobs_and_links_its_parent(tmp_path):
+    from trainer.launch import branch_run
+    from trainer.runner import TrainConfig, train
+
+    parent = tmp_path / "runs" / "parent"
+    cfg = TrainConfig(task="spirals", epochs=3, checkpoint_every=50)  # 50 steps per epoch
+    assert train(cfg, parent) == "finished"
+    with pytest.raises(ValueError, match="no checkpoint at or before step 10"):
+        branch_run(parent, 10, {"lr": 0.1})
+    child, proc = branch_run(parent, 120, {"lr": 0.1}, name="what-if")
+    assert proc.wait(TIMEOUT_S) == 0
+    with RunStore(child) as store:
+        meta, events = store.meta(), store.events_since()
+        first_step = store.metrics_since()["step"][0]
+        lrs = set(store.metrics_since()["lr"])
+    assert meta["parent"] == {"run": "parent", "run_dir": str(parent.resolve()), "step": 100}
+    assert meta["status"] == "finished" and first_step == 100 and lrs == {0.1}
+    branch_set = next(e for e in events if e["kind"] == "set")
+    assert (branch_set["step"], branch_set["old"], branch_set["new"]) == (100, 0.01, 0.1)
+    with pytest.raises(ValueError, match="already exists"):
+        branch_run(parent, 120, {"lr": 0.2}, name="what-if")

@@ -27,12 +27,12 @@ LOG_NAME = "train.log"
 DEMO_CONFIG = TrainConfig(task="digits", epochs=400, step_delay=0.02)
 
 
-def launch_training(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False
-                    ) -> subprocess.Popen:
+def launch_training(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
+                    meta: dict | None = None) -> subprocess.Popen:
     """Start ``panda train`` in the background and return its process.
 
-    The run store is created (status ``starting``) before returning, so a dashboard can list
-    the run at once.
+    The run store is created (status ``starting``, plus ``meta``) before returning, so a
+    dashboard can list the run at once.
     """
     cfg.validate()
     run_dir = Path(run_dir).resolve()
@@ -45,7 +45,7 @@ def launch_training(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
     with RunStore(run_dir, create=True) as store:
         if "created" not in store.meta():
             store.set_meta(name=run_dir.name, created=time.time(), config=asdict(cfg),
-                           task=cfg.task, status="starting")
+                           task=cfg.task, status="starting", **(meta or {}))
     with open(run_dir / LOG_NAME, "ab") as log_file:
         return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -82,13 +82,9 @@ def branch_run(parent_dir: str | os.PathLike, from_step: int, knobs: dict[str, f
     folder = checkpoint.checkpoint_dir(child)
     folder.mkdir(parents=True)
     shutil.copyfile(found.path, folder / f"ckpt-{found.step:09d}-branch.pt")
-    with RunStore(child, create=True) as store:
-        store.set_meta(name=child.name, created=time.time(), config=asdict(cfg), task=cfg.task,
-                       status="starting", parent={"run": parent_dir.name,
-                                                  "run_dir": str(parent_dir.resolve()),
-                                                  "step": found.step},
-                       branch_knobs=knobs)
-    return child, launch_training(cfg, child, resume=True)
+    parent = {"run": parent_dir.name, "run_dir": str(parent_dir.resolve()), "step": found.step}
+    return child, launch_training(cfg, child, resume=True,
+                                  meta={"parent": parent, "branch_knobs": knobs})
 
 
 def dashboard_cwd() -> Path | None:
