@@ -15,6 +15,7 @@ from typing import Any
 import streamlit as st
 
 from trainer.knobs import KnobError, format_sci, log_ladder, nearest_on_ladder, validate_knobs
+from trainer.runs import open_store
 from trainer.store import FINAL_STATES, RunStore
 
 LR_LADDER = log_ladder(-6, 1)                              # 1e-6 … 10
@@ -159,10 +160,10 @@ def describe_changes(changes: dict[str, float]) -> str:
 
 # --- callbacks (run before the script re-runs, so they may reset widget values) -------------
 
-def _applied(run_dir: str) -> tuple[str, dict[str, Any]]:
+def _applied(address: str) -> tuple[str, dict[str, Any]]:
     """The run's state and applied knobs, read fresh (callback arguments are as old as the
     last render of the knobs, which has no timer)."""
-    with RunStore(run_dir) as store:
+    with open_store(address) as store:
         summary = store.summary()
     return summary["state"], {k: summary.get(k) for k in KNOB_ORDER}
 
@@ -175,10 +176,10 @@ def _current_lr(run: str, applied: dict[str, Any]) -> float | None:
         return None
 
 
-def _scale_lr(run_dir: str, run: str, factor: float) -> None:
+def _scale_lr(address: str, run: str, factor: float) -> None:
     """×½ / ×2: the exact result goes into the text field, the slider to its nearest stop."""
     state = st.session_state
-    base = _current_lr(run, _applied(run_dir)[1])
+    base = _current_lr(run, _applied(address)[1])
     if base is None:
         state[key(run, "error")] = "Type a valid learning rate first (e.g. 3e-4)."
         return
@@ -208,10 +209,10 @@ def _exact_typed(run: str) -> None:
     state[key(run, "lr")] = nearest_on_ladder(lr, LR_LADDER)
 
 
-def _apply(run_dir: str, run: str, supported: list[str]) -> None:
+def _apply(address: str, run: str, supported: list[str]) -> None:
     """Apply: validate, send one ``set`` command with the changed knobs, re-seed widgets."""
     state = st.session_state
-    run_state, applied = _applied(run_dir)
+    run_state, applied = _applied(address)
     if is_locked(run_state):
         state[key(run, "error")] = f"Not sent: the run is {run_state}."
         return
@@ -223,7 +224,7 @@ def _apply(run_dir: str, run: str, supported: list[str]) -> None:
     if not changes:
         state[key(run, "error")] = "Nothing to apply: every pending value equals the applied one."
         return
-    with RunStore(run_dir) as store:
+    with open_store(address) as store:
         command_id = store.submit_command("set", changes, source="dashboard")
     state.pop(key(run, "error"), None)
     remember_command(run, command_id, describe_changes(changes))
@@ -242,7 +243,7 @@ def knob_widgets(store: RunStore, summary: dict[str, Any], meta: dict[str, Any],
 
     ``allowed`` False (no access token) shows them disabled, like a finished run.
     """
-    run, run_dir = summary["run"], str(store.run_dir)
+    run, address = summary["run"], store.address
     applied = {k: summary.get(k) for k in KNOB_ORDER}
     if applied["lr"] is None:
         st.info("Waiting for the trainer to report its knobs…")
@@ -256,9 +257,9 @@ def knob_widgets(store: RunStore, summary: dict[str, Any], meta: dict[str, Any],
                      key=key(run, "lr"), disabled=locked, on_change=_slider_moved, args=(run,),
                      help="equal effort per decade: 1e-6 … 10")
     half, double, exact = st.columns([1, 1, 2], vertical_alignment="bottom")
-    half.button("×½", key=key(run, "half"), on_click=_scale_lr, args=(run_dir, run, 0.5),
+    half.button("×½", key=key(run, "half"), on_click=_scale_lr, args=(address, run, 0.5),
                 disabled=locked, width="stretch", help="halve the pending learning rate")
-    double.button("×2", key=key(run, "double"), on_click=_scale_lr, args=(run_dir, run, 2.0),
+    double.button("×2", key=key(run, "double"), on_click=_scale_lr, args=(address, run, 2.0),
                   disabled=locked, width="stretch", help="double the pending learning rate")
     exact.text_input("exact LR", key=key(run, "exact"), placeholder="exact LR",
                      label_visibility="collapsed", disabled=locked, on_change=_exact_typed,
@@ -271,7 +272,7 @@ def knob_widgets(store: RunStore, summary: dict[str, Any], meta: dict[str, Any],
         st.select_slider("Weight decay (log scale)", options=WD_OPTIONS, format_func=format_sci,
                          key=key(run, "weight_decay"), disabled=locked)
     st.button("Apply", type="primary", key=key(run, "apply"), disabled=locked, width="stretch",
-              on_click=_apply, args=(run_dir, run, supported))
+              on_click=_apply, args=(address, run, supported))
     if st.session_state.get(key(run, "error")):
         st.error(st.session_state[key(run, "error")])
 

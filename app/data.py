@@ -28,12 +28,12 @@ def empty_cache() -> dict[str, Any]:
 
 
 def fetch(store: RunStore, caches: MutableMapping[str, dict[str, Any]]) -> dict[str, Any]:
-    """Return ``store``'s cached curves (``caches[run_dir]``) after appending newer rows.
+    """Return ``store``'s cached curves (``caches[address]``) after appending newer rows.
 
     ``caches`` is normally ``st.session_state["curves"]``; plain dicts work too (tests,
     benchmarks). Loss NaNs (stored as NULL) stay NaN.
     """
-    key = str(store.run_dir)
+    key = store.address
     cache = caches.setdefault(key, empty_cache())
     new_events = store.events_since(cache["last_event"])
     if any(e["kind"] == RESTART_EVENT for e in new_events):

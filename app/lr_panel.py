@@ -10,7 +10,6 @@ where the trainer applies it, logged and drawn like any other intervention.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
@@ -130,23 +129,23 @@ def _apply_block(store: RunStore, row: dict[str, Any], key: str) -> None:
                    f"({status}{detail})")
 
 
-def _start(run_dir: Path, key: str) -> None:
+def _start(address: str, key: str) -> None:
     """Button callback (runs on the script thread before the re-run, so the re-run already
     sees the new ``running`` row and disables the button)."""
     try:
-        st.session_state[f"lrfind_job_{key}"] = start_lr_find_job(run_dir)
+        st.session_state[f"lrfind_job_{key}"] = start_lr_find_job(address)
         st.session_state.pop(f"lrfind_error_{key}", None)
     except (LRJobError, OSError) as err:
         st.session_state[f"lrfind_error_{key}"] = f"Could not start the LR range test: {err}"
 
 
-def render_lr_panel(store: RunStore, run_dir: Path) -> None:
+def render_lr_panel(store: RunStore) -> None:
     """The LR range test panel for one run (call it inside the page's ~1 s fragment)."""
-    key = Path(run_dir).name
+    key = store.name
     st.markdown("**LR range test**")
     reason = readiness(store)
     st.button("Run LR range test", key=f"lrfind_start_{key}", disabled=reason is not None,
-              on_click=_start, args=(Path(run_dir), key), help=reason or
+              on_click=_start, args=(store.address, key), help=reason or
               "Ramp the LR on a copy of the newest checkpoint in a separate process; the run "
               "keeps training")
     if st.session_state.get(f"lrfind_error_{key}"):

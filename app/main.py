@@ -1,9 +1,11 @@
 """Panda's dashboard: one page to watch a run and turn its knobs.
 
-Served by ``panda dashboard`` (``streamlit run app/main.py -- --runs-dir DIR``). It reads and
-writes only through the run store. The live parts are ``st.fragment(run_every=…)`` blocks that
-fetch only rows newer than the ones this session already holds (:mod:`app.data`); the knob
-widgets live in a fragment without a timer, so a refresh never resets what the user is typing.
+Served by ``panda dashboard`` (``streamlit run app/main.py -- --runs-dir DIR``; with
+``$PANDA_STORE`` set to a PostgreSQL URL it shows the runs in that database). It reads and
+writes only through the run store, and names a run by its address (:mod:`trainer.runs`). The
+live parts are ``st.fragment(run_every=…)`` blocks that fetch only rows newer than the ones this
+session already holds (:mod:`app.data`); the knob widgets live in a fragment without a timer, so
+a refresh never resets what the user is typing.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from app.data import early_stop_hint, fetch, steps_per_second
 from app.lr_panel import render_lr_panel
 from app.panels import decay_controls, export_block, new_run_form
 from trainer.knobs import format_sci
-from trainer.store import RUNNING_STATES, RunStore, StoreError, list_runs
+from trainer.runs import STORE_ENV, list_runs, open_store, root_of, run_address, shown
+from trainer.store import RUNNING_STATES, RunStore, StoreError
 
 REFRESH_S = 1.0            # live parts re-render about once a second
 DEFAULT_SMOOTHING = 0.6    # TensorBoard's default EMA weight
@@ -60,9 +63,14 @@ def runs_dir(argv: list[str] | None = None) -> Path:
     return Path(args.runs_dir)
 
 
-def _open(run_dir: str) -> RunStore | None:
+def store_url() -> str | None:
+    """The PostgreSQL store to show (``$PANDA_STORE``, set by ``panda dashboard --store``)."""
+    return os.environ.get(STORE_ENV) or None
+
+
+def _open(address: str) -> RunStore | None:
     try:
-        return RunStore(run_dir)
+        return open_store(address)
     except StoreError as err:
         st.error(str(err))
         return None
@@ -79,10 +87,10 @@ def _fmt(value: float | None, fmt=format_sci) -> str:
 # --- live fragments ---------------------------------------------------------------------------
 
 @st.fragment(run_every=REFRESH_S)
-def live_status(run_dir: str, title: str, allowed: bool) -> None:
+def live_status(address: str, title: str, allowed: bool) -> None:
     """Title with pause / resume / stop; state, step, epoch, speed, elapsed time and the
     knobs in force."""
-    store = _open(run_dir)
+    store = _open(address)
     if store is None:
         return
     with store:
@@ -94,10 +102,10 @@ def live_status(run_dir: str, title: str, allowed: bool) -> None:
             run_buttons(store, summary["run"], summary["state"], allowed=allowed)
     state = summary["state"]
     seen = st.session_state.setdefault("seen_state", {})
-    if run_dir in seen and is_locked(seen[run_dir]) != is_locked(state):
-        seen[run_dir] = state
+    if address in seen and is_locked(seen[address]) != is_locked(state):
+        seen[address] = state
         st.rerun(scope="app")  # the knob widgets (outside this fragment) lock or unlock
-    seen[run_dir] = state
+    seen[address] = state
     rate = steps_per_second(cache) if state == "running" else None
     elapsed = (meta.get("ended") or time.time()) - (meta.get("created") or time.time())
     cells = [("state", state), ("step", f"{summary['step']:,}"),
@@ -119,12 +127,12 @@ def live_status(run_dir: str, title: str, allowed: bool) -> None:
                  "the LR and resume.")
 
 
-def _overlays(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+def _overlays(root: str, names: list[str]) -> dict[str, dict[str, Any]]:
     """Other runs' loss curves to draw beside this one (compare / branch parent)."""
     overlays = {}
     for name in names:
         try:
-            with RunStore(root / name) as other:
+            with open_store(run_address(root, name)) as other:
                 cache = _curves(other)
         except (StoreError, ValueError):
             continue
@@ -132,16 +140,16 @@ def _overlays(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     return overlays
 
 
-def _steps_shown(run_dir: str, last_step: int) -> tuple[float, float] | None:
+def _steps_shown(address: str, last_step: int) -> tuple[float, float] | None:
     """The box-zoomed step range if there is one, else the "Steps shown" window."""
     zoom = st.session_state.get("zoom")
-    if zoom is not None and zoom[0] == run_dir:
+    if zoom is not None and zoom[0] == address:
         return zoom[1]
     window = WINDOWS.get(st.session_state.get("window", "all"))
     return None if window is None or last_step < 0 else (last_step - window, math.inf)
 
 
-def _figure(run_dir: str, store: RunStore, compare: list[str]):
+def _figure(address: str, store: RunStore, compare: list[str]):
     """The chart for this refresh; while "freeze" is on, the same figure as last time.
 
     Streamlit re-creates a plotly chart whose figure changed (it keys the element by its
@@ -150,7 +158,7 @@ def _figure(run_dir: str, store: RunStore, compare: list[str]):
     chart, and that step range is kept (in session state) when the chart goes live again.
     """
     state = st.session_state
-    settings = (run_dir, tuple(compare), state.get("smoothing", DEFAULT_SMOOTHING),
+    settings = (address, tuple(compare), state.get("smoothing", DEFAULT_SMOOTHING),
                 state.get("log_y", False), state.get("window", "all"), state.get("zoom"))
     frozen = state.get("frozen_figure")
     if state.get("freeze") and frozen is not None and frozen[0] == settings:
@@ -160,8 +168,8 @@ def _figure(run_dir: str, store: RunStore, compare: list[str]):
     parent = meta.get("parent") or {}
     names = [*compare, *([parent["run"]] if parent.get("run") else [])]
     figure = training_figure(cache, cache["val"], cache["events"], smoothing=settings[2],
-                             log_y=settings[3], overlays=_overlays(Path(run_dir).parent, names),
-                             steps_shown=_steps_shown(run_dir, cache["last_step"]),
+                             log_y=settings[3], overlays=_overlays(root_of(address), names),
+                             steps_shown=_steps_shown(address, cache["last_step"]),
                              height=CHART_HEIGHT)
     figure.update_layout(dragmode="select", selectdirection="h")  # drag = zoom (see above)
     state["frozen_figure"] = (settings, figure)
@@ -183,50 +191,50 @@ def _reset_zoom() -> None:
     st.session_state.pop("zoom", None)
 
 
-def _take_zoom(run_dir: str, chart_state: Any) -> None:
+def _take_zoom(address: str, chart_state: Any) -> None:
     """Turn a box selection on the chart into a server-side zoom on its step range."""
     boxes = (chart_state or {}).get("selection", {}).get("box") or []
     if not boxes or not boxes[0].get("x"):
         return
     low, high = sorted(float(x) for x in boxes[0]["x"])
-    zoom = (run_dir, (low, high))
+    zoom = (address, (low, high))
     if high > low and st.session_state.get("zoom") != zoom:
         st.session_state["zoom"] = zoom
         st.rerun(scope="fragment")  # redraw at once with the new range
 
 
 @st.fragment(run_every=REFRESH_S)
-def live_chart(run_dir: str, compare: list[str]) -> None:
+def live_chart(address: str, compare: list[str]) -> None:
     """Loss, validation metrics, LR and intervention markers; the LR range test below."""
-    store = _open(run_dir)
+    store = _open(address)
     if store is None:
         return
     with store:
         zoom = st.session_state.get("zoom")
-        if zoom is not None and zoom[0] == run_dir:
+        if zoom is not None and zoom[0] == address:
             note, reset = st.columns([4, 1], vertical_alignment="center")
             note.caption(f"Zoomed to steps {zoom[1][0]:,.0f} – {zoom[1][1]:,.0f}")
             reset.button("Reset zoom", on_click=_reset_zoom, key="reset_zoom", width="stretch")
         else:
             st.caption("To zoom: freeze the chart, drag across a range of steps, unfreeze.")
         chart_state = st.plotly_chart(
-            _figure(run_dir, store, compare), key="training_chart", on_select="rerun",
+            _figure(address, store, compare), key="training_chart", on_select="rerun",
             selection_mode=("box",),
             config={"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d"]})
-        _take_zoom(run_dir, chart_state)
+        _take_zoom(address, chart_state)
         events = _curves(store)["events"]
         if events:
             with st.expander(f"Interventions ({len(events)})"):
                 st.dataframe([{"step": e["step"], "what": e["message"] or e["kind"]}
                               for e in reversed(events)], hide_index=True, width="stretch")
         with st.expander("LR range test", expanded=bool(store.results("lr_find"))):
-            render_lr_panel(store, Path(run_dir))
+            render_lr_panel(store)
 
 
 @st.fragment(run_every=REFRESH_S)
-def live_knob_state(run_dir: str, allowed: bool) -> None:
+def live_knob_state(address: str, allowed: bool) -> None:
     """Applied vs pending, the last command's outcome, and pause / resume / stop."""
-    store = _open(run_dir)
+    store = _open(address)
     if store is None:
         return
     with store:
@@ -239,9 +247,9 @@ def live_knob_state(run_dir: str, allowed: bool) -> None:
 
 
 @st.fragment
-def knobs(run_dir: str, allowed: bool) -> None:
+def knobs(address: str, allowed: bool) -> None:
     """The knob widgets: interacting re-runs only this fragment, never on a timer."""
-    store = _open(run_dir)
+    store = _open(address)
     if store is None:
         return
     with store:
@@ -250,9 +258,9 @@ def knobs(run_dir: str, allowed: bool) -> None:
 
 
 @st.fragment
-def decay(run_dir: str, allowed: bool) -> None:
+def decay(address: str, allowed: bool) -> None:
     """The LR decay shape (its own fragment: below the live applied-vs-pending table)."""
-    store = _open(run_dir)
+    store = _open(address)
     if store is None:
         return
     with store:
@@ -290,37 +298,42 @@ def main() -> None:
     """The whole page."""
     st.set_page_config(page_title="Panda", page_icon="🐼", layout="wide")
     st.markdown(PAGE_CSS, unsafe_allow_html=True)
-    root = runs_dir()
+    local, url = runs_dir(), store_url()
+    root = url or str(local)
     st.sidebar.title("Panda")
     st.sidebar.caption("babysit one training run")
-    new_run_form(root)  # first: starting a run selects it in the picker below
-    runs = [r for r in list_runs(root) if r.get("state") != "unreadable"]
+    new_run_form(local, url)  # first: starting a run selects it in the picker below
+    try:
+        runs = [r for r in list_runs(root) if r.get("state") != "unreadable"]
+    except StoreError as err:
+        st.error(str(err))
+        return
     if not runs:
-        st.info(f"No runs in `{root}` yet: start one from the sidebar, or run "
+        st.info(f"No runs in `{shown(root)}` yet: start one from the sidebar, or run "
                 "`panda train --task digits --run-dir runs/first`.")
         return
     run = pick_run(runs)
     compare = st.sidebar.multiselect("Compare with", [r["run"] for r in runs if r["run"] != run],
                                      key="compare")
     allowed = token_ok()
-    st.sidebar.caption(f"runs in `{root}`")
-    run_dir = str(root / run)
-    store = _open(run_dir)
+    st.sidebar.caption(f"runs in `{shown(root)}`")
+    address = run_address(root, run)
+    store = _open(address)
     if store is None:
         return
     with store:
         meta = store.meta()
         title = f"{run} · {meta.get('task') or 'custom model'} · {meta.get('optimizer', '')}"
-        live_status(run_dir, title, allowed)
+        live_status(address, title, allowed)
         chart, side = st.columns([2.55, 1.45], gap="medium")
         with chart:
             chart_settings()
-            live_chart(run_dir, compare)
+            live_chart(address, compare)
         with side:
             st.markdown("##### Knobs")
-            knobs(run_dir, allowed)
-            live_knob_state(run_dir, allowed)
-            decay(run_dir, allowed)
+            knobs(address, allowed)
+            live_knob_state(address, allowed)
+            decay(address, allowed)
         with st.sidebar:
             export_block(store)
 

@@ -13,8 +13,9 @@ from trainer.knobs import KnobError, format_sci, log_ladder
 from trainer.launch import launch_training, new_run_name
 from trainer.optim import OPTIMIZERS
 from trainer.runner import TrainConfig
+from trainer.runs import run_exists, shown
 from trainer.schedules import DEFAULT_RATES, SHAPES, validate_schedule
-from trainer.store import DB_NAME, RunStore, sanitize_run_name
+from trainer.store import RunStore, sanitize_run_name
 from trainer.tasks import TASK_NAMES
 
 SHAPE_LABELS = {"constant": "constant", "exponential": "exponential  α0·r^epoch",
@@ -59,16 +60,20 @@ def decay_controls(store: RunStore, run: str, meta: dict[str, Any], locked: bool
             remember_command(run, command_id, f"decay {shape}")
 
 
-def _start_run(root: Path, values: dict[str, Any]) -> None:
-    """Validate the form and launch the run in its own process (it outlives the page)."""
+def _start_run(runs_dir: Path, store: str | None, values: dict[str, Any]) -> None:
+    """Validate the form and launch the run in its own process (it outlives the page).
+
+    Its checkpoints go under ``runs_dir``; its metrics there too, or to PostgreSQL ``store``.
+    """
     state = st.session_state
     name = values.pop("name").strip()
+    root = store or runs_dir
     try:
         sanitize_run_name(name)
-        if (root / name / DB_NAME).exists():
-            raise ValueError(f"a run named {name!r} already exists in {root}")
+        if run_exists(root, name):
+            raise ValueError(f"a run named {name!r} already exists in {shown(root)}")
         cfg = TrainConfig(**values).validate()
-        proc = launch_training(cfg, root / name)
+        proc = launch_training(cfg, runs_dir / name, store=store)
     except (ValueError, OSError) as err:
         state["new_run_message"] = ("error", str(err))
         return
@@ -76,7 +81,7 @@ def _start_run(root: Path, values: dict[str, Any]) -> None:
     state["run_picker"] = name  # show the new run
 
 
-def new_run_form(root: Path) -> None:
+def new_run_form(runs_dir: Path, store: str | None = None) -> None:
     """Sidebar form: task, optimizer, starting knobs, epochs and a name."""
     with st.sidebar.expander("Start a new run"), st.form("new_run", border=False):
         task = st.selectbox("task", TASK_NAMES, key="new_task")
@@ -95,7 +100,7 @@ def new_run_form(root: Path) -> None:
         name = st.text_input("run name", placeholder=f"{task}-YYYYMMDD-HHMMSS",
                              key="new_name")
         if st.form_submit_button("Start training", width="stretch"):
-            _start_run(root, {"name": name or new_run_name(task), "task": task,
+            _start_run(runs_dir, store, {"name": name or new_run_name(task), "task": task,
                               "optimizer": optimizer, "lr": lr, "momentum": momentum,
                               "weight_decay": weight_decay, "epochs": int(epochs),
                               "step_delay": float(delay)})
@@ -113,13 +118,13 @@ def export_block(store: RunStore) -> None:
         fmt = st.radio("format", tuple(EXPORT_SUFFIX), horizontal=True, key="export_fmt")
         if st.button("Prepare export", key="export_prepare", width="stretch"):
             try:
-                st.session_state["export_text"] = (store.run_dir.name, fmt,
+                st.session_state["export_text"] = (store.name, fmt,
                                                    render(build_export(store), fmt))
             except ExportError as err:
                 st.session_state["export_text"] = None
                 st.error(f"Cannot export this run: {err}")
         prepared = st.session_state.get("export_text")
-        if prepared and prepared[0] == store.run_dir.name:
+        if prepared and prepared[0] == store.name:
             run, chosen, text = prepared
             st.download_button(f"Download {chosen}", text,
                                file_name=f"{run}-settings.{EXPORT_SUFFIX[chosen]}",

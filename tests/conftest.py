@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pgserver
 import pytest
 
 from trainer.store import RunStore
@@ -39,3 +40,32 @@ def make_run(tmp_path: Path) -> Callable[..., Path]:
         return run_dir
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _no_store_from_the_environment(monkeypatch):
+    """A developer's own $PANDA_STORE must never receive test runs."""
+    monkeypatch.delenv("PANDA_STORE", raising=False)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A throw-away PostgreSQL server for the whole session. Where none can be started the
+    tests that need it are skipped with the reason, except in CI, where that is a failure."""
+    try:
+        server = pgserver.start()
+    except pgserver.Unavailable as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the PostgreSQL tests: {err}")
+        pytest.skip(f"no PostgreSQL server: {err}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_root(request, tmp_path: Path) -> str:
+    """Where runs live, once per backend: a runs directory, then an empty PostgreSQL database.
+    Tests that take it are the store specification both backends must meet."""
+    if request.param == "sqlite":
+        return str(tmp_path / "runs")
+    return request.getfixturevalue("pg_server").new_database()

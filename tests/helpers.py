@@ -106,10 +106,10 @@ def summary_of(run_dir: Path) -> dict[str, Any] | None:
 
 # --- roles for the multi-process store test ---------------------------------------------------
 
-def _writer(run_dir: str, total: int, batch: int) -> dict:
-    from trainer.store import RunStore
+def _writer(address: str, total: int, batch: int) -> dict:
+    from trainer.runs import open_store
 
-    with RunStore(run_dir) as store:
+    with open_store(address) as store:
         for first in range(0, total, batch):
             rows = [(s, 0, time.time(), 1.0 / (s + 1), 0.01, 0.9, 0.0)
                     for s in range(first, min(total, first + batch))]
@@ -119,13 +119,13 @@ def _writer(run_dir: str, total: int, batch: int) -> dict:
     return {"written": total}
 
 
-def _reader(run_dir: str, total: int) -> dict:
-    from trainer.store import RunStore
+def _reader(address: str, total: int) -> dict:
+    from trainer.runs import open_store
 
     seen: list[int] = []
     reads = 0
     deadline = time.monotonic() + 120
-    with RunStore(run_dir) as store:
+    with open_store(address) as store:
         last = -1
         while last < total - 1 and time.monotonic() < deadline:
             new = store.metrics_since(last, columns=("step", "loss"))
@@ -144,11 +144,11 @@ def _reader(run_dir: str, total: int) -> dict:
     return {"seen": len(seen), "last": last, "reads": reads}
 
 
-def _commander(run_dir: str, count: int) -> dict:
-    from trainer.store import RunStore
+def _commander(address: str, count: int) -> dict:
+    from trainer.runs import open_store
 
     ids = []
-    with RunStore(run_dir) as store:
+    with open_store(address) as store:
         for i in range(count):
             ids.append(store.submit_command("set", {"lr": 0.001 * (i + 1)}, source="test"))
             time.sleep(0.005)
@@ -157,11 +157,11 @@ def _commander(run_dir: str, count: int) -> dict:
 
 def _main(argv: list[str]) -> int:
     sys.path.insert(0, str(REPO))
-    role, run_dir, *numbers = argv
+    role, address, *numbers = argv
     ints = [int(n) for n in numbers]
     try:
         result = {"writer": _writer, "reader": _reader, "commander": _commander}[role](
-            run_dir, *ints)
+            address, *ints)
     except Exception as err:  # report, do not hide: the test asserts on this
         result = {"error": f"{type(err).__name__}: {err}"}
     print(json.dumps(result))

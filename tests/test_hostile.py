@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from trainer import cli
 from trainer.babysitter import Babysitter
 from trainer.knobs import KNOBS, KnobError, validate_command
-from trainer.store import RunStore, StoreError, list_runs
+from trainer.runs import list_runs
+from trainer.store import RunStore, StoreError
 from trainer.tasks import make_task
 
 torch.set_num_threads(1)

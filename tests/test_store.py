@@ -1,9 +1,11 @@
 """The run store: the only channel between trainer, dashboard and CLI.
 
-Specification: one SQLite file per run with its schema version recorded; a store from a newer
-Panda or a file that is not a store is refused with a StoreError (never a raw traceback); every
-read is incremental; run names cannot escape the runs directory; one writer, many readers and a
-command submitter can use one store from separate processes at once without losing a row.
+Specification, for both backends (tests taking ``store`` or ``store_root`` run once against
+SQLite files and once against a throw-away PostgreSQL server): the schema version is recorded;
+a store from a newer Panda is refused with a StoreError (never a raw traceback); every read is
+incremental; run names cannot escape the runs directory; one writer, many readers and a command
+submitter can use one store from separate processes at once without losing a row. SQLite only:
+WAL mode, and files that are not stores are refused.
 """
 
 from __future__ import annotations
@@ -21,13 +23,12 @@ import torch
 from helpers import HELPERS, REPO, subprocess_env
 
 from trainer import store as store_mod
+from trainer.runs import list_runs, open_store, resolve_run, run_address
 from trainer.store import (
     DB_NAME,
     SCHEMA_VERSION,
     RunStore,
     StoreError,
-    list_runs,
-    resolve_run,
     sanitize_run_name,
 )
 
@@ -39,14 +40,29 @@ def row(step: int, *, epoch: int = 0, loss: float = 1.0, lr: float = 0.01) -> tu
 
 
 @pytest.fixture
-def store(tmp_path):
-    with RunStore(tmp_path / "run", create=True) as s:
+def store(store_root):
+    with open_store(run_address(store_root, "run"), create=True) as s:
         yield s
+
+
+def _bump_schema(store_root: str, name: str, version: int) -> None:
+    """Make run ``name`` look as if a newer Panda wrote it."""
+    if store_root.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(store_root, autocommit=True) as conn:
+            conn.execute("UPDATE panda.runs SET version = %s WHERE name = %s", (version, name))
+        return
+    conn = sqlite3.connect(os.path.join(store_root, name, DB_NAME))
+    conn.execute(f"PRAGMA user_version={version}")
+    conn.close()
 
 
 # --- schema and refusal of foreign files ------------------------------------------------------
 
-def test_new_store_records_its_schema_version_and_uses_wal(store):
+def test_new_sqlite_store_records_its_schema_version_and_uses_wal(tmp_path):
+    store = RunStore(tmp_path / "run", create=True)
+    store.close()
     conn = sqlite3.connect(store.path)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -55,24 +71,27 @@ def test_new_store_records_its_schema_version_and_uses_wal(store):
         conn.close()
 
 
-def test_reopening_an_existing_store_keeps_its_data(tmp_path):
-    with RunStore(tmp_path / "run", create=True) as s:
+def test_reopening_an_existing_store_keeps_its_data(store_root):
+    address = run_address(store_root, "run")
+    with open_store(address, create=True) as s:
         s.set_meta(name="run", config={"batch_size": 32})
         s.append_metrics([row(0), row(1)])
-    with RunStore(tmp_path / "run") as s:
+    with open_store(address, create=True) as s:  # create=True on an existing run: no reset
+        assert s.metrics_since()["step"] == [0, 1]
+    with open_store(address) as s:
         assert s.meta()["config"] == {"batch_size": 32}
         assert s.metrics_since()["step"] == [0, 1]
+        assert (s.name, s.address) == ("run", address)
 
 
-def test_store_from_a_newer_panda_is_refused_with_a_clear_message(tmp_path):
-    RunStore(tmp_path / "run", create=True).close()
-    conn = sqlite3.connect(tmp_path / "run" / DB_NAME)
-    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
-    conn.close()
+def test_store_from_a_newer_panda_is_refused_with_a_clear_message(store_root):
+    address = run_address(store_root, "run")
+    open_store(address, create=True).close()
+    _bump_schema(store_root, "run", SCHEMA_VERSION + 1)
     with pytest.raises(StoreError, match=r"newer Panda.*upgrade"):
-        RunStore(tmp_path / "run")
+        open_store(address)
     with pytest.raises(StoreError, match="newer Panda"):  # create=True must not "repair" it
-        RunStore(tmp_path / "run", create=True)
+        open_store(address, create=True)
 
 
 @pytest.mark.parametrize("content", [
@@ -96,10 +115,13 @@ def test_a_sqlite_file_without_panda_schema_is_refused(tmp_path, monkeypatch):
         RunStore(tmp_path / "run")
 
 
-def test_missing_run_is_a_store_error(tmp_path):
-    with pytest.raises(StoreError, match="no run at"):
-        RunStore(tmp_path / "nothing-here")
-    assert not (tmp_path / "nothing-here").exists()  # opening for reading creates nothing
+def test_missing_run_is_a_store_error(store_root):
+    with pytest.raises(StoreError, match="no run"):
+        open_store(run_address(store_root, "nothing-here"))
+    assert list_runs(store_root) == []  # opening for reading creates nothing
+    open_store(run_address(store_root, "other"), create=True).close()
+    with pytest.raises(StoreError, match="no run"):
+        open_store(run_address(store_root, "nothing-here"))
 
 
 # --- round trips and incremental reads --------------------------------------------------------
@@ -251,9 +273,19 @@ def test_resolve_run_names_and_paths(tmp_path):
         resolve_run("missing", tmp_path / "runs")
 
 
-def test_list_runs_newest_first_and_unreadable_runs_listed(tmp_path):
+def test_list_runs_newest_first(store_root):
+    assert list_runs(store_root) == []
+    for i, name in enumerate(["old", "new"]):
+        with open_store(run_address(store_root, name), create=True) as s:
+            s.set_meta(name=name, created=1000.0 + i, status="finished")
+    listed = list_runs(store_root)
+    assert [r["run"] for r in listed] == ["new", "old"]
+    assert listed[0]["state"] == "finished"
+    assert listed[0]["address"] == run_address(store_root, "new")
+
+
+def test_list_runs_lists_unreadable_sqlite_runs(tmp_path):
     runs = tmp_path / "runs"
-    assert list_runs(runs) == []
     for i, name in enumerate(["old", "new"]):
         with RunStore(runs / name, create=True) as s:
             s.set_meta(name=name, created=1000.0 + i, status="finished")
@@ -268,20 +300,20 @@ def test_list_runs_newest_first_and_unreadable_runs_listed(tmp_path):
 
 # --- real processes at once -------------------------------------------------------------------
 
-def _role(role: str, run_dir, *numbers: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(HELPERS), role, str(run_dir),
+def _role(role: str, address: str, *numbers: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(HELPERS), role, address,
                              *map(str, numbers)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
 
 
 @pytest.mark.slow
-def test_one_writer_two_readers_and_a_commander_in_separate_processes(tmp_path):
+def test_one_writer_two_readers_and_a_commander_in_separate_processes(store_root):
     total, batch, n_commands = 3000, 7, 40
-    run_dir = tmp_path / "shared"
-    RunStore(run_dir, create=True).close()
-    procs = {"reader1": _role("reader", run_dir, total), "reader2": _role("reader", run_dir, total),
-             "commander": _role("commander", run_dir, n_commands),
-             "writer": _role("writer", run_dir, total, batch)}
+    address = run_address(store_root, "shared")
+    open_store(address, create=True).close()
+    procs = {"reader1": _role("reader", address, total), "reader2": _role("reader", address, total),
+             "commander": _role("commander", address, n_commands),
+             "writer": _role("writer", address, total, batch)}
     results = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=150)
@@ -293,13 +325,15 @@ def test_one_writer_two_readers_and_a_commander_in_separate_processes(tmp_path):
         assert results[reader]["seen"] == total and results[reader]["last"] == total - 1
     ids = results["commander"]["ids"]
     assert len(ids) == n_commands and ids == sorted(ids)
-    with RunStore(run_dir) as s:
+    with open_store(address) as s:
         assert s.metrics_since(columns=("step",))["step"] == list(range(total))
         assert [c.id for c in s.commands()] == ids
         assert [json.loads(c.payload)["lr"] for c in s.commands()] == pytest.approx(
             [0.001 * (i + 1) for i in range(n_commands)])
         assert s.meta()["status"] == "finished"
-    conn = sqlite3.connect(run_dir / DB_NAME)
+    if store_root.startswith("postgresql://"):
+        return
+    conn = sqlite3.connect(os.path.join(address, DB_NAME))
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:

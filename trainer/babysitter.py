@@ -35,8 +35,9 @@ from trainer.guard import DivergenceGuard, EarlyStopping
 from trainer.knobs import KnobError, format_sci, validate_command
 from trainer.optim import OptimizerKnobs, ScheduledLR
 from trainer.rollback import RollbackPoints
+from trainer.runs import store_for, store_url
 from trainer.schedules import Schedule, schedule_from
-from trainer.store import RunStore, sanitize_run_name
+from trainer.store import sanitize_run_name
 from trainer.sync import Flusher, Poller
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ class Babysitter:
 
     Args:
         optimizer: any ``torch.optim`` optimizer, any number of param groups.
-        run_dir: the run's directory; ``run.db`` (and ``checkpoint.pt``) live there.
+        run_dir: the run's directory: its checkpoints (and, by default, its ``run.db``) live
+            there; its name is the run's name.
         model: optional; needed for checkpoints and ``resume``.
         config: JSON-serializable settings to record with the run (batch size, …).
         task: a short description of what is trained, shown in the dashboard.
@@ -75,6 +77,9 @@ class Babysitter:
             many steps to average the logged loss and share knob changes, so every rank
             applies a change at the same step; only rank 0 writes the run store, checkpoint
             files and the divergence guard (see :mod:`trainer.distributed`).
+        store: a PostgreSQL URL (``postgresql://user@host/db``) to keep the run's metrics and
+            commands in, so dashboards on other machines see it; default ``$PANDA_STORE``, and
+            without either the run's own SQLite file in ``run_dir``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, run_dir: str | os.PathLike = "runs/run",
@@ -86,7 +91,7 @@ class Babysitter:
                  early_stop: int | None = None, keep_checkpoints: int = checkpoint.DEFAULT_KEEP,
                  flush_interval: float = FLUSH_INTERVAL_S,
                  poll_interval: float = POLL_INTERVAL_S,
-                 sync_every: int = DEFAULT_SYNC_EVERY):
+                 sync_every: int = DEFAULT_SYNC_EVERY, store: str | None = None):
         self.run_dir = Path(run_dir)
         sanitize_run_name(self.run_dir.name)
         if checkpoint_every is not None and (model is None or checkpoint_every < 1):
@@ -120,8 +125,9 @@ class Babysitter:
         self._next_replay = self._replay[0][0] if self._replay else None
 
         self._dist = DistributedSync.detect(sync_every)  # None unless DDP with world size > 1
-        self.store = (RunStore(self.run_dir, create=True) if self._dist is None
-                      else self._dist.open_store(self.run_dir))
+        url = store_url(store)
+        self.store = (store_for(self.run_dir, url, create=True) if self._dist is None
+                      else self._dist.open_store(self.run_dir, url))
         resumed_from = self._restore() if resume else None
         self._init_meta(config or {}, task, resumed_from)
         self.lr_plan.write(self._epoch_position())
@@ -422,7 +428,8 @@ class Babysitter:
             "heartbeat": now,
             "optimizer": self.knobs.name, "supported_knobs": list(self.knobs.supported),
             "knobs": self.knobs.values(), "schedule": self.schedule.to_dict(),
-            "steps_per_epoch": self.steps_per_epoch, "step": self.step_count}
+            "steps_per_epoch": self.steps_per_epoch, "step": self.step_count,
+            "run_dir": str(self.run_dir.resolve())}
         if "created" not in meta:
             values.update(name=self.run_dir.name, created=now)
         if config:

@@ -4,7 +4,9 @@ Every command takes ``--help``; commands that report something take ``--json``. 
 success, 2 on bad input (one-line reason on stderr, nothing changed), 1 when a command was sent
 but the trainer did not act on it in time.
 
-``RUN`` is a run directory path, or a run name under ``--runs-dir`` (default ``./runs``).
+``RUN`` is a run directory path, or a run name under ``--runs-dir`` (default ``./runs``). With
+``--store postgresql://…`` (or ``$PANDA_STORE``) runs live in that PostgreSQL database instead,
+and ``RUN`` is a run's name there.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.knobs import KnobError, format_sci, validate_command, validate_knobs
-from trainer.store import FINAL_STATES, RunStore, StoreError, list_runs, resolve_run
+from trainer.runs import list_runs, open_run, shown, store_for, store_url
+from trainer.store import FINAL_STATES, RunStore, StoreError
 
 log = logging.getLogger("panda")
 
@@ -47,9 +50,17 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, default=str) if getattr(args, "json", False) else text)
 
 
+def _store(args: argparse.Namespace) -> str | None:
+    """The PostgreSQL URL from ``--store`` or $PANDA_STORE; None for SQLite files."""
+    try:
+        return store_url(args.store)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
 def _open_run(args: argparse.Namespace) -> RunStore:
     try:
-        return RunStore(resolve_run(args.run, args.runs_dir))
+        return open_run(args.run, args.runs_dir, _store(args))
     except (StoreError, ValueError) as err:
         raise CliError(str(err)) from None
 
@@ -107,10 +118,10 @@ def _wait_for(args, store: RunStore, command_id: int, before: dict) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.runner import TrainConfig, stored_config, train
 
-    run_dir = Path(args.run_dir)
+    run_dir, store = Path(args.run_dir), _store(args)
     replay = None
     if args.resume:
-        cfg = stored_config(run_dir)
+        cfg = stored_config(run_dir, store)
     elif args.replay:
         from trainer.export import ExportError, load_export, replay_commands
 
@@ -131,14 +142,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.validate()
     except ValueError as err:
         raise CliError(str(err)) from None
-    if not args.resume and (run_dir / "run.db").exists():
-        with RunStore(run_dir) as existing:
-            if existing.summary()["step"] > 0:
-                raise CliError(f"{run_dir} already holds a run; use --resume or another "
-                               "--run-dir")
-    status = train(cfg, run_dir, resume=args.resume, replay=replay)
+    if not args.resume and _started(run_dir, store):
+        raise CliError(f"{run_dir.name} already holds a run; use --resume or another --run-dir")
+    status = train(cfg, run_dir, resume=args.resume, replay=replay, store=store)
     log.info("run %s %s", run_dir, status)
     return 0
+
+
+def _started(run_dir: Path, store: str | None) -> bool:
+    """Whether the run in ``run_dir`` (or named so in ``store``) has trained already."""
+    if store is None and not (run_dir / "run.db").exists():
+        return False
+    try:
+        with store_for(run_dir, store) as existing:
+            return existing.summary()["step"] > 0
+    except StoreError:
+        if store is None:
+            raise
+        return False  # no such run in the database yet
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -184,7 +205,8 @@ def cmd_branch(args: argparse.Namespace) -> int:
     with _open_run(args) as store:
         parent = store.run_dir
     try:
-        child, proc = branch_run(parent, args.from_step, knobs, name=args.name)
+        child, proc = branch_run(parent, args.from_step, knobs, name=args.name,
+                                 store=_store(args))
     except (KnobError, ValueError) as err:
         raise CliError(str(err)) from None
     _emit(args, {"run": child.name, "run_dir": str(child), "pid": proc.pid},
@@ -221,11 +243,15 @@ def _status_line(s: dict) -> str:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    runs = list_runs(args.runs_dir)
+    root = _store(args) or args.runs_dir
+    try:
+        runs = list_runs(root)
+    except StoreError as err:
+        raise CliError(str(err)) from None
     if args.json:
         print(json.dumps(runs, default=str))
     elif not runs:
-        print(f"no runs under {args.runs_dir}")
+        print(f"no runs in {shown(root)}")
     else:
         for summary in runs:
             error = summary.get("error")
@@ -249,18 +275,18 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
             where = f"task {args.task} (fresh model)"
         else:
             with _open_run(args) as store:
-                run_dir = store.run_dir
+                address, name = store.address, store.name
             if args.job_id is not None:
-                lr_job.run_job(run_dir, args.job_id, **options)
+                lr_job.run_job(address, args.job_id, **options)
                 return 0
             if args.background:
-                result_id = lr_job.start_lr_find_job(run_dir, **options)
-                _emit(args, {"id": result_id, "status": "running", "run": run_dir.name},
-                      f"started LR range test {result_id} on {run_dir.name} in the background "
+                result_id = lr_job.start_lr_find_job(address, **options)
+                _emit(args, {"id": result_id, "status": "running", "run": name},
+                      f"started LR range test {result_id} on {name} in the background "
                       "(the dashboard shows its progress and result)")
                 return 0
-            result = lr_job.run_lr_find_for_run(run_dir, **options)
-            where = f"{run_dir.name} from its checkpoint at step {result['checkpoint_step']}"
+            result = lr_job.run_lr_find_for_run(address, **options)
+            where = f"{name} from its checkpoint at step {result['checkpoint_step']}"
     except LRJobError as err:
         raise CliError(str(err)) from None
     except (CliError, StoreError):
@@ -287,6 +313,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if dashboard_cwd() is not None:
         os.chdir(dashboard_cwd())  # where .streamlit/config.toml (the theme) lives
     env = dict(os.environ)
+    store = _store(args)
+    if store is not None:  # in the environment, not argv, so `ps` shows no password
+        env["PANDA_STORE"] = store
     if args.token:  # passed in the environment, not argv, so `ps` does not show it
         env["PANDA_TOKEN"] = args.token
     os.execve(cmd[0], cmd, env)  # replace this process: Ctrl-C goes straight to Streamlit
@@ -296,7 +325,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from trainer.launch import start_demo_run
 
-    run_dir, proc = start_demo_run(args.runs_dir)
+    run_dir, proc = start_demo_run(args.runs_dir, store=_store(args))
     print(f"training the digits task in the background: {run_dir} (pid {proc.pid})")
     print(f"dashboard: http://{args.host}:{args.port}  (Ctrl-C stops the dashboard; "
           f"`panda stop {run_dir}` stops training)")
@@ -335,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         p.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR,
                        help=f"directory holding runs (default ./{DEFAULT_RUNS_DIR})")
+        p.add_argument("--store", metavar="URL", help="keep runs in this PostgreSQL database "
+                       "(postgresql://user@host/db) instead of SQLite files under --runs-dir "
+                       "(default $PANDA_STORE); checkpoints stay under --runs-dir")
         if run:
             p.add_argument("run", metavar="RUN", help="run directory, or run name under "
                            "--runs-dir")
@@ -405,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="write here (inside the current directory) "
                    "instead of stdout; written atomically")
     add("status", cmd_status, "show a run's state, step and knobs", run=True, json_flag=True)
-    add("runs", cmd_runs, "list runs under --runs-dir", json_flag=True)
+    add("runs", cmd_runs, "list runs under --runs-dir (or in --store)", json_flag=True)
     p = add("lr-find", cmd_lr_find, "LR range test on a copy of a run's newest checkpoint "
             "(the run keeps training), or on a fresh built-in --task", json_flag=True)
     p.add_argument("run", metavar="RUN", nargs="?", help="run directory, or run name under "

@@ -160,11 +160,11 @@ class DistributedSync:
 
     # --- wiring (called while the Babysitter is built) -----------------------------------------
 
-    def open_store(self, run_dir):
+    def open_store(self, run_dir, store_url: str | None = None):
         """Rank 0 opens (creates) the run store; every other rank gets a store that is no-op."""
-        from trainer.store import RunStore
+        from trainer.runs import store_for
 
-        return RunStore(run_dir, create=True) if self.leader else _NullStore()
+        return store_for(run_dir, store_url, create=True) if self.leader else _NullStore()
 
     def attach(self, bs: Babysitter) -> None:
         """Reroute the Babysitter's hand-overs through the meetings (before its threads start).

@@ -20,7 +20,8 @@ from pathlib import Path
 from trainer import checkpoint
 from trainer.knobs import validate_knobs
 from trainer.runner import TrainConfig, stored_config
-from trainer.store import RunStore, sanitize_run_name
+from trainer.runs import STORE_ENV, store_for
+from trainer.store import sanitize_run_name
 
 LOG_NAME = "train.log"
 # The demo trains digits slowly enough to watch: ~45 steps per epoch at ~50 steps/s.
@@ -28,11 +29,12 @@ DEMO_CONFIG = TrainConfig(task="digits", epochs=400, step_delay=0.02)
 
 
 def launch_training(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
-                    meta: dict | None = None) -> subprocess.Popen:
+                    meta: dict | None = None, store: str | None = None) -> subprocess.Popen:
     """Start ``panda train`` in the background and return its process.
 
-    The run store is created (status ``starting``, plus ``meta``) before returning, so a
-    dashboard can list the run at once.
+    The run store (SQLite in ``run_dir``, or the run in PostgreSQL URL ``store``) is created
+    (status ``starting``, plus ``meta``) before returning, so a dashboard can list the run at
+    once. The URL reaches the trainer in its environment, so ``ps`` never shows a password.
     """
     cfg.validate()
     run_dir = Path(run_dir).resolve()
@@ -42,12 +44,16 @@ def launch_training(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
            "--config-json", json.dumps(asdict(cfg))]
     if resume:
         cmd.append("--resume")
-    with RunStore(run_dir, create=True) as store:
-        if "created" not in store.meta():
-            store.set_meta(name=run_dir.name, created=time.time(), config=asdict(cfg),
-                           task=cfg.task, status="starting", **(meta or {}))
+    with store_for(run_dir, store, create=True) as run_store:
+        if "created" not in run_store.meta():
+            run_store.set_meta(name=run_dir.name, created=time.time(), config=asdict(cfg),
+                               task=cfg.task, status="starting", run_dir=str(run_dir),
+                               **(meta or {}))
+    env = {k: v for k, v in os.environ.items() if k != STORE_ENV}
+    if store is not None:
+        env[STORE_ENV] = store
     with open(run_dir / LOG_NAME, "ab") as log_file:
-        return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -56,34 +62,37 @@ def new_run_name(prefix: str) -> str:
     return sanitize_run_name(f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def start_demo_run(runs_dir: str | os.PathLike) -> tuple[Path, subprocess.Popen]:
+def start_demo_run(runs_dir: str | os.PathLike, store: str | None = None
+                   ) -> tuple[Path, subprocess.Popen]:
     run_dir = Path(runs_dir) / new_run_name("demo")
-    return run_dir, launch_training(DEMO_CONFIG, run_dir)
+    return run_dir, launch_training(DEMO_CONFIG, run_dir, store=store)
 
 
 def branch_run(parent_dir: str | os.PathLike, from_step: int, knobs: dict[str, float], *,
-               name: str | None = None) -> tuple[Path, subprocess.Popen]:
+               name: str | None = None, store: str | None = None
+               ) -> tuple[Path, subprocess.Popen]:
     """Start a "what if" run from a checkpoint of ``parent_dir`` with different knobs.
 
     The branch starts from the newest checkpoint at or before ``from_step``, applies ``knobs``
     before its first step (recorded as an intervention with source ``branch``), and is linked
-    to its parent (meta ``parent``) so the dashboard can overlay the two.
+    to its parent (meta ``parent``) so the dashboard can overlay the two. With a PostgreSQL
+    ``store`` both runs live there (the checkpoints are files in ``parent_dir`` either way).
     """
     parent_dir = Path(parent_dir)
     knobs = validate_knobs(knobs)
-    cfg = stored_config(parent_dir)
+    cfg = stored_config(parent_dir, store)
     found = checkpoint.find(parent_dir, at_or_before=from_step)
     if found is None:
         raise ValueError(f"{parent_dir.name} has no checkpoint at or before step {from_step}")
     child = parent_dir.parent / sanitize_run_name(name or new_run_name(
         f"{parent_dir.name}-b{found.step}"))
-    if (child / "run.db").exists():
+    if (child / "run.db").exists() or checkpoint.checkpoint_dir(child).exists():
         raise ValueError(f"run {child.name} already exists; choose another --name")
     folder = checkpoint.checkpoint_dir(child)
     folder.mkdir(parents=True)
     shutil.copyfile(found.path, folder / f"ckpt-{found.step:09d}-branch.pt")
     parent = {"run": parent_dir.name, "run_dir": str(parent_dir.resolve()), "step": found.step}
-    return child, launch_training(cfg, child, resume=True,
+    return child, launch_training(cfg, child, resume=True, store=store,
                                   meta={"parent": parent, "branch_knobs": knobs})
 
 

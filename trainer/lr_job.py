@@ -25,6 +25,7 @@ import contextlib
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.knobs import format_sci
+from trainer.runs import STORE_ENV, is_server_url, open_store
 from trainer.store import RunStore, pid_alive
 
 RESULT_KIND = "lr_find"
@@ -105,7 +107,7 @@ def run_config(store: RunStore):
     from trainer.runner import TrainConfig
 
     meta = store.meta()
-    name = meta.get("name", store.run_dir.name)
+    name = meta.get("name", store.name)
     try:
         return TrainConfig.of_run(meta)
     except ValueError as err:
@@ -122,8 +124,12 @@ def readiness(store: RunStore) -> str | None:
         return str(err)
     from trainer import checkpoint
 
+    host = store.meta().get("host")
+    if not store.run_dir.is_dir() and host not in (None, socket.gethostname()):
+        return (f"run {store.name} trains on {host}, which holds its checkpoints: start the "
+                f"range test there (panda lr-find {store.name})")
     if checkpoint.find(store.run_dir) is None:
-        return (f"run {store.run_dir.name} has no checkpoint yet (it writes one every "
+        return (f"run {store.name} has no checkpoint yet (it writes one every "
                 f"{cfg.checkpoint_every} steps and at each epoch end)")
     running = latest_lr_find(store)
     if running is not None and running["status"] == "running":
@@ -246,18 +252,20 @@ def lr_find_for_task(task_name: str, *, seed: int = 0, batch_size: int | None = 
                    progress=progress)
 
 
-def run_lr_find_for_run(run_dir: str | os.PathLike, result_id: int | None = None,
+def run_lr_find_for_run(address: str | os.PathLike, result_id: int | None = None,
                         **options: Any) -> dict[str, Any]:
     """Range test from a run's newest checkpoint, in this process; return the stored payload.
+
+    ``address`` is the run's directory, or its address in a PostgreSQL store
+    (:func:`trainer.runs.open_store`); the checkpoints must be on this host.
 
     With ``result_id`` (a ``running`` row made by :func:`start_lr_find_job`) that row is
     filled in; otherwise a new row is added. Bad input raises :class:`LRJobError` before any
     row is written (when ``result_id`` is None). A failure during the test marks the row
     ``failed`` with the reason and re-raises.
     """
-    run_dir = Path(run_dir)
     opts = check_options(**options)
-    with RunStore(run_dir) as store:
+    with open_store(address) as store:
         if result_id is None:
             reason = readiness(store)
             if reason:
@@ -300,22 +308,28 @@ def _run(store: RunStore, opts: dict, base: dict, reporter: _Reporter) -> dict[s
             "progress": 1.0, "elapsed_s": round(time.monotonic() - started, 3)}
 
 
-def start_lr_find_job(run_dir: str | os.PathLike, **options: Any) -> int:
+def start_lr_find_job(address: str | os.PathLike, **options: Any) -> int:
     """Start a range test on a run in a detached process; return its results row id at once.
 
     Checks the run and options first (:class:`LRJobError`, nothing written). The job runs
-    ``python -m trainer.cli lr-find RUN_DIR --job-id ID``, in its own session and at a lower
+    ``python -m trainer.cli lr-find RUN --job-id ID``, in its own session and at a lower
     CPU priority than the training, so it outlives the page or terminal that started it.
+    A PostgreSQL URL reaches the job in its environment, so ``ps`` shows no password.
     """
-    run_dir = Path(run_dir).resolve()
+    if not is_server_url(address):
+        address = str(Path(address).resolve())
     opts = check_options(**options)
-    with RunStore(run_dir) as store:
+    env = {k: v for k, v in os.environ.items() if k != STORE_ENV}
+    with open_store(address) as store:
         reason = readiness(store)
         if reason:
             raise LRJobError(reason)
         result_id = store.add_result(RESULT_KIND, {"progress": 0.0, "options": opts},
                                      status="running")
-    cmd = [sys.executable, "-m", "trainer.cli", "lr-find", str(run_dir),
+        run = store.name if is_server_url(address) else address
+        if is_server_url(address):
+            env[STORE_ENV] = store.url
+    cmd = [sys.executable, "-m", "trainer.cli", "lr-find", run,
            "--job-id", str(result_id), "--num-iter", str(opts["num_iter"]),
            "--start-lr", repr(opts["start_lr"]), "--end-lr", repr(opts["end_lr"])]
     if not opts["refine"]:
@@ -325,26 +339,27 @@ def start_lr_find_job(run_dir: str | os.PathLike, **options: Any) -> int:
         # No preexec_fn (unsafe in threaded callers such as Streamlit): the job lowers its own
         # priority in run_job.
         subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
+                         stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     except OSError as err:
-        with RunStore(run_dir) as store:
+        with open_store(address) as store:
             store.update_result(result_id, {"options": opts, "error": f"could not start the "
                                             f"range test: {err}"}, status="failed")
         raise
     return result_id
 
 
-def run_job(run_dir: str | os.PathLike, result_id: int, **options: Any) -> dict[str, Any]:
+def run_job(address: str | os.PathLike, result_id: int, **options: Any) -> dict[str, Any]:
     """The detached job's body: fill in row ``result_id`` (which must be ``running``), at a
     lower CPU priority than the training it runs beside."""
     with contextlib.suppress(OSError):
         os.nice(10)
-    with RunStore(run_dir) as store:
+    with open_store(address) as store:
         rows = {row["id"]: row for row in store.results(RESULT_KIND)}
+        name = store.name
     row = rows.get(result_id)
     if row is None or row["status"] != "running":
-        raise LRJobError(f"no running lr_find result {result_id} in {Path(run_dir).name}")
-    return run_lr_find_for_run(run_dir, result_id=result_id, **options)
+        raise LRJobError(f"no running lr_find result {result_id} in {name}")
+    return run_lr_find_for_run(address, result_id=result_id, **options)
 
 
 __all__ = ["RESULT_KIND", "LRJobError", "check_options", "effective_status", "latest_lr_find",

@@ -19,7 +19,7 @@ import torch
 from trainer.babysitter import ON_DIVERGE, Babysitter
 from trainer.knobs import KNOBS
 from trainer.optim import OPTIMIZERS, make_optimizer
-from trainer.store import RunStore
+from trainer.runs import store_for
 from trainer.tasks import TASK_NAMES, Task, make_task
 
 log = logging.getLogger(__name__)
@@ -99,17 +99,18 @@ def _raise_terminated(signum, frame):
 
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
-          replay: list[tuple[int, str, dict]] | None = None) -> str:
+          replay: list[tuple[int, str, dict]] | None = None, store: str | None = None) -> str:
     """Train ``cfg`` into ``run_dir`` and return the final status.
 
     ``replay`` re-enacts a recorded timeline (see :mod:`trainer.export`) at its exact steps.
+    ``store`` is a PostgreSQL URL for the run's metrics (see :class:`Babysitter`).
 
     SIGTERM stops the run cleanly (status ``stopped``, final checkpoint written).
     """
     cfg.validate()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading_is_main() else None
     try:
-        return _train(cfg, run_dir, resume=resume, replay=replay)
+        return _train(cfg, run_dir, resume=resume, replay=replay, store=store)
     except Terminated:  # a clean stop, not a crash: the Babysitter already closed the run
         log.info("SIGTERM: run %s stopped", run_dir)
         return "stopped"
@@ -119,14 +120,14 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
 
 def _train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool,
-           replay: list[tuple[int, str, dict]] | None) -> str:
+           replay: list[tuple[int, str, dict]] | None, store: str | None) -> str:
     task, optimizer = cfg.build()
     steps_per_epoch = task.steps_per_epoch(cfg.batch_size)
     with Babysitter(optimizer, run_dir, model=task.model, config=asdict(cfg),
                     task=task.info["description"], steps_per_epoch=steps_per_epoch,
                     schedule=cfg.schedule, checkpoint_every=cfg.checkpoint_every,
                     resume=resume, replay=replay, on_diverge=cfg.on_diverge,
-                    early_stop=cfg.early_stop) as bs:
+                    early_stop=cfg.early_stop, store=store) as bs:
         start_epoch, first_batch = divmod(bs.step_count, steps_per_epoch)
         for epoch in range(start_epoch, cfg.epochs):
             bs.epoch = epoch
@@ -165,10 +166,10 @@ def threading_is_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def stored_config(run_dir: str | os.PathLike) -> TrainConfig:
-    """The TrainConfig a run was started with (for ``--resume``)."""
-    with RunStore(run_dir) as store:
-        meta = store.meta()
+def stored_config(run_dir: str | os.PathLike, store: str | None = None) -> TrainConfig:
+    """The TrainConfig a run was started with (for ``--resume``); ``store`` as in train()."""
+    with store_for(run_dir, store) as run_store:
+        meta = run_store.meta()
     try:
         return TrainConfig.of_run(meta)
     except ValueError as err:

@@ -1,10 +1,15 @@
-"""The run store: one SQLite file per run, the only bridge between processes.
+"""The run store: the only bridge between processes. The default keeps one SQLite file per run.
 
 Trainers, dashboards and the CLI never talk to each other directly; they read and write
-``runs/<run>/run.db``. SQLite in WAL mode allows one writer and many concurrent readers, and a
-committed transaction survives ``kill -9`` of the writer (https://sqlite.org/wal.html).
-``synchronous=NORMAL`` in WAL mode keeps every commit safe from process crashes; only an OS
-crash or power cut can lose the last transactions, never corrupt the file.
+``runs/<run>/run.db`` (or, with :mod:`trainer.store_pg`, a PostgreSQL database that trainers
+and dashboards on different machines share). :class:`RunStore` is both the SQLite store and
+the interface: every query below is written in SQL that SQLite and PostgreSQL both accept,
+and a backend only supplies connections, transactions and the schema.
+
+SQLite in WAL mode allows one writer and many concurrent readers, and a committed transaction
+survives ``kill -9`` of the writer (https://sqlite.org/wal.html). ``synchronous=NORMAL`` in WAL
+mode keeps every commit safe from process crashes; only an OS crash or power cut can lose the
+last transactions, never corrupt the file.
 
 Tables (schema version in ``PRAGMA user_version``):
 
@@ -64,6 +69,15 @@ CREATE TABLE IF NOT EXISTS results (
     status TEXT NOT NULL, payload TEXT NOT NULL DEFAULT '{}');
 """
 
+# Upserts in the SQL both backends speak (SQLite ≥ 3.24 and PostgreSQL ≥ 9.5).
+_UPSERT_META = ("INSERT INTO meta(key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+_UPSERT_METRICS = (
+    "INSERT INTO metrics(step, epoch, wall, loss, lr, momentum, weight_decay) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(step) DO UPDATE SET epoch = excluded.epoch, "
+    "wall = excluded.wall, loss = excluded.loss, lr = excluded.lr, "
+    "momentum = excluded.momentum, weight_decay = excluded.weight_decay")
+
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -97,24 +111,6 @@ def sanitize_run_name(name: str) -> str:
     return name
 
 
-def resolve_run(spec: str | os.PathLike, runs_dir: str | os.PathLike = "runs", *,
-                must_exist: bool = True) -> Path:
-    """Turn a RUN argument into a run directory.
-
-    ``spec`` is either a path to a run directory (anything containing a path separator, or an
-    existing directory holding ``run.db``) or a bare run name under ``runs_dir``.
-    """
-    text = os.fspath(spec)
-    as_path = Path(text)
-    if os.sep in text or "/" in text or (as_path / DB_NAME).exists():
-        run_dir = as_path
-    else:
-        run_dir = Path(runs_dir) / sanitize_run_name(text)
-    if must_exist and not (run_dir / DB_NAME).exists():
-        raise StoreError(f"no run at {run_dir} (no {DB_NAME} there)")
-    return run_dir
-
-
 def _finite_or_none(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
@@ -124,10 +120,20 @@ class RunStore:
 
     Each thread gets its own SQLite connection (SQLite connections must not be used from two
     threads at once); each process opens its own store.
+
+    Attributes every store has: ``name`` (the run's name), ``address`` (what
+    :func:`trainer.runs.open_store` opens it by: a directory for SQLite), ``run_dir`` (where its
+    checkpoints live) and ``errors`` (the driver's exceptions for a store that is briefly
+    unreachable: background threads retry on them instead of dying).
     """
+
+    backend = "sqlite"
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
 
     def __init__(self, run_dir: str | os.PathLike, *, create: bool = False):
         self.run_dir = Path(run_dir)
+        self.name = self.run_dir.name
+        self.address = str(self.run_dir)
         self.path = self.run_dir / DB_NAME
         if create:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +191,11 @@ class RunStore:
         """Context manager: one IMMEDIATE transaction on this thread's connection."""
         return _Transaction(self._conn())
 
+    @staticmethod
+    def _insert_id(tx: Any, sql: str, params: tuple) -> int:
+        """Run one INSERT and return the id it gave its row (backends differ only here)."""
+        return int(tx.execute(sql, params).lastrowid)
+
     def close(self) -> None:
         """Close every connection this store opened (from any thread)."""
         with self._lock:
@@ -205,7 +216,7 @@ class RunStore:
         """Store JSON-serializable metadata values (run name, config, status, …)."""
         rows = [(key, json.dumps(value)) for key, value in values.items()]
         with self.transaction() as tx:
-            tx.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", rows)
+            tx.executemany(_UPSERT_META, rows)
 
     def meta(self) -> dict[str, Any]:
         rows = self._conn().execute("SELECT key, value FROM meta").fetchall()
@@ -221,10 +232,9 @@ class RunStore:
         """
         clean = [(r[0], r[1], r[2], _finite_or_none(r[3]), *r[4:]) for r in rows]
         with self.transaction() as tx:
-            tx.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?)", clean)
+            tx.executemany(_UPSERT_METRICS, clean)
             if meta:
-                tx.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                               [(k, json.dumps(v)) for k, v in meta.items()])
+                tx.executemany(_UPSERT_META, [(k, json.dumps(v)) for k, v in meta.items()])
 
     def metrics_since(self, after_step: int = -1, *, columns: Iterable[str] = (
             "step", "epoch", "wall", "loss", "lr", "momentum", "weight_decay")) -> dict[str, list]:
@@ -276,9 +286,8 @@ class RunStore:
     def submit_raw_command(self, kind: str, payload_text: str, *, source: str = "raw") -> int:
         """Append a command whose payload is stored verbatim (tests of hostile input use this)."""
         with self.transaction() as tx:
-            cur = tx.execute("INSERT INTO commands(created, kind, payload, source) "
-                             "VALUES (?, ?, ?, ?)", (time.time(), kind, payload_text, source))
-            return int(cur.lastrowid)
+            return self._insert_id(tx, "INSERT INTO commands(created, kind, payload, source) "
+                                   "VALUES (?, ?, ?, ?)", (time.time(), kind, payload_text, source))
 
     def _select_commands(self, where: str, params: tuple) -> list[Command]:
         rows = self._conn().execute(
@@ -316,17 +325,17 @@ class RunStore:
         with its events linked to it; returns its id."""
         now = time.time()
         with self.transaction() as tx:
-            cur = tx.execute("INSERT INTO commands(created, kind, payload, status, applied_step, "
-                             "source, updated) VALUES (?, ?, ?, 'applied', ?, ?, ?)",
-                             (now, kind, json.dumps(payload), applied_step, source, now))
-            command_id = int(cur.lastrowid)
+            command_id = self._insert_id(
+                tx, "INSERT INTO commands(created, kind, payload, status, applied_step, source, "
+                "updated) VALUES (?, ?, ?, 'applied', ?, ?, ?)",
+                (now, kind, json.dumps(payload), applied_step, source, now))
             self._insert_events(tx, [(*e[:6], command_id, *e[7:]) for e in events])
         return command_id
 
     # --- events --------------------------------------------------------------------------------
 
     @staticmethod
-    def _insert_events(tx: sqlite3.Connection, events: Sequence[tuple]) -> None:
+    def _insert_events(tx: Any, events: Sequence[tuple]) -> None:
         tx.executemany("INSERT INTO events(step, wall, kind, knob, old, new, command_id, message)"
                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", events)
 
@@ -342,10 +351,9 @@ class RunStore:
 
     def add_result(self, kind: str, payload: dict, *, status: str = "done") -> int:
         with self.transaction() as tx:
-            cur = tx.execute("INSERT INTO results(created, kind, status, payload) "
-                             "VALUES (?, ?, ?, ?)", (time.time(), kind, status,
-                                                     json.dumps(payload)))
-            return int(cur.lastrowid)
+            return self._insert_id(tx, "INSERT INTO results(created, kind, status, payload) "
+                                   "VALUES (?, ?, ?, ?)",
+                                   (time.time(), kind, status, json.dumps(payload)))
 
     def update_result(self, result_id: int, payload: dict, *, status: str) -> None:
         with self.transaction() as tx:
@@ -354,8 +362,8 @@ class RunStore:
 
     def results(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Stored results (newest last), payload decoded."""
-        rows = self._dicts("SELECT * FROM results WHERE kind = ? OR ? IS NULL ORDER BY id",
-                           (kind, kind))
+        rows = (self._dicts("SELECT * FROM results ORDER BY id", ()) if kind is None else
+                self._dicts("SELECT * FROM results WHERE kind = ? ORDER BY id", (kind,)))
         for row in rows:
             row["payload"] = json.loads(row["payload"])
         return rows
@@ -373,8 +381,10 @@ class RunStore:
                 heartbeat, meta.get("pid"), meta.get("host")):
             state = "interrupted"  # the trainer died without saying so (kill -9, power cut)
         return {
-            "run": meta.get("name", self.run_dir.name),
+            "run": meta.get("name", self.name),
             "run_dir": str(self.run_dir),
+            "address": self.address,
+            "store": self.backend,
             "state": state,
             "step": meta.get("step", last.get("step", -1) + 1),
             "epoch": meta.get("epoch", last.get("epoch", 0)),
@@ -432,22 +442,3 @@ def pid_alive(pid: Any) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
-
-
-def list_runs(runs_dir: str | os.PathLike = "runs") -> list[dict[str, Any]]:
-    """Summaries of every run directory under ``runs_dir``, newest first.
-
-    A run whose store cannot be read is listed with state ``unreadable`` and an ``error``.
-    """
-    root = Path(runs_dir)
-    if not root.is_dir():
-        return []
-    runs = []
-    for db in root.glob(f"*/{DB_NAME}"):
-        try:
-            with RunStore(db.parent) as store:
-                runs.append(store.summary())
-        except (StoreError, sqlite3.Error, ValueError) as err:
-            runs.append({"run": db.parent.name, "run_dir": str(db.parent), "state": "unreadable",
-                         "error": str(err), "created": None})
-    return sorted(runs, key=lambda r: r.get("created") or 0, reverse=True)

@@ -9,7 +9,6 @@ training thread takes no lock.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -58,9 +57,9 @@ def to_floats(values: list) -> list[float]:
 class _Worker(threading.Thread):
     """A daemon thread that calls ``tick()`` every ``interval`` seconds until stopped."""
 
-    def __init__(self, name: str, interval: float):
+    def __init__(self, name: str, store: RunStore, interval: float):
         super().__init__(name=name, daemon=True)
-        self.interval = interval
+        self.store, self.interval = store, interval
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -71,7 +70,7 @@ class _Worker(threading.Thread):
     def _safe_tick(self) -> None:
         try:
             self.tick()
-        except (sqlite3.Error, OSError):
+        except (*self.store.errors, OSError):
             # A locked or briefly unavailable store must not kill training; the data stays
             # queued and the next tick retries.
             log.exception("%s: store unavailable, will retry", self.name)
@@ -97,8 +96,8 @@ class Flusher(_Worker):
                  live_meta: Callable[[], dict[str, Any]], *, keep_checkpoints: int,
                  guard: DivergenceGuard | None = None,
                  on_divergence: Callable[[Divergence], None] | None = None):
-        super().__init__("panda-flusher", interval)
-        self.store, self.rows, self.outbox, self.live_meta = store, rows, outbox, live_meta
+        super().__init__("panda-flusher", store, interval)
+        self.rows, self.outbox, self.live_meta = rows, outbox, live_meta
         self.keep_checkpoints = keep_checkpoints
         self.guard, self.on_divergence = guard, on_divergence
         self._armed, self._rearm_at = guard is not None, None
@@ -131,7 +130,7 @@ class Flusher(_Worker):
             batch = [(*r[:3], loss, *r[4:]) for r, loss in zip(rows, losses)]
             try:
                 self.store.append_metrics(batch, meta=self.live_meta())
-            except sqlite3.Error:
+            except self.store.errors:
                 self.rows.extendleft(reversed(rows))
                 raise
         else:
@@ -167,8 +166,8 @@ class Poller(_Worker):
 
     def __init__(self, store: RunStore, pending: deque, outbox: deque, knobs: OptimizerKnobs,
                  interval: float, wake: threading.Event):
-        super().__init__("panda-poller", interval)
-        self.store, self.pending, self.outbox, self.knobs = store, pending, outbox, knobs
+        super().__init__("panda-poller", store, interval)
+        self.pending, self.outbox, self.knobs = pending, outbox, knobs
         self.wake = wake  # set whenever a command is handed over (ends a pause's wait)
         self.last_id = 0
 
