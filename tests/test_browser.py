@@ -16,12 +16,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from helpers import wait_until
 
-from trainer.store import RunStore
+from trainer.runs import open_store, run_address
+from trainer.store import StoreError
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -66,27 +68,31 @@ def _env() -> dict[str, str]:
             "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """A digits run training slowly, and the dashboard on its runs directory."""
-    root = tmp_path_factory.mktemp("browser")
+@contextmanager
+def _serve(root: Path, store: str | None = None):
+    """A digits run training slowly and the dashboard, both on ``root/runs`` (or, with a
+    PostgreSQL ``store``, both on that database: the run's directory then only holds its
+    checkpoints, and the dashboard is given an empty runs directory of its own)."""
     runs, port = root / "runs", _free_port()
     panda = [sys.executable, "-m", "trainer.cli"]
+    where = [] if store is None else ["--store", store]
+    dashboard_runs = runs if store is None else root / "dashboard-runs"
     logs = [open(root / name, "w") for name in ("train.log", "dashboard.log")]  # noqa: SIM115
     trainer = subprocess.Popen([*panda, "train", "--task", "digits", "--run-dir",
-                                str(runs / RUN), "--epochs", "200", "--step-delay", "0.01"],
-                               stdout=logs[0], stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
-    dashboard = subprocess.Popen([*panda, "dashboard", "--runs-dir", str(runs), "--host",
-                                  "127.0.0.1", "--port", str(port)],
+                                str(runs / RUN), "--epochs", "200", "--step-delay", "0.01",
+                                *where], stdout=logs[0], stderr=subprocess.STDOUT, env=_env(),
+                               cwd=REPO)
+    dashboard = subprocess.Popen([*panda, "dashboard", "--runs-dir", str(dashboard_runs),
+                                  "--host", "127.0.0.1", "--port", str(port), *where],
                                  stdout=logs[1], stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
     try:
         url = f"http://127.0.0.1:{port}"
         _wait(lambda: _answers(url + "/_stcore/health"), "the dashboard to answer")
-        _wait(lambda: (runs / RUN / "run.db").exists(), "the trainer to create its store")
-        store = RunStore(runs / RUN)
-        _wait(lambda: store.summary()["state"] == "running", "the trainer to run")
-        yield url, store, root / "dashboard.log"
-        store.close()
+        address = run_address(store or runs, RUN)
+        store_ = _wait(lambda: _opened(address), "the trainer to create its store")
+        _wait(lambda: store_.summary()["state"] == "running", "the trainer to run")
+        yield url, store_, root / "dashboard.log"
+        store_.close()
     finally:
         for proc in (trainer, dashboard):
             proc.terminate()
@@ -99,9 +105,21 @@ def servers(tmp_path_factory):
             log.close()
 
 
+def _opened(address: str):
+    try:
+        return open_store(address)
+    except StoreError:
+        return None
+
+
 @pytest.fixture(scope="module")
-def page(servers):
-    url, _, _ = servers
+def servers(tmp_path_factory):
+    with _serve(tmp_path_factory.mktemp("browser")) as served:
+        yield served
+
+
+@contextmanager
+def _browse(url: str):
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         tab = browser.new_page(viewport=VIEWPORT)
@@ -110,6 +128,12 @@ def page(servers):
         tab.get_by_text("Learning rate (log scale)").wait_for()
         yield tab
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(servers):
+    with _browse(servers[0]) as tab:
+        yield tab
 
 
 def _metric(page, label: str) -> str:
@@ -297,3 +321,23 @@ def test_the_server_log_has_no_warnings(servers):
     text = log.read_text()
     assert "Traceback" not in text, text
     assert not re.search(r"(?i)\bwarn(ing)?\b|deprecat", text), text
+
+
+def test_a_dashboard_on_postgresql_watches_and_steers_a_trainer_writing_there(pg_server, tmp_path):
+    """The two-machine setup on one machine: trainer and dashboard share nothing but the
+    database (the dashboard's runs directory is empty). The page shows the run's curve growing,
+    and ×½ + Apply reaches the trainer through PostgreSQL."""
+    with _serve(tmp_path, pg_server.new_database()) as (url, store, log), _browse(url) as tab:
+        assert store.backend == "postgresql"
+        tab.get_by_text(re.compile(r"runs in postgresql://panda@127\.0\.0\.1")).wait_for()
+        first = _wait(lambda: _loss_points(tab), "points on the chart")
+        _wait(lambda: _loss_points(tab) > first, "the chart to grow")
+        tab.get_by_role("button", name="×½").click()
+        tab.locator("td strong", has_text="5e-03").wait_for()
+        tab.get_by_role("button", name="Apply", exact=True).click()
+        _wait(lambda: store.summary()["lr"] == 0.005, "the trainer to apply lr 0.005")
+        markers = _wait(lambda: _markers(tab), "an intervention marker on the chart")
+        assert re.search(r"lr 1e-02 → 5e-03", markers[-1]), markers
+        time.sleep(REFRESHES_S)
+        _screenshot(tab, ASSETS / "dashboard-postgres.png")
+        assert "Traceback" not in log.read_text()

@@ -22,7 +22,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -528,6 +528,10 @@ def _attach_suggestion(result: LRFindResult) -> None:
         s = Suggestion(limit / STABLE_FRACTION, None, "max_stable/3", limit / 4, limit / 3,
                        reason=f"the ramp's suggestion {s.lr} was not below max_stable_lr / 3"
                        if s.lr is not None else s.reason)
+    elif limit is not None and s.high > limit / STABLE_FRACTION:
+        # The suggestion is safe, but a steep stretch can run on towards the blow-up: the range
+        # of good LRs ends where the suggestions' own cap does.
+        s = replace(s, high=limit / STABLE_FRACTION)
     result.suggested_lr, result.suggestion_method = s.lr, s.method
     result.suggestion_reason = s.reason
     result.suggestion_range = (s.low, s.high) if s.lr is not None else None
