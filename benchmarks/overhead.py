@@ -8,6 +8,9 @@
    (the intervention event's wall time) and to the trainer's confirmation in the store.
 
     .venv/bin/python benchmarks/overhead.py [--rounds 15 --steps 2000 --commands 40]
+
+With ``--store postgresql://…`` the babysat loop and the trainer keep the run in that
+PostgreSQL database instead of a SQLite file (the bare loop is the same either way).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 import torch
 
 from trainer import Babysitter
-from trainer.store import RunStore
+from trainer.runs import store_for
+from trainer.store import StoreError
 from trainer.tasks import make_task
 
 BATCH_SIZE = 32
@@ -57,7 +61,7 @@ def _fresh(task):
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
-def throughput(rounds: int, steps: int) -> dict[str, float]:
+def throughput(rounds: int, steps: int, store: str | None = None) -> dict[str, float]:
     """Paired rounds, alternating which loop goes first (ABBA), so a machine that speeds up or
     slows down during the run does not favour either loop."""
     task = make_task("digits", seed=0)
@@ -69,7 +73,8 @@ def throughput(rounds: int, steps: int) -> dict[str, float]:
 
     def run_babysat(i: int) -> None:
         model, opt = _fresh(task)
-        with Babysitter(opt, Path(tmp) / f"r{i}", model=model) as bs:
+        with Babysitter(opt, Path(tmp) / f"r{i}-{time.time_ns()}", model=model,
+                        store=store) as bs:
             babysat.append(_loop(task, model, opt, steps, bs))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,17 +92,21 @@ def throughput(rounds: int, steps: int) -> dict[str, float]:
             "ratio": statistics.median(ratios), "q1": quartiles[0], "q3": quartiles[2]}
 
 
-def command_latency(commands: int) -> dict[str, float]:
+def command_latency(commands: int, store_url: str | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "latency"
+        run_dir = Path(tmp) / f"latency-{time.time_ns()}"
+        where = [] if store_url is None else ["--store", store_url]
         proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", "--task", "digits",
                                  "--run-dir", str(run_dir), "--epochs", "100000",
-                                 "--step-delay", "0.002"],
+                                 "--step-delay", "0.002", *where],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            while not (run_dir / "run.db").exists():
-                time.sleep(0.05)
-            store = RunStore(run_dir)
+            store = None
+            while store is None:
+                try:
+                    store = store_for(run_dir, store_url)
+                except StoreError:
+                    time.sleep(0.05)
             while store.summary()["step"] < 10:
                 time.sleep(0.05)
             applied, confirmed = [], []
@@ -127,15 +136,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=41)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--commands", type=int, default=40)
+    parser.add_argument("--store", metavar="URL", help="a PostgreSQL store to babysit into")
     args = parser.parse_args()
     torch.set_num_threads(1)  # steadier on a shared 2-core machine; both loops alike
-    t = throughput(args.rounds, args.steps)
+    t = throughput(args.rounds, args.steps, args.store)
     print(f"| loop | median steps/s |\n|---|---|\n| bare | {t['bare_steps_per_s']:.0f} |\n"
           f"| with Babysitter | {t['babysat_steps_per_s']:.0f} |\n")
     print(f"median throughput ratio (babysat / bare, {args.rounds} paired ABBA rounds of "
           f"{args.steps} steps): {t['ratio']:.3f}  → overhead {100 * (1 - t['ratio']):.1f} % "
           f"(quartiles {t['q1']:.3f} … {t['q3']:.3f})\n")
-    lat = command_latency(args.commands)
+    lat = command_latency(args.commands, args.store)
     print(f"command latency over {args.commands} commands (commit → applied at a step "
           f"boundary): p50 {lat['applied_p50_ms']:.0f} ms, p95 {lat['applied_p95_ms']:.0f} ms; "
           f"(commit → confirmed in store): p50 {lat['confirmed_p50_ms']:.0f} ms, "

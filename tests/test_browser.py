@@ -118,21 +118,30 @@ def servers(tmp_path_factory):
         yield served
 
 
-@contextmanager
-def _browse(url: str):
+@pytest.fixture(scope="module")
+def browser():
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        tab = browser.new_page(viewport=VIEWPORT)
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@contextmanager
+def _browse(browser, url: str):
+    """A tab on the dashboard at ``url``, once its knobs are drawn."""
+    tab = browser.new_page(viewport=VIEWPORT)
+    try:
         tab.set_default_timeout(TIMEOUT_S * 1000)
         tab.goto(url)
         tab.get_by_text("Learning rate (log scale)").wait_for()
         yield tab
-        browser.close()
+    finally:
+        tab.close()
 
 
 @pytest.fixture(scope="module")
-def page(servers):
-    with _browse(servers[0]) as tab:
+def page(browser, servers):
+    with _browse(browser, servers[0]) as tab:
         yield tab
 
 
@@ -323,11 +332,13 @@ def test_the_server_log_has_no_warnings(servers):
     assert not re.search(r"(?i)\bwarn(ing)?\b|deprecat", text), text
 
 
-def test_a_dashboard_on_postgresql_watches_and_steers_a_trainer_writing_there(pg_server, tmp_path):
+def test_a_dashboard_on_postgresql_watches_and_steers_a_trainer_writing_there(browser, pg_server,
+                                                                              tmp_path):
     """The two-machine setup on one machine: trainer and dashboard share nothing but the
     database (the dashboard's runs directory is empty). The page shows the run's curve growing,
     and ×½ + Apply reaches the trainer through PostgreSQL."""
-    with _serve(tmp_path, pg_server.new_database()) as (url, store, log), _browse(url) as tab:
+    with _serve(tmp_path, pg_server.new_database()) as (url, store, log), \
+            _browse(browser, url) as tab:
         assert store.backend == "postgresql"
         tab.get_by_text(re.compile(r"runs in postgresql://panda@127\.0\.0\.1")).wait_for()
         first = _wait(lambda: _loss_points(tab), "points on the chart")
