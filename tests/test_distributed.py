@@ -4,7 +4,8 @@ Specification: under ``torch.distributed`` with world size > 1, only rank 0 writ
 (and runs the flusher and poller threads); a knob change sent with ``panda set`` reaches every
 rank at the same step, so the replicas keep identical parameters; the logged loss is the mean
 over ranks; pause, resume and stop reach every rank at the same step; losses buffered after
-the last meeting are still averaged and logged when the run ends.
+the last meeting are still averaged and logged when the run ends; resume and rollback restore
+rank 0's state on every rank, also when the other ranks' disks hold no checkpoint.
 
 Also runnable as the worker itself:
 ``python -m torch.distributed.run --nproc_per_node 2 tests/test_distributed.py RUN_DIR REPORTS``.
@@ -55,6 +56,10 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--max-steps", type=int, default=3000)
     parser.add_argument("--sync-every", type=int, default=SYNC_EVERY)
+    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--private-dirs", action="store_true",
+                        help="ranks > 0 get a run directory of their own (another node)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -70,7 +75,10 @@ def worker(argv: list[str]) -> None:
     slowest = {"wall": 0.0, "cpu": 0.0, "step": -1}
     last_lr = optimizer.param_groups[0]["lr"]
     wall0, cpu0 = time.monotonic(), time.process_time()
-    with Babysitter(optimizer, args.run_dir, model=model, sync_every=args.sync_every) as bs:
+    run_dir = args.run_dir if rank == 0 or not args.private_dirs else f"{args.run_dir}-r{rank}"
+    with Babysitter(optimizer, run_dir, model=model, sync_every=args.sync_every,
+                    checkpoint_every=args.checkpoint_every, resume=args.resume) as bs:
+        start_step = bs.step_count
         while bs.step_count < args.max_steps and not bs.should_stop:
             i = (bs.step_count * 32) % 512
             loss = F.cross_entropy(ddp(x[i:i + 32]), y[i:i + 32])
@@ -91,6 +99,7 @@ def worker(argv: list[str]) -> None:
                 time.sleep(args.step_delay)
         report = {
             "rank": rank, "pid": __import__("os").getpid(), "steps": bs.step_count,
+            "start_step": start_step,
             "should_stop": bs.should_stop, "lr_changes": lr_changes, "final_lr": bs.lr,
             "applied": bs._dist.applied, "losses": losses, "slowest_step": slowest,
             "store": type(bs.store).__name__,
@@ -269,6 +278,47 @@ def test_losses_after_the_last_meeting_are_averaged_at_the_end(tmp_path):
     expected = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
     assert [m["loss"] for m in metrics] == pytest.approx(expected, rel=1e-9)
     assert ranks[0]["params"] == ranks[1]["params"]
+
+
+@pytest.mark.slow
+def test_resume_and_rollback_restore_rank_0s_state_on_every_rank(tmp_path):
+    """Rank 1 runs "on another node": its run directory holds no checkpoint (only rank 0
+    writes them). Resuming and rolling back to a checkpoint that exists only on rank 0's disk
+    must still give both replicas rank 0's state, or they would silently drift apart."""
+    sys.path.insert(0, str(HERE.parent))
+    from helpers import summary_of, wait_until
+
+    from trainer.store import RunStore
+
+    run_dir, private = tmp_path / "resumed", ["--private-dirs", "--checkpoint-every", "20"]
+    first = _finish(_launch(run_dir, tmp_path / "first", "--max-steps", "60", *private),
+                    run_dir, tmp_path / "first")
+    assert [r["steps"] for r in first] == [60, 60]
+    assert not (tmp_path / "resumed-r1" / "checkpoints").exists()
+
+    reports = tmp_path / "second"
+    proc = _launch(run_dir, reports, "--resume", "--max-steps", "3000", "--step-delay", "0.01",
+                   *private)
+    try:
+        wait_until(lambda: (summary_of(run_dir) or {}).get("step", 0) >= 150, timeout=60,
+                   what="the resumed run to pass step 150")
+        rollback = _cli_json("rollback", run_dir, "--to", "70")
+        wait_until(lambda: summary_of(run_dir)["step"] >= rollback["applied_step"] + 20,
+                   what="steps after the rollback")
+        _cli_json("stop", run_dir)
+        ranks = _finish(proc, run_dir, reports)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [r["start_step"] for r in ranks] == [60, 60]
+    for rank in ranks:
+        assert [kind for _, kind in rank["applied"]] == ["rollback", "stop"]
+    assert ranks[0]["applied"] == ranks[1]["applied"]
+    assert ranks[0]["params"] == ranks[1]["params"]
+    with RunStore(run_dir) as store:
+        (event,) = [e for e in store.events_since(0) if e["kind"] == "rollback"]
+    assert "checkpoint of step 60" in event["message"]  # on rank 0's disk only
 
 
 def test_a_single_process_has_no_distributed_sync(tmp_path):

@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +327,8 @@ class Babysitter:
         if self.model is None:
             raise ValueError("checkpoints need the model: Babysitter(..., model=model)")
         self.extra_state.update(extra)
+        if self._dist is not None and not self._dist.leader:
+            return  # rank 0's snapshots serve every rank (see _leader_state)
         state = checkpoint.snapshot(self.model, self.optimizer, {
             "step": self.step_count, "epoch": self.epoch, **self.lr_plan.state(),
             "extra": dict(self.extra_state)})
@@ -342,16 +345,26 @@ class Babysitter:
     def _restore(self) -> int | None:
         if self.model is None:
             raise ValueError("resume needs the model: Babysitter(..., model=model, resume=True)")
-        found = checkpoint.find(self.run_dir)
-        if found is None:
+        def newest() -> dict | None:
+            found = checkpoint.find(self.run_dir)
+            return None if found is None else checkpoint.load(found.path)
+
+        state = self._leader_state(newest)
+        if state is None:
             log.warning("no checkpoint in %s: starting from scratch", self.run_dir)
             return None
-        state = checkpoint.load(found.path)
         self.step_count = self._load_state(state)
         self.epoch = state["babysitter"]["epoch"]
         # Steps logged after the checkpoint are trained again, so their rows are replaced.
         self.store.truncate_after(self.step_count)
         return self.step_count
+
+    def _leader_state(self, load: Callable[[], dict | None]) -> dict | None:
+        """``load()``'s state; under DDP, rank 0's sent to every rank, so all ranks restore the
+        same state whatever their own disks hold (only rank 0 writes checkpoint files)."""
+        if self._dist is None:
+            return load()
+        return self._dist.share(load() if self._dist.leader else None)
 
     # --- divergence, rollback, early stopping ---------------------------------------------------
 
@@ -395,7 +408,8 @@ class Babysitter:
         if self.model is None:
             raise KnobError("rollback needs the model: Babysitter(..., model=model)")
         old_lr = self.knobs.lr()
-        target = self._rollback_points.target(before=before, at_or_before=at_or_before)
+        target = self._leader_state(lambda: self._rollback_points.target(
+            before=before, at_or_before=at_or_before))
         if target is None:
             bound = before if before is not None else at_or_before
             raise KnobError("no checkpoint to roll back to" +

@@ -40,17 +40,18 @@ Rank-0 concerns (by design, documented in the Babysitter):
 
 * the divergence guard watches the averaged losses in rank 0's flusher; its verdict is handed
   to the other ranks like a command, so with ``on_diverge="pause"`` all ranks pause together;
-* checkpoint *files* are written by rank 0 only (the replicas are identical, one copy is
-  enough); the other ranks still take the in-memory snapshots that rollback uses, at the same
-  steps, so a rollback to a snapshot held in memory restores identical states everywhere;
+* checkpoints, in memory and on disk, are taken by rank 0 only (the replicas are identical,
+  one copy is enough); a rollback or resume broadcasts the state rank 0 restores;
 * validation metrics and early stopping use whatever each rank passes to ``log_validation``:
   pass a value that is identical on all ranks (e.g. all-reduced) so early stopping decides the
   same on every rank; only rank 0's values are stored.
 
+Resume and rollback restore rank 0's choice on every rank: rank 0 picks the state (the newest
+checkpoint file, or a snapshot in memory) and broadcasts it, so the ranks need no shared file
+system and can never restore different states.
+
 Limits: all ranks must call ``step()`` the same number of times (DDP requires it too) and
-construct the Babysitter at the same point; ``resume=True`` reads rank 0's checkpoint file on
-every rank (a shared or local file system); rollback to a checkpoint that only exists on disk
-restores rank 0's file on every rank.
+construct the Babysitter at the same point.
 """
 
 from __future__ import annotations
@@ -259,6 +260,15 @@ class DistributedSync:
         for command_id, kind, payload in box[0]:
             self.applied.append((bs.step_count, kind))
             bs._apply(kind, payload, command_id)
+
+    def share(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a collective: all ranks call it at the same point).
+
+        Used for the states that resume and rollback restore: only rank 0 writes checkpoint
+        files, so the other ranks may have none (another node, no shared file system)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=LEADER, group=self.control)
+        return box[0]
 
     def _wait_while_paused(self, bs: Babysitter) -> None:
         # Rank 0 sleeps on the wake event (set by its poller when a command arrives); the
