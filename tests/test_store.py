@@ -144,6 +144,17 @@ def test_metrics_since_returns_only_newer_steps_in_order(store):
                                                                 "loss": [9.0, 8.0, 1.0, 1.0]}
 
 
+def test_metric_values_round_trip_exactly(store):
+    awkward = [1 / 3, 1e-300, 5e-324, 1.7976931348623157e308, 0.1 + 0.2, -2.5e-7]
+    store.append_metrics([(2**40 + i, 2**33, 1.7e9 + i / 7, v, v, 0.9, 0.0)
+                          for i, v in enumerate(awkward)])
+    rows = store.metrics_since()
+    assert rows["step"] == [2**40 + i for i in range(len(awkward))]
+    assert rows["epoch"] == [2**33] * len(awkward)
+    assert rows["loss"] == awkward and rows["lr"] == awkward  # bit for bit, not approx
+    assert rows["wall"] == [1.7e9 + i / 7 for i in range(len(awkward))]
+
+
 def test_metrics_refuses_unknown_columns(store):
     with pytest.raises(ValueError, match="unknown metric column"):
         store.metrics_since(columns=("step", "loss; DROP TABLE metrics"))

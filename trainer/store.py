@@ -196,6 +196,11 @@ class RunStore:
         """Run one INSERT and return the id it gave its row (backends differ only here)."""
         return int(tx.execute(sql, params).lastrowid)
 
+    @staticmethod
+    def _insert_metrics(tx: Any, rows: Sequence[tuple]) -> None:
+        """Upsert a batch of metric rows (a backend may send the batch its own way)."""
+        tx.executemany(_UPSERT_METRICS, rows)
+
     def close(self) -> None:
         """Close every connection this store opened (from any thread)."""
         with self._lock:
@@ -232,7 +237,7 @@ class RunStore:
         """
         clean = [(r[0], r[1], r[2], _finite_or_none(r[3]), *r[4:]) for r in rows]
         with self.transaction() as tx:
-            tx.executemany(_UPSERT_METRICS, clean)
+            self._insert_metrics(tx, clean)
             if meta:
                 tx.executemany(_UPSERT_META, [(k, json.dumps(v)) for k, v in meta.items()])
 
@@ -286,8 +291,23 @@ class RunStore:
     def submit_raw_command(self, kind: str, payload_text: str, *, source: str = "raw") -> int:
         """Append a command whose payload is stored verbatim (tests of hostile input use this)."""
         with self.transaction() as tx:
-            return self._insert_id(tx, "INSERT INTO commands(created, kind, payload, source) "
-                                   "VALUES (?, ?, ?, ?)", (time.time(), kind, payload_text, source))
+            command_id = self._insert_id(
+                tx, "INSERT INTO commands(created, kind, payload, source) VALUES (?, ?, ?, ?)",
+                (time.time(), kind, payload_text, source))
+            self._notify_commands(tx)
+            return command_id
+
+    def wait_for_commands(self, timeout: float, stop: threading.Event) -> None:
+        """Block until new commands may be pending: ``timeout`` seconds, or until ``stop`` is
+        set. SQLite cannot notify, so its readers poll; a server store returns as soon as a
+        command is committed."""
+        stop.wait(timeout)
+
+    def wake_command_waiters(self) -> None:
+        """Make :meth:`wait_for_commands` return now in every process (no-op for SQLite)."""
+
+    def _notify_commands(self, tx: Any) -> None:
+        """Called inside the transaction that adds a pending command (no-op for SQLite)."""
 
     def _select_commands(self, where: str, params: tuple) -> list[Command]:
         rows = self._conn().execute(

@@ -14,6 +14,12 @@ unchanged); this module only supplies connections, transactions and the schema:
   committed late, and commands are applied in commit order.
 * **Autocommit reads.** Readers never hold a transaction open, so every read sees the newest
   committed rows and a dashboard cannot block a trainer.
+* **Commands are pushed.** Adding a command sends ``NOTIFY panda_run_<id>`` with its commit
+  (https://www.postgresql.org/docs/current/sql-notify.html); the trainer's poller listens on a
+  connection of its own, which runs no query (psycopg drops notifications that arrive during a
+  query: https://github.com/psycopg/psycopg/issues/962), and sleeps in a socket wait until
+  then, instead of querying 20 times a second: each query wakes a thread that must take the GIL
+  from the training loop.
 
 Connection URLs are libpq's (``postgresql://user@host:5432/db``); keep passwords out of them
 with ``PGPASSWORD`` or ``~/.pgpass``, which libpq reads. Needs the ``postgres`` extra
@@ -22,6 +28,7 @@ with ``PGPASSWORD`` or ``~/.pgpass``, which libpq reads. Needs the ``postgres`` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -29,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from trainer.runs import redact
-from trainer.store import SCHEMA_VERSION, RunStore, StoreError, sanitize_run_name
+from trainer.store import _UPSERT_METRICS, SCHEMA_VERSION, RunStore, StoreError, sanitize_run_name
 
 CONNECT_TIMEOUT_S = 5      # a dead or unreachable server is reported instead of hanging
+LISTEN_FALLBACK_S = 1.0    # a command poller re-reads at least this often (a lost notification)
 LOCK_CLASS = 0x50414E44    # "PAND": first key of Panda's advisory locks, apart from other apps'
 REGISTRY_LOCK = 0          # second key while creating the registry or a run (run ids are ≥ 1)
 
@@ -67,6 +75,21 @@ CREATE TABLE results (
     {_ID}, created DOUBLE PRECISION NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
     payload TEXT NOT NULL DEFAULT '{{}}')
 """
+
+
+# A flush's metric rows as one statement of seven arrays: row-by-row executemany costs ~20 µs of
+# client CPU per row (5 ms for a 100 ms flush at 2,300 steps/s), the arrays ~3 µs.
+_TYPES = ("bigint", "bigint", "float8", "float8", "float8", "float8", "float8")
+_UPSERT_METRIC_ARRAYS = (
+    "INSERT INTO metrics(step, epoch, wall, loss, lr, momentum, weight_decay) SELECT * FROM "
+    f"unnest({', '.join(f'?::{t}[]' for t in _TYPES)}) "
+    + _UPSERT_METRICS[_UPSERT_METRICS.index("ON CONFLICT"):])
+
+
+def _array(values, kind: type) -> str:
+    """A PostgreSQL array literal. ``repr`` of a float is its shortest form that reads back
+    as the same double, and PostgreSQL's float8 input rounds correctly, so nothing is lost."""
+    return "{" + ",".join("NULL" if v is None else repr(kind(v)) for v in values) + "}"
 
 
 def _driver():
@@ -127,19 +150,24 @@ class _Connection:
 
 
 class _Transaction:
-    """One transaction holding the run's advisory lock (see the module docstring)."""
+    """One transaction holding the run's advisory lock (see the module docstring), sent as a
+    pipeline: BEGIN, the lock, the statements and COMMIT cost one network round trip instead
+    of one each (https://www.psycopg.org/psycopg3/docs/advanced/pipeline.html)."""
 
     def __init__(self, conn: _Connection, run_id: int):
-        self.conn, self.run_id, self._tx = conn, run_id, None
+        self.conn, self.run_id = conn, run_id
+        self._blocks: contextlib.ExitStack | None = None
 
     def __enter__(self) -> _Connection:
-        self._tx = self.conn.raw.transaction()
-        self._tx.__enter__()
-        self.conn.execute("SELECT pg_advisory_xact_lock(?, ?)", (LOCK_CLASS, self.run_id))
+        with contextlib.ExitStack() as blocks:
+            blocks.enter_context(self.conn.raw.pipeline())
+            blocks.enter_context(self.conn.raw.transaction())
+            self.conn.execute("SELECT pg_advisory_xact_lock(?, ?)", (LOCK_CLASS, self.run_id))
+            self._blocks = blocks.pop_all()
         return self.conn
 
     def __exit__(self, *exc) -> None:
-        self._tx.__exit__(*exc)
+        self._blocks.__exit__(*exc)
 
 
 class PostgresStore(RunStore):
@@ -235,6 +263,39 @@ class PostgresStore(RunStore):
     @staticmethod
     def _insert_id(tx: Any, sql: str, params: tuple) -> int:
         return int(tx.execute(sql + " RETURNING id", params).fetchone()[0])
+
+    @property
+    def _channel(self) -> str:
+        return f"panda_run_{int(self.run_id)}"
+
+    def _notify_commands(self, tx: Any) -> None:
+        tx.execute(f"NOTIFY {self._channel}")
+
+    def wake_command_waiters(self) -> None:
+        self._conn().execute(f"NOTIFY {self._channel}")
+
+    def wait_for_commands(self, timeout: float, stop: threading.Event) -> None:
+        """Sleep until a command is committed, ``stop`` is set (see wake_command_waiters), or
+        LISTEN_FALLBACK_S passes. ``timeout`` is the SQLite polling interval: unused here."""
+        if stop.is_set():
+            return
+        listener = getattr(self._local, "listener", None)
+        if listener is None or listener.closed:  # first call, or the link broke
+            listener = self._local.listener = connect(self.url)
+            with self._lock:
+                self._connections.append(_Connection(listener))
+            listener.execute(f"LISTEN {self._channel}")
+            return  # commands committed before LISTEN: the caller reads them now
+        for _ in listener.notifies(timeout=LISTEN_FALLBACK_S, stop_after=1):
+            pass
+        # Later notifications of the same burst stay queued and end the next wait at once.
+
+    @staticmethod
+    def _insert_metrics(tx: Any, rows) -> None:
+        if rows:
+            columns = list(zip(*rows))
+            tx.execute(_UPSERT_METRIC_ARRAYS, [_array(c, int if t == "bigint" else float)
+                                               for c, t in zip(columns, _TYPES)])
 
 
 def drop_run(url: str, name: str) -> None:

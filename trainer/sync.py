@@ -8,6 +8,7 @@ training thread takes no lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -63,9 +64,13 @@ class _Worker(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
+        while not self._wait():
             self._safe_tick()
         self._safe_tick()  # one last pass after stop(): nothing buffered is lost
+
+    def _wait(self) -> bool:
+        """Sleep until the next tick is due; True once stopped."""
+        return self._stop_event.wait(self.interval)
 
     def _safe_tick(self) -> None:
         try:
@@ -170,6 +175,22 @@ class Poller(_Worker):
         self.pending, self.outbox, self.knobs = pending, outbox, knobs
         self.wake = wake  # set whenever a command is handed over (ends a pause's wait)
         self.last_id = 0
+
+    def _wait(self) -> bool:
+        # A server store wakes this thread when a command is committed (and otherwise only
+        # now and then): every wake-up costs the training thread a GIL hand-over.
+        try:
+            self.store.wait_for_commands(self.interval, self._stop_event)
+        except self.store.errors:
+            log.warning("%s: store unavailable, will retry", self.name)
+            self._stop_event.wait(self.interval)
+        return self._stop_event.is_set()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        with contextlib.suppress(*self.store.errors):  # else it notices at its next wake-up
+            self.store.wake_command_waiters()
+        super().stop()
 
     def tick(self) -> None:
         for command in self.store.pending_commands(self.last_id):
