@@ -15,18 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from trainer.lr_finder import (
-    LRFindResult,
-    Probe,
-    SweepResult,
-    exp_ramp,
-    lr_find,
-    momentum_find,
-    steepest,
-    suggest,
-    valley,
-    weight_decay_find,
-)
+from trainer.lr_finder import exp_ramp, lr_find, momentum_find, weight_decay_find
+from trainer.lr_results import LRFindResult, Probe, SweepResult
+from trainer.suggestions import steepest, suggest, valley
 from trainer.tasks import make_task
 
 torch.set_num_threads(1)

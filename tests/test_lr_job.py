@@ -17,7 +17,8 @@ import torch
 from tests.helpers import panda, panda_cmd, start_train, subprocess_env, train_log, wait_until
 from trainer import checkpoint, lr_job
 from trainer.cli import main as cli_main
-from trainer.lr_finder import CHECK_EVERY, LRFindResult, lr_find
+from trainer.lr_finder import CHECK_EVERY, lr_find
+from trainer.lr_results import LRFindResult
 from trainer.store import RunStore
 from trainer.tasks import make_task
 

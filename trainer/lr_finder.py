@@ -1,7 +1,8 @@
 """Range tests: learning rate (Smith 2017, "Cyclical Learning Rates", §3.3), momentum, weight decay.
 
 :func:`lr_find` ramps the LR exponentially over ``num_iter`` steps and records the loss; the
-suggestion is the steepest descent of the smoothed curve. Because a ramp overshoots the true
+suggestion is the steepest descent of the smoothed curve (:mod:`trainer.suggestions`; results
+are the dataclasses of :mod:`trainer.lr_results`). Because a ramp overshoots the true
 stability limit (the loss needs a few steps to blow up, and the smoothed loss lags further), the
 limit is then refined coarse-to-fine with short constant-LR probes bisected on a log scale.
 :func:`momentum_find` and :func:`weight_decay_find` run the same constant-LR probe per value.
@@ -22,13 +23,15 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from trainer.knobs import MOMENTUM, WEIGHT_DECAY
+from trainer.lr_results import LRFindResult, Probe, SweepResult
 from trainer.optim import OptimizerKnobs
+from trainer.suggestions import Suggestion, suggest
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +39,7 @@ logger = logging.getLogger(__name__)
 # divergence/NaN check therefore runs every CHECK_EVERY steps: a run that blows up wastes at most
 # CHECK_EVERY - 1 steps, which is cheap next to a host sync per step on a GPU.
 CHECK_EVERY = 16
-MIN_FINITE_POINTS = 5         # fewer finite points than this give no suggestion
 STABLE_FRACTION = 3.0  # suggestions stay at or below max_stable_lr / 3 (Smith 2017, §3.3)
-SKIP_START_FRACTION = 0.1     # leading share of the curve ignored by `steepest` (noisy, tiny LRs)
-RANGE_SLOPE_FRACTION = 0.5    # suggestion range: where the slope is >= half the steepest slope
-VALLEY_POSITION = 0.5         # where in the longest descent `valley` points (fastai: about half)
 PROBE_STEPS = 40              # constant-LR probe length: a few momentum time constants at β=0.9
 PROBE_WINDOW = 5              # a probe's final loss is the mean of its last PROBE_WINDOW losses
 PROBE_GROWTH = 1.0            # a probe is unstable when final loss > PROBE_GROWTH × first loss
@@ -52,7 +51,6 @@ WEIGHT_DECAYS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 PLANNED_PROBES = 1 + 1 + BISECTIONS   # typical refinement: upper probe, one bracket, bisections
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-Suggester = Callable[[Sequence[float], Sequence[float]], tuple[float | None, int | None]]
 
 
 # --- pure functions -------------------------------------------------------------------------------
@@ -60,188 +58,6 @@ Suggester = Callable[[Sequence[float], Sequence[float]], tuple[float | None, int
 def exp_ramp(start: float, end: float, pos: float) -> float:
     """Exponential schedule: ``start·(end/start)^pos`` for ``pos`` in [0, 1] (Smith 2017)."""
     return start * (end / start) ** pos
-
-
-def _finite_curve(lrs: Sequence[float], losses: Sequence[float]):
-    """Finite points of a curve as (indices, log lrs, losses); checks lrs rise strictly."""
-    lr_arr, loss_arr = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
-    if lr_arr.shape != loss_arr.shape:
-        raise ValueError(f"lrs and losses differ in length: {lr_arr.size} vs {loss_arr.size}")
-    if np.any(lr_arr <= 0) or np.any(np.diff(lr_arr) <= 0):
-        raise ValueError("lrs must be positive and strictly increasing")
-    idx = np.flatnonzero(np.isfinite(loss_arr))
-    return idx, np.log(lr_arr[idx]), loss_arr[idx]
-
-
-def _steepest_window(y: np.ndarray) -> tuple[int, int]:
-    """Indices [start, stop] where steepest descent may lie: skip the noisy start and
-    everything after the minimum (the unstable end, where the loss only rises or explodes)."""
-    return int(len(y) * SKIP_START_FRACTION), int(np.argmin(y))
-
-
-def steepest(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float | None, int | None]:
-    """LR of the most negative d loss / d log lr (central differences), or ``(None, None)``."""
-    idx, x, y = _finite_curve(lrs, losses)
-    if len(idx) < MIN_FINITE_POINTS:
-        return None, None
-    grads = np.gradient(y, x)
-    start, stop = _steepest_window(y)
-    if stop <= start:
-        return None, None
-    k = start + int(np.argmin(grads[start:stop + 1]))
-    if grads[k] >= 0:
-        return None, None
-    return float(lrs[idx[k]]), int(idx[k])
-
-
-def _longest_descent(y: np.ndarray) -> tuple[int, int]:
-    """(first, last) positions of the longest run of consecutive decreases of ``y``."""
-    best, run_start = (0, 0), 0
-    for k in range(1, len(y)):
-        if y[k] >= y[k - 1]:
-            run_start = k
-        elif k - run_start > best[1] - best[0]:
-            best = (run_start, k)
-    return best
-
-
-def valley(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float | None, int | None]:
-    """Midpoint (in log lr) of the longest descent of the curve (after fastai's ``valley``)."""
-    idx, _, y = _finite_curve(lrs, losses)
-    if len(idx) < MIN_FINITE_POINTS:
-        return None, None
-    first, last = _longest_descent(y)
-    if last == first:
-        return None, None
-    k = first + round((last - first) * VALLEY_POSITION)
-    return float(lrs[idx[k]]), int(idx[k])
-
-
-@dataclass
-class Suggestion:
-    """A suggested LR, the rule that chose it, a (low, high) range, or why there is none."""
-
-    lr: float | None = None
-    index: int | None = None
-    method: str | None = None
-    low: float | None = None
-    high: float | None = None
-    reason: str | None = None
-
-
-def suggest(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion:
-    """Steepest descent first, valley as the fallback.
-
-    Steepest descent wins when it finds a falling slope: it is the point where the loss responds
-    fastest to the LR (Smith 2017) and it depends on local slopes only. It needs a descent
-    between the trimmed start and the minimum; when the minimum sits in the trimmed start (a
-    short or flat-then-noisy curve), ``valley`` still finds the longest descent anywhere.
-    """
-    idx, x, y = _finite_curve(lrs, losses)
-    if len(idx) < MIN_FINITE_POINTS:
-        return Suggestion(reason=f"only {len(idx)} finite loss points, need {MIN_FINITE_POINTS}")
-    lr, k = steepest(lrs, losses)
-    if lr is not None:
-        pos = int(np.searchsorted(idx, k))
-        lo, hi = _steep_range(np.gradient(y, x), pos, _steepest_window(y))
-        return Suggestion(lr, k, "steepest", float(lrs[idx[lo]]), float(lrs[idx[hi]]))
-    lr, k = valley(lrs, losses)
-    if lr is not None:
-        first, last = _longest_descent(y)
-        return Suggestion(lr, k, "valley", float(lrs[idx[first]]), float(lrs[idx[last]]))
-    return Suggestion(reason="the loss never decreased over the ramp")
-
-
-def _steep_range(grads: np.ndarray, k: int, window: tuple[int, int]) -> tuple[int, int]:
-    """Widen around ``k`` while the slope stays at least RANGE_SLOPE_FRACTION of the steepest."""
-    limit = RANGE_SLOPE_FRACTION * grads[k]
-    lo, hi = k, k
-    while lo > window[0] and grads[lo - 1] <= limit:
-        lo -= 1
-    while hi < window[1] and grads[hi + 1] <= limit:
-        hi += 1
-    return lo, hi
-
-
-# --- results and JSON -----------------------------------------------------------------------------
-
-def _enc(value):
-    """JSON-safe float: NaN and ±inf become the strings "nan", "inf", "-inf"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_enc(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _enc(v) for k, v in value.items()}
-    return value
-
-
-def _dec(value):
-    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
-        return float(value)
-    if isinstance(value, list):
-        return [_dec(v) for v in value]
-    return value
-
-
-class _JsonMixin:
-    def to_dict(self) -> dict:
-        """Plain, JSON-safe dict (``json.dumps(..., allow_nan=False)`` works)."""
-        return {k: _enc(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        """Inverse of :meth:`to_dict`."""
-        return cls(**{f.name: _dec(data[f.name]) for f in fields(cls) if f.name in data})
-
-
-@dataclass
-class Probe(_JsonMixin):
-    """One constant-LR run from the initial state."""
-
-    lr: float
-    stable: bool
-    first_loss: float
-    final_loss: float
-    steps: int
-
-
-@dataclass
-class LRFindResult(_JsonMixin):
-    """Outcome of :func:`lr_find`; a diverged run is a result, see ``stop_reason``."""
-
-    lrs: list[float]
-    losses: list[float]
-    smoothed_losses: list[float]
-    stop_reason: str
-    suggested_lr: float | None = None
-    suggestion_method: str | None = None
-    suggestion_range: tuple[float, float] | None = None
-    suggestion_reason: str | None = None
-    max_stable_lr: float | None = None
-    diverged_at: float | None = None
-    refine_probes: list[Probe] = field(default_factory=list)
-    validation: bool = False
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LRFindResult:
-        result = super().from_dict(data)
-        result.refine_probes = [Probe.from_dict(p) for p in data.get("refine_probes", [])]
-        if result.suggestion_range is not None:
-            result.suggestion_range = tuple(result.suggestion_range)
-        return result
-
-
-@dataclass
-class SweepResult(_JsonMixin):
-    """Outcome of a momentum or weight-decay sweep at a fixed LR."""
-
-    knob: str
-    lr: float
-    values: list[float]
-    losses: list[float]          # final loss per value (mean of the last PROBE_WINDOW steps)
-    mean_losses: list[float]
-    best: float | None
 
 
 # --- the machinery: snapshot, batches, training runs ----------------------------------------------

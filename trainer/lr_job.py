@@ -228,7 +228,7 @@ def lr_find_for_task(task_name: str, *, seed: int = 0, batch_size: int | None = 
 
     ``batch_size`` defaults to ``panda train``'s (32), except for ``quadratic``, whose default is
     the full batch: the setting its closed-form limit ``Task.max_stable_lr(momentum)`` describes.
-    Returns an :class:`~trainer.lr_finder.LRFindResult`.
+    Returns an :class:`~trainer.lr_results.LRFindResult`.
     """
     from trainer.lr_finder import lr_find
     from trainer.runner import TrainConfig
