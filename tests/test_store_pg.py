@@ -151,6 +151,18 @@ def test_drop_run_removes_the_run_and_its_rows(url):
         drop_run(url, "gone")
 
 
+def test_listing_shows_a_run_it_cannot_read_beside_the_others(url):
+    for name in ("old", "future"):
+        with open_store(run_address(url, name), create=True) as store:
+            store.set_meta(name=name, created=time.time(), status="finished")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE panda.runs SET version = version + 1 WHERE name = 'future'")
+    listed = {r["run"]: r for r in list_runs(url)}
+    assert listed["old"]["state"] == "finished"
+    assert listed["future"]["state"] == "unreadable"
+    assert "newer Panda" in listed["future"]["error"]
+
+
 # --- a real trainer writing to PostgreSQL -----------------------------------------------------
 
 def _summary(url: str, name: str) -> dict | None:

@@ -136,19 +136,23 @@ def list_runs(root: str | os.PathLike = "runs") -> list[dict[str, Any]]:
     A run whose store cannot be read is listed with state ``unreadable`` and an ``error``.
     """
     if is_server_url(root):
-        from trainer.store_pg import list_run_names
-        names = list_run_names(str(root))
+        from trainer.store_pg import summaries
+        found = summaries(str(root))
     else:
         names = sorted(db.parent.name for db in Path(root).glob(f"*/{DB_NAME}")) \
             if Path(root).is_dir() else []
-    runs = []
-    for name in names:
-        address = run_address(root, name)
-        try:
-            with open_store(address) as store:
-                runs.append(store.summary())
-        except Exception as err:  # StoreError or a driver's error: listed, never fatal
-            runs.append({"run": name, "run_dir": address, "address": address,
-                         "state": "unreadable", "error": str(err), "created": None})
+        found = [(name, _summary(run_address(root, name))) for name in names]
+    runs = [summary if isinstance(summary, dict) else {
+        "run": name, "run_dir": run_address(root, name), "address": run_address(root, name),
+        "state": "unreadable", "error": str(summary), "created": None}
+        for name, summary in found]
     return sorted(runs, key=lambda r: r.get("created") or 0, reverse=True)
+
+
+def _summary(address: str) -> dict[str, Any] | Exception:
+    try:
+        with open_store(address) as store:
+            return store.summary()
+    except Exception as err:  # StoreError or a driver's error (a damaged file): listed
+        return err
 
