@@ -15,6 +15,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,15 @@ from app.data import early_stop_hint, fetch, steps_per_second
 from app.lr_panel import render_lr_panel
 from app.panels import decay_controls, export_block, new_run_form
 from trainer.knobs import format_sci
-from trainer.runs import STORE_ENV, list_runs, open_store, root_of, run_address, shown
+from trainer.runs import (
+    STORE_ENV,
+    is_server_url,
+    list_runs,
+    open_store,
+    root_of,
+    run_address,
+    shown,
+)
 from trainer.store import RUNNING_STATES, RunStore, StoreError
 
 REFRESH_S = 1.0            # live parts re-render about once a second
@@ -43,6 +53,7 @@ DEFAULT_SMOOTHING = 0.6    # TensorBoard's default EMA weight
 RUNS_DIR_ENV = "PANDA_RUNS_DIR"
 TOKEN_ENV = "PANDA_TOKEN"
 WINDOWS = {"all": None, "last 500": 500, "last 2,000": 2_000, "last 10,000": 10_000}
+KEPT_SERVER_STORES = 4     # PostgreSQL runs a session keeps open (the run shown, recent others)
 CHART_HEIGHT = 450        # px: loss and LR panels fit a 1280×800 window under the status row
 # Compact metrics and narrower page margins, so nine status cells fit beside the sidebar at
 # 1280 px. (No emoji anywhere: headless and minimal Linux browsers often lack the font.)
@@ -68,12 +79,36 @@ def store_url() -> str | None:
     return os.environ.get(STORE_ENV) or None
 
 
-def _open(address: str) -> RunStore | None:
+@contextmanager
+def _opened(address: str) -> Iterator[RunStore | None]:
+    """The run's store for one render; None (the reason on the page) when it cannot be read.
+
+    A SQLite file opens in well under a millisecond, so each render opens and closes it. A
+    PostgreSQL run stays open for the session (one connection, shared by the session's
+    re-runs, each a new thread): opening costs a new server connection (~20 ms here).
+    """
     try:
-        return open_store(address)
+        store = _session_store(address) if is_server_url(address) else open_store(address)
     except StoreError as err:
         st.error(str(err))
-        return None
+        yield None
+        return
+    try:
+        yield store
+    except store.errors as err:  # e.g. the database restarted: shown, retried next render
+        st.error(f"The run store is unavailable: {err}")
+    finally:
+        if not is_server_url(address):
+            store.close()
+
+
+def _session_store(address: str) -> RunStore:
+    stores = st.session_state.setdefault("server_stores", {})
+    if address not in stores:
+        while len(stores) >= KEPT_SERVER_STORES:  # the oldest run looked at goes first
+            stores.pop(next(iter(stores))).close()
+        stores[address] = open_store(address, per_thread=False)
+    return stores[address]
 
 
 def _curves(store: RunStore) -> dict[str, Any]:
@@ -90,16 +125,20 @@ def _fmt(value: float | None, fmt=format_sci) -> str:
 def live_status(address: str, title: str, allowed: bool) -> None:
     """Title with pause / resume / stop; state, step, epoch, speed, elapsed time and the
     knobs in force."""
-    store = _open(address)
-    if store is None:
-        return
-    with store:
+    with _opened(address) as store:
+        if store is None:
+            return
         summary, meta = store.summary(), store.meta()
         cache = _curves(store)
         heading, buttons = st.columns([3, 2], vertical_alignment="center")
         heading.markdown(f"#### {title}")
         with buttons:
             run_buttons(store, summary["run"], summary["state"], allowed=allowed)
+        _status_row(address, summary, meta, cache)
+
+
+def _status_row(address: str, summary: dict[str, Any], meta: dict[str, Any],
+                cache: dict[str, Any]) -> None:
     state = summary["state"]
     seen = st.session_state.setdefault("seen_state", {})
     if address in seen and is_locked(seen[address]) != is_locked(state):
@@ -206,10 +245,9 @@ def _take_zoom(address: str, chart_state: Any) -> None:
 @st.fragment(run_every=REFRESH_S)
 def live_chart(address: str, compare: list[str]) -> None:
     """Loss, validation metrics, LR and intervention markers; the LR range test below."""
-    store = _open(address)
-    if store is None:
-        return
-    with store:
+    with _opened(address) as store:
+        if store is None:
+            return
         zoom = st.session_state.get("zoom")
         if zoom is not None and zoom[0] == address:
             note, reset = st.columns([4, 1], vertical_alignment="center")
@@ -234,10 +272,9 @@ def live_chart(address: str, compare: list[str]) -> None:
 @st.fragment(run_every=REFRESH_S)
 def live_knob_state(address: str, allowed: bool) -> None:
     """Applied vs pending, the last command's outcome, and pause / resume / stop."""
-    store = _open(address)
-    if store is None:
-        return
-    with store:
+    with _opened(address) as store:
+        if store is None:
+            return
         summary, meta = store.summary(), store.meta()
         applied = {k: summary.get(k) for k in KNOB_ORDER}
         if widgets_behind(summary["run"], applied, supported_knobs(meta, applied)):
@@ -249,10 +286,9 @@ def live_knob_state(address: str, allowed: bool) -> None:
 @st.fragment
 def knobs(address: str, allowed: bool) -> None:
     """The knob widgets: interacting re-runs only this fragment, never on a timer."""
-    store = _open(address)
-    if store is None:
-        return
-    with store:
+    with _opened(address) as store:
+        if store is None:
+            return
         summary, meta = store.summary(), store.meta()
         knob_widgets(store, summary, meta, allowed=allowed)
 
@@ -260,10 +296,9 @@ def knobs(address: str, allowed: bool) -> None:
 @st.fragment
 def decay(address: str, allowed: bool) -> None:
     """The LR decay shape (its own fragment: below the live applied-vs-pending table)."""
-    store = _open(address)
-    if store is None:
-        return
-    with store:
+    with _opened(address) as store:
+        if store is None:
+            return
         summary, meta = store.summary(), store.meta()
         decay_controls(store, summary["run"], meta, is_locked(summary["state"]) or not allowed)
 
@@ -318,10 +353,9 @@ def main() -> None:
     allowed = token_ok()
     st.sidebar.caption(f"runs in `{shown(root)}`")
     address = run_address(root, run)
-    store = _open(address)
-    if store is None:
-        return
-    with store:
+    with _opened(address) as store:
+        if store is None:
+            return
         meta = store.meta()
         title = f"{run} · {meta.get('task') or 'custom model'} · {meta.get('optimizer', '')}"
         live_status(address, title, allowed)

@@ -263,3 +263,14 @@ def test_the_dashboard_lists_and_reads_a_run_in_postgresql(url, monkeypatch):
         (command,) = store.commands()
     assert (command.kind, json.loads(command.payload), command.source) == (
         "set", {"lr": 0.003}, "dashboard")
+    # Refreshes reuse the session's connection: re-runs (each a new thread) open no more.
+    held = _connections_to(url)
+    for _ in range(5):
+        at.run()
+    assert not at.exception and _connections_to(url) == held and 1 <= held <= 2
+
+
+def _connections_to(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                            "current_database() AND pid <> pg_backend_pid()").fetchone()[0]

@@ -66,10 +66,12 @@ def root_of(address: str | os.PathLike) -> str:
 
 
 def open_store(address: str | os.PathLike, *, create: bool = False,
-               run_dir: str | os.PathLike | None = None) -> RunStore:
+               run_dir: str | os.PathLike | None = None, per_thread: bool = True) -> RunStore:
     """Open the run at ``address`` (see the module docstring).
 
-    ``run_dir`` only matters for PostgreSQL: where this process keeps the run's checkpoints.
+    ``run_dir`` and ``per_thread`` only matter for PostgreSQL: where this process keeps the
+    run's checkpoints, and whether each thread gets a connection of its own (see
+    :class:`~trainer.store_pg.PostgresStore`).
     """
     if not is_server_url(address):
         return RunStore(address, create=create)
@@ -77,7 +79,7 @@ def open_store(address: str | os.PathLike, *, create: bool = False,
     url, sep, name = str(address).rpartition("#")
     if not sep:
         raise StoreError(f"a run address in PostgreSQL needs '#<run name>' at its end: {address}")
-    return PostgresStore(url, name, create=create, run_dir=run_dir)
+    return PostgresStore(url, name, create=create, run_dir=run_dir, per_thread=per_thread)
 
 
 def run_exists(root: str | os.PathLike, name: str) -> bool:

@@ -32,6 +32,7 @@ import contextlib
 import os
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -176,17 +177,21 @@ class PostgresStore(RunStore):
             real directory on the trainer's host.
         connection: an open psycopg connection to use on this thread instead of a new one;
             it stays open when the store closes (its owner closes it).
+        per_thread: each thread gets a connection of its own (a trainer's flusher and poller
+            query at the same time). False: one connection for callers that take turns, such
+            as a dashboard session, whose every re-run is a new thread.
     """
 
     backend = "postgresql"
 
     def __init__(self, url: str, name: str, *, create: bool = False,
-                 run_dir: str | os.PathLike | None = None, connection: Any = None):
+                 run_dir: str | os.PathLike | None = None, connection: Any = None,
+                 per_thread: bool = True):
         psycopg = _driver()
         self.errors = (psycopg.Error,)
         self.url, self.name = url, sanitize_run_name(name)
         self.address = f"{url}#{self.name}"
-        self._local = threading.local()
+        self._local = threading.local() if per_thread else types.SimpleNamespace()
         self._connections: list[_Connection] = []
         self._lock = threading.Lock()
         owned = connection is None
