@@ -291,6 +291,21 @@ def test_rejected_commands_carry_a_reason_and_change_nothing(tmp_path):
         assert set(store.metrics_since()["lr"]) == {0.01}
 
 
+def test_a_verdict_is_written_at_once_not_at_the_next_flush(tmp_path):
+    """The CLI and the page wait for a command's verdict: it must not wait for the periodic
+    flush (here a minute away, far beyond the test's timeout)."""
+    _, opt = make()
+    with Babysitter(opt, tmp_path / "run", flush_interval=60, poll_interval=0.01,
+                    on_diverge="ignore") as bs, RunStore(tmp_path / "run") as store:
+        time.sleep(0.2)  # the flusher is asleep in its 60 s wait
+        good = store.submit_command("set", {"lr": 0.02})
+        bad = store.submit_raw_command("set", '{"lr": -1}')
+        step_until(bs, lambda: settled(store, good)() and settled(store, bad)(),
+                   timeout=20, what="both verdicts")
+        assert store.command(good).status == "applied"
+        assert store.command(bad).status == "rejected"
+
+
 def test_momentum_on_an_optimizer_without_it_is_rejected(tmp_path):
     _, opt = make("adagrad")
     with Babysitter(opt, tmp_path / "run", **FAST) as bs, \

@@ -132,13 +132,13 @@ class Babysitter:
         resumed_from = self._restore() if resume else None
         self._init_meta(config or {}, task, resumed_from)
         self.lr_plan.write(self._epoch_position())
-        self._poller = Poller(self.store, self._pending, self._outbox, self.knobs,
-                              poll_interval, self._wake)
         self._flusher = Flusher(self.store, self._rows, self._outbox, flush_interval,
                                 live_meta=self._live_meta, keep_checkpoints=keep_checkpoints,
                                 guard=None if on_diverge == "ignore" else (
                                     guard or DivergenceGuard()),
                                 on_divergence=self._on_divergence)
+        self._poller = Poller(self.store, self._pending, self._outbox, self.knobs,
+                              poll_interval, self._wake, self._flusher)
         if self._dist is not None:
             self._dist.attach(self)  # rank 0: hand-overs via the meetings; others: no threads
         self._poller.start()
@@ -236,6 +236,7 @@ class Babysitter:
             if command_id is None:
                 raise
             self._outbox.append(("resolve", ([(command_id, "rejected", None, str(err))], [])))
+            self._flusher.nudge()
             return
         if kind == "diverged":  # the guard's own news, not a command anyone sent
             self._outbox.append(("events", events))
@@ -243,6 +244,7 @@ class Babysitter:
             self._outbox.append(("record", (kind, payload, source, step, events)))
         else:
             self._outbox.append(("resolve", ([(command_id, "applied", step, None)], events)))
+        self._flusher.nudge()  # whoever sent it sees the verdict now, not at the next flush
 
     def _effects(self, kind: str, payload: dict, command_id: int | None, step: int,
                  wall: float) -> list[tuple]:

@@ -122,6 +122,9 @@ class _IdleWorker:
     def arm_guard(self, from_step: int) -> None:
         pass
 
+    def nudge(self) -> None:
+        pass
+
 
 class DistributedSync:
     """Keeps the Babysitters of all ranks of one ``torch.distributed`` job in lockstep.

@@ -106,6 +106,22 @@ class Flusher(_Worker):
         self.keep_checkpoints = keep_checkpoints
         self.guard, self.on_divergence = guard, on_divergence
         self._armed, self._rearm_at = guard is not None, None
+        self._nudged = threading.Event()
+
+    def nudge(self) -> None:
+        """Write now rather than at the next interval: a command's verdict is waiting (the CLI
+        and the page wait for it). Commands are rare, so this costs the hot path nothing."""
+        self._nudged.set()
+
+    def _wait(self) -> bool:
+        self._nudged.wait(self.interval)
+        self._nudged.clear()
+        return self._stop_event.is_set()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self._nudged.set()
+        super().stop()
 
     def arm_guard(self, from_step: int) -> None:
         """Re-arm the guard with fresh smoothing for rows from ``from_step`` on (called from the
@@ -170,10 +186,11 @@ class Poller(_Worker):
     """Reads new commands, validates them (second time) and hands them to the training thread."""
 
     def __init__(self, store: RunStore, pending: deque, outbox: deque, knobs: OptimizerKnobs,
-                 interval: float, wake: threading.Event):
+                 interval: float, wake: threading.Event, flusher: Flusher):
         super().__init__("panda-poller", store, interval)
         self.pending, self.outbox, self.knobs = pending, outbox, knobs
         self.wake = wake  # set whenever a command is handed over (ends a pause's wait)
+        self.flusher = flusher  # writes a refusal at once
         self.last_id = 0
 
     def _wait(self) -> bool:
@@ -201,6 +218,7 @@ class Poller(_Worker):
                     self.knobs.check(payload)
             except KnobError as err:
                 self.outbox.append(("resolve", ([(command.id, "rejected", None, str(err))], [])))
+                self.flusher.nudge()
                 continue
             self.pending.append((command.id, command.kind, payload))
             self.wake.set()
