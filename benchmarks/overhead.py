@@ -16,6 +16,7 @@ PostgreSQL database instead of a SQLite file (the bare loop is the same either w
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from trainer.store import StoreError
 from trainer.tasks import make_task
 
 BATCH_SIZE = 32
+ARRIVAL_JITTER_S = 0.2  # random wait before each command of the latency test
 
 
 def _loop(task, model, optimizer, steps: int, babysitter: Babysitter | None, *,
@@ -110,7 +112,11 @@ def command_latency(commands: int, store_url: str | None = None) -> dict[str, fl
             while store.summary()["step"] < 10:
                 time.sleep(0.05)
             applied, confirmed = [], []
+            arrivals = random.Random(0)
             for i in range(commands):
+                # A person's commands arrive at any moment, not in step with the trainer's
+                # polling (sending each right after the last one's verdict would be).
+                time.sleep(arrivals.uniform(0, ARRIVAL_JITTER_S))
                 lr = 0.01 if i % 2 else 0.005
                 command_id = store.submit_command("set", {"lr": lr}, source="bench")
                 while store.command(command_id).status == "pending":
@@ -139,12 +145,13 @@ def main() -> None:
     parser.add_argument("--store", metavar="URL", help="a PostgreSQL store to babysit into")
     args = parser.parse_args()
     torch.set_num_threads(1)  # steadier on a shared 2-core machine; both loops alike
-    t = throughput(args.rounds, args.steps, args.store)
-    print(f"| loop | median steps/s |\n|---|---|\n| bare | {t['bare_steps_per_s']:.0f} |\n"
-          f"| with Babysitter | {t['babysat_steps_per_s']:.0f} |\n")
-    print(f"median throughput ratio (babysat / bare, {args.rounds} paired ABBA rounds of "
-          f"{args.steps} steps): {t['ratio']:.3f}  → overhead {100 * (1 - t['ratio']):.1f} % "
-          f"(quartiles {t['q1']:.3f} … {t['q3']:.3f})\n")
+    if args.rounds > 0:  # --rounds 0: the latency test alone
+        t = throughput(args.rounds, args.steps, args.store)
+        print(f"| loop | median steps/s |\n|---|---|\n| bare | {t['bare_steps_per_s']:.0f} |\n"
+              f"| with Babysitter | {t['babysat_steps_per_s']:.0f} |\n")
+        print(f"median throughput ratio (babysat / bare, {args.rounds} paired ABBA rounds of "
+              f"{args.steps} steps): {t['ratio']:.3f}  → overhead "
+              f"{100 * (1 - t['ratio']):.1f} % (quartiles {t['q1']:.3f} … {t['q3']:.3f})\n")
     lat = command_latency(args.commands, args.store)
     print(f"command latency over {args.commands} commands (commit → applied at a step "
           f"boundary): p50 {lat['applied_p50_ms']:.0f} ms, p95 {lat['applied_p95_ms']:.0f} ms; "

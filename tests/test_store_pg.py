@@ -63,6 +63,19 @@ def test_only_postgresql_urls_are_stores(text, monkeypatch):
         store_url()
 
 
+@pytest.mark.parametrize(("store", "reason"), [
+    ("sqlite:///runs.db", "must be a postgresql:// URL"),
+    ("postgresql://panda:hunter2@127.0.0.1:1/db", "cannot reach the PostgreSQL store"),
+])
+def test_the_cli_refuses_a_bad_store_in_one_line(store, reason):
+    for args in (("status", "run", "--store", store), ("runs", "--store", store),
+                 ("set", "run", "--lr", "0.1", "--store", store)):
+        done = _run(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert reason in done.stderr and len(done.stderr.strip().splitlines()) == 1
+        assert "hunter2" not in done.stderr + done.stdout
+
+
 def test_store_url_comes_from_the_flag_then_the_environment(monkeypatch):
     monkeypatch.delenv("PANDA_STORE", raising=False)
     assert store_url() is None
