@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 SERVER_USER = "postgres"   # created by Debian's postgresql package
@@ -68,6 +69,18 @@ class Server:
             conn.execute(f"CREATE DATABASE {name}")
         return self.url.rsplit("/", 1)[0] + f"/{name}"
 
+    def _start(self) -> None:
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
+                   f"-c max_connections={MAX_CONNECTIONS}")
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-o", options, "-l",
+                  str(self.root / "server.log"), "-w", "-t", str(START_TIMEOUT_S), "start")
+
+    def restart(self, down_s: float) -> None:
+        """Stop the server (every client loses its connection), wait, start it again."""
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "fast", "-w", "stop")
+        time.sleep(down_s)
+        self._start()
+
     def stop(self) -> None:
         try:
             self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "immediate", "stop")
@@ -97,10 +110,7 @@ def start() -> Server:
     try:
         server._run("initdb", "-D", str(root / "data"), "--auth=trust", "-U", "panda",
                     "-E", "UTF8", "--no-sync")
-        options = (f"-c listen_addresses=127.0.0.1 -p {server.port} -k {root} -c fsync=off "
-                   f"-c max_connections={MAX_CONNECTIONS}")
-        server._run("pg_ctl", "-D", str(root / "data"), "-o", options, "-l",
-                    str(root / "server.log"), "-w", "-t", str(START_TIMEOUT_S), "start")
+        server._start()
     except (Unavailable, OSError, subprocess.SubprocessError) as err:
         shutil.rmtree(root, ignore_errors=True)
         raise Unavailable(f"could not start a throw-away PostgreSQL server: {err}") from None

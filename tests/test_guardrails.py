@@ -147,10 +147,15 @@ def test_divergence_pauses_and_rollback_restores_the_pre_change_state_bitwise(tm
 
 
 def test_on_diverge_rollback_recovers_with_no_person_involved(tmp_path):
-    _, _, bs, _, thread, store = _start(tmp_path, "rollback", stop_after=900)
+    _, _, bs, _, thread, store = _start(tmp_path, "rollback")
     try:
         changed_at = _crank_lr(store)
-        thread.join(TIMEOUT_S)
+        # Detection runs on the flusher's cadence, so in steps it comes whenever this machine
+        # lets it: wait for the rescue (rollback, then a halved LR), then for training on.
+        rescue = _until(lambda: [e for e in store.events_since()
+                                 if e["kind"] == "set" and e["new"] == SAFE_LR / 2],
+                        "the automatic rescue")
+        _until(lambda: store.summary()["step"] > rescue[0]["step"] + 300, "training on")
     finally:
         bs.should_stop = True
         thread.join(TIMEOUT_S)

@@ -248,6 +248,42 @@ def test_a_trainer_outlives_its_database_connections_being_cut(url, tmp_path):
     assert steps == list(range(len(steps)))
 
 
+@pytest.mark.slow
+def test_a_trainer_outlives_a_database_restart(pg_server, url, tmp_path):
+    """The server goes away for a while (many flush and poll ticks), then comes back: the
+    trainer keeps training, keeps every row queued, writes them all once it reconnects, and
+    still takes commands."""
+    run_dir = tmp_path / "restart"
+    proc = start_train(run_dir, "--task", "spirals", "--epochs", "100000", "--step-delay",
+                       "0.002", "--store", url)
+    with reaped(proc):
+        wait_until(lambda: (_summary(url, "restart") or {}).get("step", 0) > 50,
+                   timeout=TIMEOUT_S, what="the first steps")
+        pg_server.restart(down_s=1.5)
+        before = _summary(url, "restart")["step"]
+        wait_until(lambda: _summary(url, "restart")["step"] > before + 100, timeout=TIMEOUT_S,
+                   what="steps logged after the restart")
+        assert proc.poll() is None, "the trainer died with its database"
+        done = _run("set", "restart", "--lr", "0.02", "--json", "--store", url)
+        assert done.returncode == 0 and json.loads(done.stdout)["status"] == "applied"
+        assert _run("stop", "restart", "--store", url).returncode == 0
+        proc.wait(TIMEOUT_S)
+    with open_store(run_address(url, "restart")) as store:
+        steps = store.metrics_since(columns=("step",))["step"]
+        assert store.meta()["status"] == "stopped"
+    assert steps == list(range(len(steps)))  # nothing lost while the server was down
+
+
+def test_json_output_never_shows_a_password(pg_server, url):
+    secret = url.replace("postgresql://panda@", "postgresql://panda:hunter2@")  # trust auth
+    with open_store(run_address(secret, "r1"), create=True) as store:
+        store.set_meta(name="r1", created=time.time(), status="finished")
+    for args in (("status", "r1", "--json"), ("runs", "--json"), ("status", "r1")):
+        done = _run(*args, "--store", secret)
+        assert done.returncode == 0, done.stderr
+        assert "hunter2" not in done.stdout + done.stderr and "r1" in done.stdout
+
+
 def test_the_dashboard_lists_and_reads_a_run_in_postgresql(url, monkeypatch):
     from streamlit.testing.v1 import AppTest
 

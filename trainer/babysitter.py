@@ -205,7 +205,8 @@ class Babysitter:
         self._apply("set", payload, command_id=None, source="api")
 
     def rollback(self, step: int | None = None) -> None:
-        """Restore the newest checkpoint (at or before ``step``) now, from code."""
+        """Restore the newest checkpoint (at or before ``step``) now, from code. Under DDP every
+        rank must call it at the same step (rank 0's state is sent to all)."""
         self._apply("rollback", validate_command("rollback", {} if step is None else
                                                  {"step": step}), None, source="api")
 
@@ -366,7 +367,17 @@ class Babysitter:
         same state whatever their own disks hold (only rank 0 writes checkpoint files)."""
         if self._dist is None:
             return load()
-        return self._dist.share(load() if self._dist.leader else None)
+        if not self._dist.leader:
+            outcome = self._dist.share(None)
+        else:
+            try:
+                outcome = self._dist.share(("ok", load()))
+            except Exception as err:  # tell the other ranks, or they wait in the broadcast
+                self._dist.share(("error", f"{type(err).__name__}: {err}"))
+                raise
+        if outcome[0] == "error":
+            raise RuntimeError(f"rank 0 could not load the state to restore: {outcome[1]}")
+        return outcome[1]
 
     # --- divergence, rollback, early stopping ---------------------------------------------------
 

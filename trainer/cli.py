@@ -204,9 +204,9 @@ def cmd_branch(args: argparse.Namespace) -> int:
              if getattr(args, name) is not None}
     with _open_run(args) as store:
         parent = store.run_dir
+        where = getattr(store, "url", None)  # the parent's PostgreSQL store, however named
     try:
-        child, proc = branch_run(parent, args.from_step, knobs, name=args.name,
-                                 store=_store(args))
+        child, proc = branch_run(parent, args.from_step, knobs, name=args.name, store=where)
     except (KnobError, ValueError) as err:
         raise CliError(str(err)) from None
     _emit(args, {"run": child.name, "run_dir": str(child), "pid": proc.pid},
@@ -327,8 +327,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_dir, proc = start_demo_run(args.runs_dir, store=_store(args))
     print(f"training the digits task in the background: {run_dir} (pid {proc.pid})")
+    stop = f"panda stop {run_dir.name}" + (" --store …" if _store(args) else
+                                            f" --runs-dir {args.runs_dir}")
     print(f"dashboard: http://{args.host}:{args.port}  (Ctrl-C stops the dashboard; "
-          f"`panda stop {run_dir}` stops training)")
+          f"`{stop}` stops training)")
     return cmd_dashboard(args)
 
 
@@ -474,9 +476,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (CliError, StoreError) as err:
-        print(f"panda: error: {err}", file=sys.stderr)
+    except (CliError, StoreError, *_driver_errors()) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"panda: error: {reason}", file=sys.stderr)
         return 2
+
+
+def _driver_errors() -> tuple[type[Exception], ...]:
+    """PostgreSQL's errors, if its driver is loaded: a server that fails mid-command (a
+    dropped connection, a missing permission) is a one-line message too, not a traceback."""
+    psycopg = sys.modules.get("psycopg")
+    return (psycopg.Error,) if psycopg is not None else ()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 from trainer import checkpoint
 from trainer.knobs import validate_knobs
 from trainer.runner import TrainConfig, stored_config
-from trainer.runs import STORE_ENV, store_for
+from trainer.runs import STORE_ENV, run_exists, store_for
 from trainer.store import sanitize_run_name
 
 LOG_NAME = "train.log"
@@ -86,7 +86,7 @@ def branch_run(parent_dir: str | os.PathLike, from_step: int, knobs: dict[str, f
         raise ValueError(f"{parent_dir.name} has no checkpoint at or before step {from_step}")
     child = parent_dir.parent / sanitize_run_name(name or new_run_name(
         f"{parent_dir.name}-b{found.step}"))
-    if (child / "run.db").exists() or checkpoint.checkpoint_dir(child).exists():
+    if run_exists(store or child.parent, child.name) or checkpoint.checkpoint_dir(child).exists():
         raise ValueError(f"run {child.name} already exists; choose another --name")
     folder = checkpoint.checkpoint_dir(child)
     folder.mkdir(parents=True)

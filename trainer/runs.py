@@ -11,6 +11,8 @@ directory (``--runs-dir``/name) on the trainer's host.
 from __future__ import annotations
 
 import os
+import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +40,15 @@ def store_url(explicit: str | None = None) -> str | None:
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for messages and the page)."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
+    """``url`` with any password (``user:pw@`` or ``?password=``) replaced by ``***``, for
+    messages, JSON output and the page."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def shown(root: str | os.PathLike) -> str:
@@ -145,8 +150,9 @@ def list_runs(root: str | os.PathLike = "runs") -> list[dict[str, Any]]:
             if Path(root).is_dir() else []
         found = [(name, _summary(run_address(root, name))) for name in names]
     runs = [summary if isinstance(summary, dict) else {
-        "run": name, "run_dir": run_address(root, name), "address": run_address(root, name),
-        "state": "unreadable", "error": str(summary), "created": None}
+        "run": name, "run_dir": shown(run_address(root, name)),
+        "address": shown(run_address(root, name)), "state": "unreadable",
+        "error": str(summary), "created": None}
         for name, summary in found]
     return sorted(runs, key=lambda r: r.get("created") or 0, reverse=True)
 

@@ -134,6 +134,7 @@ class RunStore:
         self.run_dir = Path(run_dir)
         self.name = self.run_dir.name
         self.address = str(self.run_dir)
+        self.shown_address = self.address  # what users may see (PostgreSQL hides a password)
         self.path = self.run_dir / DB_NAME
         if create:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -403,7 +404,7 @@ class RunStore:
         return {
             "run": meta.get("name", self.name),
             "run_dir": str(self.run_dir),
-            "address": self.address,
+            "address": self.shown_address,
             "store": self.backend,
             "state": state,
             "step": meta.get("step", last.get("step", -1) + 1),

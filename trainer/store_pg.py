@@ -188,9 +188,12 @@ class PostgresStore(RunStore):
                  run_dir: str | os.PathLike | None = None, connection: Any = None,
                  per_thread: bool = True):
         psycopg = _driver()
-        self.errors = (psycopg.Error,)
+        # A reconnect to a server that is down raises StoreError (from connect()): background
+        # threads must retry on it like on any driver error, not die.
+        self.errors = (psycopg.Error, StoreError)
         self.url, self.name = url, sanitize_run_name(name)
         self.address = f"{url}#{self.name}"
+        self.shown_address = f"{redact(url)}#{self.name}"
         self._local = threading.local() if per_thread else types.SimpleNamespace()
         self._connections: list[_Connection] = []
         self._lock = threading.Lock()
@@ -198,16 +201,16 @@ class PostgresStore(RunStore):
         conn = connect(url) if owned else connection
         try:
             self.run_id = self._find_or_create(conn, create)
-        except psycopg.Error as err:
+            self._adopt(conn, owned=owned)  # the lookup's connection becomes this thread's
+            self.run_dir = (Path(run_dir) if run_dir is not None
+                            else self._recorded_run_dir())
+        except (psycopg.Error, StoreError) as err:
             if owned:
                 conn.close()
-            raise StoreError(f"{redact(url)} is not a usable Panda store: {err}") from None
-        except StoreError:
-            if owned:
-                conn.close()
-            raise
-        self._adopt(conn, owned=owned)  # the lookup's connection becomes this thread's
-        self.run_dir = Path(run_dir) if run_dir is not None else self._recorded_run_dir()
+            if isinstance(err, StoreError):
+                raise
+            raise StoreError(f"{redact(url)} holds no readable run {self.name!r}: "
+                             f"{str(err).strip().splitlines()[0]}") from None
 
     def _find_or_create(self, conn, create: bool) -> int:
         if create:
