@@ -38,13 +38,13 @@ from app.lr_panel import render_lr_panel
 from app.panels import decay_controls, export_block, new_run_form
 from trainer.knobs import format_sci
 from trainer.runs import (
-    STORE_ENV,
     is_server_url,
     list_runs,
     open_store,
     root_of,
     run_address,
     shown,
+    store_url,
 )
 from trainer.store import RUNNING_STATES, RunStore, StoreError
 
@@ -72,11 +72,6 @@ def runs_dir(argv: list[str] | None = None) -> Path:
     parser.add_argument("--runs-dir", default=os.environ.get(RUNS_DIR_ENV, "runs"))
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     return Path(args.runs_dir)
-
-
-def store_url() -> str | None:
-    """The PostgreSQL store to show (``$PANDA_STORE``, set by ``panda dashboard --store``)."""
-    return os.environ.get(STORE_ENV) or None
 
 
 @contextmanager
@@ -333,7 +328,12 @@ def main() -> None:
     """The whole page."""
     st.set_page_config(page_title="Panda", page_icon="🐼", layout="wide")
     st.markdown(PAGE_CSS, unsafe_allow_html=True)
-    local, url = runs_dir(), store_url()
+    local = runs_dir()
+    try:  # $PANDA_STORE, set by `panda dashboard --store`
+        url = store_url()
+    except ValueError as err:
+        st.error(str(err))
+        return
     root = url or str(local)
     st.sidebar.title("Panda")
     st.sidebar.caption("babysit one training run")

@@ -245,6 +245,14 @@ def test_empty_runs_dir(tmp_path, monkeypatch):
     assert not at.exception and "No runs" in at.info[0].value
 
 
+def test_a_store_that_is_not_postgresql_is_an_error_on_the_page(tmp_path, monkeypatch):
+    monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("PANDA_STORE", "sqlite:///runs.db")
+    at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
+    assert not at.exception and "must be a postgresql:// URL" in at.error[0].value
+    assert not (tmp_path / "runs").exists()
+
+
 def test_runs_dir_from_argv_and_env(monkeypatch):
     monkeypatch.setenv("PANDA_RUNS_DIR", "/from/env")
     assert runs_dir(["app/main.py"]) == Path("/from/env")

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.knobs import KnobError, format_sci, validate_command, validate_knobs
-from trainer.runs import list_runs, open_run, shown, store_for, store_url
-from trainer.store import FINAL_STATES, RunStore, StoreError
+from trainer.runs import child_env, list_runs, open_run, shown, store_for, store_url
+from trainer.store import FINAL_STATES, RunStore, StoreError, first_line
 
 log = logging.getLogger("panda")
 
@@ -312,10 +312,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     cmd = dashboard_command(args.runs_dir, host=args.host, port=args.port)
     if dashboard_cwd() is not None:
         os.chdir(dashboard_cwd())  # where .streamlit/config.toml (the theme) lives
-    env = dict(os.environ)
-    store = _store(args)
-    if store is not None:  # in the environment, not argv, so `ps` shows no password
-        env["PANDA_STORE"] = store
+    env = child_env(_store(args))
     if args.token:  # passed in the environment, not argv, so `ps` does not show it
         env["PANDA_TOKEN"] = args.token
     os.execve(cmd[0], cmd, env)  # replace this process: Ctrl-C goes straight to Streamlit
@@ -477,8 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CliError, StoreError, *_driver_errors()) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"panda: error: {reason}", file=sys.stderr)
+        print(f"panda: error: {first_line(err)}", file=sys.stderr)
         return 2
 
 

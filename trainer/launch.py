@@ -20,7 +20,7 @@ from pathlib import Path
 from trainer import checkpoint
 from trainer.knobs import validate_knobs
 from trainer.runner import TrainConfig, stored_config
-from trainer.runs import STORE_ENV, run_exists, store_for
+from trainer.runs import child_env, run_exists, store_for
 from trainer.store import sanitize_run_name
 
 LOG_NAME = "train.log"
@@ -49,11 +49,9 @@ def launch_training(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
             run_store.set_meta(name=run_dir.name, created=time.time(), config=asdict(cfg),
                                task=cfg.task, status="starting", run_dir=str(run_dir),
                                **(meta or {}))
-    env = {k: v for k, v in os.environ.items() if k != STORE_ENV}
-    if store is not None:
-        env[STORE_ENV] = store
     with open(run_dir / LOG_NAME, "ab") as log_file:
-        return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+        return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                env=child_env(store),
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.knobs import format_sci
-from trainer.runs import STORE_ENV, is_server_url, open_store
+from trainer.runs import child_env, is_server_url, open_store
 from trainer.store import RunStore, pid_alive
 
 RESULT_KIND = "lr_find"
@@ -319,16 +319,14 @@ def start_lr_find_job(address: str | os.PathLike, **options: Any) -> int:
     if not is_server_url(address):
         address = str(Path(address).resolve())
     opts = check_options(**options)
-    env = {k: v for k, v in os.environ.items() if k != STORE_ENV}
     with open_store(address) as store:
         reason = readiness(store)
         if reason:
             raise LRJobError(reason)
         result_id = store.add_result(RESULT_KIND, {"progress": 0.0, "options": opts},
                                      status="running")
-        run = store.name if is_server_url(address) else address
-        if is_server_url(address):
-            env[STORE_ENV] = store.url
+        server = is_server_url(address)
+        run, env = (store.name, child_env(store.url)) if server else (address, child_env(None))
     cmd = [sys.executable, "-m", "trainer.cli", "lr-find", run,
            "--job-id", str(result_id), "--num-iter", str(opts["num_iter"]),
            "--start-lr", repr(opts["start_lr"]), "--end-lr", repr(opts["end_lr"])]

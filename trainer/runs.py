@@ -51,6 +51,15 @@ def redact(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
+def child_env(store: str | None) -> dict[str, str]:
+    """The environment for a Panda process that must use PostgreSQL URL ``store`` (None:
+    SQLite). The URL travels there rather than in argv, so ``ps`` never shows a password."""
+    env = {key: value for key, value in os.environ.items() if key != STORE_ENV}
+    if store is not None:
+        env[STORE_ENV] = store
+    return env
+
+
 def shown(root: str | os.PathLike) -> str:
     """A store root as the user may see it (a URL's password hidden)."""
     return redact(root) if is_server_url(root) else os.fspath(root)

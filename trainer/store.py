@@ -111,6 +111,12 @@ def sanitize_run_name(name: str) -> str:
     return name
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message on one line (a driver's can span several), else its type."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _finite_or_none(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 

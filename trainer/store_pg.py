@@ -37,7 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from trainer.runs import redact
-from trainer.store import _UPSERT_METRICS, SCHEMA_VERSION, RunStore, StoreError, sanitize_run_name
+from trainer.store import (
+    _UPSERT_METRICS,
+    SCHEMA_VERSION,
+    RunStore,
+    StoreError,
+    first_line,
+    sanitize_run_name,
+)
 
 CONNECT_TIMEOUT_S = 5      # a dead or unreachable server is reported instead of hanging
 LISTEN_FALLBACK_S = 1.0    # a command poller re-reads at least this often (a lost notification)
@@ -108,8 +115,8 @@ def connect(url: str):
     try:
         return psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
     except (psycopg.Error, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StoreError(f"cannot reach the PostgreSQL store {redact(url)}: {reason}") from None
+        raise StoreError(f"cannot reach the PostgreSQL store {redact(url)}: "
+                         f"{first_line(err)}") from None
 
 
 def _ensure_registry(conn) -> None:
@@ -210,7 +217,7 @@ class PostgresStore(RunStore):
             if isinstance(err, StoreError):
                 raise
             raise StoreError(f"{redact(url)} holds no readable run {self.name!r}: "
-                             f"{str(err).strip().splitlines()[0]}") from None
+                             f"{first_line(err)}") from None
 
     def _find_or_create(self, conn, create: bool) -> int:
         if create:
