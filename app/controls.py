@@ -15,8 +15,8 @@ from typing import Any
 import streamlit as st
 
 from trainer.knobs import KnobError, format_sci, log_ladder, nearest_on_ladder, validate_knobs
-from trainer.runs import open_store
 from trainer.store import FINAL_STATES, RunStore
+from trainer.store.address import open_store
 
 LR_LADDER = log_ladder(-6, 1)                              # 1e-6 … 10
 ONE_MINUS_BETA = sorted(log_ladder(-3, 0), reverse=True)   # 1 … 1e-3, i.e. β 0 … 0.999

@@ -1,7 +1,7 @@
 """Dashboard panel: an LR range test beside the live run, and applying its suggestion.
 
 The panel only reads and writes the run store: the test runs in its own detached process
-(:func:`trainer.lr_job.start_lr_find_job`) on a copy of the run's newest checkpoint, and every
+(:func:`trainer.lr_range.job.start_lr_find_job`) on a copy of the run's newest checkpoint, and every
 render (the page's fragment re-runs about once a second) reads the newest ``lr_find`` row. The
 suggested LR is applied as an ordinary ``set`` command, validated where it is entered and again
 where the trainer applies it, logged and drawn like any other intervention.
@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from trainer.knobs import KnobError, format_sci, validate_knobs
-from trainer.lr_job import (
+from trainer.lr_range.job import (
     LRJobError,
     describe_result,
     latest_lr_find,

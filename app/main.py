@@ -2,10 +2,10 @@
 
 Served by ``panda dashboard`` (``streamlit run app/main.py -- --runs-dir DIR``; with
 ``$PANDA_STORE`` set to a PostgreSQL URL it shows the runs in that database). It reads and
-writes only through the run store, and names a run by its address (:mod:`trainer.runs`). The
-live parts are ``st.fragment(run_every=…)`` blocks that fetch only rows newer than the ones this
-session already holds (:mod:`app.data`); the knob widgets live in a fragment without a timer, so
-a refresh never resets what the user is typing.
+writes only through the run store, and names a run by its address
+(:mod:`trainer.store.address`). The live parts are ``st.fragment(run_every=…)`` blocks that
+fetch only rows newer than the ones this session already holds (:mod:`app.data`); the knob
+widgets live in a fragment without a timer, so a refresh never resets what the user is typing.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from app.data import early_stop_hint, fetch, steps_per_second
 from app.lr_panel import render_lr_panel
 from app.panels import decay_controls, export_block, new_run_form
 from trainer.knobs import format_sci
-from trainer.runs import (
+from trainer.store import RUNNING_STATES, RunStore, StoreError
+from trainer.store.address import (
     is_server_url,
     list_runs,
     open_store,
@@ -46,7 +47,6 @@ from trainer.runs import (
     shown,
     store_url,
 )
-from trainer.store import RUNNING_STATES, RunStore, StoreError
 
 REFRESH_S = 1.0            # live parts re-render about once a second
 DEFAULT_SMOOTHING = 0.6    # TensorBoard's default EMA weight

@@ -13,9 +13,9 @@ from trainer.knobs import KnobError, format_sci, log_ladder
 from trainer.launch import launch_training, new_run_name
 from trainer.optim import OPTIMIZERS
 from trainer.runner import TrainConfig
-from trainer.runs import run_exists, shown
 from trainer.schedules import DEFAULT_RATES, SHAPES, validate_schedule
 from trainer.store import RunStore, sanitize_run_name
+from trainer.store.address import run_exists, shown
 from trainer.tasks import TASK_NAMES
 
 SHAPE_LABELS = {"constant": "constant", "exponential": "exponential  α0·r^epoch",

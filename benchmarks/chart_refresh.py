@@ -30,7 +30,7 @@ import plotly.io
 
 from app.charts import training_figure
 from app.data import fetch
-from trainer.store import RunStore
+from trainer.store import RunStore, SqliteStore
 
 log = logging.getLogger("chart_refresh")
 
@@ -45,7 +45,7 @@ SMOOTHING = 0.6
 def build_store(run_dir: Path, steps: int) -> RunStore:
     """A run store with ``steps`` metric rows (a noisy decaying loss with NaN and spikes),
     per-epoch validation and a few intervention events."""
-    store = RunStore(run_dir, create=True)
+    store = SqliteStore(run_dir, create=True)
     rng = np.random.default_rng(0)
     now = time.time()
     for start in range(0, steps, CHUNK):

@@ -31,7 +31,7 @@ import types
 import torch
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
-from trainer.lr_finder import lr_find
+from trainer.lr_range.finder import lr_find
 from trainer.tasks import make_task
 
 ROUNDS = 7

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from trainer import Babysitter
-from trainer.runs import store_for
 from trainer.store import StoreError
+from trainer.store.address import store_for
 from trainer.tasks import make_task
 
 BATCH_SIZE = 32

@@ -12,7 +12,7 @@ from typing import Any
 import pgserver
 import pytest
 
-from trainer.store import RunStore
+from trainer.store import SqliteStore
 
 DEFAULT_KNOBS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0}
 
@@ -29,7 +29,7 @@ def make_run(tmp_path: Path) -> Callable[..., Path]:
         run_dir = tmp_path / "runs" / name
         knobs = {**DEFAULT_KNOBS, **(knobs or {})}
         now = time.time()
-        with RunStore(run_dir, create=True) as store:
+        with SqliteStore(run_dir, create=True) as store:
             store.set_meta(name=name, created=now - steps, status=status, heartbeat=now,
                            pid=os.getpid(), host=socket.gethostname(), task="digits",
                            optimizer="SGD", supported_knobs=list(supported), knobs=knobs,

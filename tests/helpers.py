@@ -93,12 +93,12 @@ def cpu_seconds(pid: int) -> float:
 
 def summary_of(run_dir: Path) -> dict[str, Any] | None:
     """The store's summary, or None while the store does not exist yet."""
-    from trainer.store import RunStore, StoreError
+    from trainer.store import SqliteStore, StoreError
 
     if not (run_dir / "run.db").exists():
         return None
     try:
-        with RunStore(run_dir) as store:
+        with SqliteStore(run_dir) as store:
             return store.summary()
     except StoreError:
         return None
@@ -107,7 +107,7 @@ def summary_of(run_dir: Path) -> dict[str, Any] | None:
 # --- roles for the multi-process store test ---------------------------------------------------
 
 def _writer(address: str, total: int, batch: int) -> dict:
-    from trainer.runs import open_store
+    from trainer.store.address import open_store
 
     with open_store(address) as store:
         for first in range(0, total, batch):
@@ -120,7 +120,7 @@ def _writer(address: str, total: int, batch: int) -> dict:
 
 
 def _reader(address: str, total: int) -> dict:
-    from trainer.runs import open_store
+    from trainer.store.address import open_store
 
     seen: list[int] = []
     reads = 0
@@ -145,7 +145,7 @@ def _reader(address: str, total: int) -> dict:
 
 
 def _commander(address: str, count: int) -> dict:
-    from trainer.runs import open_store
+    from trainer.store.address import open_store
 
     ids = []
     with open_store(address) as store:

@@ -19,7 +19,7 @@ from app.charts import MAX_POINTS, downsample, ema, training_figure
 from app.controls import key
 from app.data import empty_cache, fetch, steps_per_second
 from app.main import runs_dir
-from trainer.store import RunStore
+from trainer.store import SqliteStore
 
 APP = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
 APP_TIMEOUT_S = 60  # a safety net for a slow CI machine, not a performance assertion
@@ -41,7 +41,7 @@ def page(make_run, tmp_path, monkeypatch):
 
 
 def commands(run_dir: Path):
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         return store.commands()
 
 
@@ -119,7 +119,7 @@ def test_outcome_applied_and_rejected(page):
     assert any("waiting for the trainer" in i.value for i in at.info)
     assert at.select_slider(key=key("live", "lr")).value == 0.005  # in flight: keeps the sent
     (command,) = commands(run_dir)
-    with RunStore(run_dir) as store:  # the trainer's part: apply it at step 25
+    with SqliteStore(run_dir) as store:  # the trainer's part: apply it at step 25
         store.resolve_commands([(command.id, "applied", 25, None)])
         store.set_meta(knobs={"lr": 0.005, "momentum": 0.9, "weight_decay": 0.0})
     at.run()
@@ -127,7 +127,7 @@ def test_outcome_applied_and_rejected(page):
     assert "| LR | 5e-03 | 5e-03 |" in knobs_table(at)
     at.select_slider(key=key("live", "lr")).set_value(0.002)
     at.button(key=key("live", "apply")).click().run()
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         store.resolve_commands([(commands(run_dir)[-1].id, "rejected", None, "lr too spicy")])
     at.run()
     assert any("lr too spicy" in e.value for e in at.error)
@@ -138,7 +138,7 @@ def test_outcome_applied_and_rejected(page):
 
 def test_untouched_knob_follows_the_applied_value(page):
     at, run_dir = page()
-    with RunStore(run_dir) as store:  # e.g. an LR decay or `panda set` moved the LR
+    with SqliteStore(run_dir) as store:  # e.g. an LR decay or `panda set` moved the LR
         store.set_meta(knobs={"lr": 0.0123, "momentum": 0.9, "weight_decay": 0.0})
     at.run()
     assert "| LR | 1.23e-02 | 1.23e-02 |" in knobs_table(at)
@@ -201,7 +201,7 @@ def test_decay_is_sent_as_one_schedule_command(page):
 def test_status_row_and_preselected_live_run(make_run, tmp_path, monkeypatch):
     make_run("older-live", status="running")
     newer = make_run("newer-done", status="finished")
-    with RunStore(newer) as store:
+    with SqliteStore(newer) as store:
         store.set_meta(created=time.time() + 60)
     monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path / "runs"))
     at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
@@ -230,7 +230,7 @@ def test_new_run_form_starts_a_run_that_outlives_the_page(page, tmp_path):
     at.button(key="FormSubmitter:new_run-Start training").click().run()
     assert any("Started fresh" in m.value for m in at.success), [e.value for e in at.error]
     assert at.selectbox(key="run_picker").value == "fresh"
-    with RunStore(tmp_path / "runs" / "fresh") as store:
+    with SqliteStore(tmp_path / "runs" / "fresh") as store:
         assert store.meta()["config"]["task"] == "quadratic"
         deadline = time.monotonic() + APP_TIMEOUT_S  # a safety net, not a speed assertion
         while store.summary()["state"] not in ("finished", "failed", "stopped", "interrupted"):
@@ -264,7 +264,7 @@ def test_runs_dir_from_argv_and_env(monkeypatch):
 def test_fetch_reads_only_new_rows_and_keeps_nan(make_run):
     run_dir = make_run(steps=10)
     caches: dict = {}
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         assert fetch(store, caches)["step"].size == 10
         store.append_metrics([(10, 0, time.time(), math.nan, 0.01, 0.9, 0.0)])
         store.add_events([(10, time.time(), "set", "lr", 0.01, 0.003, None, "lr 1e-02 → 3e-03")])
@@ -277,7 +277,7 @@ def test_fetch_reads_only_new_rows_and_keeps_nan(make_run):
 def test_fetch_starts_over_after_a_restart_event(make_run):
     run_dir = make_run(steps=10)
     caches: dict = {}
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         fetch(store, caches)
         store.truncate_after(5)  # a resume from the checkpoint at step 5 rewrites later rows
         store.add_events([(5, time.time(), "restart", None, None, None, None, "resumed")])

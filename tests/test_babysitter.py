@@ -21,7 +21,7 @@ from helpers import wait_until
 
 from trainer import Babysitter, KnobError
 from trainer.checkpoint import list_checkpoints
-from trainer.store import RunStore
+from trainer.store import RunStore, SqliteStore
 
 torch.set_num_threads(1)
 
@@ -91,7 +91,7 @@ def test_every_step_is_logged_with_its_knobs_and_close_flushes_everything(tmp_pa
                     task="toy", flush_interval=60, poll_interval=60) as bs:
         losses = train_steps(bs, model, opt, 300)
         bs.log_validation(0.5, accuracy=torch.tensor(0.75))
-    with RunStore(tmp_path / "run") as store:
+    with SqliteStore(tmp_path / "run") as store:
         m = store.metrics_since()
         meta = store.meta()
         val = store.validation_since()
@@ -111,7 +111,7 @@ def test_rows_reach_the_store_while_training_runs(tmp_path):
     model, opt = make()
     with Babysitter(opt, tmp_path / "run", **FAST) as bs:
         train_steps(bs, model, opt, 20)
-        reader = RunStore(tmp_path / "run")
+        reader = SqliteStore(tmp_path / "run")
         wait_until(lambda: len(reader.metrics_since()["step"]) == 20, what="rows to be flushed")
         assert reader.summary()["state"] == "running"
         reader.close()
@@ -127,7 +127,7 @@ def test_log_validation_records_any_named_metrics_and_ends_the_epoch(tmp_path):
         bs.log_validation(perplexity=float("nan"), end_epoch=False)
         assert bs.epoch == 1
         train_steps(bs, model, opt, 1)
-    with RunStore(tmp_path / "run") as store:
+    with SqliteStore(tmp_path / "run") as store:
         rows = [(r["step"], r["epoch"], r["name"], r["value"]) for r in store.validation_since()]
         epochs = store.metrics_since()["epoch"]
     assert rows == [(3, 0, "loss", 1.25), (3, 0, "accuracy", 0.5), (3, 0, "top5", 0.875),
@@ -164,7 +164,7 @@ def test_step_never_syncs_on_the_training_thread(tmp_path):
     assert on_main == {"detach"}, f"training thread touched the values: {on_main}"
     off_main = {name for name, thread in Spy.calls if thread != main}
     assert off_main & {"tolist", "item", "__float__"}  # converted, but elsewhere
-    with RunStore(tmp_path / "run") as store:
+    with SqliteStore(tmp_path / "run") as store:
         assert store.metrics_since()["loss"] == pytest.approx(values)
         assert store.validation_since()[0]["value"] == 0.25
 
@@ -174,7 +174,7 @@ def test_non_finite_losses_are_logged_not_raised(tmp_path):
     with Babysitter(opt, tmp_path / "run", **FAST) as bs:
         for v in (1.0, float("nan"), float("inf"), 2.0):
             bs.step(torch.tensor(v))
-    with RunStore(tmp_path / "run") as store:
+    with SqliteStore(tmp_path / "run") as store:
         losses = store.metrics_since()["loss"]
     assert losses[0] == 1.0 and losses[3] == 2.0
     assert all(v != v for v in losses[1:3])  # NaN
@@ -191,7 +191,7 @@ def test_set_command_changes_lr_momentum_and_weight_decay(tmp_path, name, moment
     model, opt = make(name)
     beta2 = opt.param_groups[0].get("betas", (None, None))[1]
     with Babysitter(opt, tmp_path / "run", model=model, **FAST) as bs, \
-            RunStore(tmp_path / "run") as store:
+            SqliteStore(tmp_path / "run") as store:
         train_steps(bs, model, opt, 3)
         cid = store.submit_command("set", {"lr": 0.05, "momentum": 0.5, "weight_decay": 0.01})
         step_until(bs, settled(store, cid), what="the set command")
@@ -203,7 +203,7 @@ def test_set_command_changes_lr_momentum_and_weight_decay(tmp_path, name, moment
         train_steps(bs, model, opt, 2)
         cmd = store.command(cid)
         assert cmd.status == "applied" and cmd.applied_step >= 3 and cmd.error is None
-    with RunStore(tmp_path / "run") as store:
+    with SqliteStore(tmp_path / "run") as store:
         m = store.metrics_since(cmd.applied_step - 2)  # the last old row, then the new ones
         events = store.events_since()
     assert m["lr"][0] != 0.05 and set(m["lr"][1:]) == {0.05}
@@ -245,7 +245,7 @@ def test_api_set_validates_and_is_recorded_like_a_command(tmp_path):
         assert bs.knobs.values() == {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
         train_steps(bs, model, opt, 2)
         bs.set(lr=0.02)
-    with RunStore(tmp_path / "run") as store:
+    with SqliteStore(tmp_path / "run") as store:
         (cmd,) = store.commands()
         assert (cmd.kind, cmd.source, cmd.status, cmd.applied_step) == ("set", "api",
                                                                          "applied", 2)
@@ -276,7 +276,7 @@ BAD_RAW = [
 def test_rejected_commands_carry_a_reason_and_change_nothing(tmp_path):
     _, opt = make()
     with Babysitter(opt, tmp_path / "run", **FAST) as bs, \
-            RunStore(tmp_path / "run") as store:
+            SqliteStore(tmp_path / "run") as store:
         before = (bs.knobs.values(), bs.schedule, bs.paused, bs.should_stop)
         ids = [store.submit_raw_command(kind, text) for kind, text, _ in BAD_RAW]
         step_until(bs, lambda: all(settled(store, i)() for i in ids), what="verdicts")
@@ -286,7 +286,7 @@ def test_rejected_commands_carry_a_reason_and_change_nothing(tmp_path):
             assert cmd.status == "rejected", (kind, text)
             assert reason in cmd.error, (kind, text, cmd.error)
             assert cmd.applied_step is None
-    with RunStore(tmp_path / "run") as store:
+    with SqliteStore(tmp_path / "run") as store:
         assert store.events_since() == []
         assert set(store.metrics_since()["lr"]) == {0.01}
 
@@ -296,7 +296,7 @@ def test_a_verdict_is_written_at_once_not_at_the_next_flush(tmp_path):
     flush (here a minute away, far beyond the test's timeout)."""
     _, opt = make()
     with Babysitter(opt, tmp_path / "run", flush_interval=60, poll_interval=0.01,
-                    on_diverge="ignore") as bs, RunStore(tmp_path / "run") as store:
+                    on_diverge="ignore") as bs, SqliteStore(tmp_path / "run") as store:
         time.sleep(0.2)  # the flusher is asleep in its 60 s wait
         good = store.submit_command("set", {"lr": 0.02})
         bad = store.submit_raw_command("set", '{"lr": -1}')
@@ -309,7 +309,7 @@ def test_a_verdict_is_written_at_once_not_at_the_next_flush(tmp_path):
 def test_momentum_on_an_optimizer_without_it_is_rejected(tmp_path):
     _, opt = make("adagrad")
     with Babysitter(opt, tmp_path / "run", **FAST) as bs, \
-            RunStore(tmp_path / "run") as store:
+            SqliteStore(tmp_path / "run") as store:
         assert store.meta()["supported_knobs"] == ["lr", "weight_decay"]
         bad = store.submit_command("set", {"lr": 0.5, "momentum": 0.9})
         good = store.submit_command("set", {"weight_decay": 0.01})
@@ -327,7 +327,7 @@ def test_commands_apply_exactly_once_and_in_order(tmp_path):
     model, opt = make()
     lrs = [round(0.001 * (i + 1), 6) for i in range(30)]
     with Babysitter(opt, tmp_path / "run", **FAST) as bs, \
-            RunStore(tmp_path / "run") as store:
+            SqliteStore(tmp_path / "run") as store:
         ids = []
         for i, lr in enumerate(lrs):
             ids.append(store.submit_command("set", {"lr": lr}))
@@ -337,7 +337,7 @@ def test_commands_apply_exactly_once_and_in_order(tmp_path):
         step_until(bs, lambda: all(settled(store, i)() for i in ids), what="all commands")
         train_steps(bs, model, opt, 3)
         assert bs.lr == lrs[-1]
-    with RunStore(tmp_path / "run") as store:
+    with SqliteStore(tmp_path / "run") as store:
         cmds = [store.command(i) for i in ids]
         events = store.events_since()
     applied = [c for c in cmds if c.status == "applied"]
@@ -368,7 +368,7 @@ def test_pause_blocks_the_loop_and_resume_continues(tmp_path):
 
     worker = threading.Thread(target=loop)
     worker.start()
-    store = RunStore(tmp_path / "run")
+    store = SqliteStore(tmp_path / "run")
     try:
         wait_until(lambda: bs.step_count > 10, what="training to start")
         pause = store.submit_command("pause")
@@ -406,13 +406,13 @@ def test_pause_blocks_the_loop_and_resume_continues(tmp_path):
 def test_stop_command_sets_should_stop_and_the_run_ends_stopped(tmp_path):
     model, opt = make()
     with Babysitter(opt, tmp_path / "run", model=model, **FAST) as bs, \
-            RunStore(tmp_path / "run") as store:
+            SqliteStore(tmp_path / "run") as store:
         train_steps(bs, model, opt, 2)
         assert not bs.should_stop
         cid = store.submit_command("stop")
         step_until(bs, lambda: bs.should_stop, what="should_stop")
         stopped_at = bs.step_count
-    with RunStore(tmp_path / "run") as store:
+    with SqliteStore(tmp_path / "run") as store:
         assert store.meta()["status"] == "stopped"
         assert store.command(cid).applied_step == stopped_at
 
@@ -422,7 +422,7 @@ def test_close_while_paused_does_not_hang(tmp_path):
     bs = Babysitter(opt, tmp_path / "run", **FAST)
     worker = threading.Thread(target=lambda: [bs.step(1.0) for _ in range(10**6)
                                               if not bs._closed])
-    with RunStore(tmp_path / "run") as store:
+    with SqliteStore(tmp_path / "run") as store:
         store.submit_command("pause")
         worker.start()
         wait_until(lambda: bs.paused, what="pause")
@@ -440,7 +440,7 @@ def test_an_exception_in_the_loop_marks_the_run_failed_and_keeps_its_rows(tmp_pa
         train_steps(bs, model, opt, 50)
         bs.log_validation(0.3)
         raise RuntimeError("CUDA out of memory (pretend)")
-    with RunStore(tmp_path / "run") as store:
+    with SqliteStore(tmp_path / "run") as store:
         meta = store.meta()
         assert meta["status"] == "failed"
         assert meta["error"] == "RuntimeError: CUDA out of memory (pretend)"
@@ -454,7 +454,7 @@ def test_keyboard_interrupt_ends_the_run_stopped(tmp_path):
     with pytest.raises(KeyboardInterrupt), Babysitter(opt, tmp_path / "run", **FAST) as bs:
         train_steps(bs, model, opt, 3)
         raise KeyboardInterrupt
-    with RunStore(tmp_path / "run") as store:
+    with SqliteStore(tmp_path / "run") as store:
         assert store.meta()["status"] == "stopped"
 
 
@@ -499,7 +499,7 @@ def test_checkpoint_round_trip_restores_model_and_optimizer_bitwise(tmp_path):
             assert torch.equal(fresh_opt.state[p]["momentum_buffer"], buf)
         assert bs.lr == saved["lr"]
         assert torch.equal(torch.get_rng_state(), saved["rng"])
-        store = RunStore(tmp_path / "run")
+        store = SqliteStore(tmp_path / "run")
         # The 7 steps after the checkpoint are forgotten: they will be trained again.
         assert store.metrics_since()["step"] == list(range(10))
         assert store.events_since()[-1]["kind"] == "restart"
@@ -518,7 +518,7 @@ def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path):
 def test_checkpoint_command_writes_a_checkpoint(tmp_path):
     model, opt = make()
     with Babysitter(opt, tmp_path / "run", model=model, **FAST) as bs, \
-            RunStore(tmp_path / "run") as store:
+            SqliteStore(tmp_path / "run") as store:
         train_steps(bs, model, opt, 3)
         cid = store.submit_command("checkpoint")
         step_until(bs, settled(store, cid), what="checkpoint command")

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from helpers import wait_until
 
-from trainer.runs import open_store, run_address
 from trainer.store import StoreError
+from trainer.store.address import open_store, run_address
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

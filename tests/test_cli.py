@@ -23,7 +23,7 @@ import torch
 from helpers import REPO, panda, subprocess_env, summary_of, wait_until
 
 from trainer import Babysitter, cli
-from trainer.store import RunStore
+from trainer.store import SqliteStore
 
 torch.set_num_threads(1)
 
@@ -82,7 +82,7 @@ class LiveRun:
             time.sleep(0.002)
 
     def commands(self) -> list:
-        with RunStore(self.run_dir) as store:
+        with SqliteStore(self.run_dir) as store:
             return store.commands()
 
     def close(self):
@@ -200,7 +200,7 @@ def test_a_command_to_a_finished_run_exits_2(capsys, finished):
         code, _, err = run_cli(capsys, command[0], finished, *command[1:])
         assert code == 2
         assert "is finished" in one_line_error(err)
-    with RunStore(finished) as store:
+    with SqliteStore(finished) as store:
         assert store.commands() == []
 
 
@@ -290,17 +290,17 @@ def test_no_wait_queues_the_command_and_returns(capsys, live, runs_dir):
     assert code == 0
     answer = json.loads(out)
     assert answer["status"] == "pending"
-    with RunStore(live.run_dir) as store:
+    with SqliteStore(live.run_dir) as store:
         wait_until(lambda: store.command(answer["command"]).status == "applied",
                    what="the queued command")
 
 
 def test_a_trainer_that_does_not_answer_exits_1_and_keeps_the_command(capsys, runs_dir):
-    with RunStore(runs_dir / "silent", create=True) as store:  # alive, but never polls
+    with SqliteStore(runs_dir / "silent", create=True) as store:  # alive, but never polls
         store.set_meta(name="silent", status="running", pid=os.getpid(), heartbeat=time.time())
     code, out, _ = run_cli(capsys, "set", runs_dir / "silent", "--lr", "0.1", "--wait", "0.2")
     assert code == 1 and "stays queued" in out
-    with RunStore(runs_dir / "silent") as store:
+    with SqliteStore(runs_dir / "silent") as store:
         assert [c.status for c in store.commands()] == ["pending"]
 
 

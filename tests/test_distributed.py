@@ -170,7 +170,7 @@ def ddp_session(tmp_path_factory):
     sys.path.insert(0, str(HERE.parent))
     from helpers import summary_of, wait_until
 
-    from trainer.store import RunStore
+    from trainer.store import SqliteStore
 
     base = tmp_path_factory.mktemp("ddp")
     run_dir, reports = base / "ddp-run", base / "reports"
@@ -193,7 +193,7 @@ def ddp_session(tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         stored = {"metrics": _rows(store), "events": store.events_since(0),
                   "commands": store.commands(0), "meta": store.meta()}
     return {"cli": cli, "ranks": ranks, "store": stored, "run_dir": run_dir}
@@ -266,12 +266,12 @@ def test_pause_resume_and_stop_reach_every_rank_at_the_same_step(ddp_session):
 @pytest.mark.slow
 def test_losses_after_the_last_meeting_are_averaged_at_the_end(tmp_path):
     """A run whose length is not a multiple of the cadence: the tail is averaged by close()."""
-    from trainer.store import RunStore
+    from trainer.store import SqliteStore
 
     run_dir, reports = tmp_path / "tail-run", tmp_path / "reports"
     ranks = _finish(_launch(run_dir, reports, "--max-steps", "53", "--sync-every", "7"),
                     run_dir, reports)
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         metrics, meta = _rows(store), store.meta()
     assert meta["status"] == "finished"
     assert [m["step"] for m in metrics] == list(range(53))
@@ -288,7 +288,7 @@ def test_resume_and_rollback_restore_rank_0s_state_on_every_rank(tmp_path):
     sys.path.insert(0, str(HERE.parent))
     from helpers import summary_of, wait_until
 
-    from trainer.store import RunStore
+    from trainer.store import SqliteStore
 
     run_dir = tmp_path / "resumed"
     first = _finish(_launch(run_dir, tmp_path / "first", "--max-steps", "60", "--private-dirs",
@@ -317,7 +317,7 @@ def test_resume_and_rollback_restore_rank_0s_state_on_every_rank(tmp_path):
         assert [kind for _, kind in rank["applied"]] == ["rollback", "stop"]
     assert ranks[0]["applied"] == ranks[1]["applied"]
     assert ranks[0]["params"] == ranks[1]["params"]
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         (event,) = [e for e in store.events_since(0) if e["kind"] == "rollback"]
     assert "checkpoint of step 60" in event["message"]  # on rank 0's disk only
 
@@ -326,7 +326,7 @@ def test_a_single_process_has_no_distributed_sync(tmp_path):
     """Outside torch.distributed (or with world size 1) nothing changes: no meetings."""
     from trainer import Babysitter
     from trainer.distributed import DistributedSync
-    from trainer.store import RunStore
+    from trainer.store import SqliteStore
 
     assert DistributedSync.detect() is None
     model = torch.nn.Linear(2, 1)
@@ -335,7 +335,7 @@ def test_a_single_process_has_no_distributed_sync(tmp_path):
         for _ in range(5):
             bs.step(torch.tensor(1.0))
         assert bs._dist is None
-    with RunStore(tmp_path / "single") as store:
+    with SqliteStore(tmp_path / "single") as store:
         assert len(_rows(store)) == 5
 
 

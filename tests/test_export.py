@@ -15,7 +15,7 @@ import yaml
 from trainer import cli
 from trainer.export import ExportError, build_export, load_export, render, replay_commands
 from trainer.runner import TrainConfig, train
-from trainer.store import RunStore
+from trainer.store import RunStore, SqliteStore
 
 torch.set_num_threads(1)
 
@@ -25,7 +25,7 @@ CFG = TrainConfig(task="digits", epochs=8, step_delay=0.003, checkpoint_every=10
 def _wait_for_step(run_dir, step: int) -> RunStore:
     while not (run_dir / "run.db").exists():
         time.sleep(0.01)
-    store = RunStore(run_dir)
+    store = SqliteStore(run_dir)
     while store.summary()["step"] < step:
         time.sleep(0.01)
     return store
@@ -59,7 +59,7 @@ def original(tmp_path_factory):
     person.start()
     assert train(CFG, run_dir) == "finished"
     person.join()
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         export = build_export(store)
     return run_dir, export
 
@@ -92,7 +92,7 @@ def test_replay_reproduces_the_loss_curve_exactly(original, tmp_path):
     assert [kind for _, kind, _ in replay] == ["set", "set", "schedule"]
     train(TrainConfig.from_dict(load_export(path)["initial"]), tmp_path / "replay",
           replay=replay)
-    with RunStore(run_dir) as a, RunStore(tmp_path / "replay") as b:
+    with SqliteStore(run_dir) as a, SqliteStore(tmp_path / "replay") as b:
         first, second = a.metrics_since(), b.metrics_since()
         assert len(first["step"]) == CFG.epochs * 45
         for column in ("loss", "lr", "momentum", "weight_decay"):
@@ -105,7 +105,7 @@ def test_python_snippet_reproduces_the_per_step_lr(original, tmp_path):
     run_dir, export = original
     snippet = tmp_path / "settings.py"
     snippet.write_text(render(export, "python"))
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         logged = store.metrics_since()["lr"]
     assert len(set(logged)) > 10  # the decay makes this a real trajectory, not a constant
     out = subprocess.run([sys.executable, str(snippet), str(len(logged))], capture_output=True,

@@ -19,7 +19,7 @@ from helpers import wait_until
 from trainer import checkpoint
 from trainer.babysitter import Babysitter
 from trainer.guard import DivergenceGuard, EarlyStopping
-from trainer.store import RunStore
+from trainer.store import RunStore, SqliteStore
 from trainer.tasks import make_task
 
 torch.set_num_threads(1)
@@ -100,7 +100,7 @@ def _start(tmp_path, on_diverge: str, stop_after: int = 100_000):
     thread = threading.Thread(target=_train_in_thread,
                               args=(bs, task, optimizer, keep, stop_after))
     thread.start()
-    store = RunStore(tmp_path / "run")
+    store = SqliteStore(tmp_path / "run")
     _until(lambda: store.summary()["step"] > 60, "training to start")
     return task, optimizer, bs, keep, thread, store
 
@@ -142,7 +142,7 @@ def test_divergence_pauses_and_rollback_restores_the_pre_change_state_bitwise(tm
         store.submit_command("stop", {}, source="test")
         thread.join(TIMEOUT_S)
         bs.close()
-    kinds = [e["kind"] for e in RunStore(tmp_path / "run").events_since()]
+    kinds = [e["kind"] for e in SqliteStore(tmp_path / "run").events_since()]
     assert kinds[:4] == ["set", "diverged", "rollback", "resume"]
 
 
@@ -160,7 +160,7 @@ def test_on_diverge_rollback_recovers_with_no_person_involved(tmp_path):
         bs.should_stop = True
         thread.join(TIMEOUT_S)
         bs.close()
-    store = RunStore(tmp_path / "run")
+    store = SqliteStore(tmp_path / "run")
     events = store.events_since()
     assert [e["kind"] for e in events][:4] == ["set", "diverged", "rollback", "set"]
     assert f"checkpoint of step {changed_at}" in events[2]["message"]
@@ -226,7 +226,7 @@ def test_a_branch_starts_from_a_checkpoint_with_other_knobs_and_links_its_parent
         branch_run(parent, 10, {"lr": 0.1})
     child, proc = branch_run(parent, 120, {"lr": 0.1}, name="what-if")
     assert proc.wait(TIMEOUT_S) == 0
-    with RunStore(child) as store:
+    with SqliteStore(child) as store:
         meta, events = store.meta(), store.events_since()
         first_step = store.metrics_since()["step"][0]
         lrs = set(store.metrics_since()["lr"])

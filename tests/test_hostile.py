@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from trainer import cli
 from trainer.babysitter import Babysitter
 from trainer.knobs import KNOBS, KnobError, validate_command
-from trainer.runs import list_runs
-from trainer.store import RunStore, StoreError
+from trainer.store import SqliteStore, StoreError
+from trainer.store.address import list_runs
 from trainer.tasks import make_task
 
 torch.set_num_threads(1)
@@ -92,7 +92,7 @@ class LiveRun:
         self.task = make_task("digits", seed=0)
         self.optimizer = torch.optim.SGD(self.task.model.parameters(), **START)
         self.bs = Babysitter(self.optimizer, run_dir, model=self.task.model)
-        self.store = RunStore(run_dir)
+        self.store = SqliteStore(run_dir)
         self.thread = threading.Thread(target=self._train, daemon=True)
         self.thread.start()
 
@@ -128,7 +128,7 @@ def live(tmp_path_factory):
     yield run
     run.close()
     # The figure for the issue note: how many hostile commands the trainer saw and refused.
-    with RunStore(run.bs.run_dir) as store:
+    with SqliteStore(run.bs.run_dir) as store:
         statuses = [c.status for c in store.commands()]
     print(f"\nhostile commands through the store: {len(statuses)}, "
           f"rejected: {statuses.count('rejected')}, applied: {statuses.count('applied')}")
@@ -194,13 +194,13 @@ def test_a_command_for_a_finished_run_is_refused(tmp_path, capsys):
         bs.step(torch.tensor(1.0))
     assert cli.main(["set", str(tmp_path / "done"), "--lr", "0.1"]) == 2
     assert "finished" in capsys.readouterr().err
-    assert RunStore(tmp_path / "done").commands() == []
+    assert SqliteStore(tmp_path / "done").commands() == []
 
 
 # --- damaged run directories -----------------------------------------------------------------
 
 def _make_run(path) -> None:
-    with RunStore(path, create=True) as store:
+    with SqliteStore(path, create=True) as store:
         store.set_meta(name=path.name, created=time.time(), status="finished")
         store.append_metrics([(0, 0, time.time(), 1.0, 0.1, 0.9, 0.0)])
 
@@ -220,7 +220,7 @@ def test_damaged_run_stores_give_a_clear_message_not_a_traceback(tmp_path, damag
     else:
         db.write_bytes(b"")
     with pytest.raises(StoreError) as error:
-        RunStore(run)
+        SqliteStore(run)
     assert "run.db" in str(error.value)
     code = cli.main(["status", "broken", "--runs-dir", str(tmp_path / "runs")])
     err = capsys.readouterr().err
@@ -248,9 +248,9 @@ def test_validation_messages_name_the_problem(kind, payload, message):
 
 _SENDER = """
 import sys, time
-from trainer.store import RunStore
+from trainer.store import RunStore, SqliteStore
 run_dir, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-store = RunStore(run_dir)
+store = SqliteStore(run_dir)
 for i in range(count):
     store.submit_command("set", {"lr": float(f"1e-3") * (1 + i) * (2 if name == "b" else 1)},
                          source=name)
@@ -267,7 +267,7 @@ def test_two_dashboards_and_the_cli_at_once_apply_every_command_once_in_order(tm
                                stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while not (run_dir / "run.db").exists() or RunStore(run_dir).summary()["step"] < 5:
+        while not (run_dir / "run.db").exists() or SqliteStore(run_dir).summary()["step"] < 5:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         senders = [subprocess.Popen([sys.executable, "-c", _SENDER, str(run_dir), name, "30"])
@@ -278,7 +278,7 @@ def test_two_dashboards_and_the_cli_at_once_apply_every_command_once_in_order(tm
                 for lr in cli_lrs]
         for proc in senders + clis:
             assert proc.wait(TIMEOUT_S) == 0
-        store = RunStore(run_dir)
+        store = SqliteStore(run_dir)
         while any(c.status == "pending" for c in store.commands()):
             assert time.monotonic() < deadline + TIMEOUT_S
             time.sleep(0.05)
@@ -291,7 +291,7 @@ def test_two_dashboards_and_the_cli_at_once_apply_every_command_once_in_order(tm
         last = json.loads(commands[-1].payload)["lr"]
         time.sleep(0.3)
         # Every reader (each dashboard, the CLI) sees the same applied state: the last command.
-        views = [RunStore(run_dir).summary()["lr"] for _ in range(3)]
+        views = [SqliteStore(run_dir).summary()["lr"] for _ in range(3)]
         assert views == [last] * 3
     finally:
         trainer.terminate()

@@ -25,7 +25,7 @@ L = pytest.importorskip("lightning.pytorch", reason="Lightning is an optional ex
                         "(pip install -e '.[lightning]'); PandaCallback tests need it")
 
 from trainer.lightning import PandaCallback, batch_loss, validation_name  # noqa: E402
-from trainer.store import RunStore  # noqa: E402
+from trainer.store import RunStore, SqliteStore  # noqa: E402
 
 BATCHES = 8  # training batches per epoch
 
@@ -101,7 +101,7 @@ def make_trainer(callback: PandaCallback, max_epochs: int, **kwargs) -> L.Traine
 
 
 def store_of(run_dir) -> RunStore:
-    return RunStore(run_dir)
+    return SqliteStore(run_dir)
 
 
 # --- helpers, no training -------------------------------------------------------------------

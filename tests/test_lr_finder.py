@@ -1,4 +1,4 @@
-"""Specification of the range tests in ``trainer.lr_finder``."""
+"""Specification of the range tests in ``trainer.lr_range.finder``."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from trainer.lr_finder import exp_ramp, lr_find, momentum_find, weight_decay_find
-from trainer.lr_results import LRFindResult, Probe, SweepResult
-from trainer.suggestions import steepest, suggest, valley
+from trainer.lr_range.finder import exp_ramp, lr_find, momentum_find, weight_decay_find
+from trainer.lr_range.results import LRFindResult, Probe, SweepResult
+from trainer.lr_range.suggestions import steepest, suggest, valley
 from trainer.tasks import make_task
 
 torch.set_num_threads(1)
@@ -185,7 +185,7 @@ def test_nan_loss_from_step_one_gives_a_result_without_suggestion(caplog):
     def nan_loss(output, target):
         return task.loss_fn(output, target) * math.nan
 
-    with caplog.at_level(logging.WARNING, logger="trainer.lr_finder"):
+    with caplog.at_level(logging.WARNING, logger="trainer.lr_range.finder"):
         result = lr_find(task.model, optimizer, nan_loss, full_batch(task), num_iter=50)
     assert result.stop_reason.startswith("non-finite loss at step 0")
     assert result.suggested_lr is None and result.max_stable_lr is None

@@ -1,4 +1,4 @@
-"""LR range tests beside a live run (``trainer.lr_job``, ``panda lr-find``) and the panel's
+"""LR range tests beside a live run (``trainer.lr_range.job``, ``panda lr-find``) and the panel's
 pure helpers (``app.lr_panel``)."""
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from tests.helpers import panda, panda_cmd, start_train, subprocess_env, train_log, wait_until
-from trainer import checkpoint, lr_job
+from trainer import checkpoint
 from trainer.cli import main as cli_main
-from trainer.lr_finder import CHECK_EVERY, lr_find
-from trainer.lr_results import LRFindResult
-from trainer.store import RunStore
+from trainer.lr_range import job as lr_job
+from trainer.lr_range.finder import CHECK_EVERY, lr_find
+from trainer.lr_range.results import LRFindResult
+from trainer.store import SqliteStore
 from trainer.tasks import make_task
 
 torch.set_num_threads(1)
@@ -143,7 +144,7 @@ def live_run(tmp_path_factory):
 
 
 def _step(run_dir) -> int:
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         return store.summary()["step"]
 
 
@@ -174,7 +175,7 @@ def test_lr_find_beside_a_live_run(live_run):
     assert max(steps_during) > step_at_start
     step_after = _step(run_dir)
     wait_until(lambda: _step(run_dir) > step_after, what="the run to keep training")
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         assert store.summary()["state"] == "running"
         row = lr_job.latest_lr_find(store)
     assert row["id"] == result["id"] and row["status"] == "done"
@@ -195,7 +196,7 @@ def test_background_job_reports_progress_and_result(live_run):
     result_id = json.loads(out.stdout)["id"]
 
     def finished():
-        with RunStore(run_dir) as store:
+        with SqliteStore(run_dir) as store:
             row = lr_job.latest_lr_find(store)
         return row if row["id"] == result_id and row["status"] != "running" else None
 
@@ -204,13 +205,13 @@ def test_background_job_reports_progress_and_result(live_run):
     payload = row["payload"]
     assert payload["options"]["refine"] is False and payload["refine_probes"] == []
     assert len(payload["lrs"]) <= 40 and payload["progress"] == 1.0
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         assert store.summary()["state"] == "running"
 
 
 def test_second_job_refused_while_one_runs(live_run, capsys):
     run_dir, _ = live_run
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         # A running row owned by a live process (this one) blocks a second test.
         result_id = store.add_result("lr_find", {"progress": 0.3, "pid": os.getpid()},
                                      status="running")
@@ -226,7 +227,7 @@ def test_second_job_refused_while_one_runs(live_run, capsys):
 
 def test_bad_inputs_exit_2_and_change_nothing(live_run, tmp_path, capsys):
     run_dir, _ = live_run
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         rows_before = len(store.results())
     out = panda("lr-find", tmp_path / "no-such-run", "--json")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no run" in out.stderr
@@ -242,13 +243,13 @@ def test_bad_inputs_exit_2_and_change_nothing(live_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:                # argparse refuses it
         cli_main(["lr-find", str(run_dir), "--measure", "sometimes"])
     assert exit_info.value.code == 2
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         assert len(store.results()) == rows_before
 
 
 def test_run_without_a_builtin_config_is_refused(tmp_path, capsys):
     run_dir = tmp_path / "own-loop"
-    with RunStore(run_dir, create=True) as store:
+    with SqliteStore(run_dir, create=True) as store:
         store.set_meta(name="own-loop", config={"batch_size": 32}, status="running")
         assert "not started by `panda train`" in lr_job.readiness(store)
     assert cli_main(["lr-find", str(run_dir)]) == 2
@@ -256,13 +257,13 @@ def test_run_without_a_builtin_config_is_refused(tmp_path, capsys):
     assert err.count("\n") == 1 and "not started by `panda train`" in err
     with pytest.raises(lr_job.LRJobError):
         lr_job.start_lr_find_job(run_dir)
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         assert store.results() == []
 
 
 def test_run_without_checkpoint_is_refused(tmp_path):
     run_dir = tmp_path / "fresh"
-    with RunStore(run_dir, create=True) as store:
+    with SqliteStore(run_dir, create=True) as store:
         store.set_meta(name="fresh", config={"task": "digits"}, status="starting")
         assert "no checkpoint yet" in lr_job.readiness(store)
     with pytest.raises(lr_job.LRJobError, match="no checkpoint yet"):
@@ -272,7 +273,7 @@ def test_run_without_checkpoint_is_refused(tmp_path):
 def test_dead_job_reads_as_failed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    with RunStore(tmp_path / "r", create=True) as store:
+    with SqliteStore(tmp_path / "r", create=True) as store:
         store.add_result("lr_find", {"progress": 0.5, "pid": dead.pid}, status="running")
         row = lr_job.latest_lr_find(store)
     assert row["status"] == "failed" and "exited without a result" in row["payload"]["error"]

@@ -22,7 +22,8 @@ import torch
 from helpers import cpu_seconds, panda, reaped, start_train, summary_of, train_log, wait_until
 
 from trainer.checkpoint import list_checkpoints
-from trainer.store import DB_NAME, RunStore
+from trainer.store import SqliteStore
+from trainer.store.sqlite import DB_NAME
 
 torch.set_num_threads(1)
 
@@ -58,7 +59,7 @@ def test_live_control_of_a_training_process(tmp_path):
         applied = answer["applied_step"]
         assert isinstance(applied, int) and applied > 30
         wait_until(lambda: _step(run_dir) > applied + 30, what="steps after the change")
-        with RunStore(run_dir) as store:
+        with SqliteStore(run_dir) as store:
             m = store.metrics_since(columns=("step", "lr"))
             events = store.events_since()
         assert m["step"][:applied + 30] == list(range(applied + 30))
@@ -103,7 +104,7 @@ def test_live_control_of_a_training_process(tmp_path):
     summary = summary_of(run_dir)
     assert summary["state"] == "stopped"
     assert summary["lr"] == NEW_LR
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         kinds = [e["kind"] for e in store.events_since()]
         steps = store.metrics_since(columns=("step",))["step"]
     assert kinds == ["set", "pause", "resume", "stop"]
@@ -133,7 +134,7 @@ def test_sigkill_leaves_a_clean_store_and_resume_matches_an_uninterrupted_run(tm
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         conn.close()
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         before = store.metrics_since()
         assert store.meta()["status"] == "running"  # nobody had the chance to say otherwise
     assert before["step"] == list(range(len(before["step"])))
@@ -150,7 +151,7 @@ def test_sigkill_leaves_a_clean_store_and_resume_matches_an_uninterrupted_run(tm
     assert resumed.returncode == 0, resumed.stderr
     assert ref.wait(timeout=150) == 0, train_log(ref_dir)
 
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         after = store.metrics_since()
         events = store.events_since()
         summary = store.summary()
@@ -165,12 +166,12 @@ def test_sigkill_leaves_a_clean_store_and_resume_matches_an_uninterrupted_run(tm
     assert after["loss"][:resume_step] == before["loss"][:resume_step]
 
     # Determinism: the resumed run is the uninterrupted run, loss for loss, bit for bit.
-    with RunStore(ref_dir) as store:
+    with SqliteStore(ref_dir) as store:
         reference = store.metrics_since()
         ref_val = store.validation_since()
     assert reference["step"] == after["step"]
     assert after["loss"] == reference["loss"]
-    with RunStore(run_dir) as store:
+    with SqliteStore(run_dir) as store:
         val = store.validation_since()
     assert [(v["step"], v["name"], v["value"]) for v in val] == \
         [(v["step"], v["name"], v["value"]) for v in ref_val]

@@ -26,7 +26,7 @@ from trainer.schedules import (
     schedule_from,
     validate_schedule,
 )
-from trainer.store import RunStore
+from trainer.store import SqliteStore
 
 torch.set_num_threads(1)
 
@@ -161,7 +161,7 @@ def test_manual_lr_change_mid_decay_rescales_the_base_and_keeps_the_shape(tmp_pa
         bs.set(lr=new)                         # the person turns the LR knob at step 25
         assert bs.lr == new
         _train(bs, model, opt, 35)
-    with RunStore(tmp_path / "decay") as store:
+    with SqliteStore(tmp_path / "decay") as store:
         lrs = store.metrics_since()["lr"]
         events = store.events_since()
     assert len(lrs) == 60
@@ -181,7 +181,7 @@ def test_live_decay_change_continues_from_the_current_lr(tmp_path):
     with Babysitter(opt, tmp_path / "switch", steps_per_epoch=spe,
                     schedule={"shape": "step", "rate": 0.5, "step_epochs": 1}) as bs:
         _train(bs, model, opt, 15)             # one drop: LR is base/2
-        store = RunStore(tmp_path / "switch")
+        store = SqliteStore(tmp_path / "switch")
         store.submit_command("schedule", {"shape": "inverse_time", "rate": 1.0})
         # Hold the loop at this step boundary until the poller has handed the command over,
         # so it is applied by the very next step.

@@ -22,15 +22,11 @@ import pytest
 import torch
 from helpers import HELPERS, REPO, subprocess_env
 
-from trainer import store as store_mod
-from trainer.runs import list_runs, open_store, resolve_run, run_address
-from trainer.store import (
-    DB_NAME,
-    SCHEMA_VERSION,
-    RunStore,
-    StoreError,
-    sanitize_run_name,
-)
+from trainer.store import sqlite as store_mod
+from trainer.store.address import list_runs, open_store, resolve_run, run_address
+from trainer.store.base import StoreError, sanitize_run_name
+from trainer.store.schema import SCHEMA_VERSION
+from trainer.store.sqlite import DB_NAME, SqliteStore
 
 torch.set_num_threads(1)
 
@@ -61,7 +57,7 @@ def _bump_schema(store_root: str, name: str, version: int) -> None:
 # --- schema and refusal of foreign files ------------------------------------------------------
 
 def test_new_sqlite_store_records_its_schema_version_and_uses_wal(tmp_path):
-    store = RunStore(tmp_path / "run", create=True)
+    store = SqliteStore(tmp_path / "run", create=True)
     store.close()
     conn = sqlite3.connect(store.path)
     try:
@@ -102,7 +98,7 @@ def test_a_corrupt_or_foreign_file_is_a_store_error_not_a_traceback(tmp_path, co
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / DB_NAME).write_bytes(content)
     with pytest.raises(StoreError, match="not a"):
-        RunStore(tmp_path / "run")
+        SqliteStore(tmp_path / "run")
 
 
 def test_a_sqlite_file_without_panda_schema_is_refused(tmp_path, monkeypatch):
@@ -112,7 +108,7 @@ def test_a_sqlite_file_without_panda_schema_is_refused(tmp_path, monkeypatch):
     conn.execute("CREATE TABLE other (x)")
     conn.close()
     with pytest.raises(StoreError, match="not a Panda run store"):
-        RunStore(tmp_path / "run")
+        SqliteStore(tmp_path / "run")
 
 
 def test_missing_run_is_a_store_error(store_root):
@@ -273,7 +269,7 @@ def test_unsafe_run_names_are_refused(name):
 
 
 def test_resolve_run_names_and_paths(tmp_path):
-    RunStore(tmp_path / "runs" / "good", create=True).close()
+    SqliteStore(tmp_path / "runs" / "good", create=True).close()
     assert resolve_run("good", tmp_path / "runs") == tmp_path / "runs" / "good"
     assert resolve_run(str(tmp_path / "runs" / "good")) == tmp_path / "runs" / "good"
     with pytest.raises(ValueError):
@@ -298,7 +294,7 @@ def test_list_runs_newest_first(store_root):
 def test_list_runs_lists_unreadable_sqlite_runs(tmp_path):
     runs = tmp_path / "runs"
     for i, name in enumerate(["old", "new"]):
-        with RunStore(runs / name, create=True) as s:
+        with SqliteStore(runs / name, create=True) as s:
             s.set_meta(name=name, created=1000.0 + i, status="finished")
     (runs / "broken").mkdir()
     (runs / "broken" / DB_NAME).write_bytes(b"garbage" * 1000)

@@ -18,11 +18,11 @@ import time
 import pytest
 from helpers import REPO, panda_cmd, reaped, start_train, subprocess_env, wait_until
 
-from trainer.runs import list_runs, open_store, run_address, store_url
 from trainer.store import StoreError
+from trainer.store.address import list_runs, open_store, run_address, store_url
 
 psycopg = pytest.importorskip("psycopg")
-from trainer.store_pg import connect, drop_run  # noqa: E402  (needs psycopg)
+from trainer.store.postgres import connect, drop_run  # noqa: E402  (needs psycopg)
 
 TIMEOUT_S = 90  # safety nets against a hung test, never performance assertions
 

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # lr_find lives in its own module; imported lazily so `import trainer` stays light.
     if name == "lr_find":
-        from trainer.lr_finder import lr_find
+        from trainer.lr_range.finder import lr_find
 
         return lr_find
     raise AttributeError(f"module 'trainer' has no attribute {name!r}")

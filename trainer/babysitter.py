@@ -10,7 +10,7 @@
 
 The hot path (:meth:`Babysitter.step`) never waits on I/O or the GPU: it appends the detached
 loss tensor to a deque and reads one attribute for pending commands. Two daemon threads do the
-rest (see :mod:`trainer.sync`): a flusher turns buffered tensors into numbers and writes them in
+rest (see :mod:`trainer.workers`): a flusher turns buffered tensors into numbers and writes them in
 batches about every 100 ms, and a poller reads new commands about every 50 ms, validates them
 and hands them over. Knob changes are applied by the training thread between two steps, so a
 step never sees half a change.
@@ -36,10 +36,10 @@ from trainer.guard import DivergenceGuard, EarlyStopping
 from trainer.knobs import KnobError, format_sci, validate_command
 from trainer.optim import OptimizerKnobs, ScheduledLR
 from trainer.rollback import RollbackPoints
-from trainer.runs import store_for, store_url
 from trainer.schedules import Schedule, schedule_from
-from trainer.store import sanitize_run_name
-from trainer.sync import Flusher, Poller
+from trainer.store.address import store_for, store_url
+from trainer.store.base import sanitize_run_name
+from trainer.workers import Flusher, Poller
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.knobs import KnobError, format_sci, validate_command, validate_knobs
-from trainer.runs import child_env, list_runs, open_run, shown, store_for, store_url
-from trainer.store import FINAL_STATES, RunStore, StoreError, first_line
+from trainer.store.address import child_env, list_runs, open_run, shown, store_for, store_url
+from trainer.store.base import FINAL_STATES, RunStore, StoreError, first_line
 
 log = logging.getLogger("panda")
 
@@ -260,8 +260,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from trainer import lr_job
-    from trainer.lr_job import LRJobError
+    from trainer.lr_range import job as lr_job
+    from trainer.lr_range.job import LRJobError
 
     options = {"num_iter": args.num_iter, "start_lr": args.start_lr, "end_lr": args.end_lr,
                "refine": not args.no_refine, "measure": args.measure}
@@ -299,7 +299,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def _lr_find_text(where: str, r: dict) -> str:
-    from trainer.lr_job import describe_result
+    from trainer.lr_range.job import describe_result
 
     lines = [f"LR range test on {where}: {len(r['lrs'])} steps from {format_sci(r['lrs'][0])}"]
     lines += [f"  {label:<14} {text}" for label, text in describe_result(r)]

@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from trainer.sync import drain
+from trainer.workers import drain
 
 if TYPE_CHECKING:
     from trainer.babysitter import Babysitter
@@ -166,7 +166,7 @@ class DistributedSync:
 
     def open_store(self, run_dir, store_url: str | None = None):
         """Rank 0 opens (creates) the run store; every other rank gets a store that is no-op."""
-        from trainer.runs import store_for
+        from trainer.store.address import store_for
 
         return store_for(run_dir, store_url, create=True) if self.leader else _NullStore()
 

@@ -24,7 +24,7 @@ import yaml
 
 from trainer import atomic
 from trainer.knobs import validate_command
-from trainer.store import RunStore
+from trainer.store.base import RunStore
 
 EXPORT_VERSION = 1
 FORMATS = ("json", "yaml", "python")

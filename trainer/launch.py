@@ -20,8 +20,8 @@ from pathlib import Path
 from trainer import checkpoint
 from trainer.knobs import validate_knobs
 from trainer.runner import TrainConfig, stored_config
-from trainer.runs import child_env, run_exists, store_for
-from trainer.store import sanitize_run_name
+from trainer.store.address import child_env, run_exists, store_for
+from trainer.store.base import sanitize_run_name
 
 LOG_NAME = "train.log"
 # The demo trains digits slowly enough to watch: ~45 steps per epoch at ~50 steps/s.

@@ -19,7 +19,7 @@ import torch
 from trainer.babysitter import ON_DIVERGE, Babysitter
 from trainer.knobs import KNOBS
 from trainer.optim import OPTIMIZERS, make_optimizer
-from trainer.runs import store_for
+from trainer.store.address import store_for
 from trainer.tasks import TASK_NAMES, Task, make_task
 
 log = logging.getLogger(__name__)

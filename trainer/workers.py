@@ -21,7 +21,7 @@ from trainer import checkpoint
 from trainer.guard import Divergence, DivergenceGuard
 from trainer.knobs import KnobError, validate_command
 from trainer.optim import OptimizerKnobs
-from trainer.store import RunStore
+from trainer.store.base import RunStore
 
 log = logging.getLogger(__name__)
 

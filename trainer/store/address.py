@@ -11,12 +11,12 @@ directory (``--runs-dir``/name) on the trainer's host.
 from __future__ import annotations
 
 import os
-import re
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from trainer.store import DB_NAME, RunStore, StoreError, sanitize_run_name
+from trainer.store.base import RunStore, StoreError, sanitize_run_name
+from trainer.store.postgres import PostgresStore, redact, summaries
+from trainer.store.sqlite import DB_NAME, SqliteStore
 
 STORE_ENV = "PANDA_STORE"
 SERVER_SCHEMES = ("postgresql://", "postgres://")
@@ -37,18 +37,6 @@ def store_url(explicit: str | None = None) -> str | None:
         raise ValueError(f"the store must be a postgresql:// URL, not {url!r} (leave it out to "
                          "keep runs as SQLite files under --runs-dir)")
     return url
-
-
-def redact(url: str) -> str:
-    """``url`` with any password (``user:pw@`` or ``?password=``) replaced by ``***``, for
-    messages, JSON output and the page."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc
-    userinfo, at, host = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def child_env(store: str | None) -> dict[str, str]:
@@ -85,11 +73,10 @@ def open_store(address: str | os.PathLike, *, create: bool = False,
 
     ``run_dir`` and ``per_thread`` only matter for PostgreSQL: where this process keeps the
     run's checkpoints, and whether each thread gets a connection of its own (see
-    :class:`~trainer.store_pg.PostgresStore`).
+    :class:`~trainer.store.postgres.PostgresStore`).
     """
     if not is_server_url(address):
-        return RunStore(address, create=create)
-    from trainer.store_pg import PostgresStore  # psycopg is an optional dependency
+        return SqliteStore(address, create=create)
     url, sep, name = str(address).rpartition("#")
     if not sep:
         raise StoreError(f"a run address in PostgreSQL needs '#<run name>' at its end: {address}")
@@ -111,7 +98,7 @@ def store_for(run_dir: str | os.PathLike, store: str | None = None, *,
     named like ``run_dir`` at PostgreSQL URL ``store`` (checkpoints stay in ``run_dir``)."""
     run_dir = Path(run_dir)
     if store is None:
-        return RunStore(run_dir, create=create)
+        return SqliteStore(run_dir, create=create)
     if create:
         run_dir.mkdir(parents=True, exist_ok=True)
     return open_store(run_address(store, run_dir.name), create=create, run_dir=run_dir)
@@ -143,7 +130,7 @@ def open_run(spec: str | os.PathLike, runs_dir: str | os.PathLike = "runs",
         return open_store(spec)
     if store is not None:
         return open_store(run_address(store, Path(os.fspath(spec)).name))
-    return RunStore(resolve_run(spec, runs_dir))
+    return SqliteStore(resolve_run(spec, runs_dir))
 
 
 def list_runs(root: str | os.PathLike = "runs") -> list[dict[str, Any]]:
@@ -152,7 +139,6 @@ def list_runs(root: str | os.PathLike = "runs") -> list[dict[str, Any]]:
     A run whose store cannot be read is listed with state ``unreadable`` and an ``error``.
     """
     if is_server_url(root):
-        from trainer.store_pg import summaries
         found = summaries(str(root))
     else:
         names = sorted(db.parent.name for db in Path(root).glob(f"*/{DB_NAME}")) \

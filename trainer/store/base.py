@@ -1,36 +1,28 @@
-"""The run store: the only bridge between processes. The default keeps one SQLite file per run.
+"""The run store interface: the only bridge between Panda's processes.
 
-Trainers, dashboards and the CLI never talk to each other directly; they read and write
-``runs/<run>/run.db`` (or, with :mod:`trainer.store_pg`, a PostgreSQL database that trainers
-and dashboards on different machines share). :class:`RunStore` is both the SQLite store and
-the interface: every query below is written in SQL that SQLite and PostgreSQL both accept,
-and a backend only supplies connections, transactions and the schema.
+Trainers, dashboards and the CLI never talk to each other directly; they read and write a run
+store. :class:`RunStore` is the interface both backends implement, and it holds every query:
+the SQL below is written in the dialect SQLite and PostgreSQL share, so a backend supplies
+only connections, transactions, the schema (:mod:`trainer.store.schema`), how an insert
+returns its id and how a batch of metric rows is sent:
 
-SQLite in WAL mode allows one writer and many concurrent readers, and a committed transaction
-survives ``kill -9`` of the writer (https://sqlite.org/wal.html). ``synchronous=NORMAL`` in WAL
-mode keeps every commit safe from process crashes; only an OS crash or power cut can lose the
-last transactions, never corrupt the file.
+* :class:`~trainer.store.sqlite.SqliteStore`: one file per run (``runs/<run>/run.db``), the
+  default;
+* :class:`~trainer.store.postgres.PostgresStore`: runs in a PostgreSQL database, shared by
+  trainers and dashboards on different machines.
 
-Tables (schema version in ``PRAGMA user_version``):
-
-* ``meta``       key → JSON value: name, task, optimizer, config, created, status, heartbeat …
-* ``metrics``    one row per optimizer step: step, epoch, wall, loss, lr, momentum, weight_decay
-* ``validation`` one row per named metric per evaluation: step, epoch, wall, name, value
-* ``commands``   id, created, kind, payload (JSON), status, applied_step, error, source
-* ``events``     intervention events, drawn as chart markers: step, wall, kind, knob, old, new
-* ``results``    JSON results attached to the run (e.g. LR range tests)
-
-Every read method is incremental ("everything after X") so a dashboard fetches only new rows.
+Every read method is incremental ("everything after X"), so a dashboard fetches only new rows.
+Rows are the named types of :mod:`trainer.store.records`.
 """
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
 import re
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -38,45 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-DB_NAME = "run.db"
-BUSY_TIMEOUT_MS = 10_000  # writers wait this long for the lock instead of failing
+from trainer.store.records import Event, MetricRow, ValidationRow, Verdict
+from trainer.store.schema import METRIC_COLUMNS, upsert_metrics_tail
+
 HEARTBEAT_STALE_S = 3.0   # a live trainer updates its heartbeat every flush (~0.1 s)
-SCHEMA_WAIT_S = 2.0       # how long a reader waits for a store that is being created
 
 # A diverged run is alive: its trainer waits (paused) for a rollback or a resume.
 RUNNING_STATES = ("starting", "running", "paused", "diverged")
 FINAL_STATES = ("stopped", "finished", "failed")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS metrics (
-    step INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, wall REAL NOT NULL, loss REAL,
-    lr REAL, momentum REAL, weight_decay REAL);
-CREATE TABLE IF NOT EXISTS validation (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER NOT NULL, epoch INTEGER NOT NULL,
-    wall REAL NOT NULL, name TEXT NOT NULL, value REAL);
-CREATE TABLE IF NOT EXISTS commands (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, kind TEXT NOT NULL,
-    payload TEXT NOT NULL DEFAULT '{}', status TEXT NOT NULL DEFAULT 'pending',
-    applied_step INTEGER, error TEXT, source TEXT NOT NULL DEFAULT 'api', updated REAL);
-CREATE INDEX IF NOT EXISTS commands_status ON commands(status, id);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER NOT NULL, wall REAL NOT NULL,
-    kind TEXT NOT NULL, knob TEXT, old REAL, new REAL, command_id INTEGER, message TEXT);
-CREATE TABLE IF NOT EXISTS results (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, kind TEXT NOT NULL,
-    status TEXT NOT NULL, payload TEXT NOT NULL DEFAULT '{}');
-"""
-
 # Upserts in the SQL both backends speak (SQLite ≥ 3.24 and PostgreSQL ≥ 9.5).
-_UPSERT_META = ("INSERT INTO meta(key, value) VALUES (?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = excluded.value")
-_UPSERT_METRICS = (
-    "INSERT INTO metrics(step, epoch, wall, loss, lr, momentum, weight_decay) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(step) DO UPDATE SET epoch = excluded.epoch, "
-    "wall = excluded.wall, loss = excluded.loss, lr = excluded.lr, "
-    "momentum = excluded.momentum, weight_decay = excluded.weight_decay")
+UPSERT_META = ("INSERT INTO meta(key, value) VALUES (?, ?) "
+               "ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+UPSERT_METRICS = (f"INSERT INTO metrics({', '.join(METRIC_COLUMNS)}) "
+                  f"VALUES ({', '.join('?' for _ in METRIC_COLUMNS)}) " + upsert_metrics_tail())
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -121,100 +88,63 @@ def _finite_or_none(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
 
-class RunStore:
-    """Read and write one run's ``run.db``. Safe to share between threads of one process.
+class RunStore(abc.ABC):
+    """Read and write one run. Safe to share between the threads of one process; each
+    process opens its own store.
 
-    Each thread gets its own SQLite connection (SQLite connections must not be used from two
-    threads at once); each process opens its own store.
-
-    Attributes every store has: ``name`` (the run's name), ``address`` (what
-    :func:`trainer.runs.open_store` opens it by: a directory for SQLite), ``run_dir`` (where its
-    checkpoints live) and ``errors`` (the driver's exceptions for a store that is briefly
-    unreachable: background threads retry on them instead of dying).
+    Attributes: ``name`` (the run's name), ``address`` (what
+    :func:`trainer.store.address.open_store` opens it by), ``shown_address`` (the same with any
+    password hidden), ``run_dir`` (where its checkpoints live), ``backend`` (``sqlite`` or
+    ``postgresql``), ``url`` (a server store's URL, else None) and ``errors`` (the driver's
+    exceptions for a store that is briefly unreachable: background threads retry on them).
     """
 
-    backend = "sqlite"
-    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+    backend: str = ""
+    url: str | None = None
+    errors: tuple[type[Exception], ...] = ()
 
-    def __init__(self, run_dir: str | os.PathLike, *, create: bool = False):
+    def __init__(self, *, name: str, address: str, shown_address: str,
+                 run_dir: str | os.PathLike):
+        self.name = name
+        self.address = address
+        self.shown_address = shown_address
         self.run_dir = Path(run_dir)
-        self.name = self.run_dir.name
-        self.address = str(self.run_dir)
-        self.shown_address = self.address  # what users may see (PostgreSQL hides a password)
-        self.path = self.run_dir / DB_NAME
-        if create:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        elif not self.path.exists():
-            raise StoreError(f"no run at {self.run_dir} (no {DB_NAME} there)")
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        try:
-            self._check_schema(create)
-        except sqlite3.DatabaseError as err:
-            self.close()
-            raise StoreError(f"{self.path} is not a readable Panda run store: {err}") from None
-        except StoreError:
-            self.close()  # refused stores leave no open connection behind
-            raise
 
-    # --- connections ---------------------------------------------------------------------------
+    # --- what a backend supplies ---------------------------------------------------------------
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
-                                   isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
+    @abc.abstractmethod
+    def _conn(self) -> Any:
+        """This thread's connection (``execute`` / ``executemany`` with ``?`` placeholders)."""
 
-    def _check_schema(self, create: bool) -> None:
-        conn = self._conn()
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        deadline = time.monotonic() + SCHEMA_WAIT_S
-        while version == 0 and not create and time.monotonic() < deadline:
-            # Another process may be creating this store right now: give it a moment.
-            time.sleep(0.05)
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"{self.path} was written by a newer Panda (schema {version}, "
-                             f"this one reads up to {SCHEMA_VERSION}); upgrade panda-babysitter")
-        if version == 0:
-            if not create:
-                raise StoreError(f"{self.path} is not a Panda run store (no schema)")
-            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
-                raise StoreError(f"cannot switch {self.path} to WAL mode")
-            with self.transaction() as tx:
-                # Statement by statement: executescript() would COMMIT the open transaction.
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    tx.execute(statement)
-                tx.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-
-    def transaction(self):
-        """Context manager: one IMMEDIATE transaction on this thread's connection."""
-        return _Transaction(self._conn())
+    @abc.abstractmethod
+    def transaction(self) -> Any:
+        """Context manager: one write transaction (writers of a run are serialized)."""
 
     @staticmethod
+    @abc.abstractmethod
     def _insert_id(tx: Any, sql: str, params: tuple) -> int:
-        """Run one INSERT and return the id it gave its row (backends differ only here)."""
-        return int(tx.execute(sql, params).lastrowid)
+        """Run one INSERT and return the id it gave its row."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close every connection this store opened (from any thread)."""
 
     @staticmethod
     def _insert_metrics(tx: Any, rows: Sequence[tuple]) -> None:
         """Upsert a batch of metric rows (a backend may send the batch its own way)."""
-        tx.executemany(_UPSERT_METRICS, rows)
+        tx.executemany(UPSERT_METRICS, rows)
 
-    def close(self) -> None:
-        """Close every connection this store opened (from any thread)."""
-        with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-        self._local = threading.local()
+    def wait_for_commands(self, timeout: float, stop: threading.Event) -> None:
+        """Block until new commands may be pending: ``timeout`` seconds, or until ``stop`` is
+        set. A store that cannot notify is polled; a server store returns as soon as a
+        command is committed."""
+        stop.wait(timeout)
+
+    def wake_command_waiters(self) -> None:  # noqa: B027 (a hook: no-op unless overridden)
+        """Make :meth:`wait_for_commands` return now in every process (no-op by default)."""
+
+    def _notify_commands(self, tx: Any) -> None:  # noqa: B027 (a hook, like the above)
+        """Called inside the transaction that adds a pending command (no-op by default)."""
 
     def __enter__(self) -> RunStore:
         return self
@@ -228,7 +158,7 @@ class RunStore:
         """Store JSON-serializable metadata values (run name, config, status, …)."""
         rows = [(key, json.dumps(value)) for key, value in values.items()]
         with self.transaction() as tx:
-            tx.executemany(_UPSERT_META, rows)
+            tx.executemany(UPSERT_META, rows)
 
     def meta(self) -> dict[str, Any]:
         rows = self._conn().execute("SELECT key, value FROM meta").fetchall()
@@ -236,24 +166,23 @@ class RunStore:
 
     # --- metrics -------------------------------------------------------------------------------
 
-    def append_metrics(self, rows: Sequence[tuple], *, meta: dict | None = None) -> None:
-        """Insert ``(step, epoch, wall, loss, lr, momentum, weight_decay)`` rows in one commit.
+    def append_metrics(self, rows: Sequence[MetricRow], *, meta: dict | None = None) -> None:
+        """Upsert metric rows (losses as numbers) in one commit.
 
         Non-finite losses are stored as NULL (SQLite has no NaN) and read back as NaN. ``meta``
         values (e.g. the heartbeat) are written in the same transaction.
         """
-        clean = [(r[0], r[1], r[2], _finite_or_none(r[3]), *r[4:]) for r in rows]
+        clean = [r._replace(loss=_finite_or_none(r.loss)) for r in map(MetricRow._make, rows)]
         with self.transaction() as tx:
             self._insert_metrics(tx, clean)
             if meta:
-                tx.executemany(_UPSERT_META, [(k, json.dumps(v)) for k, v in meta.items()])
+                tx.executemany(UPSERT_META, [(k, json.dumps(v)) for k, v in meta.items()])
 
-    def metrics_since(self, after_step: int = -1, *, columns: Iterable[str] = (
-            "step", "epoch", "wall", "loss", "lr", "momentum", "weight_decay")) -> dict[str, list]:
+    def metrics_since(self, after_step: int = -1, *,
+                      columns: Iterable[str] = METRIC_COLUMNS) -> dict[str, list]:
         """Metric columns for every step after ``after_step``, as ``{column: list}``."""
         cols = list(columns)
-        allowed = {"step", "epoch", "wall", "loss", "lr", "momentum", "weight_decay"}
-        if not set(cols) <= allowed:
+        if not set(cols) <= set(METRIC_COLUMNS):
             raise ValueError(f"unknown metric column in {cols}")
         rows = self._conn().execute(
             f"SELECT {', '.join(cols)} FROM metrics WHERE step > ? ORDER BY step",
@@ -277,9 +206,10 @@ class RunStore:
 
     # --- validation ----------------------------------------------------------------------------
 
-    def append_validation(self, rows: Sequence[tuple]) -> None:
-        """Insert ``(step, epoch, wall, name, value)`` rows."""
-        clean = [(*r[:4], _finite_or_none(r[4])) for r in rows]
+    def append_validation(self, rows: Sequence[ValidationRow]) -> None:
+        """Insert validation rows (values as numbers)."""
+        clean = [r._replace(value=_finite_or_none(r.value))
+                 for r in map(ValidationRow._make, rows)]
         with self.transaction() as tx:
             tx.executemany("INSERT INTO validation(step, epoch, wall, name, value) "
                            "VALUES (?, ?, ?, ?, ?)", clean)
@@ -304,18 +234,6 @@ class RunStore:
             self._notify_commands(tx)
             return command_id
 
-    def wait_for_commands(self, timeout: float, stop: threading.Event) -> None:
-        """Block until new commands may be pending: ``timeout`` seconds, or until ``stop`` is
-        set. SQLite cannot notify, so its readers poll; a server store returns as soon as a
-        command is committed."""
-        stop.wait(timeout)
-
-    def wake_command_waiters(self) -> None:
-        """Make :meth:`wait_for_commands` return now in every process (no-op for SQLite)."""
-
-    def _notify_commands(self, tx: Any) -> None:
-        """Called inside the transaction that adds a pending command (no-op for SQLite)."""
-
     def _select_commands(self, where: str, params: tuple) -> list[Command]:
         rows = self._conn().execute(
             "SELECT id, created, kind, payload, status, applied_step, error, source "
@@ -333,21 +251,22 @@ class RunStore:
     def commands(self, after_id: int = 0) -> list[Command]:
         return self._select_commands("id > ?", (after_id,))
 
-    def resolve_commands(self, outcomes: Sequence[tuple], events: Sequence[tuple] = ()) -> None:
-        """Record command outcomes and their intervention events in one transaction.
+    def resolve_commands(self, verdicts: Sequence[Verdict], events: Sequence[Event] = ()
+                         ) -> None:
+        """Record command verdicts and their intervention events in one transaction.
 
-        ``outcomes``: ``(command_id, status, applied_step, error)``; only pending commands
-        change, so a command is resolved exactly once. ``events``: see :meth:`add_events`.
+        Only pending commands change, so a command is resolved exactly once.
         """
         now = time.time()
         with self.transaction() as tx:
             tx.executemany("UPDATE commands SET status = ?, applied_step = ?, error = ?, "
                            "updated = ? WHERE id = ? AND status = 'pending'",
-                           [(s, st, e, now, cid) for cid, s, st, e in outcomes])
+                           [(v.status, v.applied_step, v.error, now, v.command_id)
+                            for v in map(Verdict._make, verdicts)])
             self._insert_events(tx, events)
 
     def record_command(self, kind: str, payload: dict, source: str, applied_step: int,
-                       events: Sequence[tuple] = ()) -> int:
+                       events: Sequence[Event] = ()) -> int:
         """Record a command that was applied without passing through the table (API, replay),
         with its events linked to it; returns its id."""
         now = time.time()
@@ -356,18 +275,19 @@ class RunStore:
                 tx, "INSERT INTO commands(created, kind, payload, status, applied_step, source, "
                 "updated) VALUES (?, ?, ?, 'applied', ?, ?, ?)",
                 (now, kind, json.dumps(payload), applied_step, source, now))
-            self._insert_events(tx, [(*e[:6], command_id, *e[7:]) for e in events])
+            self._insert_events(tx, [e._replace(command_id=command_id)
+                                     for e in map(Event._make, events)])
         return command_id
 
     # --- events --------------------------------------------------------------------------------
 
     @staticmethod
-    def _insert_events(tx: Any, events: Sequence[tuple]) -> None:
+    def _insert_events(tx: Any, events: Sequence[Event]) -> None:
         tx.executemany("INSERT INTO events(step, wall, kind, knob, old, new, command_id, message)"
                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", events)
 
-    def add_events(self, events: Sequence[tuple]) -> None:
-        """Insert ``(step, wall, kind, knob, old, new, command_id, message)`` events."""
+    def add_events(self, events: Sequence[Event]) -> None:
+        """Insert intervention events."""
         with self.transaction() as tx:
             self._insert_events(tx, events)
 
@@ -431,19 +351,6 @@ class RunStore:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK``) on one connection."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type, *exc) -> None:
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
 def _trainer_gone(heartbeat: float, pid: Any, host: Any) -> bool:

@@ -3,7 +3,7 @@
 A range test on a run never touches the run's training process or files: it copies the run's
 newest checkpoint (``checkpoint.find``) to a temporary directory, rebuilds the model and the
 optimizer from the run's stored :class:`~trainer.runner.TrainConfig`, loads the copy into them
-and runs :func:`trainer.lr_finder.lr_find` on the task's training batches (same batch size) in
+and runs :func:`trainer.lr_range.finder.lr_find` on the task's training batches (same batch size) in
 its own process, while the run goes on training. By default the curve is the loss on a fixed
 set of training samples after each step, not the noisy loss of each mini-batch (see
 :func:`check_options`). The only trace in the run is one row of its
@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.knobs import format_sci
-from trainer.runs import child_env, is_server_url, open_store
-from trainer.store import RunStore, pid_alive
+from trainer.store.address import child_env, is_server_url, open_store
+from trainer.store.base import RunStore, pid_alive
 
 RESULT_KIND = "lr_find"
 DEFAULT_OPTIONS = {"num_iter": 100, "start_lr": 1e-7, "end_lr": 10.0, "refine": True,
@@ -228,9 +228,9 @@ def lr_find_for_task(task_name: str, *, seed: int = 0, batch_size: int | None = 
 
     ``batch_size`` defaults to ``panda train``'s (32), except for ``quadratic``, whose default is
     the full batch: the setting its closed-form limit ``Task.max_stable_lr(momentum)`` describes.
-    Returns an :class:`~trainer.lr_results.LRFindResult`.
+    Returns an :class:`~trainer.lr_range.results.LRFindResult`.
     """
-    from trainer.lr_finder import lr_find
+    from trainer.lr_range.finder import lr_find
     from trainer.runner import TrainConfig
     from trainer.tasks import TASK_NAMES
 
@@ -257,7 +257,7 @@ def run_lr_find_for_run(address: str | os.PathLike, result_id: int | None = None
     """Range test from a run's newest checkpoint, in this process; return the stored payload.
 
     ``address`` is the run's directory, or its address in a PostgreSQL store
-    (:func:`trainer.runs.open_store`); the checkpoints must be on this host.
+    (:func:`trainer.store.address.open_store`); the checkpoints must be on this host.
 
     With ``result_id`` (a ``running`` row made by :func:`start_lr_find_job`) that row is
     filled in; otherwise a new row is added. Bad input raises :class:`LRJobError` before any
@@ -288,7 +288,7 @@ def run_lr_find_for_run(address: str | os.PathLike, result_id: int | None = None
 
 def _run(store: RunStore, opts: dict, base: dict, reporter: _Reporter) -> dict[str, Any]:
     from trainer import checkpoint
-    from trainer.lr_finder import lr_find
+    from trainer.lr_range.finder import lr_find
 
     cfg = run_config(store)
     with tempfile.TemporaryDirectory(prefix="panda-lr-find-") as tmp:

@@ -1,8 +1,8 @@
 """Range tests: learning rate (Smith 2017, "Cyclical Learning Rates", §3.3), momentum, weight decay.
 
 :func:`lr_find` ramps the LR exponentially over ``num_iter`` steps and records the loss; the
-suggestion is the steepest descent of the smoothed curve (:mod:`trainer.suggestions`; results
-are the dataclasses of :mod:`trainer.lr_results`). Because a ramp overshoots the true
+suggestion is the steepest descent of the smoothed curve (:mod:`~trainer.lr_range.suggestions`;
+results are the dataclasses of :mod:`~trainer.lr_range.results`). Because a ramp overshoots the true
 stability limit (the loss needs a few steps to blow up, and the smoothed loss lags further), the
 limit is then refined coarse-to-fine with short constant-LR probes bisected on a log scale.
 :func:`momentum_find` and :func:`weight_decay_find` run the same constant-LR probe per value.
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from trainer.knobs import MOMENTUM, WEIGHT_DECAY
-from trainer.lr_results import LRFindResult, Probe, SweepResult
+from trainer.lr_range.results import LRFindResult, Probe, SweepResult
+from trainer.lr_range.suggestions import Suggestion, suggest
 from trainer.optim import OptimizerKnobs
-from trainer.suggestions import Suggestion, suggest
 
 logger = logging.getLogger(__name__)
 

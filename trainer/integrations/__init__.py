@@ -1,0 +1,4 @@
+"""Panda inside training frameworks: each module imports its framework, ``trainer`` never does.
+
+* :mod:`~trainer.integrations.lightning`: ``PandaCallback`` for PyTorch Lightning.
+"""

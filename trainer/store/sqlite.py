@@ -1,0 +1,114 @@
+"""The default run store: one SQLite file per run (``runs/<run>/run.db``).
+
+SQLite in WAL mode allows one writer and many concurrent readers, and a committed transaction
+survives ``kill -9`` of the writer (https://sqlite.org/wal.html). ``synchronous=NORMAL`` in WAL
+mode keeps every commit safe from process crashes; only an OS crash or power cut can lose the
+last transactions, never corrupt the file. The schema version is ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from trainer.store.base import RunStore, StoreError
+from trainer.store.schema import SCHEMA_VERSION, create_statements
+
+DB_NAME = "run.db"
+BUSY_TIMEOUT_MS = 10_000  # writers wait this long for the lock instead of failing
+SCHEMA_WAIT_S = 2.0       # how long a reader waits for a store that is being created
+
+
+class SqliteStore(RunStore):
+    """One run's ``run.db``. Each thread gets its own SQLite connection (a connection must not
+    be used from two threads at once)."""
+
+    backend = "sqlite"
+    errors = (sqlite3.Error,)
+
+    def __init__(self, run_dir: str | os.PathLike, *, create: bool = False):
+        run_dir = Path(run_dir)
+        super().__init__(name=run_dir.name, address=str(run_dir), shown_address=str(run_dir),
+                         run_dir=run_dir)
+        self.path = self.run_dir / DB_NAME
+        if create:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        elif not self.path.exists():
+            raise StoreError(f"no run at {self.run_dir} (no {DB_NAME} there)")
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        try:
+            self._check_schema(create)
+        except sqlite3.DatabaseError as err:
+            self.close()
+            raise StoreError(f"{self.path} is not a readable Panda run store: {err}") from None
+        except StoreError:
+            self.close()  # refused stores leave no open connection behind
+            raise
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _check_schema(self, create: bool) -> None:
+        conn = self._conn()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        deadline = time.monotonic() + SCHEMA_WAIT_S
+        while version == 0 and not create and time.monotonic() < deadline:
+            # Another process may be creating this store right now: give it a moment.
+            time.sleep(0.05)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} was written by a newer Panda (schema {version}, "
+                             f"this one reads up to {SCHEMA_VERSION}); upgrade panda-babysitter")
+        if version == 0:
+            if not create:
+                raise StoreError(f"{self.path} is not a Panda run store (no schema)")
+            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                raise StoreError(f"cannot switch {self.path} to WAL mode")
+            with self.transaction() as tx:
+                # Statement by statement: executescript() would COMMIT the open transaction.
+                for statement in create_statements("sqlite"):
+                    tx.execute(statement)
+                tx.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def transaction(self) -> _Transaction:
+        """One IMMEDIATE transaction on this thread's connection."""
+        return _Transaction(self._conn())
+
+    @staticmethod
+    def _insert_id(tx: sqlite3.Connection, sql: str, params: tuple) -> int:
+        return int(tx.execute(sql, params).lastrowid)
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK``) on one connection."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
