@@ -14,7 +14,8 @@ from typing import Any
 
 import streamlit as st
 
-from trainer.knobs import KnobError, format_sci, log_ladder, nearest_on_ladder, validate_knobs
+from trainer.knobs import format_sci, log_ladder, nearest_on_ladder, validate_knobs
+from trainer.ranges import KnobError
 from trainer.store import FINAL_STATES, RunStore
 from trainer.store.address import open_store
 

@@ -15,7 +15,7 @@ from typing import Any
 import plotly.graph_objects as go
 import streamlit as st
 
-from trainer.knobs import KnobError, format_sci, validate_knobs
+from trainer.knobs import format_sci, validate_knobs
 from trainer.lr_range.job import (
     LRJobError,
     describe_result,
@@ -23,6 +23,7 @@ from trainer.lr_range.job import (
     readiness,
     start_lr_find_job,
 )
+from trainer.ranges import KnobError
 from trainer.store import FINAL_STATES, RunStore
 
 RAW_OPACITY = 0.3            # raw per-step losses: faint behind the smoothed curve

@@ -8,15 +8,14 @@ from typing import Any
 import streamlit as st
 
 from app.controls import key, remember_command
+from trainer.config import OPTIMIZERS, TASKS, TrainConfig
 from trainer.export import ExportError, build_export, render
-from trainer.knobs import KnobError, format_sci, log_ladder
+from trainer.knobs import format_sci, log_ladder
 from trainer.launch import launch_training, new_run_name
-from trainer.optim import OPTIMIZERS
-from trainer.runner import TrainConfig
+from trainer.ranges import KnobError
 from trainer.schedules import DEFAULT_RATES, SHAPES, validate_schedule
 from trainer.store import RunStore, sanitize_run_name
 from trainer.store.address import run_exists, shown
-from trainer.tasks import TASK_NAMES
 
 SHAPE_LABELS = {"constant": "constant", "exponential": "exponential  α0·r^epoch",
                 "inverse_time": "inverse time  α0/(1+k·epoch)", "step": "step  ×γ every N epochs",
@@ -84,8 +83,8 @@ def _start_run(runs_dir: Path, store: str | None, values: dict[str, Any]) -> Non
 def new_run_form(runs_dir: Path, store: str | None = None) -> None:
     """Sidebar form: task, optimizer, starting knobs, epochs and a name."""
     with st.sidebar.expander("Start a new run"), st.form("new_run", border=False):
-        task = st.selectbox("task", TASK_NAMES, key="new_task")
-        optimizer = st.selectbox("optimizer", OPTIMIZERS, key="new_optimizer")
+        task = st.selectbox("task", TASKS.options, key="new_task")
+        optimizer = st.selectbox("optimizer", OPTIMIZERS.options, key="new_optimizer")
         lr = st.select_slider("learning rate", options=NEW_RUN_LR_LADDER, value=0.01,
                               format_func=format_sci, key="new_lr")
         momentum = st.select_slider("momentum β", options=NEW_RUN_BETAS, value=0.9,

@@ -313,7 +313,7 @@ def test_a_malformed_wait_is_refused(capsys, live):
 def test_train_refuses_bad_settings_before_starting(capsys, tmp_path):
     for args, reason in ((["--lr", "0"], "lr must be in"), (["--lr", "nan"], "finite"),
                          (["--momentum", "1"], "momentum must be in"),
-                         (["--epochs", "0"], "epochs must be at least 1"),
+                         (["--epochs", "0"], "epochs must be a whole number >= 1"),
                          (["--step-delay", "-1"], "step_delay")):
         code, _, err = run_cli(capsys, "train", "--run-dir", tmp_path / "r", *args)
         assert code == 2, args

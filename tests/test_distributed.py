@@ -101,7 +101,7 @@ def worker(argv: list[str]) -> None:
             "rank": rank, "pid": __import__("os").getpid(), "steps": bs.step_count,
             "start_step": start_step,
             "should_stop": bs.should_stop, "lr_changes": lr_changes, "final_lr": bs.lr,
-            "applied": bs._dist.applied, "losses": losses, "slowest_step": slowest,
+            "applied": bs.coordinator.applied, "losses": losses, "slowest_step": slowest,
             "store": type(bs.store).__name__,
             "threads": sorted(t.name for t in threading.enumerate()),
         }
@@ -227,7 +227,7 @@ def test_logged_loss_is_the_mean_over_ranks(ddp_session):
 @pytest.mark.slow
 def test_only_rank_0_writes_the_run(ddp_session):
     ranks, stored = ddp_session["ranks"], ddp_session["store"]
-    assert ranks[0]["store"] == "RunStore" and ranks[1]["store"] == "_NullStore"
+    assert ranks[0]["store"] == "SqliteStore" and ranks[1]["store"] == "NoneType"
     assert {"panda-flusher", "panda-poller"} <= set(ranks[0]["threads"])
     assert not {"panda-flusher", "panda-poller"} & set(ranks[1]["threads"])
     assert stored["meta"]["pid"] == ranks[0]["pid"]
@@ -325,16 +325,17 @@ def test_resume_and_rollback_restore_rank_0s_state_on_every_rank(tmp_path):
 def test_a_single_process_has_no_distributed_sync(tmp_path):
     """Outside torch.distributed (or with world size 1) nothing changes: no meetings."""
     from trainer import Babysitter
-    from trainer.distributed import DistributedSync
+    from trainer.coordinator import Coordinator
+    from trainer.distributed import DistributedCoordinator
     from trainer.store import SqliteStore
 
-    assert DistributedSync.detect() is None
+    assert DistributedCoordinator.detect() is None
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with Babysitter(optimizer, tmp_path / "single", sync_every=3) as bs:
         for _ in range(5):
             bs.step(torch.tensor(1.0))
-        assert bs._dist is None
+        assert type(bs.coordinator) is Coordinator and bs.coordinator.meet_every == 0
     with SqliteStore(tmp_path / "single") as store:
         assert len(_rows(store)) == 5
 

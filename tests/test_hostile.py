@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from trainer import cli
 from trainer.babysitter import Babysitter
-from trainer.knobs import KNOBS, KnobError, validate_command
+from trainer.commands import validate_command
+from trainer.knobs import KNOBS, KnobError
 from trainer.store import SqliteStore, StoreError
 from trainer.store.address import list_runs
 from trainer.tasks import make_task

@@ -16,13 +16,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from trainer.commands import validate_command
 from trainer.knobs import (
     KNOBS,
     KnobError,
     format_sci,
     log_ladder,
     nearest_on_ladder,
-    validate_command,
     validate_knobs,
 )
 

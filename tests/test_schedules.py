@@ -16,7 +16,7 @@ import torch
 from helpers import wait_until
 
 from trainer.babysitter import Babysitter
-from trainer.knobs import KnobError
+from trainer.ranges import KnobError
 from trainer.schedules import (
     Schedule,
     anneal_cos,
@@ -118,10 +118,10 @@ def test_validation_fills_defaults_and_round_trips():
     ({"shape": "step", "rate": 0}, "step rate"),
     ({"shape": "inverse_time", "rate": -1}, "inverse_time rate"),
     ({"shape": "cosine", "rate": 1.5}, "cosine rate"),
-    ({"shape": "exponential", "rate": math.nan}, "finite number"),
-    ({"shape": "exponential", "rate": math.inf}, "finite number"),
-    ({"shape": "exponential", "rate": "0.9"}, "finite number"),
-    ({"shape": "exponential", "rate": True}, "finite number"),
+    ({"shape": "exponential", "rate": math.nan}, "must be finite"),
+    ({"shape": "exponential", "rate": math.inf}, "must be finite"),
+    ({"shape": "exponential", "rate": "0.9"}, "must be a number"),
+    ({"shape": "exponential", "rate": True}, "must be a number"),
     ({"shape": "step", "step_epochs": 0}, "step_epochs must be > 0"),
     ({"shape": "cosine", "total_epochs": -1}, "total_epochs must be > 0"),
     ({"warmup_epochs": -1}, "warmup_epochs must be >= 0"),
@@ -185,7 +185,8 @@ def test_live_decay_change_continues_from_the_current_lr(tmp_path):
         store.submit_command("schedule", {"shape": "inverse_time", "rate": 1.0})
         # Hold the loop at this step boundary until the poller has handed the command over,
         # so it is applied by the very next step.
-        wait_until(lambda: bs._pending, timeout=30, what="the poller to pick the command up")
+        wait_until(lambda: bs.channels.commands, timeout=30,
+                   what="the poller to pick the command up")
         assert bs.lr == pytest.approx(base / 2)
         _train(bs, model, opt, 20)
     lrs = store.metrics_since()["lr"]

@@ -22,7 +22,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from trainer.knobs import KnobError, format_sci, validate_command, validate_knobs
+from trainer.commands import validate_command
+from trainer.config import CHECKS, ON_DIVERGE, TASKS, TrainConfig
+from trainer.export import FORMATS
+from trainer.knobs import KNOBS, format_sci, validate_knobs
+from trainer.lr_range.options import MEASURES
+from trainer.lr_range.options import OPTIONS as LR_FIND_OPTIONS
+from trainer.ranges import NON_NEGATIVE, STEP, KnobError, Range
 from trainer.store.address import child_env, list_runs, open_run, shown, store_for, store_url
 from trainer.store.base import FINAL_STATES, RunStore, StoreError, first_line
 
@@ -116,7 +122,7 @@ def _wait_for(args, store: RunStore, command_id: int, before: dict) -> int:
 # --- commands -------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from trainer.runner import TrainConfig, stored_config, train
+    from trainer.runner import stored_config, train  # torch: only when training
 
     run_dir, store = Path(args.run_dir), _store(args)
     replay = None
@@ -140,7 +146,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           on_diverge=args.on_diverge, early_stop=args.early_stop)
     try:
         cfg.validate()
-    except ValueError as err:
+    except KnobError as err:
         raise CliError(str(err)) from None
     if not args.resume and _started(run_dir, store):
         raise CliError(f"{run_dir.name} already holds a run; use --resume or another --run-dir")
@@ -204,7 +210,7 @@ def cmd_branch(args: argparse.Namespace) -> int:
              if getattr(args, name) is not None}
     with _open_run(args) as store:
         parent = store.run_dir
-        where = getattr(store, "url", None)  # the parent's PostgreSQL store, however named
+        where = store.url  # the parent's PostgreSQL store, however it was named
     try:
         child, proc = branch_run(parent, args.from_step, knobs, name=args.name, store=where)
     except (KnobError, ValueError) as err:
@@ -332,26 +338,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --- parser ---------------------------------------------------------------------------------------
+# Every argument's type and choices come from the declarations (trainer.ranges): one place says
+# what a value may be, for the API, the page and here.
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+PORT = Range(1, 65535, integer=True)
 
 
-def _knob_value(text: str) -> str:
-    # Knob values are validated by trainer.knobs (one place for every entry point), so the
-    # parser keeps the text as typed and validation gives the reason.
-    return text
+def _typed(name: str) -> dict[str, Any]:
+    """``type=`` for a TrainConfig field, or ``choices=`` for a named choice."""
+    declared = CHECKS[name]
+    if isinstance(declared, Range):
+        return {"type": declared.parser(name)}
+    return {"choices": declared.options}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trainer.runner import TrainConfig
-
     parser = _Parser(prog="panda", description="Babysit one PyTorch training run from the "
                      "browser.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -374,43 +375,43 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def add_wait(p):
-        p.add_argument("--wait", type=_positive_float, default=DEFAULT_WAIT_S,
+        p.add_argument("--wait", type=NON_NEGATIVE.parser("--wait"), default=DEFAULT_WAIT_S,
                        help=f"seconds to wait for the trainer to apply it (default "
                        f"{DEFAULT_WAIT_S:g})")
         p.add_argument("--no-wait", action="store_true", help="send and return at once")
 
     p = add("train", cmd_train, "train a built-in task under a Babysitter")
-    p.add_argument("--task", choices=("digits", "spirals", "quadratic"), default=defaults.task)
+    p.add_argument("--task", default=defaults.task, **_typed("task"))
     p.add_argument("--run-dir", required=True, help="where the run is stored, e.g. runs/NAME")
-    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=defaults.optimizer)
-    p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate (default 0.01)")
-    p.add_argument("--momentum", type=float, default=defaults.momentum,
-                   help="SGD momentum or Adam β1 (default 0.9)")
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
-                   help="steps between rolling checkpoints")
-    p.add_argument("--step-delay", type=float, default=0.0,
+    p.add_argument("--optimizer", default=defaults.optimizer, **_typed("optimizer"))
+    p.add_argument("--lr", default=defaults.lr, help="learning rate (default 0.01)",
+                   **_typed("lr"))
+    p.add_argument("--momentum", default=defaults.momentum,
+                   help="SGD momentum or Adam β1 (default 0.9)", **_typed("momentum"))
+    p.add_argument("--weight-decay", default=defaults.weight_decay, **_typed("weight_decay"))
+    p.add_argument("--batch-size", default=defaults.batch_size, **_typed("batch_size"))
+    p.add_argument("--epochs", default=defaults.epochs, **_typed("epochs"))
+    p.add_argument("--seed", default=defaults.seed, **_typed("seed"))
+    p.add_argument("--checkpoint-every", default=defaults.checkpoint_every,
+                   help="steps between rolling checkpoints", **_typed("checkpoint_every"))
+    p.add_argument("--step-delay", default=0.0, **_typed("step_delay"),
                    help="seconds to sleep per step (slows a demo to watching speed)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its checkpoint")
-    p.add_argument("--on-diverge", choices=("pause", "rollback", "ignore"),
+    p.add_argument("--on-diverge", choices=ON_DIVERGE.options,
                    default=defaults.on_diverge, help="when the loss turns NaN or blows up: pause "
                    "and wait (default), roll back to the last good checkpoint and halve the LR, "
                    "or ignore")
-    p.add_argument("--early-stop", type=int, metavar="PATIENCE",
+    p.add_argument("--early-stop", metavar="PATIENCE", **_typed("early_stop"),
                    help="stop after PATIENCE epochs without a better validation loss")
     p.add_argument("--replay", metavar="EXPORT",
                    help="re-run an exported run (JSON/YAML) with its timeline at the same steps")
     p.add_argument("--config-json", help=argparse.SUPPRESS)
 
     def add_knob_flags(p):
-        p.add_argument("--lr", type=_knob_value, help="learning rate, > 0")
-        p.add_argument("--momentum", type=_knob_value, help="momentum β (Adam β1), in [0, 1)")
-        p.add_argument("--weight-decay", dest="weight_decay", type=_knob_value,
-                       help="weight decay, >= 0")
+        for name, knob in KNOBS.items():
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name,
+                           type=knob.range.parser(name), help=f"{knob.label}: {knob.help}")
 
     p = add("set", cmd_set, "change knobs of a live run", run=True, json_flag=True)
     add_knob_flags(p)
@@ -418,12 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("rollback", cmd_rollback, "restore a live run to the state just before its latest "
             "knob change (or its newest checkpoint at or before --to STEP)", run=True,
             json_flag=True)
-    p.add_argument("--to", type=int, metavar="STEP", help="newest checkpoint at or before STEP")
+    p.add_argument("--to", type=STEP.parser("--to"), metavar="STEP",
+                   help="newest checkpoint at or before STEP")
     add_wait(p)
     add("checkpoints", cmd_checkpoints, "list a run's checkpoints", run=True, json_flag=True)
     p = add("branch", cmd_branch, "start a new run from a checkpoint with different knobs",
             run=True, json_flag=True)
-    p.add_argument("--from", dest="from_step", type=int, required=True, metavar="STEP",
+    p.add_argument("--from", dest="from_step", type=STEP.parser("--from"), required=True,
+                   metavar="STEP",
                    help="branch from the newest checkpoint at or before STEP")
     p.add_argument("--name", help="name of the new run (default PARENT-bSTEP-TIME)")
     add_knob_flags(p)
@@ -432,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("stop", "stop a live run after the current step")):
         add_wait(add(kind, _control(kind), text, run=True, json_flag=True))
     p = add("export", cmd_export, "export a run's settings and intervention timeline", run=True)
-    p.add_argument("--format", choices=("json", "yaml", "python"), default="json")
+    p.add_argument("--format", choices=FORMATS, default="json")
     p.add_argument("--out", metavar="FILE", help="write here (inside the current directory) "
                    "instead of stdout; written atomically")
     add("status", cmd_status, "show a run's state, step and knobs", run=True, json_flag=True)
@@ -441,16 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
             "(the run keeps training), or on a fresh built-in --task", json_flag=True)
     p.add_argument("run", metavar="RUN", nargs="?", help="run directory, or run name under "
                    "--runs-dir (a run started by `panda train`)")
-    p.add_argument("--task", choices=("digits", "spirals", "quadratic"),
+    p.add_argument("--task", choices=TASKS.options,
                    help="test a fresh built-in task instead of a run")
     p.add_argument("--background", action="store_true",
                    help="start the test in a detached process and print its result id")
-    p.add_argument("--num-iter", type=int, help="steps of the LR ramp (default 100)")
-    p.add_argument("--start-lr", type=float, help="first LR of the ramp (default 1e-7)")
-    p.add_argument("--end-lr", type=float, help="last LR of the ramp (default 10)")
+    for flag, name, text in (("--num-iter", "num_iter", "steps of the LR ramp (default 100)"),
+                             ("--start-lr", "start_lr", "first LR of the ramp (default 1e-7)"),
+                             ("--end-lr", "end_lr", "last LR of the ramp (default 10)")):
+        p.add_argument(flag, type=LR_FIND_OPTIONS[name].parser(name), help=text)
     p.add_argument("--no-refine", action="store_true", help="skip the constant-LR probes "
                    "that refine the max stable LR")
-    p.add_argument("--measure", choices=("train", "batch"), help="loss recorded after each "
+    p.add_argument("--measure", choices=MEASURES.options, help="loss recorded after each "
                    "step: on a fixed set of training samples (default; robust mid-training) or "
                    "of the mini-batch just trained on (cheaper, noisy)")
     p.add_argument("--job-id", type=int, help=argparse.SUPPRESS)
@@ -460,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, func, text)
         p.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only)")
-        p.add_argument("--port", type=int, default=8501)
+        p.add_argument("--port", type=PORT.parser("--port"), default=8501)
         p.add_argument("--token", help="ask for this token before the page lets anyone "
                        "change a knob (or set PANDA_TOKEN)")
     return parser
@@ -468,7 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0), or a malformed command line: one line, exit 2
+        return done.code if isinstance(done.code, int) else 0
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

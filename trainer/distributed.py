@@ -20,8 +20,8 @@ so no rank has to ask whether to sync) all ranks meet once:
    https://pytorch.org/docs/stable/distributed.html#torch.distributed.broadcast_object_list).
    On the CPU, steps 1 and 2 are one ``all_gather`` of ``[losses…, count]``: a meeting without
    commands costs a single small collective;
-3. every rank applies them, in order, through :meth:`Babysitter._apply` (rank 0 records them in
-   the store exactly as without DDP; the other ranks' records go to a sink).
+3. every rank applies them, in order, through :meth:`Babysitter.apply_command` (rank 0 records
+   them in the store exactly as without DDP; the other ranks' outboxes discard their records).
 
 Between meetings the hot path costs one attribute check and one integer modulo: no collective,
 no host-device sync. The price is latency: a command waits for the next multiple of
@@ -33,8 +33,9 @@ on gloo it is a CPU message, and a paused rank sleeps in a socket wait instead o
 core. The loss all-reduce stays on the default group and device (asynchronous under NCCL).
 
 Pause and stop are commands like any other, so they reach every rank at the same step. While
-paused, all ranks meet every ``PAUSE_WAKE_S`` at most (rank 0 sleeps on the poller's wake event
-in between, the others in the broadcast) until a ``resume`` or ``stop`` arrives.
+paused, all ranks meet every ``PAUSE_WAKE_S`` (:mod:`trainer.babysitter`) at most (rank 0 sleeps
+on the poller's wake event in between, the others in the broadcast) until a ``resume`` or
+``stop`` arrives.
 
 Rank-0 concerns (by design, documented in the Babysitter):
 
@@ -57,101 +58,54 @@ construct the Babysitter at the same point.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from trainer.workers import drain
-
-if TYPE_CHECKING:
-    from trainer.babysitter import Babysitter
+from trainer.channels import Channels, drain
+from trainer.coordinator import Coordinator, TrainingLoop
+from trainer.store.address import store_for
+from trainer.store.base import RunStore
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SYNC_EVERY = 10  # steps between meetings of all ranks (loss reduce + command hand-over)
-PAUSE_WAKE_S = 0.5       # while paused, ranks meet at least this often
 LEADER = 0               # the rank that owns the run store
+T = TypeVar("T")
 
 
-class _Sink:
-    """An outbox for ranks > 0: accepts the Babysitter's records and drops them."""
-
-    def append(self, item: Any) -> None:
-        pass
-
-    def __bool__(self) -> bool:
-        return False
-
-    def __len__(self) -> int:
-        return 0
-
-
-class _NullStore:
-    """Stands in for the run store on ranks > 0: reads are empty, writes go nowhere."""
-
-    run_dir = None
-
-    def meta(self) -> dict[str, Any]:
-        return {}
-
-    def set_meta(self, **values: Any) -> None:
-        pass
-
-    def add_events(self, events: Any) -> None:
-        pass
-
-    def truncate_after(self, step: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _IdleWorker:
-    """Stands in for the flusher and the poller on ranks > 0 (no thread is started)."""
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def arm_guard(self, from_step: int) -> None:
-        pass
-
-    def nudge(self) -> None:
-        pass
-
-
-class DistributedSync:
+class DistributedCoordinator(Coordinator):
     """Keeps the Babysitters of all ranks of one ``torch.distributed`` job in lockstep.
 
     Built by :meth:`detect` (``None`` outside a multi-process job, so a single process pays
-    nothing). The Babysitter calls :meth:`open_store` and :meth:`attach` while it is built,
-    :meth:`sync` from ``step()`` every ``every`` steps, and :meth:`close` from ``close()``.
+    nothing). See the module docstring for what a meeting does.
     """
 
-    def __init__(self, every: int = DEFAULT_SYNC_EVERY, group: Any = None):
+    def __init__(self, every: int = DEFAULT_SYNC_EVERY, group: Any = None, *,
+                 pause_wake_s: float = 0.5):
         if every < 1:
             raise ValueError("sync_every must be a positive number of steps")
-        self.every = every
+        self.meet_every = every
+        self.pause_wake_s = pause_wake_s
         self.group = group  # the default group unless given
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.leader = self.rank == LEADER
         self.backend = str(dist.get_backend(group))
         self.control = self._control_group(group)
-        self.inbox: deque = deque()        # rank 0: commands from the poller and the guard
-        self.flush_rows: deque | None = None  # rank 0: the flusher's rows (averaged losses)
         self.applied: list[tuple[int, str]] = []  # (step, kind) of each command applied here
-        self._wake: threading.Event | None = None
+        self._staged: deque = deque()         # the training thread's rows, until a meeting
+        self._inbox: deque = deque()          # rank 0: commands from the poller and the guard
+        self._flush_rows: deque = deque()     # rank 0: the flusher's rows (averaged losses)
+        self._wake = None
 
     @classmethod
-    def detect(cls, every: int = DEFAULT_SYNC_EVERY) -> DistributedSync | None:
-        """A sync for the current job, or ``None`` when this is not a multi-process job."""
+    def detect(cls, every: int = DEFAULT_SYNC_EVERY) -> DistributedCoordinator | None:
+        """A coordinator for the current job, or ``None`` when this is not a multi-process
+        job."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return None
         return cls(every)
@@ -162,49 +116,38 @@ class DistributedSync:
             return group
         return dist.new_group(ranks=list(range(self.world_size)), backend="gloo")
 
-    # --- wiring (called while the Babysitter is built) -----------------------------------------
+    # --- wiring (while the Babysitter is built) ---------------------------------------------------
 
-    def open_store(self, run_dir, store_url: str | None = None):
-        """Rank 0 opens (creates) the run store; every other rank gets a store that is no-op."""
-        from trainer.store.address import store_for
+    def channels(self) -> tuple[Channels, Channels | None]:
+        """Every rank's ``step()`` stages its rows here until a meeting, and takes commands only
+        at meetings (its own command queue stays empty). Rank 0's workers see the averaged rows
+        and hand commands to the meetings' inbox; the other ranks run no workers and discard
+        their records."""
+        training = Channels(rows=self._staged, outbox=deque() if self.leader
+                            else deque(maxlen=0))  # maxlen 0: appends are dropped
+        self._wake = training.wake
+        if not self.leader:
+            return training, None
+        return training, Channels(rows=self._flush_rows, commands=self._inbox,
+                                  outbox=training.outbox, wake=training.wake)
 
-        return store_for(run_dir, store_url, create=True) if self.leader else _NullStore()
+    def open_store(self, run_dir, url: str | None) -> RunStore | None:
+        """Rank 0 opens (creates) the run store; the other ranks never touch it."""
+        return store_for(run_dir, url, create=True) if self.leader else None
 
-    def attach(self, bs: Babysitter) -> None:
-        """Reroute the Babysitter's hand-overs through the meetings (before its threads start).
-
-        Rank 0: the poller and the divergence guard hand commands to :attr:`inbox` instead of
-        the Babysitter's pending queue (which ``step()`` would apply on rank 0 alone), and
-        ``step()`` buffers rows in a staging queue whose losses are averaged before the flusher
-        sees them. Other ranks: no threads, and every record goes to a sink.
-        """
-        self._wake = bs._wake
-        self.flush_rows = bs._rows
-        bs._rows = deque()  # staging: drained at every meeting
-        if self.leader:
-            bs._poller.pending = self.inbox
-            bs._flusher.on_divergence = self._on_divergence
-            bs.store.set_meta(distributed={"world_size": self.world_size,
-                                           "backend": self.backend, "sync_every": self.every})
-        else:
-            bs._outbox = _Sink()
-            bs._poller = bs._flusher = _IdleWorker()
-
-    def _on_divergence(self, divergence) -> None:
-        """Flusher thread (rank 0): the guard's verdict waits for the next meeting."""
-        self.inbox.append((None, "diverged", {
-            "first_bad_step": divergence.first_bad_step, "cause": divergence.cause}))
-        self._wake.set()
+    def describe(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "backend": self.backend,
+                "sync_every": self.meet_every}
 
     # --- meetings ---------------------------------------------------------------------------------
 
-    def sync(self, bs: Babysitter) -> None:
+    def meet(self, loop: TrainingLoop) -> None:
         """All ranks, at the same step: average the buffered losses, then share the commands."""
-        commands = drain(self.inbox) if self.leader else []
-        count = self._meet(drain(bs._rows), len(commands))
-        self._receive(bs, commands, count)
-        if bs.paused and not bs.should_stop:
-            self._wait_while_paused(bs)
+        commands = drain(self._inbox) if self.leader else []
+        count = self._meet(drain(self._staged), len(commands))
+        self._receive(loop, commands, count)
+        if loop.paused and not loop.should_stop:
+            self._wait_while_paused(loop)
 
     def _meet(self, rows: list, count: int) -> int:
         """Average the rows' losses (rank 0 keeps them); return rank 0's command count.
@@ -215,7 +158,7 @@ class DistributedSync:
         all-reduce stays on the device (asynchronous, no host sync) and the count travels on
         the gloo control group.
         """
-        values = [r[3] for r in rows]
+        values = [r.loss for r in rows]
         device = self._device(values)
         losses = [torch.as_tensor(v).detach().reshape(()).to(device, torch.float64)
                   for v in values]
@@ -236,7 +179,7 @@ class DistributedSync:
 
     def _hand_to_flusher(self, rows: list, loss_sums: torch.Tensor) -> None:
         means = (loss_sums / self.world_size).unbind()
-        self.flush_rows.extend((*r[:3], loss, *r[4:]) for r, loss in zip(rows, means))
+        self._flush_rows.extend(r._replace(loss=loss) for r, loss in zip(rows, means))
 
     def _device(self, values: list) -> torch.device:
         """Where to reduce: the losses' CUDA device under NCCL (no host sync), else the CPU."""
@@ -254,45 +197,58 @@ class DistributedSync:
         dist.broadcast(box, src=LEADER, group=self.control)
         return int(box)
 
-    def _receive(self, bs: Babysitter, commands: list, count: int) -> None:
+    def _receive(self, loop: TrainingLoop, commands: list, count: int) -> None:
         """Rank 0 sends its ``count`` commands (if any); every rank applies them in order."""
         if not count:
             return
         box = [commands]
         dist.broadcast_object_list(box, src=LEADER, group=self.control)
-        for command_id, kind, payload in box[0]:
-            self.applied.append((bs.step_count, kind))
-            bs._apply(kind, payload, command_id)
+        for command in box[0]:
+            self.applied.append((loop.step_count, command.kind))
+            loop.apply_command(command)
 
-    def share(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (a collective: all ranks call it at the same point).
+    def share(self, load: Callable[[], T]) -> T:
+        """Rank 0's ``load()`` on every rank (a collective: all ranks call it at the same point).
 
         Used for the states that resume and rollback restore: only rank 0 writes checkpoint
-        files, so the other ranks may have none (another node, no shared file system)."""
-        box = [obj]
+        files, so the other ranks may have none (another node, no shared file system). If
+        rank 0's ``load()`` fails, every rank raises (the others would wait in the broadcast
+        forever otherwise)."""
+        if self.leader:
+            try:
+                box = [("ok", load())]
+            except Exception as err:
+                box = [("error", f"{type(err).__name__}: {err}")]
+                dist.broadcast_object_list(box, src=LEADER, group=self.control)
+                raise
+        else:
+            box = [None]
         dist.broadcast_object_list(box, src=LEADER, group=self.control)
-        return box[0]
+        outcome, value = box[0]
+        if outcome == "error":
+            raise RuntimeError(f"rank 0 could not load the state to restore: {value}")
+        return value
 
-    def _wait_while_paused(self, bs: Babysitter) -> None:
+    def _wait_while_paused(self, loop: TrainingLoop) -> None:
         # Rank 0 sleeps on the wake event (set by its poller when a command arrives); the
         # others sleep in the broadcast. Every rank leaves the loop after the same meeting.
-        while bs.paused and not bs.should_stop:
+        while loop.paused and not loop.should_stop:
             if self.leader:
-                self._wake.wait(PAUSE_WAKE_S)
+                self._wake.wait(self.pause_wake_s)
                 self._wake.clear()
-            commands = drain(self.inbox) if self.leader else []
-            self._receive(bs, commands, self._broadcast_count(len(commands)))
+            commands = drain(self._inbox) if self.leader else []
+            self._receive(loop, commands, self._broadcast_count(len(commands)))
 
     # --- end of the run ---------------------------------------------------------------------------
 
-    def close(self, bs: Babysitter, *, collective: bool) -> None:
+    def close(self, loop: TrainingLoop, *, collective: bool) -> None:
         """Hand the last, not yet averaged losses to the flusher.
 
         ``collective`` (a normal end, where every rank closes at the same step): average them
         like at a meeting. Otherwise (an exception on this rank, Ctrl-C) the other ranks may not
         come, so rank 0 logs its own losses rather than wait for them.
         """
-        rows = drain(bs._rows)
+        rows = drain(self._staged)
         if collective:
             try:
                 self._meet(rows, 0)  # commands sent now stay pending: the run is over
@@ -301,7 +257,15 @@ class DistributedSync:
                 log.exception("could not average the last losses; logging rank %d's own",
                               self.rank)
         if self.leader:
-            self.flush_rows.extend(rows)
+            self._flush_rows.extend(rows)
 
 
-__all__ = ["DEFAULT_SYNC_EVERY", "DistributedSync"]
+
+
+def coordinator_for(sync_every: int = DEFAULT_SYNC_EVERY) -> Coordinator:
+    """The coordinator for this process: DDP's in a multi-process ``torch.distributed`` job,
+    else the single-process one."""
+    return DistributedCoordinator.detect(sync_every) or Coordinator()
+
+
+__all__ = ["DEFAULT_SYNC_EVERY", "DistributedCoordinator", "coordinator_for"]

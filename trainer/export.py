@@ -18,12 +18,12 @@ import os
 import time
 from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
 from trainer import atomic
-from trainer.knobs import validate_command
+from trainer.commands import validate_command
 from trainer.store.base import RunStore
 
 EXPORT_VERSION = 1
@@ -217,12 +217,20 @@ def load_export(path: str | os.PathLike) -> dict[str, Any]:
     return export
 
 
-def replay_commands(export: dict[str, Any]) -> list[tuple[int, str, dict]]:
-    """The timeline as ``(step, kind, payload)`` commands, one per original command."""
+class TimedCommand(NamedTuple):
+    """A command to apply at exactly one step boundary (a replayed intervention)."""
+
+    step: int
+    kind: str
+    payload: dict
+
+
+def replay_commands(export: dict[str, Any]) -> list[TimedCommand]:
+    """The timeline as commands at their steps, one per original command."""
     seen, commands = set(), []
     for item in export.get("timeline", []):
         if item["command_id"] in seen:
             continue  # one command may set several knobs: several events, one command
         seen.add(item["command_id"])
-        commands.append((int(item["step"]), item["kind"], item["command"]))
-    return sorted(commands, key=lambda c: c[0])
+        commands.append(TimedCommand(int(item["step"]), item["kind"], item["command"]))
+    return sorted(commands, key=lambda c: c.step)

@@ -1,8 +1,9 @@
 """Knob definitions: what can be turned, within which bounds, and on which scale.
 
 Every value a person types (UI, CLI, API, or a raw row in the store's command table) passes
-through :func:`validate_command` twice: where it is entered and where the trainer applies it.
-A refused value raises :class:`KnobError` with a one-line reason and changes nothing.
+through :func:`validate_knobs` twice (inside :func:`trainer.commands.validate_command`): where it
+is entered and where the trainer applies it. A refused value raises :class:`KnobError` with a
+one-line reason and changes nothing. Each knob declares its range once (:mod:`trainer.ranges`).
 
 Scales follow the tuning literature (Bergstra & Bengio 2012; Ng, "Improving Deep Neural
 Networks", week 3): the learning rate and weight decay are searched on a log scale, and momentum
@@ -12,15 +13,12 @@ on a log scale of 1−β, because β near 1 is extremely sensitive (β = 0.999 a
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-
-class KnobError(ValueError):
-    """A knob value or command that Panda refuses, with a one-line human reason."""
+from trainer.ranges import KnobError, Range, as_number
 
 
 @dataclass(frozen=True)
@@ -29,10 +27,7 @@ class Knob:
 
     name: str
     label: str
-    low: float          # smallest allowed value (inclusive unless low_open)
-    high: float         # largest allowed value (exclusive if high_open)
-    low_open: bool
-    high_open: bool
+    range: Range
     help: str
 
     def validate(self, value: Any, *, allow_text: bool = True) -> float:
@@ -41,44 +36,18 @@ class Knob:
         ``allow_text`` accepts what a person types ("3e-4"); command payloads are stricter and
         must hold JSON numbers.
         """
-        number = _as_number(self.name, value, allow_text)
-        too_low = number <= self.low if self.low_open else number < self.low
-        too_high = number >= self.high if self.high_open else number > self.high
-        if too_low or too_high:
-            lo_bracket = "(" if self.low_open else "["
-            hi_bracket = ")" if self.high_open else "]"
-            raise KnobError(f"{self.name} must be in {lo_bracket}{self.low:g}, {self.high:g}"
-                            f"{hi_bracket}, got {number:g}")
-        return number
+        return self.range.check(self.name, as_number(self.name, value, allow_text=allow_text))
 
 
 # Bounds are what is *meaningful*, not what is wise: an LR of 50 is allowed (a divergence guard,
 # not the validator, protects from it), an LR of 0 or below is not an LR.
-LR = Knob("lr", "learning rate", 0.0, 1e3, True, False, "step size; > 0")
-MOMENTUM = Knob("momentum", "momentum β", 0.0, 1.0, False, True,
+LR = Knob("lr", "learning rate", Range(0.0, 1e3, low_open=True), "step size; > 0")
+MOMENTUM = Knob("momentum", "momentum β", Range(0.0, 1.0, high_open=True),
                 "SGD momentum or Adam β1; in [0, 1)")
-WEIGHT_DECAY = Knob("weight_decay", "weight decay λ", 0.0, 10.0, False, False,
+WEIGHT_DECAY = Knob("weight_decay", "weight decay λ", Range(0.0, 10.0),
                     "L2 / decoupled weight decay; >= 0")
 
 KNOBS: dict[str, Knob] = {k.name: k for k in (LR, MOMENTUM, WEIGHT_DECAY)}
-
-# Command kinds the trainer understands. "set" carries knob values; "schedule" carries an LR
-# decay description (validated by trainer.schedules); the rest carry nothing.
-CONTROL_KINDS = ("pause", "resume", "stop", "checkpoint", "rollback")
-COMMAND_KINDS = ("set", "schedule", *CONTROL_KINDS)
-
-
-def _as_number(name: str, value: Any, allow_text: bool) -> float:
-    kinds = (int, float, str) if allow_text else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise KnobError(f"{name} must be a number, got {type(value).__name__}")
-    try:
-        number = float(value)
-    except (ValueError, OverflowError):
-        raise KnobError(f"{name} must be a number, got {str(value)[:40]!r}") from None
-    if not math.isfinite(number):
-        raise KnobError(f"{name} must be finite, got {value}")
-    return number
 
 
 def validate_knobs(values: Mapping[str, Any], *, allow_text: bool = True) -> dict[str, float]:
@@ -95,50 +64,6 @@ def validate_knobs(values: Mapping[str, Any], *, allow_text: bool = True) -> dic
         raise KnobError(f"unknown knob {unknown[0][:40]!r}; known knobs: {', '.join(KNOBS)}")
     return {name: KNOBS[name].validate(value, allow_text=allow_text)
             for name, value in values.items()}
-
-
-def validate_command(kind: Any, payload: Any) -> dict:
-    """Validate a command and return its normalized payload.
-
-    ``payload`` may be a dict or its JSON text (as stored in the command table).
-    """
-    if kind not in COMMAND_KINDS:
-        raise KnobError(f"unknown command {str(kind)[:40]!r}; known commands: "
-                        f"{', '.join(COMMAND_KINDS)}")
-    if isinstance(payload, (str, bytes)):
-        try:
-            payload = json.loads(payload) if payload else {}
-        except json.JSONDecodeError as err:
-            raise KnobError(f"malformed command payload: {err.msg}") from None
-    if payload is None:
-        payload = {}
-    if not isinstance(payload, dict):
-        raise KnobError(f"command payload must be an object, got {type(payload).__name__}")
-    if kind == "set":
-        return validate_knobs(payload, allow_text=False)
-    if kind == "schedule":
-        from trainer.schedules import validate_schedule  # local: schedules imports knobs
-
-        return validate_schedule(payload)
-    if kind == "rollback":
-        return _validate_rollback(payload)
-    if payload:
-        raise KnobError(f"{kind} takes no arguments, got {sorted(payload)}")
-    return {}
-
-
-def _validate_rollback(payload: dict) -> dict:
-    """``{"step": S}`` rolls back to the newest checkpoint at or before S; ``{}`` to the newest
-    one before the trouble."""
-    unknown = sorted(set(payload) - {"step"})
-    if unknown:
-        raise KnobError(f"rollback takes only 'step', got {unknown[0]!r}")
-    if "step" not in payload:
-        return {}
-    step = payload["step"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise KnobError(f"rollback step must be a whole number >= 0, got {step!r}")
-    return {"step": step}
 
 
 # --- log-scale ladders for sliders -------------------------------------------------------------

@@ -18,8 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from trainer import checkpoint
+from trainer.config import TrainConfig
 from trainer.knobs import validate_knobs
-from trainer.runner import TrainConfig, stored_config
+from trainer.runner import stored_config
 from trainer.store.address import child_env, run_exists, store_for
 from trainer.store.base import sanitize_run_name
 

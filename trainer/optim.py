@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import torch
 
-from trainer.knobs import KnobError
+from trainer.config import OPTIMIZERS
+from trainer.ranges import KnobError
 from trainer.schedules import Schedule, rebased, schedule_from
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def make_optimizer(name: str, params, *, lr: float, momentum: float,
                    weight_decay: float) -> torch.optim.Optimizer:
-    """Build one of Panda's listed optimizers; ``momentum`` is β1 for Adam and AdamW."""
+    """Build one of Panda's listed optimizers (:data:`trainer.config.OPTIMIZERS`);
+    ``momentum`` is β1 for Adam and AdamW."""
+    OPTIMIZERS.check("optimizer", name)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999),
-                                weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999),
-                                 weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    adam = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return adam(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
 
 
 class OptimizerKnobs:

@@ -10,84 +10,29 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict
 
 import torch
 
-from trainer.babysitter import ON_DIVERGE, Babysitter
-from trainer.knobs import KNOBS
-from trainer.optim import OPTIMIZERS, make_optimizer
+from trainer.babysitter import Babysitter
+from trainer.config import TrainConfig
+from trainer.optim import make_optimizer
 from trainer.store.address import store_for
-from trainer.tasks import TASK_NAMES, Task, make_task
+from trainer.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a built-in training run. Defaults follow the literature."""
-
-    task: str = "digits"        # digits | spirals | quadratic
-    optimizer: str = "sgd"      # sgd | adam | adamw; SGD is the well-understood baseline
-    lr: float = 0.01            # a sensible start on normalized inputs (Ng, DLS course 2)
-    momentum: float = 0.9       # β (β1 for Adam): averages over ~1/(1−β) = 10 steps
-    weight_decay: float = 0.0   # regularization comes after LR and momentum in priority
-    batch_size: int = 32        # small batches generalize well (Masters & Luschi 2018)
-    epochs: int = 20
-    seed: int = 0
-    checkpoint_every: int = 200   # steps between rolling checkpoints
-    step_delay: float = 0.0     # seconds slept per step: slows a demo to watching speed
-    schedule: dict | None = None  # LR decay, see trainer.schedules.Schedule
-    on_diverge: str = "pause"   # pause | rollback | ignore (see Babysitter)
-    early_stop: int | None = None  # stop after this many epochs without a better val loss
-
-    def validate(self) -> TrainConfig:
-        """Raise ValueError with a one-line reason for any value that cannot be trained."""
-        if self.task not in TASK_NAMES:
-            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_NAMES)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of "
-                             f"{', '.join(OPTIMIZERS)}")
-        for name in KNOBS:
-            KNOBS[name].validate(getattr(self, name))
-        for name in ("batch_size", "epochs", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.on_diverge not in ON_DIVERGE:
-            raise ValueError(f"on_diverge must be one of {', '.join(ON_DIVERGE)}")
-        if self.early_stop is not None and self.early_stop < 1:
-            raise ValueError(f"early_stop must be at least 1 epoch, got {self.early_stop}")
-        if not 0 <= self.step_delay <= 10:
-            raise ValueError(f"step_delay must be in [0, 10] seconds, got {self.step_delay}")
-        return self
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-    @classmethod
-    def of_run(cls, meta: dict[str, Any]) -> TrainConfig:
-        """The config a `panda train` run recorded in its store meta; ValueError for a run that
-        `panda train` did not start (a user's own loop) or an unusable config."""
-        config = meta.get("config")
-        if not isinstance(config, dict) or "task" not in config:
-            raise ValueError("it was not started by `panda train` (no built-in task in its "
-                             "config)")
-        try:
-            return cls.from_dict(config).validate()
-        except TypeError as err:
-            raise ValueError(f"its config is unusable: {err}") from None
-
-    def build(self) -> tuple[Task, torch.optim.Optimizer]:
-        """The seeded task and its optimizer, as a run of this config starts them."""
-        torch.manual_seed(self.seed)
-        task = make_task(self.task, seed=self.seed)
-        optimizer = make_optimizer(self.optimizer, task.model.parameters(), lr=self.lr,
-                                   momentum=self.momentum, weight_decay=self.weight_decay)
-        return task, optimizer
+def build(cfg: TrainConfig) -> tuple[Task, torch.optim.Optimizer]:
+    """The seeded task and its optimizer, as a run of ``cfg`` starts them (the runner, resume,
+    branches and LR range tests all build them here)."""
+    torch.manual_seed(cfg.seed)
+    task = make_task(cfg.task, seed=cfg.seed)
+    optimizer = make_optimizer(cfg.optimizer, task.model.parameters(), lr=cfg.lr,
+                               momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return task, optimizer
 
 
 class Terminated(KeyboardInterrupt):
@@ -121,7 +66,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
 def _train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool,
            replay: list[tuple[int, str, dict]] | None, store: str | None) -> str:
-    task, optimizer = cfg.build()
+    task, optimizer = build(cfg)
     steps_per_epoch = task.steps_per_epoch(cfg.batch_size)
     with Babysitter(optimizer, run_dir, model=task.model, config=asdict(cfg),
                     task=task.info["description"], steps_per_epoch=steps_per_epoch,
@@ -161,8 +106,6 @@ def _validation_metrics(task) -> dict[str, float]:
 
 
 def threading_is_main() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 

@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from trainer.knobs import KnobError
+from trainer.ranges import NON_NEGATIVE, POSITIVE, KnobError, Range
 
 SHAPES = ("constant", "exponential", "inverse_time", "step", "cosine")
 
@@ -84,13 +84,17 @@ def lr_at(step: int, base_lr: float, schedule: Schedule, steps_per_epoch: int) -
     return base_lr * schedule.factor(step / steps_per_epoch)
 
 
-_RATE_RULES = {  # shape -> (lowest, highest, whether the lowest itself is allowed, meaning)
-    "exponential": (0.0, 1.0, False, "r per epoch, in (0, 1]"),
-    "inverse_time": (0.0, 1e6, True, "k, >= 0"),
-    "step": (0.0, 1.0, False, "γ per drop, in (0, 1]"),
-    "cosine": (0.0, 1.0, True, "floor as a fraction of the base LR, in [0, 1]"),
-    "constant": (-math.inf, math.inf, True, "unused"),
+# What `rate` means per shape, and its range (declared once: the page, the CLI and the trainer
+# check through these).
+RATES = {
+    "exponential": ("r per epoch", Range(0.0, 1.0, low_open=True)),
+    "inverse_time": ("k", Range(0.0, 1e6)),
+    "step": ("γ per drop", Range(0.0, 1.0, low_open=True)),
+    "cosine": ("floor as a fraction of the base LR", Range(0.0, 1.0)),
+    "constant": ("unused", Range()),
 }
+FIELDS = {"step_epochs": POSITIVE, "total_epochs": POSITIVE, "warmup_epochs": NON_NEGATIVE,
+          "origin_epoch": NON_NEGATIVE}
 
 
 def validate_schedule(payload: Any) -> dict[str, Any]:
@@ -107,22 +111,10 @@ def validate_schedule(payload: Any) -> dict[str, Any]:
         raise KnobError(f"unknown decay shape {shape!r}; choose one of {', '.join(SHAPES)}")
     values: dict[str, Any] = {"shape": shape, "rate": DEFAULT_RATES[shape]}
     for name, value in payload.items():
-        if name == "shape":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-                value):
-            raise KnobError(f"schedule {name} must be a finite number, got {value!r}")
-        values[name] = float(value)
-    low, high, low_ok, meaning = _RATE_RULES[shape]
-    rate = values["rate"]
-    if rate < low or (rate == low and not low_ok) or rate > high:
-        raise KnobError(f"{shape} rate must be {meaning}, got {rate:g}")
-    for name in ("step_epochs", "total_epochs"):
-        if name in values and values[name] <= 0:
-            raise KnobError(f"schedule {name} must be > 0, got {values[name]:g}")
-    for name in ("warmup_epochs", "origin_epoch"):
-        if name in values and values[name] < 0:
-            raise KnobError(f"schedule {name} must be >= 0, got {values[name]:g}")
+        if name != "shape":
+            values[name] = float(FIELDS.get(name, Range()).check(f"schedule {name}", value))
+    meaning, rates = RATES[shape]
+    rates.check(f"{shape} rate ({meaning})", values["rate"])
     return Schedule(**values).to_dict()
 
 

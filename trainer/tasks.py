@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-TASK_NAMES = ("digits", "spirals", "quadratic")
+from trainer.config import TASKS
+
+TASK_NAMES = TASKS.options
 
 VAL_FRACTION = 0.2  # held-out share for digits and spirals
 SPIRAL_POINTS_PER_CLASS = 1000
@@ -104,8 +106,7 @@ def iter_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, seed: int
 def make_task(name: str, *, seed: int = 0, condition: float = 10.0) -> Task:
     """Build a built-in task. ``condition`` (quadratic only) is λmax/λmin of XᵀX/n."""
     builders = {"digits": _digits, "spirals": _spirals, "quadratic": _quadratic}
-    if name not in builders:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")
+    TASKS.check("task", name)
     generator = torch.Generator().manual_seed(seed)
     if name == "quadratic":
         return _quadratic(generator, condition)

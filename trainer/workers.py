@@ -1,9 +1,8 @@
 """The Babysitter's two background threads: the flusher (writes) and the poller (reads commands).
 
-Neither ever touches the model or optimizer: the poller hands validated commands to the
-training thread through a deque, and the training thread hands everything that needs I/O to
-the flusher through another. ``deque.append`` and ``popleft`` are atomic in CPython, so the
-training thread takes no lock.
+Neither ever touches the model or optimizer: they talk to the training thread only through its
+:class:`~trainer.channels.Channels`. The poller hands validated commands over; the training
+thread hands everything that needs I/O to the flusher.
 """
 
 from __future__ import annotations
@@ -11,29 +10,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from trainer import checkpoint
-from trainer.guard import Divergence, DivergenceGuard
-from trainer.knobs import KnobError, validate_command
+from trainer.channels import (
+    Channels,
+    OutboxItem,
+    RecordCommand,
+    WriteCheckpoint,
+    WriteEvents,
+    WriteMeta,
+    WriteValidation,
+    WriteVerdicts,
+    drain,
+)
+from trainer.commands import GUARD_KIND, ValidCommand, validate_command
+from trainer.guard import DivergenceGuard
 from trainer.optim import OptimizerKnobs
+from trainer.ranges import KnobError
 from trainer.store.base import RunStore
+from trainer.store.records import MetricRow, Verdict
 
 log = logging.getLogger(__name__)
-
-
-def drain(queue: deque) -> list:
-    """Pop everything currently in ``queue`` (safe against concurrent appends)."""
-    items = []
-    while True:
-        try:
-            items.append(queue.popleft())
-        except IndexError:
-            return items
 
 
 def to_floats(values: list) -> list[float]:
@@ -93,20 +94,28 @@ class Flusher(_Worker):
     """Writes buffered metric rows and outbox items to the store in batches.
 
     It is also where losses become numbers, so the divergence guard runs here: when it fires,
-    ``on_divergence`` hands the news to the training thread and the guard disarms until the
-    training thread re-arms it (after a rollback or a resume).
+    the news goes to the training thread like a command (``diverged``), and the guard disarms
+    until the training thread re-arms it (after a rollback or a resume).
     """
 
-    def __init__(self, store: RunStore, rows: deque, outbox: deque, interval: float,
+    def __init__(self, store: RunStore, channels: Channels, interval: float,
                  live_meta: Callable[[], dict[str, Any]], *, keep_checkpoints: int,
-                 guard: DivergenceGuard | None = None,
-                 on_divergence: Callable[[Divergence], None] | None = None):
+                 guard: DivergenceGuard | None = None):
         super().__init__("panda-flusher", store, interval)
-        self.rows, self.outbox, self.live_meta = rows, outbox, live_meta
+        self.channels, self.live_meta = channels, live_meta
         self.keep_checkpoints = keep_checkpoints
-        self.guard, self.on_divergence = guard, on_divergence
+        self.guard = guard
         self._armed, self._rearm_at = guard is not None, None
         self._nudged = threading.Event()
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            WriteValidation: self._write_validation,
+            WriteVerdicts: lambda item: store.resolve_commands(item.verdicts, item.events),
+            RecordCommand: lambda item: store.record_command(
+                item.kind, item.payload, item.source, item.step, item.events),
+            WriteEvents: lambda item: store.add_events(item.events),
+            WriteMeta: lambda item: store.set_meta(**item.values),
+            WriteCheckpoint: self._write_checkpoint,
+        }
 
     def nudge(self) -> None:
         """Write now rather than at the next interval: a command's verdict is waiting (the CLI
@@ -129,67 +138,63 @@ class Flusher(_Worker):
         if self.guard is not None:
             self._rearm_at = from_step
 
-    def _watch(self, rows: list, losses: list[float]) -> None:
+    def _watch(self, rows: list[MetricRow]) -> None:
         rearm_at = self._rearm_at
         if rearm_at is not None:
             self._rearm_at, self._armed = None, True
             self.guard.reset()
-            kept = [i for i, r in enumerate(rows) if r[0] >= rearm_at]
-            rows, losses = [rows[i] for i in kept], [losses[i] for i in kept]
+            rows = [r for r in rows if r.step >= rearm_at]
         if not self._armed:
             return
-        divergence = self.guard.update([r[0] for r in rows], losses)
+        divergence = self.guard.update([r.step for r in rows], [r.loss for r in rows])
         if divergence is not None:
             self._armed = False
-            self.on_divergence(divergence)
+            self.channels.commands.append(ValidCommand(None, GUARD_KIND, {
+                "first_bad_step": divergence.first_bad_step, "cause": divergence.cause},
+                source="guard"))
+            self.channels.wake.set()
 
     def tick(self) -> None:
-        rows = drain(self.rows)
+        rows = drain(self.channels.rows)
         if rows:
-            losses = to_floats([r[3] for r in rows])
-            self._watch(rows, losses)
-            batch = [(*r[:3], loss, *r[4:]) for r, loss in zip(rows, losses)]
+            losses = to_floats([r.loss for r in rows])
+            batch = [r._replace(loss=loss) for r, loss in zip(rows, losses)]
+            self._watch(batch)
             try:
                 self.store.append_metrics(batch, meta=self.live_meta())
             except self.store.errors:
-                self.rows.extendleft(reversed(rows))
+                self.channels.rows.extendleft(reversed(rows))
                 raise
         else:
             self.store.set_meta(**self.live_meta())  # heartbeat, also while paused
-        while self.outbox:
-            kind, payload = self.outbox[0]
-            self._write(kind, payload)
-            self.outbox.popleft()  # only once written: a failed write is retried next tick
+        outbox = self.channels.outbox
+        while outbox:
+            self.write(outbox[0])
+            outbox.popleft()  # only once written: a failed write is retried next tick
 
-    def _write(self, kind: str, payload: Any) -> None:
-        if kind == "validation":
-            values = to_floats([r[4] for r in payload])
-            self.store.append_validation([(*r[:4], v) for r, v in zip(payload, values)])
-        elif kind == "resolve":
-            outcomes, events = payload
-            self.store.resolve_commands(outcomes, events)
-        elif kind == "record":
-            self.store.record_command(*payload)
-        elif kind == "events":
-            self.store.add_events(payload)
-        elif kind == "meta":
-            self.store.set_meta(**payload)
-        elif kind == "checkpoint":
-            state, reason, pinned = payload
-            checkpoint.save(self.store.run_dir, state, reason=reason, pinned=pinned,
-                            keep=self.keep_checkpoints)
-        else:
-            raise ValueError(f"unknown outbox item {kind!r}")
+    def write(self, item: OutboxItem) -> None:
+        """Write one outbox item through its handler."""
+        handler = self._handlers.get(type(item))
+        if handler is None:
+            raise TypeError(f"unknown outbox item {type(item).__name__}")
+        handler(item)
+
+    def _write_validation(self, item: WriteValidation) -> None:
+        values = to_floats([r.value for r in item.rows])
+        self.store.append_validation([r._replace(value=v) for r, v in zip(item.rows, values)])
+
+    def _write_checkpoint(self, item: WriteCheckpoint) -> None:
+        checkpoint.save(self.store.run_dir, item.state, reason=item.reason, pinned=item.pinned,
+                        keep=self.keep_checkpoints)
 
 
 class Poller(_Worker):
     """Reads new commands, validates them (second time) and hands them to the training thread."""
 
-    def __init__(self, store: RunStore, pending: deque, outbox: deque, knobs: OptimizerKnobs,
-                 interval: float, wake: threading.Event, flusher: Flusher):
+    def __init__(self, store: RunStore, channels: Channels, knobs: OptimizerKnobs,
+                 interval: float, flusher: Flusher):
         super().__init__("panda-poller", store, interval)
-        self.pending, self.outbox, self.knobs = pending, outbox, knobs
-        self.wake = wake  # set whenever a command is handed over (ends a pause's wait)
+        self.channels, self.knobs = channels, knobs
         self.flusher = flusher  # writes a refusal at once
         self.last_id = 0
 
@@ -217,8 +222,40 @@ class Poller(_Worker):
                 if command.kind == "set":
                     self.knobs.check(payload)
             except KnobError as err:
-                self.outbox.append(("resolve", ([(command.id, "rejected", None, str(err))], [])))
+                self.channels.outbox.append(WriteVerdicts(
+                    [Verdict(command.id, "rejected", None, str(err))]))
                 self.flusher.nudge()
                 continue
-            self.pending.append((command.id, command.kind, payload))
-            self.wake.set()
+            self.channels.commands.append(ValidCommand(command.id, command.kind, payload))
+            self.channels.wake.set()
+
+
+class Workers:
+    """A Babysitter's flusher and poller, or none at all (a DDP rank other than 0 records
+    nothing); the training thread starts, nudges, re-arms and stops them through this."""
+
+    def __init__(self, flusher: Flusher | None = None, poller: Poller | None = None):
+        self.flusher, self.poller = flusher, poller
+
+    def start(self) -> None:
+        for worker in (self.poller, self.flusher):
+            if worker is not None:
+                worker.start()
+
+    def nudge(self) -> None:
+        if self.flusher is not None:
+            self.flusher.nudge()
+
+    def arm_guard(self, from_step: int) -> None:
+        if self.flusher is not None:
+            self.flusher.arm_guard(from_step)
+
+    def stop_polling(self) -> None:
+        if self.poller is not None:
+            self.poller.stop()
+
+    def stop(self) -> None:
+        """Stop polling, then flush everything and join (the flusher goes last)."""
+        self.stop_polling()
+        if self.flusher is not None:
+            self.flusher.stop()

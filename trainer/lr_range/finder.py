@@ -29,9 +29,11 @@ import numpy as np
 import torch
 
 from trainer.knobs import MOMENTUM, WEIGHT_DECAY
+from trainer.lr_range import options
 from trainer.lr_range.results import LRFindResult, Probe, SweepResult
 from trainer.lr_range.suggestions import Suggestion, suggest
 from trainer.optim import OptimizerKnobs
+from trainer.ranges import COUNT, POSITIVE
 
 logger = logging.getLogger(__name__)
 
@@ -216,29 +218,6 @@ def _probe(session: _Session, lr: float, steps: int) -> Probe:
 
 # --- public API -----------------------------------------------------------------------------------
 
-def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _check_count(name: str, value: int, low: int) -> None:
-    if not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_args(start_lr, end_lr, num_iter, smooth, diverge) -> None:
-    _check_positive("start_lr", start_lr)
-    _check_positive("end_lr", end_lr)
-    if start_lr >= end_lr:
-        raise ValueError(f"start_lr must be below end_lr, got {start_lr:g} >= {end_lr:g}")
-    _check_count("num_iter", num_iter, 2)
-    if not (isinstance(smooth, (int, float)) and 0 <= smooth < 1):
-        raise ValueError(f"smooth must be in [0, 1), got {smooth!r}")
-    _check_positive("diverge", diverge)
-    if diverge <= 1:
-        raise ValueError(f"diverge must be > 1 (a multiple of the best loss), got {diverge!r}")
-
-
 def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
             train_batches: Iterable[Batch] | Callable[[], Iterator[Batch]], *,
@@ -258,9 +237,9 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     ``check_every`` steps, right after the chunk's host sync, and with 1.0 at the end.
     The caller's model, optimizer and RNG state are left bitwise unchanged.
     """
-    _check_args(start_lr, end_lr, num_iter, smooth, diverge)
-    _check_count("probe_steps", probe_steps, 1)
-    _check_count("check_every", check_every, 1)
+    options.check({"start_lr": start_lr, "end_lr": end_lr, "num_iter": num_iter,
+                   "smooth": smooth, "diverge": diverge, "probe_steps": probe_steps,
+                   "check_every": check_every})
     session = _Session(model, optimizer, loss_fn, train_batches, val_batches, check_every)
     session.progress = _Progress(progress, num_iter + (PLANNED_PROBES * probe_steps
                                                        if refine else 0))
@@ -358,8 +337,8 @@ def _attach_suggestion(result: LRFindResult) -> None:
 def _sweep(model, optimizer, loss_fn, train_batches, *, knob: str, lr: float,
            values: Sequence[float], num_iter: int) -> SweepResult:
     """One constant-LR run per knob value from the same snapshot; best = lowest final loss."""
-    _check_positive("lr", lr)
-    _check_count("num_iter", num_iter, 1)
+    POSITIVE.check("lr", lr)
+    COUNT.check("num_iter", num_iter)
     if not values:
         raise ValueError(f"no {knob} values to try")
     session = _Session(model, optimizer, loss_fn, train_batches, None, CHECK_EVERY)

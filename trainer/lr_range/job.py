@@ -2,7 +2,7 @@
 
 A range test on a run never touches the run's training process or files: it copies the run's
 newest checkpoint (``checkpoint.find``) to a temporary directory, rebuilds the model and the
-optimizer from the run's stored :class:`~trainer.runner.TrainConfig`, loads the copy into them
+optimizer from the run's stored :class:`~trainer.config.TrainConfig`, loads the copy into them
 and runs :func:`trainer.lr_range.finder.lr_find` on the task's training batches (same batch size) in
 its own process, while the run goes on training. By default the curve is the loss on a fixed
 set of training samples after each step, not the noisy loss of each mini-batch (see
@@ -22,7 +22,6 @@ A job process that dies without saying so (kill -9) leaves a ``running`` row beh
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 import socket
@@ -34,14 +33,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainer.config import TrainConfig
 from trainer.knobs import format_sci
+from trainer.lr_range import options
+from trainer.ranges import KnobError
 from trainer.store.address import child_env, is_server_url, open_store
 from trainer.store.base import RunStore, pid_alive
 
 RESULT_KIND = "lr_find"
 DEFAULT_OPTIONS = {"num_iter": 100, "start_lr": 1e-7, "end_lr": 10.0, "refine": True,
                    "measure": "train"}
-MEASURES = ("train", "batch")
 MEASURE_MAX_SAMPLES = 2048  # the fixed measurement set: the training set, or a seeded subset
 PROGRESS_EVERY_S = 0.5      # at most this often a running job writes its progress
 START_GRACE_S = 60.0        # a running row without a pid older than this: the job never started
@@ -68,21 +69,11 @@ def check_options(num_iter: Any = None, start_lr: Any = None, end_lr: Any = None
     given = {"num_iter": num_iter, "start_lr": start_lr, "end_lr": end_lr, "refine": refine,
              "measure": measure}
     opts.update({k: v for k, v in given.items() if v is not None})
-    for name in ("start_lr", "end_lr"):
-        value = opts[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                not math.isfinite(value) or value <= 0:
-            raise LRJobError(f"{name} must be a finite number > 0, got {value!r}")
-        opts[name] = float(value)
-    if opts["start_lr"] >= opts["end_lr"]:
-        raise LRJobError(f"start_lr must be below end_lr, got {opts['start_lr']:g} >= "
-                         f"{opts['end_lr']:g}")
-    if isinstance(opts["num_iter"], bool) or not isinstance(opts["num_iter"], int) or \
-            opts["num_iter"] < 2:
-        raise LRJobError(f"num_iter must be an integer >= 2, got {opts['num_iter']!r}")
+    try:
+        opts = options.check(opts)
+    except KnobError as err:
+        raise LRJobError(str(err)) from None
     opts["refine"] = bool(opts["refine"])
-    if opts["measure"] not in MEASURES:
-        raise LRJobError(f"measure must be one of {', '.join(MEASURES)}, got {opts['measure']!r}")
     return opts
 
 
@@ -104,8 +95,6 @@ def _measurement_set(task, opts: dict[str, Any], seed: int):
 def run_config(store: RunStore):
     """The run's :class:`TrainConfig`, or :class:`LRJobError` for a run `panda train` did not
     start (a user's own loop: Panda cannot rebuild its model, data or loss)."""
-    from trainer.runner import TrainConfig
-
     meta = store.meta()
     name = meta.get("name", store.name)
     try:
@@ -171,7 +160,9 @@ def latest_lr_find(store: RunStore) -> dict[str, Any] | None:
 
 def _build(cfg, model_state=None, optimizer_state=None):
     """(task, optimizer) for ``cfg``, with checkpointed states loaded when given."""
-    task, optimizer = cfg.build()
+    from trainer.runner import build  # torch: only where a model is built
+
+    task, optimizer = build(cfg)
     if model_state is not None:
         task.model.load_state_dict(model_state)
     if optimizer_state is not None:
@@ -231,11 +222,7 @@ def lr_find_for_task(task_name: str, *, seed: int = 0, batch_size: int | None = 
     Returns an :class:`~trainer.lr_range.results.LRFindResult`.
     """
     from trainer.lr_range.finder import lr_find
-    from trainer.runner import TrainConfig
-    from trainer.tasks import TASK_NAMES
 
-    if task_name not in TASK_NAMES:
-        raise LRJobError(f"unknown task {task_name!r}; choose one of {', '.join(TASK_NAMES)}")
     opts = check_options(num_iter, start_lr, end_lr, refine, measure)
     try:
         cfg = TrainConfig(task=task_name, optimizer=optimizer, momentum=momentum,

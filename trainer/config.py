@@ -1,0 +1,73 @@
+"""What defines a built-in training run (``panda train``), and the choices its settings take.
+
+nanoGPT-style: one dataclass with commented defaults. Every field that a person can set
+declares its valid values once (:mod:`trainer.ranges`); ``validate``, the CLI's parser and the
+dashboard's form all check through those declarations. This module imports no torch, so the
+CLI can parse a command line and read a run's config without loading it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from trainer.knobs import KNOBS
+from trainer.ranges import COUNT, Choice, KnobError, Range
+
+TASKS = Choice(("digits", "spirals", "quadratic"))   # see trainer.tasks
+OPTIMIZERS = Choice(("sgd", "adam", "adamw"))         # see trainer.optim.make_optimizer
+ON_DIVERGE = Choice(("pause", "rollback", "ignore"))  # see trainer.babysitter.Babysitter
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a built-in training run. Defaults follow the literature."""
+
+    task: str = "digits"        # digits | spirals | quadratic
+    optimizer: str = "sgd"      # sgd | adam | adamw; SGD is the well-understood baseline
+    lr: float = 0.01            # a sensible start on normalized inputs (Ng, DLS course 2)
+    momentum: float = 0.9       # β (β1 for Adam): averages over ~1/(1−β) = 10 steps
+    weight_decay: float = 0.0   # regularization comes after LR and momentum in priority
+    batch_size: int = 32        # small batches generalize well (Masters & Luschi 2018)
+    epochs: int = 20
+    seed: int = 0
+    checkpoint_every: int = 200   # steps between rolling checkpoints
+    step_delay: float = 0.0     # seconds slept per step: slows a demo to watching speed
+    schedule: dict | None = None  # LR decay, see trainer.schedules.Schedule
+    on_diverge: str = "pause"   # pause | rollback | ignore (see Babysitter)
+    early_stop: int | None = None  # stop after this many epochs without a better val loss
+
+    def validate(self) -> TrainConfig:
+        """Raise :class:`~trainer.ranges.KnobError` (a ValueError) with a one-line reason for
+        any value that cannot be trained."""
+        for name, check in CHECKS.items():
+            setattr(self, name, check.check(name, getattr(self, name)))
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
+    def of_run(cls, meta: dict[str, Any]) -> TrainConfig:
+        """The config a `panda train` run recorded in its store meta; ValueError for a run that
+        `panda train` did not start (a user's own loop) or an unusable config."""
+        config = meta.get("config")
+        if not isinstance(config, dict) or "task" not in config:
+            raise ValueError("it was not started by `panda train` (no built-in task in its "
+                             "config)")
+        try:
+            return cls.from_dict(config).validate()
+        except (TypeError, KnobError) as err:
+            raise ValueError(f"its config is unusable: {err}") from None
+
+
+# The declared values of every checked field (the knobs declare their own ranges).
+CHECKS: dict[str, Range | Choice] = {
+    "task": TASKS, "optimizer": OPTIMIZERS,
+    **{name: knob.range for name, knob in KNOBS.items()},
+    "batch_size": COUNT, "epochs": COUNT, "seed": Range(0, integer=True),
+    "checkpoint_every": COUNT, "step_delay": Range(0.0, 10.0),
+    "on_diverge": ON_DIVERGE, "early_stop": Range(1, integer=True, optional=True),
+}
