@@ -83,6 +83,19 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, interval: fl
         time.sleep(interval)
 
 
+def holds_for(predicate: Callable[[], Any], seconds: float, interval: float = 0.02,
+              what: str = "condition") -> None:
+    """Check that ``predicate`` keeps holding for ``seconds`` (a paused run stays paused),
+    failing at the first moment it does not. Proving that nothing happens takes a while by
+    nature; this watches the whole while instead of sleeping and reading once."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert predicate(), f"{what} stopped holding"
+        if time.monotonic() > deadline:
+            return
+        time.sleep(interval)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` (all threads) from /proc/<pid>/stat."""
     text = Path(f"/proc/{pid}/stat").read_text()

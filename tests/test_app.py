@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import wait_until
 from streamlit.testing.v1 import AppTest
 
 from app.charts import MAX_POINTS, downsample, ema, training_figure
@@ -232,10 +233,9 @@ def test_new_run_form_starts_a_run_that_outlives_the_page(page, tmp_path):
     assert at.selectbox(key="run_picker").value == "fresh"
     with SqliteStore(tmp_path / "runs" / "fresh") as store:
         assert store.meta()["config"]["task"] == "quadratic"
-        deadline = time.monotonic() + APP_TIMEOUT_S  # a safety net, not a speed assertion
-        while store.summary()["state"] not in ("finished", "failed", "stopped", "interrupted"):
-            assert time.monotonic() < deadline, "the launched run never finished"
-            time.sleep(0.1)
+        wait_until(lambda: store.summary()["state"] in ("finished", "failed", "stopped",
+                                                          "interrupted"),
+                   timeout=APP_TIMEOUT_S, what="the launched run to end")
         assert store.summary()["state"] == "finished"
 
 

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from helpers import wait_until
+from helpers import holds_for, wait_until
 
 from trainer import Babysitter, KnobError
 from trainer.checkpoint import list_checkpoints
@@ -297,7 +297,6 @@ def test_a_verdict_is_written_at_once_not_at_the_next_flush(tmp_path):
     _, opt = make()
     with Babysitter(opt, tmp_path / "run", flush_interval=60, poll_interval=0.01,
                     on_diverge="ignore") as bs, SqliteStore(tmp_path / "run") as store:
-        time.sleep(0.2)  # the flusher is asleep in its 60 s wait
         good = store.submit_command("set", {"lr": 0.02})
         bad = store.submit_raw_command("set", '{"lr": -1}')
         step_until(bs, lambda: settled(store, good)() and settled(store, bad)(),
@@ -376,8 +375,8 @@ def test_pause_blocks_the_loop_and_resume_continues(tmp_path):
         wait_until(lambda: store.meta()["status"] == "paused", what="status paused")
         frozen = bs.step_count
         assert bs.paused and store.command(pause).applied_step == frozen
-        time.sleep(0.3)
-        assert bs.step_count == frozen and worker.is_alive()
+        holds_for(lambda: bs.step_count == frozen and worker.is_alive(), 0.3,
+                  what="the pause")
         assert store.summary()["state"] == "paused"
 
         resume = store.submit_command("resume")

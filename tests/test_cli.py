@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, panda, subprocess_env, summary_of, wait_until
+from helpers import REPO, holds_for, panda, subprocess_env, summary_of, wait_until
 
 from trainer import Babysitter, cli
 from trainer.store import SqliteStore
@@ -273,8 +273,7 @@ def test_pause_resume_and_stop_through_the_cli(capsys, live, runs_dir):
     assert code == 0 and json.loads(out)["status"] == "applied"
     assert live.bs.paused
     frozen = live.bs.step_count
-    time.sleep(0.1)
-    assert live.bs.step_count == frozen
+    holds_for(lambda: live.bs.step_count == frozen, 0.1, what="the pause")
     code, _, _ = run_cli(capsys, "resume", "live", "--runs-dir", runs_dir)
     assert code == 0
     wait_until(lambda: live.bs.step_count > frozen, what="steps after resume")

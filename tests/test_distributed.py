@@ -168,7 +168,7 @@ def _rows(store) -> list[dict]:
 def ddp_session(tmp_path_factory):
     """One 2-rank job, steered from outside: set the LR, pause, resume, stop."""
     sys.path.insert(0, str(HERE.parent))
-    from helpers import summary_of, wait_until
+    from helpers import holds_for, summary_of, wait_until
 
     from trainer.store import SqliteStore
 
@@ -182,8 +182,11 @@ def ddp_session(tmp_path_factory):
         wait_until(lambda: summary_of(run_dir)["step"] >= cli["set"]["applied_step"] + 15,
                    what="steps after the LR change")
         cli["pause"] = _cli_json("pause", run_dir)
-        time.sleep(1.0)  # a paused job stays paused: both ranks wait inside step()
-        cli["paused_step"] = summary_of(run_dir)["step"]
+        paused_at = cli["pause"]["applied_step"]
+        wait_until(lambda: summary_of(run_dir)["step"] == paused_at, what="the paused step")
+        # A paused job stays paused: both ranks wait inside step().
+        holds_for(lambda: summary_of(run_dir)["step"] == paused_at, 1.0, what="the pause")
+        cli["paused_step"] = paused_at
         cli["resume"] = _cli_json("resume", run_dir)
         wait_until(lambda: summary_of(run_dir)["step"] >= cli["resume"]["applied_step"] + 15,
                    what="steps after resume")

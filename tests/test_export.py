@@ -6,15 +6,16 @@ import json
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
 import yaml
+from helpers import wait_until
 
 from trainer import cli
+from trainer.config import TrainConfig
 from trainer.export import ExportError, build_export, load_export, render, replay_commands
-from trainer.runner import TrainConfig, train
+from trainer.runner import train
 from trainer.store import RunStore, SqliteStore
 
 torch.set_num_threads(1)
@@ -23,42 +24,43 @@ CFG = TrainConfig(task="digits", epochs=8, step_delay=0.003, checkpoint_every=10
 
 
 def _wait_for_step(run_dir, step: int) -> RunStore:
-    while not (run_dir / "run.db").exists():
-        time.sleep(0.01)
+    wait_until(lambda: (run_dir / "run.db").exists(), what="the run store")
     store = SqliteStore(run_dir)
-    while store.summary()["step"] < step:
-        time.sleep(0.01)
+    wait_until(lambda: store.summary()["step"] >= step, what=f"step {step}")
     return store
 
 
 def _wait_applied(store: RunStore, command_id: int) -> None:
-    while store.command(command_id).status == "pending":
-        time.sleep(0.01)
+    wait_until(lambda: store.command(command_id).status != "pending", what="the verdict")
+    assert store.command(command_id).status == "applied"
 
 
-def _babysit(run_dir) -> None:
+def _babysit(run_dir, failures: list) -> None:
     """Turn knobs during the run the way a person would: LR up, momentum and decay, a schedule."""
-    store = _wait_for_step(run_dir, 40)
-    _wait_applied(store, store.submit_command("set", {"lr": 0.05}, source="test"))
-    while store.summary()["step"] < 120:
-        time.sleep(0.01)
-    _wait_applied(store, store.submit_command("set", {"momentum": 0.5, "weight_decay": 1e-3},
-                                              source="test"))
-    while store.summary()["step"] < 200:
-        time.sleep(0.01)
-    _wait_applied(store, store.submit_command("schedule", {"shape": "exponential", "rate": 0.7},
-                                              source="test"))
-    store.close()
+    try:
+        store = _wait_for_step(run_dir, 40)
+        _wait_applied(store, store.submit_command("set", {"lr": 0.05}, source="test"))
+        wait_until(lambda: store.summary()["step"] >= 120, what="step 120")
+        _wait_applied(store, store.submit_command("set", {"momentum": 0.5,
+                                                          "weight_decay": 1e-3}, source="test"))
+        wait_until(lambda: store.summary()["step"] >= 200, what="step 200")
+        _wait_applied(store, store.submit_command("schedule", {"shape": "exponential",
+                                                               "rate": 0.7}, source="test"))
+        store.close()
+    except BaseException as err:  # surfaced by the fixture
+        failures.append(err)
 
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
     """A digits run with three live interventions, and its JSON export."""
     run_dir = tmp_path_factory.mktemp("export") / "orig"
-    person = threading.Thread(target=_babysit, args=(run_dir,))
+    failures: list[BaseException] = []
+    person = threading.Thread(target=_babysit, args=(run_dir, failures), daemon=True)
     person.start()
     assert train(CFG, run_dir) == "finished"
-    person.join()
+    person.join(timeout=60)
+    assert not person.is_alive() and not failures, failures
     with SqliteStore(run_dir) as store:
         export = build_export(store)
     return run_dir, export

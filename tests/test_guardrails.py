@@ -14,7 +14,7 @@ from collections import deque
 import numpy as np
 import pytest
 import torch
-from helpers import wait_until
+from helpers import holds_for, wait_until
 
 from trainer import checkpoint
 from trainer.babysitter import Babysitter
@@ -118,10 +118,11 @@ def test_divergence_pauses_and_rollback_restores_the_pre_change_state_bitwise(tm
         _until(lambda: store.summary()["state"] == "diverged", "divergence to be detected")
         detected = next(e for e in store.events_since() if e["kind"] == "diverged")
         assert detected["step"] - changed_at < 2000  # bounded: patience + one flush interval
-        time.sleep(0.3)  # let the last rows before the pause reach the store
-        paused_step = store.summary()["step"]
-        time.sleep(0.3)
-        assert store.summary()["step"] == paused_step  # paused: the trainer waits for a person
+        # The last rows before the pause reach the store; then nothing moves: the trainer
+        # waits for a person.
+        paused_step = _until(lambda: bs.paused and bs.step_count, "the pause")
+        _until(lambda: store.summary()["step"] == paused_step, "the last rows")
+        holds_for(lambda: store.summary()["step"] == paused_step, 0.3, what="the pause")
 
         command_id = store.submit_command("rollback", {}, source="test")
         _until(lambda: store.command(command_id).status == "applied", "the rollback")
@@ -216,8 +217,9 @@ def test_checkpoint_ring_is_bounded_and_pins_are_kept(tmp_path):
 # --- branches -----------------------------------------------------------------------------------
 
 def test_a_branch_starts_from_a_checkpoint_with_other_knobs_and_links_its_parent(tmp_path):
+    from trainer.config import TrainConfig
     from trainer.launch import branch_run
-    from trainer.runner import TrainConfig, train
+    from trainer.runner import train
 
     parent = tmp_path / "runs" / "parent"
     cfg = TrainConfig(task="spirals", epochs=3, checkpoint_every=50)  # 50 steps per epoch

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from helpers import summary_of, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -154,17 +155,13 @@ def test_api_refuses_hostile_values_and_changes_nothing(live, payload):
 def test_raw_command_table_rows_are_rejected_and_recorded(live, payload, kind):
     step_before = live.bs.step_count
     command_id = live.store.submit_raw_command(kind, payload)
-    deadline = time.monotonic() + TIMEOUT_S
-    while live.store.command(command_id).status == "pending":
-        assert time.monotonic() < deadline, "the trainer never answered"
-        time.sleep(0.01)
+    wait_until(lambda: live.store.command(command_id).status != "pending", timeout=TIMEOUT_S,
+               what="the trainer's answer")
     command = live.store.command(command_id)
     assert command.status == "rejected" and command.error and command.applied_step is None
     assert live.knobs() == START
-    deadline = time.monotonic() + TIMEOUT_S
-    while live.bs.step_count <= step_before:  # still training
-        assert time.monotonic() < deadline, "training stopped"
-        time.sleep(0.01)
+    wait_until(lambda: live.bs.step_count > step_before, timeout=TIMEOUT_S,
+               what="training to go on")
 
 
 @settings(max_examples=25, deadline=None,
@@ -267,10 +264,8 @@ def test_two_dashboards_and_the_cli_at_once_apply_every_command_once_in_order(tm
                                 "--step-delay", "0.002"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (run_dir / "run.db").exists() or SqliteStore(run_dir).summary()["step"] < 5:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: (summary_of(run_dir) or {}).get("step", 0) >= 5, timeout=TIMEOUT_S,
+                   what="the trainer to start")
         senders = [subprocess.Popen([sys.executable, "-c", _SENDER, str(run_dir), name, "30"])
                    for name in ("a", "b")]
         cli_lrs = [0.004, 0.005, 0.006, 0.007, 0.008]
@@ -280,9 +275,8 @@ def test_two_dashboards_and_the_cli_at_once_apply_every_command_once_in_order(tm
         for proc in senders + clis:
             assert proc.wait(TIMEOUT_S) == 0
         store = SqliteStore(run_dir)
-        while any(c.status == "pending" for c in store.commands()):
-            assert time.monotonic() < deadline + TIMEOUT_S
-            time.sleep(0.05)
+        wait_until(lambda: all(c.status != "pending" for c in store.commands()),
+                   timeout=TIMEOUT_S, what="every verdict")
         commands = store.commands()
         assert len(commands) == 65 and {c.status for c in commands} == {"applied"}
         applied_steps = [c.applied_step for c in commands]
@@ -290,7 +284,7 @@ def test_two_dashboards_and_the_cli_at_once_apply_every_command_once_in_order(tm
         events = store.events_since()
         assert sorted(e["command_id"] for e in events) == [c.id for c in commands]  # once each
         last = json.loads(commands[-1].payload)["lr"]
-        time.sleep(0.3)
+        wait_until(lambda: store.summary()["lr"] == last, what="the last LR in the store")
         # Every reader (each dashboard, the CLI) sees the same applied state: the last command.
         views = [SqliteStore(run_dir).summary()["lr"] for _ in range(3)]
         assert views == [last] * 3

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import tempfile
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -157,13 +158,38 @@ def test_model_optimizer_and_rng_are_bitwise_unchanged_and_no_files_written(
     assert os.listdir(tmp_path) == []
 
 
-def test_no_host_sync_per_step(monkeypatch):
-    # Losses stay tensors and are copied to the host per chunk, never with `.item()` per step.
+HOST_COPIES = {"item", "tolist", "__float__", "__int__", "__index__", "__bool__", "cpu",
+               "numpy", "__array__"}  # every way a tensor's value reaches Python
+
+
+class LossSpy(torch.Tensor):
+    """A loss tensor that records every host copy made of it or of anything computed from it."""
+
+    copies: ClassVar[list[str]] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_COPIES:
+            LossSpy.copies.append(name)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("check_every", [1, 8])
+def test_no_host_sync_per_step(check_every):
+    """Losses stay tensors and reach the host once per chunk of ``check_every`` steps, by any
+    route (.item(), float(), .tolist(), .cpu(), numpy), never once per step."""
     task, optimizer = quadratic_sgd()
-    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail(".item() was called"))
-    result = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), num_iter=40,
-                     refine=False)
-    assert len(result.lrs) >= 1
+    LossSpy.copies.clear()
+    num_iter = 40
+    lr_find(task.model, optimizer, lambda out, y: task.loss_fn(out, y).as_subclass(LossSpy),
+            full_batch(task), num_iter=num_iter, refine=False, end_lr=1e-3,
+            check_every=check_every)
+    chunks = math.ceil(num_iter / check_every)
+    assert LossSpy.copies, "the spy must see the chunk copies (else it checks nothing)"
+    assert len(LossSpy.copies) <= 2 * chunks, LossSpy.copies  # .cpu() + .tolist() per chunk
+    if check_every > 1:
+        assert len(LossSpy.copies) < num_iter
 
 
 # --- failures are results, not exceptions ---------------------------------------------------------

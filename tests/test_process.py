@@ -19,7 +19,16 @@ import time
 
 import pytest
 import torch
-from helpers import cpu_seconds, panda, reaped, start_train, summary_of, train_log, wait_until
+from helpers import (
+    cpu_seconds,
+    holds_for,
+    panda,
+    reaped,
+    start_train,
+    summary_of,
+    train_log,
+    wait_until,
+)
 
 from trainer.checkpoint import list_checkpoints
 from trainer.store import SqliteStore
@@ -82,8 +91,8 @@ def test_live_control_of_a_training_process(tmp_path):
         time.sleep(1.0)
         cpu_paused = cpu_seconds(proc.pid) - cpu0
         assert _step(run_dir) == frozen
-        time.sleep(0.3)                      # a paused run stays paused
-        assert _step(run_dir) == frozen and proc.poll() is None
+        holds_for(lambda: _step(run_dir) == frozen and proc.poll() is None, 0.3,
+                  what="the pause")
 
         # --- resume: it advances again, and burns CPU doing so ---
         assert _cli_json("resume", run_dir)["status"] == "applied"

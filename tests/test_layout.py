@@ -1,0 +1,115 @@
+"""The shape of the code: no import cycles in ``trainer/``, and ``trainer`` never imports
+Streamlit. Read with ``ast`` (nothing is imported), function-level imports included:
+an import hidden in a function is still a cycle, it only fails later."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+TRAINER = Path(__file__).resolve().parent.parent / "trainer"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(TRAINER.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in TRAINER.rglob("*.py")}
+
+
+def _under_type_checking(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return True
+    return False
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """The ``trainer`` modules that ``path`` imports anywhere (``TYPE_CHECKING`` excluded).
+    ``from trainer.x import y`` imports ``trainer.x.y`` when that is a module, else
+    ``trainer.x`` (a package's own ``__init__`` runs either way, but only for its own names
+    does the importer depend on what it imports)."""
+    tree = ast.parse(path.read_text())
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    inside = TRAINER in path.resolve().parents
+    own = module_name(path) if inside else ""
+    package = own if path.name == "__init__.py" else own.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if _under_type_checking(node, parents):
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            submodules = {f"{base}.{alias.name}" for alias in node.names} & known
+            found |= submodules
+            if len(submodules) < len(node.names):  # a name defined in the module itself
+                found.add(base)
+    return {name for name in found if name in known}
+
+
+def graph() -> dict[str, set[str]]:
+    found = modules()
+    return {name: imports_of(path, set(found)) - {name} for name, path in found.items()}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt]
+            if nxt not in state:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(edges):
+        if start not in state:
+            cycle = visit(start)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_trainer_has_no_import_cycle():
+    cycle = find_cycle(graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_cycles_hidden_in_functions(tmp_path):
+    """The check itself must be able to fail: a function-level import closing a loop."""
+    edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(edges) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+    source = tmp_path / "mod.py"
+    source.write_text("import os\n\ndef late():\n    from trainer.knobs import KNOBS\n"
+                      "if TYPE_CHECKING:\n    from trainer.babysitter import Babysitter\n")
+    assert imports_of(source, {"trainer.knobs", "trainer.babysitter"}) == {"trainer.knobs"}
+
+
+@pytest.mark.parametrize("name", sorted(modules()))
+def test_trainer_never_imports_streamlit(name):
+    tree = ast.parse(modules()[name].read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
+    assert "streamlit" not in imported, f"{name} imports streamlit"
