@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import deque
 from typing import ClassVar
 
 import pytest
@@ -70,12 +71,31 @@ def train_steps(bs: Babysitter, model, opt, n: int, *, pause_s: float = 0.0) -> 
 
 
 def step_until(bs: Babysitter, predicate, *, timeout: float = 30.0, what: str = "it") -> None:
-    """Keep taking (trivial) steps until ``predicate()``: commands apply at step boundaries."""
+    """Keep taking (trivial) steps until ``predicate()``: commands are taken at step
+    boundaries and knob changes land at the next update (an optimizer step with no gradients
+    changes no parameter, but it is an update: its hooks run)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        bs.optimizer.step()
         bs.step(0.0)
         time.sleep(0.002)
+
+
+class UpdateSpy:
+    """A step pre-hook registered after the Babysitter's: the group values each update uses
+    (Panda composes its knobs around the update; between updates the groups hold the user's
+    own values, see trainer.composition)."""
+
+    def __init__(self, opt):
+        self.seen: list[list[dict]] = []
+        opt.register_step_pre_hook(lambda o, a, k: self.seen.append(
+            [{key: g.get(key) for key in ("lr", "momentum", "betas", "weight_decay")}
+             for g in o.param_groups]))
+
+    @property
+    def last(self) -> list[dict]:
+        return self.seen[-1]
 
 
 def settled(store: RunStore, command_id: int):
@@ -190,17 +210,23 @@ def test_non_finite_losses_are_logged_not_raised(tmp_path):
 def test_set_command_changes_lr_momentum_and_weight_decay(tmp_path, name, momentum_of):
     model, opt = make(name)
     beta2 = opt.param_groups[0].get("betas", (None, None))[1]
+    user = [dict(g) for g in opt.param_groups]
     with Babysitter(opt, tmp_path / "run", model=model, **FAST) as bs, \
             SqliteStore(tmp_path / "run") as store:
+        spy = UpdateSpy(opt)
         train_steps(bs, model, opt, 3)
         cid = store.submit_command("set", {"lr": 0.05, "momentum": 0.5, "weight_decay": 0.01})
-        step_until(bs, settled(store, cid), what="the set command")
-        group = opt.param_groups[0]
-        assert group["lr"] == 0.05 and momentum_of(group) == 0.5
-        assert group["weight_decay"] == 0.01
+        step_until(bs, lambda: bs.channels.commands == deque() and bs.lr == 0.05,
+                   what="the set command to be taken")
+        train_steps(bs, model, opt, 1)  # the update that uses it
+        used = spy.last[0]
+        assert used["lr"] == 0.05 and momentum_of(used) == 0.5 and used["weight_decay"] == 0.01
         if beta2 is not None:
-            assert group["betas"][1] == beta2  # β2 is not the momentum knob
+            assert used["betas"][1] == beta2  # β2 is not the momentum knob
+        group = opt.param_groups[0]  # between updates: the user's own values, untouched
+        assert (group["lr"], group["weight_decay"]) == (user[0]["lr"], user[0]["weight_decay"])
         train_steps(bs, model, opt, 2)
+        wait_until(settled(store, cid), what="the verdict")
         cmd = store.command(cid)
         assert cmd.status == "applied" and cmd.applied_step >= 3 and cmd.error is None
     with SqliteStore(tmp_path / "run") as store:
@@ -222,17 +248,21 @@ def test_param_groups_keep_lr_ratios_and_excluded_decay_stays_zero(tmp_path):
         {"params": [model.body.bias, model.head.bias], "lr": 0.1, "weight_decay": 0.0},
     ], lr=0.1, momentum=0.9)
     with Babysitter(opt, tmp_path / "run", **FAST) as bs:
+        spy = UpdateSpy(opt)
+
+        def used(**knobs):
+            bs.set(**knobs)
+            train_steps(bs, model, opt, 1)
+            return spy.last
         assert bs.lr == 0.1 and bs.knobs.weight_decay() == 1e-3
-        bs.set(lr=0.5)
-        assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.05, 0.5])
-        bs.set(weight_decay=1e-2)
-        assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx([1e-2, 5e-3, 0.0])
-        bs.set(weight_decay=0.0)
-        assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0, 0.0]
-        bs.set(weight_decay=2e-3)  # the original exclusions come back
-        assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx([2e-3, 1e-3, 0.0])
-        bs.set(momentum=0.5)
-        assert [g["momentum"] for g in opt.param_groups] == [0.5, 0.5, 0.5]
+        assert [g["lr"] for g in used(lr=0.5)] == pytest.approx([0.5, 0.05, 0.5])
+        assert [g["weight_decay"] for g in used(weight_decay=1e-2)] == pytest.approx(
+            [1e-2, 5e-3, 0.0])
+        assert [g["weight_decay"] for g in used(weight_decay=0.0)] == [0.0, 0.0, 0.0]
+        # The user's exclusions (and ratios) come back with a new value.
+        assert [g["weight_decay"] for g in used(weight_decay=2e-3)] == pytest.approx(
+            [2e-3, 1e-3, 0.0])
+        assert [g["momentum"] for g in used(momentum=0.5)] == pytest.approx([0.5, 0.5, 0.5])
 
 
 def test_api_set_validates_and_is_recorded_like_a_command(tmp_path):
@@ -242,9 +272,11 @@ def test_api_set_validates_and_is_recorded_like_a_command(tmp_path):
                     {"weight_decay": -1}, {"dropout": 0.1}, {}):
             with pytest.raises(KnobError):
                 bs.set(**bad)
-        assert bs.knobs.values() == {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
+        assert bs.composition.in_force() == {"lr": 0.01, "momentum": 0.9,
+                                             "weight_decay": 1e-4}
         train_steps(bs, model, opt, 2)
         bs.set(lr=0.02)
+        train_steps(bs, model, opt, 2)  # the first update uses it, the next step confirms
     with SqliteStore(tmp_path / "run") as store:
         (cmd,) = store.commands()
         assert (cmd.kind, cmd.source, cmd.status, cmd.applied_step) == ("set", "api",
@@ -277,10 +309,10 @@ def test_rejected_commands_carry_a_reason_and_change_nothing(tmp_path):
     _, opt = make()
     with Babysitter(opt, tmp_path / "run", **FAST) as bs, \
             SqliteStore(tmp_path / "run") as store:
-        before = (bs.knobs.values(), bs.schedule, bs.paused, bs.should_stop)
+        before = (bs.composition.in_force(), bs.schedule, bs.paused, bs.should_stop)
         ids = [store.submit_raw_command(kind, text) for kind, text, _ in BAD_RAW]
         step_until(bs, lambda: all(settled(store, i)() for i in ids), what="verdicts")
-        assert (bs.knobs.values(), bs.schedule, bs.paused, bs.should_stop) == before
+        assert (bs.composition.in_force(), bs.schedule, bs.paused, bs.should_stop) == before
         for cid, (kind, text, reason) in zip(ids, BAD_RAW):
             cmd = store.command(cid)
             assert cmd.status == "rejected", (kind, text)
@@ -315,8 +347,9 @@ def test_momentum_on_an_optimizer_without_it_is_rejected(tmp_path):
         step_until(bs, settled(store, good), what="the good command")
         assert store.command(bad).status == "rejected"
         assert "Adagrad has no momentum knob" in store.command(bad).error
-        assert opt.param_groups[0]["lr"] == 0.01   # the whole command refused, lr included
-        assert opt.param_groups[0]["weight_decay"] == 0.01
+        used = bs.composition.last_used()  # what the update used
+        assert used["lr"] == 0.01   # the whole command refused, lr included
+        assert used["weight_decay"] == 0.01
         with pytest.raises(KnobError, match="no momentum"):
             bs.set(momentum=0.5)
         assert "momentum" not in opt.param_groups[0]
@@ -332,22 +365,32 @@ def test_commands_apply_exactly_once_and_in_order(tmp_path):
             ids.append(store.submit_command("set", {"lr": lr}))
             if i % 7 == 0:
                 ids.append(store.submit_raw_command("set", '{"lr": -1}'))  # interleaved junk
-            bs.step(0.0)  # some land between steps, some in the same batch
+            opt.step()
+            bs.step(0.0)  # some are taken between steps, some in the same batch
+            if i % 3 == 2:  # every third is taken (and lands) before the next is sent
+                step_until(bs, settled(store, ids[-1]), what=f"command {ids[-1]}")
         step_until(bs, lambda: all(settled(store, i)() for i in ids), what="all commands")
         train_steps(bs, model, opt, 3)
         assert bs.lr == lrs[-1]
     with SqliteStore(tmp_path / "run") as store:
         cmds = [store.command(i) for i in ids]
         events = store.events_since()
-    applied = [c for c in cmds if c.status == "applied"]
-    assert [json.loads(c.payload)["lr"] for c in applied] == lrs
+    good = [c for c in cmds if json.loads(c.payload).get("lr", -1) > 0]
     assert sum(c.status == "rejected" for c in cmds) == 5
+    # Each good command is applied once; one taken in the same batch as a later one is
+    # replaced by it before any update could use it, and says so.
+    assert {c.status for c in good} <= {"applied", "superseded"}
+    applied = [c for c in good if c.status == "applied"]
+    assert applied[-1].id == good[-1].id and len(applied) >= len(good) // 3
+    for c in good:
+        if c.status == "superseded":
+            assert "replaced by command" in c.error and c.applied_step is None
     steps = [c.applied_step for c in applied]
     assert steps == sorted(steps)
     # One event per applied command, in command order, each one's old value the previous new.
     assert [e["command_id"] for e in events] == [c.id for c in applied]
-    assert [e["new"] for e in events] == lrs
-    assert [e["old"] for e in events[1:]] == lrs[:-1]
+    assert [e["new"] for e in events] == [json.loads(c.payload)["lr"] for c in applied]
+    assert [e["old"] for e in events[1:]] == pytest.approx([e["new"] for e in events[:-1]])
 
 
 # --- pause, resume, stop ------------------------------------------------------------------------

@@ -260,7 +260,8 @@ def test_set_waits_for_the_trainer_and_reports_the_step(capsys, live, runs_dir):
     assert code == 0, err
     answer = json.loads(out)
     assert answer["status"] == "applied" and answer["error"] is None
-    assert live.bs.lr == 0.05 and live.bs.knobs.momentum() == 0.8
+    used = live.bs.composition.last_used()  # what the update at the applied step used
+    assert (used["lr"], used["momentum"]) == pytest.approx((0.05, 0.8), rel=1e-12)
     (cmd,) = live.commands()
     assert (cmd.id, cmd.source, cmd.applied_step) == (answer["command"], "cli",
                                                       answer["applied_step"])

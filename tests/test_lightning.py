@@ -52,6 +52,13 @@ class Regression(L.LightningModule):
         self._abs_errors: list[torch.Tensor] = []
         self.maes: list[torch.Tensor] = []
 
+    def on_train_start(self):
+        # Runs after PandaCallback.on_train_start (callbacks first): a pre-step hook added now
+        # runs after Panda's and sees what each update uses, Panda's factor included.
+        self.used_lr = None
+        self.trainer.optimizers[0].register_step_pre_hook(
+            lambda opt, args, kwargs: setattr(self, "used_lr", opt.param_groups[0]["lr"]))
+
     def training_step(self, batch, batch_idx):
         if self.hparams.fail_at is not None and self.global_step >= self.hparams.fail_at:
             raise RuntimeError("boom in training_step")
@@ -220,7 +227,8 @@ def test_live_lr_change_pause_resume_and_stop(tmp_path):
         assert not errors, errors
         assert store.command(stop).status == "applied"
         assert store.meta()["status"] == "stopped"
-        assert trainer.optimizers[0].param_groups[0]["lr"] == 0.003
+        assert store.summary()["lr"] == pytest.approx(0.003, rel=1e-12)  # the last update's
+        assert trainer.optimizers[0].param_groups[0]["lr"] == 0.01  # the user's own, kept
         assert trainer.current_epoch < trainer.max_epochs - 1
         events = store.events_since(0)
         assert any(e["kind"] == "set" and e["new"] == 0.003 for e in events)
@@ -279,7 +287,7 @@ def _ddp_worker(run_dir: str, reports: str) -> None:
     digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes()
                                      for p in model.parameters())).hexdigest()
     Path(reports, f"rank{trainer.global_rank}.json").write_text(json.dumps({
-        "lr": trainer.optimizers[0].param_groups[0]["lr"], "status": cb.final_status,
+        "lr": model.used_lr, "status": cb.final_status,
         "params": digest, "epoch": trainer.current_epoch}))
 
 
@@ -313,7 +321,7 @@ def test_ddp_every_rank_gets_the_knob_and_the_stop(tmp_path):
             proc.kill()
             proc.wait()
     ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["lr"] for r in ranks] == [0.003, 0.003]
+    assert [r["lr"] for r in ranks] == pytest.approx([0.003, 0.003], rel=1e-12)
     assert [r["status"] for r in ranks] == ["stopped", "stopped"]
     assert ranks[0]["params"] == ranks[1]["params"]  # the replicas stayed identical
     assert ranks[0]["epoch"] == ranks[1]["epoch"] < 9_999

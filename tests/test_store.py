@@ -134,7 +134,8 @@ def test_metrics_since_returns_only_newer_steps_in_order(store):
     store.append_metrics([row(3), row(4)])
     newer = store.metrics_since(2)
     assert newer["step"] == [3, 4]
-    assert set(newer) == {"step", "epoch", "wall", "loss", "lr", "momentum", "weight_decay"}
+    assert set(newer) == {"step", "epoch", "wall", "loss", "lr", "momentum", "weight_decay",
+                          "user_lr"}
     assert store.metrics_since(4) == {c: [] for c in newer}
     assert store.metrics_since(0, columns=("step", "loss")) == {"step": [1, 2, 3, 4],
                                                                 "loss": [9.0, 8.0, 1.0, 1.0]}

@@ -12,9 +12,11 @@ The hot path (:meth:`Babysitter.step`) never waits on I/O or the GPU: it appends
 loss tensor to a deque and reads one attribute for pending commands. Two daemon threads do the
 rest (see :mod:`trainer.workers`): a flusher turns buffered tensors into numbers and writes them in
 batches about every 100 ms, and a poller reads new commands about every 50 ms, validates them
-and hands them over. Knob changes are applied by the training thread between two steps, so a
-step never sees half a change. Under DDP a :class:`~trainer.distributed.DistributedCoordinator`
-keeps the ranks in lockstep (:mod:`trainer.coordinator` says what it may do here).
+and hands them over. Knob changes are taken by the training thread between two steps and land
+at the next optimizer update, as factors on whatever the user's own code or scheduler sets
+(:mod:`trainer.composition`); their verdict comes from the update that used them. Under DDP a
+:class:`~trainer.distributed.DistributedCoordinator` keeps the ranks in lockstep
+(:mod:`trainer.coordinator` says what it may do here).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import socket
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +42,13 @@ from trainer.channels import (
     WriteVerdicts,
 )
 from trainer.commands import GUARD_KIND, ValidCommand, validate_command
+from trainer.composition import Composition, Landing, same
 from trainer.config import ON_DIVERGE
 from trainer.coordinator import Coordinator
 from trainer.distributed import DEFAULT_SYNC_EVERY, coordinator_for
 from trainer.guard import DivergenceGuard, EarlyStopping
 from trainer.knobs import format_sci
-from trainer.optim import OptimizerKnobs, ScheduledLR
+from trainer.optim import OptimizerKnobs
 from trainer.ranges import KnobError
 from trainer.rollback import RollbackPoints
 from trainer.schedules import Schedule, schedule_from
@@ -59,6 +63,26 @@ FLUSH_INTERVAL_S = 0.1   # metrics reach the store at most this late (kill -9 lo
 POLL_INTERVAL_S = 0.05   # a command waits at most this long before the trainer sees it
 PAUSE_WAKE_S = 0.5       # a paused trainer re-checks for stop/close at least this often
 RESCUE_LR_FACTOR = 0.5   # --on-diverge rollback halves the LR that diverged
+NO_UPDATE_LIMIT = 100    # steps a knob change may wait for an update before it does not hold
+
+
+@dataclass
+class _Awaiting:
+    """A knob change waiting for the update that uses it (see Babysitter._confirm_landings)."""
+
+    command: ValidCommand
+    wall: float
+    before: dict[str, float | None]   # the values in force when it was asked for
+    landing: Landing
+    boundaries: int = 0               # step boundaries passed without an update using it
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else format_sci(float(value))
+
+
+def _source_note(command: ValidCommand) -> str:
+    return {"branch": " (branch)", "replay": " (replay)"}.get(command.source, "")
 
 
 class Babysitter:
@@ -119,7 +143,7 @@ class Babysitter:
         self.knobs = OptimizerKnobs(optimizer)
         self.steps_per_epoch = steps_per_epoch
         self.checkpoint_every = checkpoint_every
-        self.lr_plan = ScheduledLR(self.knobs, schedule_from(schedule or {}))
+        self.composition = Composition(self.knobs, schedule_from(schedule or {}))
         self.step_count = 0          # optimizer steps completed (the next row's step number)
         self.epoch = 0
         self.should_stop = False
@@ -129,6 +153,8 @@ class Babysitter:
         self._stopped_by_command = False
         self.final_status: str | None = None  # set by close()
         self._rollback_points = RollbackPoints(self.run_dir)
+        self._awaiting: list[_Awaiting] = []  # knob changes waiting for the update using them
+        self._restored_at_update = 0  # composition.updates when a state was last restored
         self._early_stopping = EarlyStopping(early_stop) if early_stop else None
         for timed in replay or []:
             validate_command(timed[1], timed[2])
@@ -141,7 +167,7 @@ class Babysitter:
         self._rows, self._commands = self.channels.rows, self.channels.commands
         self.store = self.coordinator.open_store(self.run_dir, store_url(store))
         resumed_from = self._restore() if resume else None
-        self.lr_plan.write(self._epoch_position())
+        self.composition.set_position(self._epoch_position())
         self._workers = Workers()
         if self.store is not None:  # this process records the run
             self._record_start(config or {}, task, resumed_from)
@@ -165,19 +191,22 @@ class Babysitter:
 
         Call it after ``optimizer.step()``. No host-device sync, no I/O, no lock.
         """
-        knobs = self.knobs
+        used = self.composition  # what the update just taken used (see trainer.composition)
         value = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
-        self._rows.append(MetricRow(self.step_count, self.epoch, time.time(), value, knobs.lr(),
-                                    knobs.momentum(), knobs.weight_decay()))
+        self._rows.append(MetricRow(self.step_count, self.epoch, time.time(), value,
+                                    used.used_lr, used.used_momentum, used.used_weight_decay,
+                                    used.user_lr))
         self.step_count += 1
+        if self._awaiting:
+            self._confirm_landings()
         if self._meet_every and self.step_count % self._meet_every == 0:
             self.coordinator.meet(self)  # all ranks, same step: mean loss, shared commands
         if self._next_replay == self.step_count:
             self._apply_replay()
         if self._commands:
             self._apply_commands()
-        if self.lr_plan.active:
-            self.lr_plan.write(self._epoch_position())
+        if self.composition.decaying:
+            self.composition.set_position(self._epoch_position())
         if self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
             self.checkpoint("periodic")
 
@@ -200,14 +229,16 @@ class Babysitter:
             self._check_early_stop(float(loss))
         if end_epoch:
             self.epoch += 1
-            if self.lr_plan.active:
-                self.lr_plan.write(self._epoch_position())
+            if self.composition.decaying:
+                self.composition.set_position(self._epoch_position())
 
     # --- knobs ----------------------------------------------------------------------------------
 
     @property
     def lr(self) -> float:
-        return self.knobs.lr()
+        """The LR the next update will use, as far as known now (a requested change, else the
+        user's current LR times Panda's factor; see :mod:`trainer.composition`)."""
+        return self.composition.in_force()["lr"]
 
     def set(self, **knobs: float) -> None:
         """Change knobs from code, exactly like a command (validated, logged, marked)."""
@@ -238,7 +269,8 @@ class Babysitter:
         """Apply one validated command now, at a step boundary; queue its record for the store.
 
         Commands that did not come through the store (``bs.set``, replay) are recorded as
-        applied commands too, so the timeline and exports see every intervention.
+        applied commands too, so the timeline and exports see every intervention. A knob
+        change's verdict waits for the update that uses it (:meth:`_confirm_landings`).
         """
         step, wall = self.step_count, time.time()
         outbox = self.channels.outbox
@@ -250,31 +282,44 @@ class Babysitter:
             outbox.append(WriteVerdicts([Verdict(command.id, "rejected", None, str(err))]))
             self._workers.nudge()
             return
+        if events is not None:
+            self._settle(command, step, events)
+
+    def _settle(self, command: ValidCommand, step: int, events: list[Event], *,
+                status: str = "applied", error: str | None = None) -> None:
+        """Queue a command's verdict and events for the store, and have them written now (the
+        sender waits for them, not for the next flush)."""
+        outbox = self.channels.outbox
         if command.kind == GUARD_KIND:  # the guard's own news, not a command anyone sent
             outbox.append(WriteEvents(events))
         elif command.id is None:
             outbox.append(RecordCommand(command.kind, command.payload, command.source, step,
-                                        events))
+                                        events, status, error))
         else:
-            outbox.append(WriteVerdicts([Verdict(command.id, "applied", step)], events))
-        self._workers.nudge()  # whoever sent it sees the verdict now, not at the next flush
+            outbox.append(WriteVerdicts([Verdict(command.id, status,
+                                                 step if status == "applied" else None, error)],
+                                        events))
+        self._workers.nudge()
 
-    def _effects(self, command: ValidCommand, step: int, wall: float) -> list[Event]:
-        """Carry out one command; return its intervention events."""
+    def _effects(self, command: ValidCommand, step: int, wall: float) -> list[Event] | None:
+        """Carry out one command; return its intervention events (None: a knob change, whose
+        events wait for the update that uses it)."""
         kind, payload, command_id = command.kind, command.payload, command.id
         events: list[Event] = []
         if kind in ("set", "schedule") and self.model is not None:
             self.checkpoint("intervention")  # the state to roll back to if this goes wrong
         if kind == "set":
-            for name, new in payload.items():
-                old = self.knobs.values()[name]
-                self._set_knob(name, new)
-                events.append(Event(step, wall, "set", name, old, new, command_id,
-                                    f"{name} {format_sci(old)} → {format_sci(new)} at step "
-                                    f"{step}"))
-        elif kind == "schedule":
+            self._supersede(command, payload)
+            # What the next update would have used without it (and without a change it
+            # replaces, which no update ever used).
+            before = self.composition.in_force(requested=False)
+            landing = self.composition.request(payload)
+            self._awaiting.append(_Awaiting(command, wall, {k: before[k] for k in payload},
+                                            landing))
+            return None
+        if kind == "schedule":
             old_shape = self.schedule.shape
-            self.lr_plan.set_schedule(schedule_from(payload), self._epoch_position())
+            self.composition.set_schedule(schedule_from(payload), self._epoch_position())
             events.append(Event(step, wall, "schedule", "schedule", None, None, command_id,
                                 f"decay {old_shape} → {self.schedule.shape} at step {step}"))
         elif kind in ("pause", "resume", "stop"):
@@ -298,13 +343,55 @@ class Babysitter:
             events.extend(self._handle_divergence(step, wall, payload))
         return events
 
-    def _set_knob(self, name: str, value: float) -> None:
-        if name == "lr":
-            self.lr_plan.set_lr(value, self._epoch_position())
-        elif name == "momentum":
-            self.knobs.set_momentum(value)
-        else:
-            self.knobs.set_weight_decay(value)
+    def _supersede(self, command: ValidCommand, payload: dict) -> None:
+        """An earlier change to the same knobs that no update has used yet never will: this one
+        replaces it before the next update. It ends as ``superseded`` (all its knobs replaced)."""
+        for item in self._awaiting:
+            requested = item.landing.requested
+            if item.landing.update is not None or not set(requested) & set(payload):
+                continue
+            for name in set(requested) & set(payload):
+                del requested[name]
+            if not requested:
+                by = f"command {command.id}" if command.id is not None else command.source
+                self._settle(item.command, self.step_count, [], status="superseded",
+                             error=f"replaced by {by} before any update used it")
+        self._awaiting = [item for item in self._awaiting if item.landing.requested]
+
+    def _confirm_landings(self) -> None:
+        """Give each knob change its verdict from the update that used it (the row just
+        logged): ``applied`` when that update used exactly the values asked for, else
+        ``not holding`` with the reason. A change no update uses within NO_UPDATE_LIMIT steps
+        does not hold either (``optimizer.step()`` never ran on this optimizer)."""
+        waiting = []
+        for item in self._awaiting:
+            landing = item.landing
+            if landing.update is None:
+                item.boundaries += 1
+                if item.boundaries < NO_UPDATE_LIMIT:
+                    waiting.append(item)
+                else:
+                    self._settle(item.command, self.step_count, [], status="not holding",
+                                 error=f"no optimizer update used it within {NO_UPDATE_LIMIT} "
+                                 "steps: is step() called on the optimizer given to the "
+                                 "Babysitter?")
+                continue
+            step = self.step_count - 1  # the row just logged is the update that used it
+            wrong = [name for name, asked in landing.requested.items()
+                     if not same(landing.used.get(name), asked)]
+            if wrong:
+                name = wrong[0]
+                self._settle(item.command, step, [], status="not holding", error=(
+                    f"the update at step {step} used {name} {_fmt(landing.used.get(name))}, "
+                    f"not {_fmt(landing.requested[name])}: something outside Panda writes it "
+                    "after Panda's pre-step hook"))
+                continue
+            events = [Event(step, item.wall, "set", name, item.before[name], used,
+                            item.command.id, f"{name} {_fmt(item.before[name])} → {_fmt(used)} "
+                            f"at step {step}" + _source_note(item.command))
+                      for name, used in landing.used.items()]
+            self._settle(item.command, step, events)
+        self._awaiting = waiting
 
     def _epoch_position(self) -> float:
         if self.steps_per_epoch:
@@ -313,13 +400,14 @@ class Babysitter:
 
     @property
     def schedule(self) -> Schedule:
-        """The LR decay in force (change it with a ``schedule`` command)."""
-        return self.lr_plan.schedule
+        """Panda's own LR decay in force, on top of the user's (change it with a ``schedule``
+        command)."""
+        return self.composition.schedule
 
     def apply_schedule(self) -> None:
-        """Write the scheduled LR for the current position (for loops that move ``epoch``
+        """Move Panda's decay to the current position (for loops that move ``epoch``
         themselves, e.g. the Lightning callback without a batch count)."""
-        self.lr_plan.write(self._epoch_position())
+        self.composition.set_position(self._epoch_position())
 
     # --- pause / stop ---------------------------------------------------------------------------
 
@@ -347,7 +435,7 @@ class Babysitter:
         if not self.coordinator.leader:
             return  # the leader's snapshots serve every rank (see Coordinator.share)
         state = checkpoint.snapshot(self.model, self.optimizer, {
-            "step": self.step_count, "epoch": self.epoch, **self.lr_plan.state(),
+            "step": self.step_count, "epoch": self.epoch, **self.composition.state(),
             "extra": dict(self.extra_state)})
         self._rollback_points.remember(state, before_change=reason == "intervention")
         self.channels.outbox.append(WriteCheckpoint(state, reason, pin))
@@ -355,7 +443,7 @@ class Babysitter:
     def _load_state(self, state: dict) -> int:
         """Put a checkpoint back into model, optimizer (incl. its knobs) and our knob state."""
         sitter = checkpoint.restore(state, self.model, self.optimizer)
-        self.lr_plan.load(sitter)
+        self.composition.load(sitter)
         self.extra_state = dict(sitter.get("extra", {}))
         return int(sitter["step"])
 
@@ -399,11 +487,12 @@ class Babysitter:
                 outbox.append(WriteMeta({"status": "diverged", "diverged": payload}))
                 return [*events, Event(step, wall, "rollback",
                                        message=f"automatic rollback impossible: {err}")]
-            new_lr = self.knobs.lr() * RESCUE_LR_FACTOR
-            events.append(Event(step, wall, "set", "lr", self.knobs.lr(), new_lr, None,
-                                f"lr {format_sci(self.knobs.lr())} → {format_sci(new_lr)} "
+            lr = self.lr
+            new_lr = lr * RESCUE_LR_FACTOR
+            events.append(Event(step, wall, "set", "lr", lr, new_lr, None,
+                                f"lr {format_sci(lr)} → {format_sci(new_lr)} "
                                 f"at step {step} (rescue)"))
-            self._set_knob("lr", new_lr)
+            self.composition.request({"lr": new_lr})
             outbox.append(WriteMeta({"status": "running"}))
             self._workers.arm_guard(self.step_count)
         else:
@@ -420,7 +509,7 @@ class Babysitter:
         """
         if self.model is None:
             raise KnobError("rollback needs the model: Babysitter(..., model=model)")
-        old_lr = self.knobs.lr()
+        old_lr = self.lr
         target = self.coordinator.share(lambda: self._rollback_points.target(
             before=before, at_or_before=at_or_before))
         if target is None:
@@ -428,12 +517,18 @@ class Babysitter:
             raise KnobError("no checkpoint to roll back to" +
                             (f" at or before step {bound}" if bound is not None else ""))
         restored_step = self._load_state(target)
+        self._restored_at_update = self.composition.updates
         self._workers.arm_guard(self.step_count)
         self.channels.outbox.append(WriteMeta({"status": "paused" if self.paused
                                                else "running"}))
-        return Event(step, wall, "rollback", "lr", old_lr, self.knobs.lr(), command_id,
+        for item in self._awaiting:  # changes no update used yet: the rollback undid them
+            if item.landing.update is None:
+                self._settle(item.command, step, [], status="not holding", error=(
+                    f"undone by the rollback at step {step} before any update used it"))
+        self._awaiting = [item for item in self._awaiting if item.landing.update is not None]
+        return Event(step, wall, "rollback", "lr", old_lr, self.lr, command_id,
                      f"rolled back to the checkpoint of step {restored_step} "
-                     f"(lr {format_sci(old_lr)} → {format_sci(self.knobs.lr())})")
+                     f"(lr {format_sci(old_lr)} → {format_sci(self.lr)})")
 
     def _check_early_stop(self, val_loss: float) -> None:
         verdict = self._early_stopping.update(val_loss)
@@ -455,7 +550,8 @@ class Babysitter:
             "status": "running", "pid": os.getpid(), "host": socket.gethostname(),
             "heartbeat": now,
             "optimizer": self.knobs.name, "supported_knobs": list(self.knobs.supported),
-            "knobs": self.knobs.values(), "schedule": self.schedule.to_dict(),
+            "knobs": self._knobs_now(), "schedule": self.schedule.to_dict(),
+            "lr_composition": self.composition.describe(),
             "steps_per_epoch": self.steps_per_epoch, "step": self.step_count,
             "run_dir": str(self.run_dir.resolve())}
         if "created" not in meta:
@@ -476,7 +572,16 @@ class Babysitter:
     def _live_meta(self) -> dict[str, Any]:
         """What the flusher writes with every batch (read from the flusher thread)."""
         return {"heartbeat": time.time(), "step": self.step_count, "epoch": self.epoch,
-                "knobs": self.knobs.values(), "schedule": self.schedule.to_dict()}
+                "knobs": self._knobs_now(), "schedule": self.schedule.to_dict(),
+                "lr_composition": self.composition.describe()}
+
+    def _knobs_now(self) -> dict[str, float | None]:
+        """The knobs as ``status`` reports them: what the last update used (before any update
+        since the start or a rollback, what the next one will)."""
+        composition = self.composition
+        if composition.updates > self._restored_at_update:
+            return composition.last_used()
+        return composition.in_force(requested=False)  # none since the start or a rollback
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -489,6 +594,11 @@ class Babysitter:
         # The last, not yet averaged losses under DDP (a normal end: every rank at this step).
         self.coordinator.close(self, collective=status is None)
         self._workers.stop_polling()
+        for item in self._awaiting:
+            self._settle(item.command, self.step_count, [], status="not holding",
+                         error="the run ended before an update used it")
+        self._awaiting = []
+        self.composition.remove()  # the user's values are back in the param groups
         if self.model is not None and status != "failed":
             self.checkpoint("final")
         final = status or ("stopped" if self._stopped_by_command else "finished")

@@ -70,6 +70,8 @@ class RecordCommand:
     source: str
     step: int
     events: list[Event]
+    status: str = "applied"           # or "not holding" (see trainer.composition)
+    error: str | None = None
 
 
 @dataclass(frozen=True)

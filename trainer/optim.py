@@ -16,7 +16,6 @@ import torch
 
 from trainer.config import OPTIMIZERS
 from trainer.ranges import KnobError
-from trainer.schedules import Schedule, rebased, schedule_from
 
 
 def make_optimizer(name: str, params, *, lr: float, momentum: float,
@@ -40,11 +39,11 @@ class OptimizerKnobs:
             "momentum" if "momentum" in first else None)
         self.has_weight_decay = "weight_decay" in first
         self.name = type(optimizer).__name__
-        # Ratios between groups' weight decay, fixed at construction so that setting 0 and then
-        # a value again restores the original exclusions.
+        # Ratios between groups' weight decay, fixed at construction: a decay set on groups that
+        # have none keeps the original exclusions (see trainer.composition).
         decays = [g.get("weight_decay", 0.0) for g in optimizer.param_groups]
         top = max(decays)
-        self._wd_ratios = [w / top for w in decays] if top > 0 else [1.0] * len(decays)
+        self.wd_ratios = [w / top for w in decays] if top > 0 else [1.0] * len(decays)
 
     @property
     def groups(self) -> list[dict]:
@@ -106,49 +105,5 @@ class OptimizerKnobs:
                 group["momentum"] = value
 
     def set_weight_decay(self, value: float) -> None:
-        for group, ratio in zip(self.groups, self._wd_ratios):
+        for group, ratio in zip(self.groups, self.wd_ratios):
             group["weight_decay"] = value * ratio
-
-
-class ScheduledLR:
-    """The LR the optimizer should use: a base LR, the groups' ratios, and a decay shape.
-
-    ``lr_i(position) = base · factor(position) · ratio_i``, written into every param group
-    (nanoGPT's ``get_lr(it)`` pattern). A manual LR change rescales the base, so a decay keeps its
-    shape from the new level; a new decay shape starts from the current LR.
-    """
-
-    TINY_FACTOR = 1e-12  # a schedule factor below this cannot be divided by safely
-
-    def __init__(self, knobs: OptimizerKnobs, schedule: Schedule):
-        self.knobs = knobs
-        first = knobs.lr()
-        self.ratios = [lr / first if first > 0 else 1.0 for lr in knobs.lrs()]
-        self.base = first
-        self.schedule = schedule
-        self.active = schedule.shape != "constant"  # read every step: a plain attribute
-
-    def write(self, position: float) -> None:
-        """Write the LR for ``position`` (fractional epochs) into the param groups."""
-        lr = self.base * self.schedule.factor(position)
-        self.knobs.write_lrs([lr * r for r in self.ratios])
-
-    def set_lr(self, value: float, position: float) -> None:
-        factor = self.schedule.factor(position)
-        self.base = value / factor if factor > self.TINY_FACTOR else value
-        self.knobs.write_lrs([value * r for r in self.ratios])
-
-    def set_schedule(self, schedule: Schedule, position: float) -> None:
-        self.base = self.knobs.lr()
-        self.schedule = rebased(schedule, position)
-        self.active = schedule.shape != "constant"
-        self.write(position)
-
-    def state(self) -> dict:
-        return {"base_lr": self.base, "lr_ratios": self.ratios,
-                "schedule": self.schedule.to_dict()}
-
-    def load(self, state: dict) -> None:
-        self.base, self.ratios = state["base_lr"], state["lr_ratios"]
-        self.schedule = schedule_from(state["schedule"])
-        self.active = self.schedule.shape != "constant"

@@ -18,7 +18,9 @@ import torch
 
 from trainer.babysitter import Babysitter
 from trainer.config import TrainConfig
+from trainer.export import TimedCommand
 from trainer.optim import make_optimizer
+from trainer.schedules import schedule_from
 from trainer.store.address import store_for
 from trainer.tasks import Task, make_task
 
@@ -44,7 +46,7 @@ def _raise_terminated(signum, frame):
 
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
-          replay: list[tuple[int, str, dict]] | None = None, store: str | None = None) -> str:
+          replay: list[TimedCommand] | None = None, store: str | None = None) -> str:
     """Train ``cfg`` into ``run_dir`` and return the final status.
 
     ``replay`` re-enacts a recorded timeline (see :mod:`trainer.export`) at its exact steps.
@@ -65,19 +67,27 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
 
 def _train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool,
-           replay: list[tuple[int, str, dict]] | None, store: str | None) -> str:
+           replay: list[TimedCommand] | None, store: str | None) -> str:
     task, optimizer = build(cfg)
     steps_per_epoch = task.steps_per_epoch(cfg.batch_size)
+    # The run's LR schedule is this loop's own, written into the param groups before every
+    # update as nanoGPT's train.py does (`lr = get_lr(it)`); Panda's live knobs compose on top
+    # of it like on any user's schedule (trainer.composition).
+    schedule = schedule_from(cfg.schedule or {})
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     with Babysitter(optimizer, run_dir, model=task.model, config=asdict(cfg),
                     task=task.info["description"], steps_per_epoch=steps_per_epoch,
-                    schedule=cfg.schedule, checkpoint_every=cfg.checkpoint_every,
-                    resume=resume, replay=replay, on_diverge=cfg.on_diverge,
-                    early_stop=cfg.early_stop, store=store) as bs:
+                    checkpoint_every=cfg.checkpoint_every, resume=resume, replay=replay,
+                    on_diverge=cfg.on_diverge, early_stop=cfg.early_stop, store=store) as bs:
         start_epoch, first_batch = divmod(bs.step_count, steps_per_epoch)
         for epoch in range(start_epoch, cfg.epochs):
             bs.epoch = epoch
             start = first_batch if epoch == start_epoch else 0
             for x, y in task.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start):
+                if schedule.shape != "constant":
+                    factor = schedule.factor(bs.step_count / steps_per_epoch)
+                    for group, base in zip(optimizer.param_groups, base_lrs):
+                        group["lr"] = base * factor
                 loss = task.loss_fn(task.model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

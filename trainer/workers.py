@@ -111,7 +111,8 @@ class Flusher(_Worker):
             WriteValidation: self._write_validation,
             WriteVerdicts: lambda item: store.resolve_commands(item.verdicts, item.events),
             RecordCommand: lambda item: store.record_command(
-                item.kind, item.payload, item.source, item.step, item.events),
+                item.kind, item.payload, item.source, item.step, item.events,
+                status=item.status, error=item.error),
             WriteEvents: lambda item: store.add_events(item.events),
             WriteMeta: lambda item: store.set_meta(**item.values),
             WriteCheckpoint: self._write_checkpoint,

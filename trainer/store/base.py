@@ -172,7 +172,7 @@ class RunStore(abc.ABC):
         Non-finite losses are stored as NULL (SQLite has no NaN) and read back as NaN. ``meta``
         values (e.g. the heartbeat) are written in the same transaction.
         """
-        clean = [r._replace(loss=_finite_or_none(r.loss)) for r in map(MetricRow._make, rows)]
+        clean = [r._replace(loss=_finite_or_none(r.loss)) for r in (MetricRow(*r) for r in rows)]
         with self.transaction() as tx:
             self._insert_metrics(tx, clean)
             if meta:
@@ -266,15 +266,17 @@ class RunStore(abc.ABC):
             self._insert_events(tx, events)
 
     def record_command(self, kind: str, payload: dict, source: str, applied_step: int,
-                       events: Sequence[Event] = ()) -> int:
-        """Record a command that was applied without passing through the table (API, replay),
-        with its events linked to it; returns its id."""
+                       events: Sequence[Event] = (), *, status: str = "applied",
+                       error: str | None = None) -> int:
+        """Record a command that did not pass through the table (API, replay, a branch's
+        knobs), with its verdict and its events linked to it; returns its id."""
         now = time.time()
         with self.transaction() as tx:
             command_id = self._insert_id(
-                tx, "INSERT INTO commands(created, kind, payload, status, applied_step, source, "
-                "updated) VALUES (?, ?, ?, 'applied', ?, ?, ?)",
-                (now, kind, json.dumps(payload), applied_step, source, now))
+                tx, "INSERT INTO commands(created, kind, payload, status, applied_step, error, "
+                "source, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (now, kind, json.dumps(payload), status,
+                 applied_step if status == "applied" else None, error, source, now))
             self._insert_events(tx, [e._replace(command_id=command_id)
                                      for e in map(Event._make, events)])
         return command_id

@@ -50,6 +50,7 @@ from trainer.store.schema import (
     METRICS,
     SCHEMA_VERSION,
     create_statements,
+    migration_statements,
     upsert_metrics_tail,
 )
 
@@ -233,7 +234,24 @@ class PostgresStore(RunStore):
             raise StoreError(f"run {self.name!r} in {redact(self.url)} was written by a newer "
                              f"Panda (schema {version}, this one reads up to {SCHEMA_VERSION}); "
                              "upgrade panda-babysitter")
+        if version < SCHEMA_VERSION:
+            self._migrate(conn, run_id, version)
         return run_id
+
+    @staticmethod
+    def _migrate(conn, run_id: int, version: int) -> None:
+        """Bring an older run's tables to this version (under the registry lock, once)."""
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, REGISTRY_LOCK))
+            (current,) = conn.execute("SELECT version FROM panda.runs WHERE id = %s",
+                                      (run_id,)).fetchone()
+            if current >= SCHEMA_VERSION:
+                return  # another process migrated it while we waited
+            conn.execute(f"SET LOCAL search_path TO panda_run_{int(run_id)}")
+            for statement in migration_statements(current, "postgresql"):
+                conn.execute(statement)
+            conn.execute("UPDATE panda.runs SET version = %s WHERE id = %s",
+                         (SCHEMA_VERSION, run_id))
 
     def _create_run(self, conn) -> tuple[int, int]:
         run_id = conn.execute("INSERT INTO panda.runs(name, version, created) "

@@ -10,8 +10,10 @@ from typing import Any, NamedTuple
 
 
 class MetricRow(NamedTuple):
-    """One optimizer step. ``loss`` is a detached tensor on the training thread and becomes a
-    float in the flusher (see :func:`trainer.workers.to_floats`)."""
+    """One optimizer step: its loss and the knob values its update used. ``loss`` is a
+    detached tensor on the training thread and becomes a float in the flusher (see
+    :func:`trainer.workers.to_floats`); ``user_lr`` is the LR the user's own code had set, which
+    Panda's factor multiplied (see :mod:`trainer.composition`)."""
 
     step: int
     epoch: int
@@ -20,6 +22,7 @@ class MetricRow(NamedTuple):
     lr: float | None
     momentum: float | None
     weight_decay: float | None
+    user_lr: float | None = None
 
 
 class ValidationRow(NamedTuple):

@@ -4,7 +4,8 @@ A run holds six tables (the same in both backends, so every query in
 :class:`~trainer.store.base.RunStore` runs unchanged on either):
 
 * ``meta``       key → JSON value: name, task, optimizer, config, created, status, heartbeat …
-* ``metrics``    one row per optimizer step: step, epoch, wall, loss, lr, momentum, weight_decay
+* ``metrics``    one row per optimizer step: step, epoch, wall, loss, and the lr, momentum and
+  weight_decay the update used (user_lr: the LR the user's own code or scheduler had set)
 * ``validation`` one row per named metric per evaluation: step, epoch, wall, name, value
 * ``commands``   id, created, kind, payload (JSON), status, applied_step, error, source
 * ``events``     intervention events, drawn as chart markers: step, wall, kind, knob, old, new
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: metrics.user_lr (the LR the user's own code or scheduler set)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ META = Table("meta", (_c("key", "text", "PRIMARY KEY"), _c("value", "text", "NOT
 METRICS = Table("metrics", (
     _c("step", "int", "PRIMARY KEY"), _c("epoch", "int", "NOT NULL"),
     _c("wall", "real", "NOT NULL"), _c("loss", "real"), _c("lr", "real"),
-    _c("momentum", "real"), _c("weight_decay", "real")))
+    _c("momentum", "real"), _c("weight_decay", "real"), _c("user_lr", "real")))
 VALIDATION = Table("validation", (
     _c("id", "id"), _c("step", "int", "NOT NULL"), _c("epoch", "int", "NOT NULL"),
     _c("wall", "real", "NOT NULL"), _c("name", "text", "NOT NULL"), _c("value", "real")))
@@ -88,6 +89,17 @@ def create_statements(dialect: str) -> list[str]:
         statements += [f"CREATE INDEX IF NOT EXISTS {name} ON {table.name}({cols})"
                        for name, cols in table.indexes]
     return statements
+
+
+# Statements that bring a store from version v − 1 to v (older runs still open).
+MIGRATIONS = {2: ["ALTER TABLE metrics ADD COLUMN user_lr {real}"]}
+
+
+def migration_statements(version: int, dialect: str) -> list[str]:
+    """Statements that bring a store at ``version`` to :data:`SCHEMA_VERSION`."""
+    types = TYPES[dialect]
+    return [sql.format(**types) for v in range(version + 1, SCHEMA_VERSION + 1)
+            for sql in MIGRATIONS.get(v, [])]
 
 
 def upsert_metrics_tail() -> str:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from trainer.store.base import RunStore, StoreError
-from trainer.store.schema import SCHEMA_VERSION, create_statements
+from trainer.store.schema import SCHEMA_VERSION, create_statements, migration_statements
 
 DB_NAME = "run.db"
 BUSY_TIMEOUT_MS = 10_000  # writers wait this long for the lock instead of failing
@@ -73,6 +73,12 @@ class SqliteStore(RunStore):
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path} was written by a newer Panda (schema {version}, "
                              f"this one reads up to {SCHEMA_VERSION}); upgrade panda-babysitter")
+        if 0 < version < SCHEMA_VERSION:
+            with self.transaction() as tx:  # an older run: add what this version needs
+                if tx.execute("PRAGMA user_version").fetchone()[0] == version:
+                    for statement in migration_statements(version, "sqlite"):
+                        tx.execute(statement)
+                    tx.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         if version == 0:
             if not create:
                 raise StoreError(f"{self.path} is not a Panda run store (no schema)")
