@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 import pytest
 import torch
-
 from helpers import wait_until
 
 from trainer import Babysitter
@@ -194,7 +193,7 @@ def test_a_live_lr_change_holds_in_a_loop_that_writes_the_lr_itself(tmp_path, wh
 def test_recursive_schedulers_never_see_the_factor(tmp_path):
     """StepLR halves the LR it finds in the group: were Panda's value left there, the factor
     would be halved into the user's schedule again at every drop (compounding)."""
-    rec, applied, _ = run_loop(tmp_path, SCHEDULES["StepLR"])
+    rec, _, _ = run_loop(tmp_path, SCHEDULES["StepLR"])
     drops = [u for t, u in enumerate(rec.user[1:], 1) if u != rec.user[t - 1]]
     assert drops == pytest.approx([0.01 * 0.5 ** n for n in range(1, len(drops) + 1)])
 
@@ -255,7 +254,7 @@ def test_an_lr_warm_up_from_zero_takes_the_change_once_it_is_positive(tmp_path):
     user = [0.0, 0.0, 0.0, 0.004, 0.006, 0.008, 0.01, 0.01]
     with Babysitter(optimizer, tmp_path / "warm", **FAST) as bs:
         bs.set(lr=0.002)
-        for it, lr in enumerate(user):
+        for lr in user:
             optimizer.param_groups[0]["lr"] = lr
             loss = torch.nn.functional.mse_loss(model(x), y)
             optimizer.zero_grad()
