@@ -44,7 +44,8 @@ def _one_thread():
 class Regression(L.LightningModule):
     """Linear regression on a fixed random problem; logs val_loss per step, val_mae at the end."""
 
-    def __init__(self, lr: float = 0.01, fail_at: int | None = None, scheduler: bool = False):
+    def __init__(self, lr: float = 0.01, fail_at: int | None = None, scheduler: bool = False,
+                 set_lr_at: int | None = None, set_lr: float = 0.003):
         super().__init__()
         self.save_hyperparameters()
         self.net = torch.nn.Linear(4, 1)
@@ -55,9 +56,23 @@ class Regression(L.LightningModule):
     def on_train_start(self):
         # Runs after PandaCallback.on_train_start (callbacks first): a pre-step hook added now
         # runs after Panda's and sees what each update uses, Panda's factor included.
-        self.used_lr = None
-        self.trainer.optimizers[0].register_step_pre_hook(
-            lambda opt, args, kwargs: setattr(self, "used_lr", opt.param_groups[0]["lr"]))
+        self.used_lr, self.used_lrs, self.user_lrs = None, [], []
+        optimizer = self.trainer.optimizers[0]
+
+        def used(opt, args, kwargs):
+            self.used_lr = opt.param_groups[0]["lr"]
+            self.used_lrs.append(self.used_lr)
+        optimizer.register_step_pre_hook(used)
+        # A post-hook added after Panda's runs after it: the user's (scheduler's) own value.
+        optimizer.register_step_post_hook(
+            lambda opt, args, kwargs: self.user_lrs.append(opt.param_groups[0]["lr"]))
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # A person turns the knob, from code, between two updates (training_step itself runs
+        # inside optimizer.step's closure, after the step's pre-hooks).
+        if self.global_step == self.hparams.set_lr_at:
+            panda = next(c for c in self.trainer.callbacks if isinstance(c, PandaCallback))
+            panda.babysitter.set(lr=self.hparams.set_lr)
 
     def training_step(self, batch, batch_idx):
         if self.hparams.fail_at is not None and self.global_step >= self.hparams.fail_at:
@@ -85,7 +100,8 @@ class Regression(L.LightningModule):
         opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
         if self.hparams.scheduler:
             return {"optimizer": opt,
-                    "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1)}
+                    "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1,
+                                                                    gamma=0.5)}
         return opt
 
 
@@ -253,13 +269,42 @@ def test_exception_in_training_step_marks_the_run_failed(tmp_path):
         assert store.metrics_since(-1, columns=("step",))["step"] == list(range(5))
 
 
-def test_lightning_lr_scheduler_is_warned_about(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="trainer.lightning")
+def test_a_live_lr_change_holds_with_a_scheduler_from_configure_optimizers(tmp_path):
+    """StepLR halves the LR every epoch; a change at step 12 lands on that step's update and
+    the schedule goes on from the new level (the factor never compounds into StepLR)."""
     cb = PandaCallback(tmp_path / "pl-sched")
-    make_trainer(cb, max_epochs=1, limit_val_batches=0).fit(Regression(scheduler=True),
-                                                             *loaders())
-    assert any("LR scheduler (StepLR)" in r.getMessage() for r in caplog.records)
-    assert cb.final_status == "finished"
+    model = Regression(scheduler=True, set_lr_at=12, set_lr=0.003)
+    make_trainer(cb, max_epochs=4, limit_val_batches=0).fit(model, *loaders())
+    used, user = model.used_lrs, model.user_lrs
+    assert len(used) == len(user) == 4 * BATCHES
+    assert used[:12] == pytest.approx(user[:12], rel=1e-12)
+    assert used[12] == 0.003
+    k = 0.003 / user[12]
+    assert [u / s for u, s in zip(used[12:], user[12:])] == pytest.approx([k] * 20, rel=1e-9)
+    assert user == pytest.approx([0.01 * 0.5 ** (t // BATCHES) for t in range(4 * BATCHES)])
+    with store_of(tmp_path / "pl-sched") as store:
+        (cmd,) = store.commands()
+        logged = store.metrics_since(-1, columns=("lr", "user_lr"))
+        summary = store.summary()
+    assert (cmd.status, cmd.applied_step) == ("applied", 12)
+    assert logged["lr"] == pytest.approx(used, rel=1e-12)
+    assert logged["user_lr"] == pytest.approx(user, rel=1e-12)
+    assert summary["epoch"] == 4  # completed epochs, like a hand-written loop
+
+
+def test_pandas_cosine_takes_its_length_from_the_trainer(tmp_path):
+    """The README's snippet: schedule={"shape": "cosine"} with max_epochs=N reaches the floor
+    at the end of epoch N, not after a default 100 epochs."""
+    cb = PandaCallback(tmp_path / "pl-cos", schedule={"shape": "cosine"})
+    model = Regression()
+    make_trainer(cb, max_epochs=5, limit_val_batches=0).fit(model, *loaders())
+    with store_of(tmp_path / "pl-cos") as store:
+        assert store.meta()["schedule"]["total_epochs"] == 5.0
+        lrs = store.metrics_since(-1, columns=("lr",))["lr"]
+    total = 5 * BATCHES
+    expected = [0.01 * 0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert lrs[-1] < 0.01 * 0.01  # near the floor at the end, not at 45 % of the start
 
 
 def test_only_global_rank_zero_babysits(tmp_path, monkeypatch):

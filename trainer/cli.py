@@ -99,11 +99,10 @@ def _send(args: argparse.Namespace, kind: str, payload: dict) -> int:
 
 def _wait_for(args, store: RunStore, command_id: int, before: dict) -> int:
     deadline = time.monotonic() + args.wait
-    while time.monotonic() < deadline:
-        command = store.command(command_id)
-        if command.status != "pending":
-            break
+    command = store.command(command_id)
+    while command.status == "pending" and time.monotonic() < deadline:
         time.sleep(WAIT_POLL_S)
+        command = store.command(command_id)
     result = {"command": command_id, "status": command.status,
               "applied_step": command.applied_step, "error": command.error}
     if command.status == "applied":
@@ -114,6 +113,9 @@ def _wait_for(args, store: RunStore, command_id: int, before: dict) -> int:
     if command.status == "rejected":
         print(f"panda: error: trainer refused it: {command.error}", file=sys.stderr)
         return 2
+    if command.status != "pending":  # taken, but no update used it: not holding, superseded
+        _emit(args, result, f"command {command_id} {command.status}: {command.error}")
+        return 1
     _emit(args, result, f"command {command_id} sent but not applied within {args.wait:g} s "
           f"(the run is {before['state']}); it stays queued")
     return 1

@@ -21,14 +21,17 @@ forwards Lightning's hooks to it:
 Only this module imports Lightning; ``import trainer`` never does. Install the extra with
 ``pip install 'panda-babysitter[lightning]'``.
 
+Schedulers: a scheduler returned by ``configure_optimizers`` keeps working, and a live LR
+change holds on top of it: Panda applies its factor around each optimizer update and leaves the
+scheduler's own values in the param groups (:mod:`trainer.composition`). Panda's own decay
+(``PandaCallback(..., schedule={"shape": "cosine"})``) takes its length from the Trainer
+(``max_epochs``, else ``max_steps``) unless ``total_epochs`` is given.
+
+Epochs: the run's epoch counts completed epochs, as in a hand-written loop that calls
+``log_validation`` once per epoch (after 20 epochs it says 20).
+
 Known limits, on purpose:
 
-* **Lightning LR schedulers.** Panda writes ``param_groups[i]["lr"]``. A scheduler returned by
-  ``configure_optimizers`` computes its own LR when it steps (every epoch or every step) and
-  overwrites Panda's value: a live LR change then lasts only until the scheduler's next step.
-  The callback logs a warning when it sees one. For live LR control, leave the scheduler out
-  and use Panda's own decay instead (``PandaCallback(..., schedule={"shape": "cosine", ...})``
-  or the dashboard's decay knob), which composes with live changes.
 * **Multi-process training (DDP, FSDP, …).** When ``torch.distributed`` is initialized (every
   Lightning multi-process strategy on GPUs or CPUs), the callback builds a Babysitter on
   *every* rank, and the Babysitter keeps them in lockstep (:mod:`trainer.distributed`): only
@@ -59,6 +62,7 @@ import lightning.pytorch as pl
 import torch
 
 from trainer.babysitter import Babysitter
+from trainer.schedules import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +165,9 @@ class PandaCallback(pl.Callback):
         kwargs = dict(self.babysitter_kwargs)
         model = kwargs.pop("model", _DEFAULT_MODEL)
         kwargs.setdefault("steps_per_epoch", _batches_per_epoch(trainer))
+        if kwargs.get("schedule") is not None:
+            kwargs["schedule"] = _schedule_for(trainer, kwargs["schedule"],
+                                               kwargs["steps_per_epoch"])
         kwargs.setdefault("task", type(pl_module).__name__)
         self.final_status = None
         self.babysitter = Babysitter(
@@ -196,6 +203,10 @@ class PandaCallback(pl.Callback):
         bs.epoch = trainer.current_epoch
         if bs.steps_per_epoch is None and bs.schedule.shape != "constant":
             bs.apply_schedule()  # no batch count: the decay advances once per epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.babysitter is not None:  # epochs completed, like a hand-written loop's count
+            self.babysitter.epoch = trainer.current_epoch + 1
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -252,14 +263,6 @@ class PandaCallback(pl.Callback):
     def _warn_about_setup(trainer: pl.Trainer, lockstep: bool) -> None:
         if not trainer.is_global_zero:
             return  # one warning per job, not one per rank
-        schedulers = [type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs]
-        if schedulers:
-            log.warning(
-                "PandaCallback: the LightningModule configures an LR scheduler (%s). It "
-                "overwrites the optimizer's LR whenever it steps, so a live LR change from Panda "
-                "lasts only until then. For live LR control, drop the scheduler and use Panda's "
-                "decay (PandaCallback(..., schedule={...}) or the dashboard).",
-                ", ".join(schedulers))
         if len(trainer.optimizers) > 1:
             log.warning("PandaCallback: %d optimizers; Panda's knobs act on the first one only "
                         "(%s).", len(trainer.optimizers), type(trainer.optimizers[0]).__name__)
@@ -270,6 +273,22 @@ class PandaCallback(pl.Callback):
                 "pause/stop act on rank 0 alone (broadcast to the other ranks is not "
                 "implemented for this strategy): do not change knobs live in this run.",
                 trainer.world_size)
+
+
+def _schedule_for(trainer: pl.Trainer, schedule: Schedule | dict,
+                  steps_per_epoch: int | None) -> dict:
+    """Panda's decay with its length from the Trainer: a cosine without ``total_epochs``
+    reaches its floor at the end of ``max_epochs`` (else ``max_steps``), not after the
+    100 epochs of the default."""
+    values = schedule.to_dict() if isinstance(schedule, Schedule) else dict(schedule)
+    given = (schedule.total_epochs != Schedule.total_epochs if isinstance(schedule, Schedule)
+             else "total_epochs" in schedule)
+    if values.get("shape") == "cosine" and not given:
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            values["total_epochs"] = float(trainer.max_epochs)
+        elif trainer.max_steps and trainer.max_steps > 0 and steps_per_epoch:
+            values["total_epochs"] = trainer.max_steps / steps_per_epoch
+    return values
 
 
 def _torch_distributed_ready() -> bool:
