@@ -27,7 +27,8 @@
     layout: {},      // other layout edits from the modebar: dragmode, hovermode, spikes
     visible: {},     // trace uid (else name) -> true | "legendonly", as the user left it
   };
-  const status = {renders: 0, errors: 0};  // for tests and for a look in the console
+  // For tests and for a look in the console: draws done, errors, the newest x ("latest").
+  const status = {renders: 0, errors: 0, latest: null};
   window.streamChart = {view, status};
 
   let args = null;       // the newest render message's arguments …
@@ -141,6 +142,7 @@
     });
     return window.Plotly.react(chart, data, layout, a.config || {}).then(() => {
       status.renders += 1;
+      status.latest = a.latest;
       if (!listening) {
         listening = true;
         chart.on("plotly_relayout", onRelayout);
