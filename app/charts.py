@@ -36,9 +36,11 @@ METRIC_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#17becf")
 OVERLAY_COLORS = ("#7f7f7f", "#bcbd22", "#17becf", "#e377c2")
 OFF_SCALE_COLOR = "#d62728"
 MAX_MARKERS = 500          # off-scale markers per chart (a run that stayed NaN needs only a few)
-MARGIN = {"l": 10, "r": 10, "t": 40, "b": 10}
+# The top margin holds a two-row legend (it wraps in a 1280 px window) and, above it, the
+# modebar that plotly shows on hover.
+MARGIN = {"l": 10, "r": 10, "t": 72, "b": 10}
 X_AXIS_PX = 45             # the step axis' tick labels and title under the LR panel
-LEGEND_PX = 40             # the legend above the plot wraps to two rows in a 1280 px window
+LOSS_HOVER = "%{y:.4g}"    # hover labels: 4 significant digits, not 0.01652575
 ROW_GAP = 0.05             # share of the plot height between the loss and the LR panels
 
 
@@ -167,10 +169,9 @@ def _off_scale_markers(steps: np.ndarray, loss: np.ndarray, span: Range | None, 
 
 
 def _plot_px(height: int) -> float:
-    """The panels' height inside a figure ``height`` px tall (less margins, legend, x axis
-    and the gap between the panels)."""
-    return max(1.0, (height - MARGIN["t"] - MARGIN["b"] - X_AXIS_PX - LEGEND_PX)
-               * (1 - ROW_GAP))
+    """The panels' height inside a figure ``height`` px tall (less margins, x axis and the
+    gap between the panels)."""
+    return max(1.0, (height - MARGIN["t"] - MARGIN["b"] - X_AXIS_PX) * (1 - ROW_GAP))
 
 
 def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple],
@@ -216,17 +217,18 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
         ox, oy = downsample(osteps, oloss)
         curves.append(oy)
         fig.add_trace(_line(ox, oy, f"{run} (EMA)", OVERLAY_COLORS[j % len(OVERLAY_COLORS)],
-                            width=1.5, line={"dash": "dot"}, uid=f"overlay {run}"), row=1, col=1)
+                            width=1.5, line={"dash": "dot"}, uid=f"overlay {run}",
+                            hovertemplate=LOSS_HOVER), row=1, col=1)
     val_loss = validation.get("loss", ((), ()))[1]
     span = robust_range(np.concatenate([y, np.asarray(val_loss, dtype=float), *curves]),
                         log=log_y)
     y = np.where(off_scale(y, span, log=log_y)[0], np.nan, y)  # a gap; a marker shows it
     fig.add_trace(_line(x, y, "train loss", LOSS_COLOR, width=1, opacity=RAW_OPACITY,
-                        uid="loss"), row=1, col=1)
+                        uid="loss", hovertemplate=LOSS_HOVER), row=1, col=1)
     if smooth is not None:
         sx, sy = downsample(steps, smooth)
         fig.add_trace(_line(sx, sy, f"train loss (EMA {smoothing:g})", LOSS_COLOR,
-                            uid="loss ema"), row=1, col=1)
+                            uid="loss ema", hovertemplate=LOSS_HOVER), row=1, col=1)
     metric_values = []
     for i, (name, (vsteps, values)) in enumerate(sorted(validation.items())):
         is_loss = name == "loss"
@@ -235,6 +237,7 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
             metric_values.extend(values)
         fig.add_trace(go.Scatter(x=vsteps, y=values, name=f"val {name}", uid=f"val {name}",
                                  mode="lines+markers", marker={"size": 5},
+                                 hovertemplate=LOSS_HOVER + " (step %{x})",
                                  line={"color": color, "width": 2,
                                        "dash": "solid" if is_loss else "dash"}),
                       row=1, col=1, secondary_y=not is_loss)
@@ -243,8 +246,8 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
         fig.add_trace(markers, row=1, col=1)
     keep = run_edges(lr)  # LR is piecewise constant under most schedules: a point per change
     lx, ly = downsample(steps[keep], lr[keep])
-    fig.add_trace(_line(lx, ly, "learning rate", LR_COLOR, line={"shape": "hv"}, uid="lr"),
-                  row=2, col=1)
+    fig.add_trace(_line(lx, ly, "learning rate", LR_COLOR, line={"shape": "hv"}, uid="lr",
+                        hovertemplate="%{y:.3g}"), row=2, col=1)
     shapes, events_trace = _event_layer(events, steps, lr)
     if events_trace is not None:
         fig.add_trace(events_trace, row=2, col=1)

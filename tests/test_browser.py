@@ -314,10 +314,10 @@ def _is_125(step: float) -> bool:
     return any(math.isclose(mantissa, m, rel_tol=1e-6) for m in (1, 2, 5, 10))
 
 
-def test_the_axes_are_readable(page):
-    """Round ticks on every linear axis, an LR panel tall enough for its labels, an LR axis
-    spanning at least a decade around a constant LR."""
-    axes = _plot(page, """p => {
+def _axes(page) -> dict:
+    """The training chart's drawn axes: type, range, length (px), tick values, positions (px)
+    and labels."""
+    return _plot(page, """p => {
         const L = p._fullLayout, out = {};
         for (const name of ['xaxis2', 'yaxis', 'yaxis2', 'yaxis3']) {
             const a = L[name];
@@ -327,17 +327,35 @@ def test_the_axes_are_readable(page):
                          pixels: a._vals.map(v => a.l2p(v.x)), text: a._vals.map(v => v.text)};
         }
         return out; }""")
-    for name in ("xaxis2", "yaxis", "yaxis2"):
-        if name not in axes:  # no validation metric yet: no right-hand axis
+
+
+def _assert_round_ticks(axes: dict) -> None:
+    """Every linear axis drawn has evenly spaced ticks, 1, 2 or 5 × 10^k apart."""
+    for name, axis in axes.items():
+        if axis["type"] != "linear":
             continue
-        steps = np.diff(axes[name]["ticks"])
-        assert len(steps) and all(_is_125(s) for s in steps), (name, axes[name]["ticks"])
-        assert np.allclose(steps, steps[0]), (name, axes[name]["ticks"])
+        steps = np.diff(axis["ticks"])
+        assert len(steps) and all(_is_125(s) for s in steps), (name, axis["ticks"])
+        assert np.allclose(steps, steps[0]), (name, axis["ticks"])
+
+
+def test_the_axes_are_readable(page):
+    """Round ticks on every linear axis, also zoomed in; an LR panel tall enough for its
+    labels; an LR axis spanning at least a decade around a constant LR."""
+    _wait(lambda: "yaxis2" in (_axes(page) or {}), "a validation metric's axis")
+    axes = _axes(page)
+    _assert_round_ticks(axes)
     lr = axes["yaxis3"]
     assert lr["type"] == "log" and lr["range"][1] - lr["range"][0] >= 1 - 1e-9
     assert lr["length"] >= 110  # px (the issue measured ~50)
     assert min(np.diff(sorted(lr["pixels"]))) >= 12, lr  # labels do not overlap
     assert {"2", "5"} <= set(lr["text"]), lr["text"]
+    _drag_box(page, (0.35, 0.1), (0.55, 0.9))
+    _wait(lambda: _view(page).get("zoomed"), "the zoom to take")
+    _refreshes(page, 1)
+    _assert_round_ticks(_axes(page))
+    _double_click(page)
+    _wait(lambda: not _view(page)["zoomed"], "the view to reset")
 
 
 def test_a_bad_typed_lr_shows_an_error_and_sends_nothing(page, servers):

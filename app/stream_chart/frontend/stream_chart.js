@@ -130,9 +130,10 @@
       const axis = layout[name] = layout[name] || {};
       axis.range = range.slice();
       axis.autorange = false;
-      // The page's ticks fit its range, not this zoom: plotly's own (1-2-5 on linear axes,
-      // decades or 1-2-5 digits on log axes) follow the zoom.
-      if (axis.tickmode === "linear") delete axis.tickmode;
+      // The page's ticks fit its range, not this zoom: plotly's automatic ones (1-2-5 on
+      // linear axes, decades or 1-2-5 digits on log axes) follow the zoom. "auto" explicitly:
+      // left unset, an overlaying axis may sync its ticks to the other one (0.9051, 0.9217 …).
+      axis.tickmode = "auto";
       delete axis.tick0;
       delete axis.dtick;
     }
