@@ -376,7 +376,7 @@ def test_the_training_chart_is_the_stream_chart_component(page):
     names = [t["name"] for t in chart["figure"]["data"]]
     assert names[:2] == ["train loss", "train loss (EMA 0.6)"] and "learning rate" in names
     assert chart["follow"] is False and chart["latest"] == 19.0
-    assert chart["plotly_js"].endswith("/plotly.min.js")
+    assert chart["plotly_js"].startswith("../app.stream_chart.plotly_js/plotly.min.js?v=")
     assert not at.get("plotly_chart")  # nothing is drawn by st.plotly_chart any more
     assert not [t for t in at.toggle if t.key == "freeze"]
 

@@ -260,6 +260,25 @@ def test_the_training_chart_is_the_stream_chart_component(page):
     assert page.get_by_text("freeze chart").count() == 0
 
 
+def test_plotly_js_is_downloaded_once_per_browser(page):
+    """The first chart stores the 4.8 MB bundle in the browser's Cache API; after a reload
+    (as for another tab, or the LR range test's chart) the chart draws without downloading it
+    again."""
+    _wait(lambda: _loss_points(page), "the chart to be drawn")
+    fetched = []
+
+    def record(request):
+        fetched.append(request.url)
+
+    page.on("request", record)
+    page.reload()
+    page.get_by_text("Learning rate (log scale)").wait_for()
+    _wait(lambda: _loss_points(page), "the chart to be drawn again")
+    page.remove_listener("request", record)
+    assert [url for url in fetched if "stream_chart.js" in url]  # the frame did load …
+    assert not [url for url in fetched if "plotly.min.js" in url]  # … plotly.js: cached
+
+
 def test_a_zoom_survives_refreshes_while_points_keep_arriving(page):
     """The issue's "zoom is thrown away every second": zoom into a box of a live run; five
     refreshes later the ranges are exactly the same while new steps keep arriving, and

@@ -19,6 +19,7 @@
   const AXIS_EDIT = /^([xy]axis\d*)\.(range|autorange)\b/;  // "xaxis.range[0]", "yaxis2.autorange"
   const SIZE_EDITS = new Set(["autosize", "width", "height"]);
   const MAX_HOLD_MS = 10000;  // a refresh waits for a drag to end, not for ever
+  const CACHE_NAME = "panda-stream-chart";
 
   const chart = document.getElementById("chart");
   const view = {
@@ -48,15 +49,40 @@
     window.parent.postMessage(Object.assign({isStreamlitMessage: true, type}, extra), "*");
   }
 
+  // plotly.js (4.8 MB) from the Cache API when an earlier frame or page load stored it there.
+  // Streamlit serves component files as "Cache-Control: public" with no lifetime and no
+  // validator, so the HTTP cache would download it again for every chart frame and page load.
+  // The URL carries the plotly version: a new version is a new entry (older ones are dropped).
+  // Where the Cache API is missing (a page served over plain http to another host is not a
+  // secure context) the plain URL is used.
+  async function plotlySource(src) {
+    const url = new URL(src, document.baseURI).href;
+    if (!window.caches) return url;
+    try {
+      const cache = await window.caches.open(CACHE_NAME);
+      let response = await cache.match(url);
+      if (!response) {
+        response = await fetch(url);
+        if (!response.ok) throw new Error(`HTTP ${response.status}`);
+        await cache.put(url, response.clone());
+        for (const old of await cache.keys()) if (old.url !== url) await cache.delete(old);
+      }
+      return URL.createObjectURL(await response.blob());
+    } catch (error) {
+      console.warn("stream_chart: plotly.js not cached:", error);
+      return url;
+    }
+  }
+
   function loadPlotly(src) {
     if (!plotly) {
-      plotly = new Promise((resolve, reject) => {
+      plotly = plotlySource(src).then((source) => new Promise((resolve, reject) => {
         const script = document.createElement("script");
-        script.src = src;
+        script.src = source;
         script.onload = () => resolve(window.Plotly);
         script.onerror = () => reject(new Error(`could not load plotly.js from ${src}`));
         document.head.appendChild(script);
-      });
+      }));
     }
     return plotly;
   }
