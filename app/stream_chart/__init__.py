@@ -60,13 +60,22 @@ CONFIG = {"displaylogo": False, "responsive": True,
           # nothing here; autoscale stays (it resets the axes it is pressed for).
           "modeBarButtonsToRemove": ["select2d", "lasso2d", "resetScale2d"]}
 
-_chart = components.declare_component("stream_chart", path=str(FRONTEND))
-# Never drawn: only makes Streamlit serve the plotly.js bundle of the installed plotly package
-# at /component/<its name>/plotly.min.js.
-_plotly_js = components.declare_component("plotly_js", path=str(PLOTLY_JS_DIR))
-# Relative to the chart's own page (/component/<chart's name>/index.html). The version names
-# the bundle in the browser's Cache API (see stream_chart.js).
-PLOTLY_JS_URL = f"../{_plotly_js.name}/{PLOTLY_JS}?v={plotly.__version__}"
+# Streamlit names a component "<declaring module>.<name>" and serves its files at
+# /component/<that name>/. The plotly.js URL is relative to the chart's page there; its
+# version names the bundle in the browser's Cache API (see stream_chart.js).
+PLOTLY_JS_URL = f"../{__name__}.plotly_js/{PLOTLY_JS}?v={plotly.__version__}"
+_chart = None
+
+
+def _declared():
+    """The chart component, declared on first use: inside a script run, which registers it
+    with the running server (declared at import, outside one, Streamlit logs a warning)."""
+    global _chart
+    if _chart is None:
+        _chart = components.declare_component("stream_chart", path=str(FRONTEND))
+        # Never drawn: only makes Streamlit serve the installed plotly package's bundle.
+        components.declare_component("plotly_js", path=str(PLOTLY_JS_DIR))
+    return _chart
 
 
 def _packed(values: Any, key: str) -> Any:
@@ -142,6 +151,6 @@ def stream_chart(figure: BaseFigure | dict[str, Any], *, key: str,
                   else (figure.get("layout") or {}).get("height")) or DEFAULT_HEIGHT
     if follow and latest is None and isinstance(figure, BaseFigure):
         latest = latest_x(figure)
-    return _chart(figure=figure_json(figure), height=int(height), follow=bool(follow),
+    return _declared()(figure=figure_json(figure), height=int(height), follow=bool(follow),
                   latest=latest, revision=str(revision), config={**CONFIG, **(config or {})},
                   plotly_js=PLOTLY_JS_URL, key=key, default=None)
