@@ -15,6 +15,18 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from scipy.signal import lfilter
 
+from app.axes import (
+    Range,
+    linear_axis,
+    log_axis,
+    log_dtick,
+    lr_panel_share,
+    off_scale,
+    padded,
+    robust_range,
+    run_edges,
+)
+
 MAX_POINTS = 3000          # per trace after downsampling: ~2 points per pixel column at 1280 px
 RAW_OPACITY = 0.3          # raw loss is drawn faint behind its smoothed curve
 DEBIAS_FLOOR = 1e-17       # below this, β^t no longer changes 1 − β^t in float64
@@ -22,8 +34,14 @@ EVENT_COLOR = "rgba(214, 39, 40, 0.6)"
 LOSS_COLOR, VAL_COLOR, LR_COLOR = "#1f77b4", "#ff7f0e", "#2e7d32"
 METRIC_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#17becf")
 OVERLAY_COLORS = ("#7f7f7f", "#bcbd22", "#17becf", "#e377c2")
-UIREVISION = "panda"       # a constant uirevision keeps zoom and legend state across updates
-LOSS_ROW_SHARE = 0.74      # the LR panel below takes the rest of the height
+OFF_SCALE_COLOR = "#d62728"
+MAX_MARKERS = 500          # off-scale markers per chart (a run that stayed NaN needs only a few)
+# The top margin holds a two-row legend (it wraps in a 1280 px window) and, above it, the
+# modebar that plotly shows on hover.
+MARGIN = {"l": 10, "r": 10, "t": 72, "b": 10}
+X_AXIS_PX = 45             # the step axis' tick labels and title under the LR panel
+LOSS_HOVER = "%{y:.4g}"    # hover labels: 4 significant digits, not 0.01652575
+ROW_GAP = 0.05             # share of the plot height between the loss and the LR panels
 
 
 def ema(values: Sequence[float], weight: float) -> np.ndarray:
@@ -103,7 +121,8 @@ def _event_layer(events: list[dict[str, Any]], steps: np.ndarray, lr: np.ndarray
         y = lr[index]
     else:
         y = np.full(at_steps.size, np.nan)
-    markers = go.Scatter(x=at_steps, y=y, name="interventions", mode="markers",
+    markers = go.Scatter(x=at_steps, y=y, name="interventions", uid="interventions",
+                         mode="markers",
                          text=[e.get("message") or e.get("kind", "") for e in events],
                          hovertemplate="step %{x}: %{text}<extra></extra>",
                          marker={"symbol": "triangle-up", "size": 11, "color": EVENT_COLOR})
@@ -125,6 +144,36 @@ def _cut(steps: np.ndarray, span: StepRange) -> slice:
                  int(np.searchsorted(steps, span[1], side="right")))
 
 
+def _off_scale_markers(steps: np.ndarray, loss: np.ndarray, span: Range | None, log_y: bool
+                       ) -> go.Scatter | None:
+    """The losses the loss axis cannot show (non-finite, far out): a marker each at the edge
+    they are beyond (▲ top, ▼ bottom), the true value in the hover text."""
+    mask, above = off_scale(loss, span, log=log_y)
+    index = np.flatnonzero(mask)
+    if index.size == 0 or span is None:
+        return None
+    if index.size > MAX_MARKERS:  # evenly spaced, first and last kept
+        index = index[np.unique(np.linspace(0, index.size - 1, MAX_MARKERS).round().astype(int))]
+    edges = 10.0 ** np.asarray(span) if log_y else np.asarray(span)
+    top, finite = above[index], np.isfinite(loss[index])
+    # A finite value beyond the range (the steep start of a long run, a spike) is data: an
+    # open triangle in the loss colour. NaN / inf is trouble: a red cross.
+    symbol = np.where(finite, np.where(top, "triangle-up-open", "triangle-down-open"), "x")
+    return go.Scatter(
+        x=steps[index], y=np.where(top, edges[1], edges[0]), name="off-scale loss",
+        uid="loss_off_scale", mode="markers", cliponaxis=False,
+        text=[f"loss {v:.4g} (off scale)" for v in loss[index]],
+        hovertemplate="step %{x}: %{text}<extra></extra>",
+        marker={"symbol": symbol, "size": 8,
+                "color": np.where(finite, LOSS_COLOR, OFF_SCALE_COLOR)})
+
+
+def _plot_px(height: int) -> float:
+    """The panels' height inside a figure ``height`` px tall (less margins, x axis and the
+    gap between the panels)."""
+    return max(1.0, (height - MARGIN["t"] - MARGIN["b"] - X_AXIS_PX) * (1 - ROW_GAP))
+
+
 def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple],
                     events: list[dict[str, Any]], *, smoothing: float = 0.6,
                     log_y: bool = False, overlays: dict[str, dict[str, np.ndarray]] | None = None,
@@ -135,11 +184,19 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     ``loss`` is drawn with the training loss, other metrics on a right-hand axis.
     ``overlays``: other runs' ``step``/``loss`` to compare with. The LR is a linked panel
     below, on a log axis. ``steps_shown`` keeps only the steps in that range (smoothing still
-    sees all), so the y axes fit what is shown; this is how the page zooms on the server.
+    sees all), so the y axes fit what is shown (the "Steps shown" window).
+
+    Axes are honest (:mod:`app.axes`): 1-2-5 ticks; the loss range comes from the body of
+    the data, with non-finite and far-out losses drawn as markers at its edge; the LR axis
+    spans at least a decade. Every trace has a stable ``uid``, so the chart component keeps
+    a hidden legend entry hidden when a trace name changes (e.g. the EMA weight).
     """
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.05,
-                        row_heights=[LOSS_ROW_SHARE, 1 - LOSS_ROW_SHARE],
+    plot_px = _plot_px(height)
+    lr_share = lr_panel_share(plot_px)
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=ROW_GAP,
+                        row_heights=[1 - lr_share, lr_share],
                         specs=[[{"secondary_y": True}], [{"secondary_y": False}]])
+    loss_px, lr_px = plot_px * (1 - lr_share), plot_px * lr_share
     steps = np.asarray(metrics["step"], dtype=float)
     loss, lr = np.asarray(metrics["loss"], dtype=float), np.asarray(metrics["lr"], dtype=float)
     smooth = ema(loss, smoothing) if smoothing > 0 else None
@@ -151,39 +208,67 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
                       for name, (vs, vals) in validation.items()}
         events = [e for e in events if steps_shown[0] <= e["step"] <= steps_shown[1]]
     x, y = downsample(steps, loss)
-    fig.add_trace(_line(x, y, "train loss", LOSS_COLOR, width=1, opacity=RAW_OPACITY),
-                  row=1, col=1)
-    if smooth is not None:
-        sx, sy = downsample(steps, smooth)
-        fig.add_trace(_line(sx, sy, f"train loss (EMA {smoothing:g})", LOSS_COLOR), row=1, col=1)
-    for i, (name, (vsteps, values)) in enumerate(sorted(validation.items())):
-        is_loss = name == "loss"
-        color = VAL_COLOR if is_loss else METRIC_COLORS[i % len(METRIC_COLORS)]
-        fig.add_trace(go.Scatter(x=vsteps, y=values, name=f"val {name}", mode="lines+markers",
-                                 marker={"size": 5}, line={"color": color, "width": 2,
-                                                           "dash": "solid" if is_loss else "dash"}),
-                      row=1, col=1, secondary_y=not is_loss)
+    curves = []
     for j, (run, other) in enumerate((overlays or {}).items()):
         osteps, oloss = np.asarray(other["step"], dtype=float), ema(other["loss"], smoothing)
         if steps_shown is not None:
             cut = _cut(osteps, steps_shown)
             osteps, oloss = osteps[cut], oloss[cut]
         ox, oy = downsample(osteps, oloss)
+        curves.append(oy)
         fig.add_trace(_line(ox, oy, f"{run} (EMA)", OVERLAY_COLORS[j % len(OVERLAY_COLORS)],
-                            width=1.5, line={"dash": "dot"}), row=1, col=1)
-    lx, ly = downsample(steps, lr)
-    fig.add_trace(_line(lx, ly, "learning rate", LR_COLOR, line={"shape": "hv"}), row=2, col=1)
-    shapes, markers = _event_layer(events, steps, lr)
+                            width=1.5, line={"dash": "dot"}, uid=f"overlay {run}",
+                            hovertemplate=LOSS_HOVER), row=1, col=1)
+    val_loss = validation.get("loss", ((), ()))[1]
+    span = robust_range(np.concatenate([y, np.asarray(val_loss, dtype=float), *curves]),
+                        log=log_y)
+    y = np.where(off_scale(y, span, log=log_y)[0], np.nan, y)  # a gap; a marker shows it
+    fig.add_trace(_line(x, y, "train loss", LOSS_COLOR, width=1, opacity=RAW_OPACITY,
+                        uid="loss", hovertemplate=LOSS_HOVER), row=1, col=1)
+    if smooth is not None:
+        sx, sy = downsample(steps, smooth)
+        fig.add_trace(_line(sx, sy, f"train loss (EMA {smoothing:g})", LOSS_COLOR,
+                            uid="loss ema", hovertemplate=LOSS_HOVER), row=1, col=1)
+    metric_values = []
+    for i, (name, (vsteps, values)) in enumerate(sorted(validation.items())):
+        is_loss = name == "loss"
+        color = VAL_COLOR if is_loss else METRIC_COLORS[i % len(METRIC_COLORS)]
+        if not is_loss:
+            metric_values.extend(values)
+        fig.add_trace(go.Scatter(x=vsteps, y=values, name=f"val {name}", uid=f"val {name}",
+                                 mode="lines+markers", marker={"size": 5},
+                                 hovertemplate=LOSS_HOVER + " (step %{x})",
+                                 line={"color": color, "width": 2,
+                                       "dash": "solid" if is_loss else "dash"}),
+                      row=1, col=1, secondary_y=not is_loss)
+    markers = _off_scale_markers(steps, loss, span, log_y)
     if markers is not None:
-        fig.add_trace(markers, row=2, col=1)
-    fig.update_layout(shapes=shapes, height=height, uirevision=UIREVISION,
-                      margin={"l": 10, "r": 10, "t": 40, "b": 10}, hovermode="x unified",
+        fig.add_trace(markers, row=1, col=1)
+    keep = run_edges(lr)  # LR is piecewise constant under most schedules: a point per change
+    lx, ly = downsample(steps[keep], lr[keep])
+    fig.add_trace(_line(lx, ly, "learning rate", LR_COLOR, line={"shape": "hv"}, uid="lr",
+                        hovertemplate="%{y:.3g}"), row=2, col=1)
+    shapes, events_trace = _event_layer(events, steps, lr)
+    if events_trace is not None:
+        fig.add_trace(events_trace, row=2, col=1)
+    fig.update_layout(shapes=shapes, height=height, margin=MARGIN, hovermode="x unified",
                       legend={"orientation": "h", "yanchor": "bottom", "y": 1.01, "x": 0})
-    fig.update_yaxes(title_text="loss" + (" (log)" if log_y else ""),
-                     type="log" if log_y else "linear", row=1, col=1, secondary_y=False)
+    if log_y:
+        loss_axis = {"type": "log", "exponentformat": "power"}
+        if span is not None:
+            loss_axis.update(range=list(span), dtick=log_dtick(span, loss_px))
+    else:
+        loss_axis = {"type": "linear", **linear_axis(span, loss_px)}
+    fig.update_yaxes(title_text="loss" + (" (log)" if log_y else ""), row=1, col=1,
+                     secondary_y=False, **loss_axis)
     if any(name != "loss" for name in validation):
         fig.update_yaxes(title_text="val metric", row=1, col=1, secondary_y=True,
-                         showgrid=False, tickformat=".3~f")
-    fig.update_yaxes(title_text="lr (log)", type="log", row=2, col=1, exponentformat="power")
+                         showgrid=False, **linear_axis(padded(metric_values), loss_px))
+    fig.update_yaxes(title_text="lr (log)", row=2, col=1, **log_axis(lr, lr_px))
     fig.update_xaxes(title_text="step", row=2, col=1)
+    # The steps drawn, edge to edge: plotly's autorange pads for markers (down to step −500
+    # on a long run). Markers on the edges are drawn whole (cliponaxis=False).
+    xs = [np.asarray(t.x, dtype=float) for t in fig.data if t.x is not None and len(t.x)]
+    fig.update_xaxes(range=padded(np.concatenate(xs), pad=0.0) if xs else None)
+    fig.update_traces(cliponaxis=False, selector={"mode": "lines+markers"})
     return fig

@@ -15,6 +15,8 @@ from typing import Any
 import plotly.graph_objects as go
 import streamlit as st
 
+from app.axes import linear_axis, log_axis
+from app.stream_chart import stream_chart
 from trainer.knobs import format_sci, validate_knobs
 from trainer.lr_range.job import (
     LRJobError,
@@ -29,6 +31,9 @@ from trainer.store import FINAL_STATES, RunStore
 RAW_OPACITY = 0.3            # raw per-step losses: faint behind the smoothed curve
 BAND_COLOR = "rgba(44, 160, 44, 0.15)"
 Y_PAD = 0.05                 # share of the loss span added above and below the curve
+HEIGHT = 340                 # px
+PLOT_PX = (560, 250)         # about the plot area's width and height in the page's chart column
+X_LABEL_GAP_PX = 24          # log x axis: "10⁻⁵" labels are wider than they are tall
 
 
 def _num(value: Any) -> float:
@@ -87,11 +92,12 @@ def lr_find_figure(payload: dict[str, Any]) -> go.Figure:
         fig.add_trace(go.Scatter(x=[stable, stable], y=[y0, y1], name="max stable lr",
                                  mode="lines", line={"color": "#d62728", "dash": "dash"},
                                  hovertemplate="max stable lr %{x:.3g}<extra></extra>"))
-    fig.update_xaxes(type="log", title_text="learning rate (log scale)", exponentformat="e")
+    fig.update_xaxes(title_text="learning rate (log scale)",
+                     **log_axis(lrs, PLOT_PX[0], X_LABEL_GAP_PX))
     measured = "mini-batch loss" if payload.get("options", {}).get("measure") == "batch" \
         else "training loss (fixed samples)"
-    fig.update_yaxes(title_text=measured, range=[y0, y1])
-    fig.update_layout(height=340, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+    fig.update_yaxes(title_text=measured, **linear_axis((y0, y1), PLOT_PX[1]))
+    fig.update_layout(height=HEIGHT, margin={"l": 10, "r": 10, "t": 30, "b": 10},
                       legend={"orientation": "h", "y": 1.12})
     return fig
 
@@ -166,7 +172,8 @@ def render_lr_panel(store: RunStore) -> None:
     elif row["status"] == "failed":
         st.error(f"LR range test {row['id']} failed: {payload.get('error', 'unknown error')}")
     elif row["status"] == "done":
-        st.plotly_chart(lr_find_figure(payload), key=f"lrfind_chart_{key}_{row['id']}")
+        stream_chart(lr_find_figure(payload), key=f"lrfind_chart_{key}_{row['id']}",
+                     revision=str(row["id"]))
         st.markdown(lr_find_summary(payload))
         current = store.summary().get("lr")
         if current is not None:

@@ -36,6 +36,7 @@ from app.controls import (
 from app.data import early_stop_hint, fetch, steps_per_second
 from app.lr_panel import render_lr_panel
 from app.panels import decay_controls, export_block, new_run_form
+from app.stream_chart import stream_chart
 from trainer.knobs import format_sci
 from trainer.store import RUNNING_STATES, RunStore, StoreError
 from trainer.store.address import (
@@ -54,7 +55,7 @@ RUNS_DIR_ENV = "PANDA_RUNS_DIR"
 TOKEN_ENV = "PANDA_TOKEN"
 WINDOWS = {"all": None, "last 500": 500, "last 2,000": 2_000, "last 10,000": 10_000}
 KEPT_SERVER_STORES = 4     # PostgreSQL runs a session keeps open (the run shown, recent others)
-CHART_HEIGHT = 450        # px: loss and LR panels fit a 1280×800 window under the status row
+CHART_HEIGHT = 480        # px: loss and LR panels fit a 1280×800 window under the status row
 # Compact metrics and narrower page margins, so nine status cells fit beside the sidebar at
 # 1280 px. (No emoji anywhere: headless and minimal Linux browsers often lack the font.)
 PAGE_CSS = """<style>
@@ -174,87 +175,52 @@ def _overlays(root: str, names: list[str]) -> dict[str, dict[str, Any]]:
     return overlays
 
 
-def _steps_shown(address: str, last_step: int) -> tuple[float, float] | None:
-    """The box-zoomed step range if there is one, else the "Steps shown" window."""
-    zoom = st.session_state.get("zoom")
-    if zoom is not None and zoom[0] == address:
-        return zoom[1]
+def _steps_shown(last_step: int) -> tuple[float, float] | None:
+    """The "Steps shown" window (None: all steps)."""
     window = WINDOWS.get(st.session_state.get("window", "all"))
     return None if window is None or last_step < 0 else (last_step - window, math.inf)
 
 
 def _figure(address: str, store: RunStore, compare: list[str]):
-    """The chart for this refresh; while "freeze" is on, the same figure as last time.
-
-    Streamlit re-creates a plotly chart whose figure changed (it keys the element by its
-    spec): a zoom made in the browser is dropped despite ``uirevision``, and a drag is cut
-    short by the next refresh. So the page zooms on the server: drag a box on the frozen
-    chart, and that step range is kept (in session state) when the chart goes live again.
-    """
+    """The chart for this refresh (the component keeps the user's zoom across refreshes)."""
     state = st.session_state
-    settings = (address, tuple(compare), state.get("smoothing", DEFAULT_SMOOTHING),
-                state.get("log_y", False), state.get("window", "all"), state.get("zoom"))
-    frozen = state.get("frozen_figure")
-    if state.get("freeze") and frozen is not None and frozen[0] == settings:
-        return frozen[1]
     meta = store.meta()
     cache = _curves(store)
     parent = meta.get("parent") or {}
     names = [*compare, *([parent["run"]] if parent.get("run") else [])]
-    figure = training_figure(cache, cache["val"], cache["events"], smoothing=settings[2],
-                             log_y=settings[3], overlays=_overlays(root_of(address), names),
-                             steps_shown=_steps_shown(address, cache["last_step"]),
-                             height=CHART_HEIGHT)
-    figure.update_layout(dragmode="select", selectdirection="h")  # drag = zoom (see above)
-    state["frozen_figure"] = (settings, figure)
-    return figure
+    return training_figure(cache, cache["val"], cache["events"],
+                           smoothing=state.get("smoothing", DEFAULT_SMOOTHING),
+                           log_y=state.get("log_y", False),
+                           overlays=_overlays(root_of(address), names),
+                           steps_shown=_steps_shown(cache["last_step"]), height=CHART_HEIGHT)
 
 
 def chart_settings() -> None:
-    """Smoothing, the steps shown, log-y and freeze: one row above the chart."""
+    """Smoothing, the steps shown, log-y and follow: one row above the chart."""
     smooth, window, toggles = st.columns([2.1, 1.3, 1.2], vertical_alignment="bottom")
     smooth.slider("Smoothing (EMA β)", 0.0, 0.99, DEFAULT_SMOOTHING, 0.01, key="smoothing")
-    window.selectbox("Steps shown", tuple(WINDOWS), key="window", on_change=_reset_zoom)
+    window.selectbox("Steps shown", tuple(WINDOWS), key="window")
     toggles.toggle("log-scale loss", key="log_y")
-    toggles.toggle("freeze chart", key="freeze",
-                   help="stop redrawing the chart, to hover over it or drag a zoom range; "
-                        "training goes on")
-
-
-def _reset_zoom() -> None:
-    st.session_state.pop("zoom", None)
-
-
-def _take_zoom(address: str, chart_state: Any) -> None:
-    """Turn a box selection on the chart into a server-side zoom on its step range."""
-    boxes = (chart_state or {}).get("selection", {}).get("box") or []
-    if not boxes or not boxes[0].get("x"):
-        return
-    low, high = sorted(float(x) for x in boxes[0]["x"])
-    zoom = (address, (low, high))
-    if high > low and st.session_state.get("zoom") != zoom:
-        st.session_state["zoom"] = zoom
-        st.rerun(scope="fragment")  # redraw at once with the new range
+    toggles.toggle("follow latest", key="follow",
+                   help="while zoomed in, slide the step axis so the newest step stays at the "
+                        "right edge (the loss zoom stays)")
 
 
 @st.fragment(run_every=REFRESH_S)
 def live_chart(address: str, compare: list[str]) -> None:
-    """Loss, validation metrics, LR and intervention markers; the LR range test below."""
+    """Loss, validation metrics, LR and intervention markers; the LR range test below.
+
+    Drag to zoom, double-click to go back: the chart component keeps the view while points
+    arrive. A new run, window or loss scale is a new ``revision``: the zoom starts over.
+    """
     with _opened(address) as store:
         if store is None:
             return
-        zoom = st.session_state.get("zoom")
-        if zoom is not None and zoom[0] == address:
-            note, reset = st.columns([4, 1], vertical_alignment="center")
-            note.caption(f"Zoomed to steps {zoom[1][0]:,.0f} – {zoom[1][1]:,.0f}")
-            reset.button("Reset zoom", on_click=_reset_zoom, key="reset_zoom", width="stretch")
-        else:
-            st.caption("To zoom: freeze the chart, drag across a range of steps, unfreeze.")
-        chart_state = st.plotly_chart(
-            _figure(address, store, compare), key="training_chart", on_select="rerun",
-            selection_mode=("box",),
-            config={"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d"]})
-        _take_zoom(address, chart_state)
+        state = st.session_state
+        revision = f"{address}|{state.get('window', 'all')}|{state.get('log_y', False)}"
+        stream_chart(_figure(address, store, compare), key="training_chart",
+                     height=CHART_HEIGHT, follow=state.get("follow", False),
+                     latest=float(_curves(store)["last_step"]), revision=revision)
         events = _curves(store)["events"]
         if events:
             with st.expander(f"Interventions ({len(events)})"):

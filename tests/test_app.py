@@ -343,7 +343,7 @@ def test_figure_has_marker_per_event_and_survives_nan():
     (markers,) = [t for t in fig.data if t.name == "interventions"]
     assert list(markers.text) == ["lr 1e-02 → 3e-03 at step 30"]
     assert [s.x0 for s in fig.layout.shapes] == [30]
-    assert fig.layout.uirevision and fig.layout.yaxis.type == "log"
+    assert fig.layout.yaxis.type == "log"
 
 
 def test_figure_window_keeps_only_recent_steps():
@@ -359,9 +359,53 @@ def test_figure_window_keeps_only_recent_steps():
     assert [s.x0 for s in fig.layout.shapes] == [80]
 
 
-def test_window_and_freeze_settings_render(page):
+def _charts(at: AppTest) -> dict[str, dict]:
+    """The stream_chart components on the page: key → their arguments (figure parsed)."""
+    charts = {}
+    for element in at.get("component_instance"):
+        if element.proto.component_name != "app.stream_chart.stream_chart":
+            continue
+        args = json.loads(element.proto.json_args)
+        charts[args["key"]] = {**args, "figure": json.loads(args["figure"])}
+    return charts
+
+
+def test_the_training_chart_is_the_stream_chart_component(page):
     at, _ = page()
+    chart = _charts(at)["training_chart"]
+    names = [t["name"] for t in chart["figure"]["data"]]
+    assert names[:2] == ["train loss", "train loss (EMA 0.6)"] and "learning rate" in names
+    assert chart["follow"] is False and chart["latest"] == 19.0
+    assert chart["plotly_js"].startswith("../app.stream_chart.plotly_js/plotly.min.js?v=")
+    assert not at.get("plotly_chart")  # nothing is drawn by st.plotly_chart any more
+    assert not [t for t in at.toggle if t.key == "freeze"]
+
+
+def test_a_finished_lr_range_test_is_drawn_by_the_stream_chart_component(page):
+    at, run_dir = page()
+    lrs = np.geomspace(1e-6, 1.0, 40).tolist()
+    losses = np.linspace(2.3, 0.4, 40).tolist()
+    with SqliteStore(run_dir) as store:
+        result = store.add_result("lr_find", {"lrs": lrs, "losses": losses,
+                                              "smoothed_losses": losses, "suggested_lr": 1e-3,
+                                              "suggestion_range": [3e-4, 3e-3],
+                                              "max_stable_lr": 0.1})
+    at.run()
+    assert not at.exception, at.exception
+    chart = _charts(at)[f"lrfind_chart_live_{result}"]
+    names = [t["name"] for t in chart["figure"]["data"]]
+    assert "smoothed loss" in names and "suggested lr" in names
+    assert chart["figure"]["layout"]["xaxis"]["type"] == "log"
+
+
+def test_window_log_scale_and_follow_settings_reach_the_chart(page):
+    at, _ = page()
+    before = _charts(at)["training_chart"]["revision"]
     at.selectbox(key="window").select("last 500")
-    at.toggle(key="freeze").set_value(True)
+    at.toggle(key="follow").set_value(True)
     at.toggle(key="log_y").set_value(True).run()
     assert not at.exception
+    chart = _charts(at)["training_chart"]
+    assert chart["follow"] is True
+    assert chart["revision"] != before  # a log axis is another view: the zoom starts over
+    assert chart["figure"]["layout"]["yaxis"]["type"] == "log"

@@ -7,6 +7,7 @@ module is skipped.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -19,6 +20,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import wait_until
 
@@ -31,12 +33,11 @@ CHROMIUM = shutil.which("chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 REPO = Path(__file__).resolve().parent.parent
-ASSETS = REPO / "assets"
+CHART_IFRAME = 'iframe[title="app.stream_chart.stream_chart"]'
 VIEWPORT = {"width": 1280, "height": 800}
 TIMEOUT_S = 90      # safety nets against a hung test, never performance assertions
 REFRESHES_S = 2.5   # a few of the page's ~1 s refreshes
 RUN = "live"
-SHOT_TRIES = 5
 
 if CHROMIUM is None:
     pytest.skip("Debian's chromium is not installed (`make chromium` installs it); "
@@ -161,16 +162,31 @@ def _shown_step(page) -> int:
     return int(text) if text.isdigit() else -1
 
 
-def _plot(page, script: str):
-    """Evaluate ``script`` (a function of the plotly div) on the training chart."""
-    return page.evaluate(f"""() => {{
-        const plot = document.querySelector('.js-plotly-plot');
-        if (!plot || !plot._fullData) return null;
-        return ({script})(plot); }}""")
+def _chart_frames(page) -> list:
+    """The frames of the stream_chart components on the page (each chart is an iframe)."""
+    frames = [handle.content_frame() for handle in page.query_selector_all(CHART_IFRAME)]
+    return [frame for frame in frames if frame is not None]
+
+
+def _plot(page, script: str, trace: str = "train loss"):
+    """Evaluate ``script`` (a function of the plotly div) in the chart that draws ``trace``;
+    None while there is none."""
+    for frame in _chart_frames(page):
+        try:
+            found = frame.evaluate(f"""() => {{
+                const plot = document.querySelector('.js-plotly-plot');
+                if (!plot || !plot._fullData
+                    || !plot._fullData.some(t => t.name === {json.dumps(trace)})) return null;
+                return {{value: ({script})(plot)}}; }}""")
+        except sync_api.Error:  # the frame is still loading
+            continue
+        if found is not None:
+            return found["value"]
+    return None
 
 
 def _loss_points(page) -> int:
-    # _fullData holds the decoded arrays (plotly.py sends numpy arrays base64-encoded).
+    # _fullData holds the decoded arrays (the component sends typed arrays, base64-encoded).
     return _plot(page, "p => { const t = p._fullData.find(t => t.name === 'train loss');"
                        " return t ? t._length : 0; }") or 0
 
@@ -180,16 +196,30 @@ def _markers(page) -> list[str]:
                        " return t ? Array.from(t.text) : []; }") or []
 
 
+def _view(page) -> dict:
+    """The training chart as the user sees it: axis ranges, draws done, the newest step drawn,
+    hidden traces, and whether the component holds a zoom."""
+    return _plot(page, """p => {
+        const L = p._fullLayout, chart = window.streamChart;
+        const loss = p._fullData.find(t => t.name === 'train loss');
+        return {renders: chart.status.renders, latest: chart.status.latest,
+                zoomed: 'xaxis' in chart.view.ranges, x: L.xaxis.range.slice(),
+                y: L.yaxis.range.slice(), last: Math.max(...loss.x), points: loss._length,
+                hidden: p._fullData.filter(t => t.visible === 'legendonly').map(t => t.name)};
+        }""") or {}
+
+
+def _refreshes(page, count: int = 5) -> dict:
+    """Wait until the chart has been redrawn ``count`` more times (new data each time)."""
+    start = _wait(lambda: _view(page).get("renders"), "the chart to be drawn")
+    return _wait(lambda: _view(page)["renders"] >= start + count and _view(page),
+                 f"{count} refreshes of the chart")
+
+
 def _screenshot(page, path: Path, target=None) -> None:
-    """Screenshot with the chart drawn: Streamlit re-creates the chart on every refresh (blank
-    for a frame or two), so retry when a refresh replaced it during the shot."""
-    path.parent.mkdir(exist_ok=True)
-    for _ in range(SHOT_TRIES):
-        _wait(lambda: _loss_points(page), "the chart to be drawn")
-        page.evaluate("() => { window.__shot = document.querySelector('.js-plotly-plot'); }")
-        (target or page).screenshot(path=str(path))
-        if page.evaluate("() => window.__shot === document.querySelector('.js-plotly-plot')"):
-            return
+    """Screenshot once the chart is drawn (the component redraws in place: no blank frames)."""
+    _wait(lambda: _loss_points(page), "the chart to be drawn")
+    (target or page).screenshot(path=str(path))
 
 
 def test_the_chart_shows_new_points_over_time(page):
@@ -200,42 +230,151 @@ def test_the_chart_shows_new_points_over_time(page):
     assert _metric(page, "state").endswith("running")
 
 
-def _drag_across_chart(page, start: float, end: float) -> None:
-    """Drag horizontally across the loss panel, from ``start`` to ``end`` (fractions of its
-    width), as a person would."""
-    drag = page.locator(".js-plotly-plot .nsewdrag").first
-    box = _wait(drag.bounding_box, "the chart's drag layer")
-    y = box["y"] + box["height"] / 2
-    page.mouse.move(box["x"] + box["width"] * start, y)
+def _plot_area(page) -> dict:
+    """The loss panel's drag layer, in page coordinates."""
+    frame = _wait(lambda: next((f for f in _chart_frames(page) if f.query_selector(".nsewdrag")),
+                               None), "the chart's drag layer")
+    return _wait(frame.locator(".nsewdrag").first.bounding_box, "the chart's drag layer")
+
+
+def _drag_box(page, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """Drag a zoom box across the loss panel, from ``start`` to ``end`` (fractions of its width
+    and height), as a person would."""
+    box = _plot_area(page)
+    page.mouse.move(box["x"] + box["width"] * start[0], box["y"] + box["height"] * start[1])
     page.mouse.down()
-    page.mouse.move(box["x"] + box["width"] * end, y, steps=8)
+    page.mouse.move(box["x"] + box["width"] * end[0], box["y"] + box["height"] * end[1],
+                    steps=8)
     page.mouse.up()
 
 
-def _shown_x(page) -> list[float]:
-    return _plot(page, "p => { const t = p._fullData.find(t => t.name === 'train loss');"
-                       " return [Math.min(...t.x), Math.max(...t.x)]; }") or []
+def _double_click(page) -> None:
+    box = _plot_area(page)
+    page.mouse.dblclick(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
 
 
-def test_box_zoom_survives_refreshes(page):
-    """Streamlit re-creates a plotly chart whose figure changed, so neither a browser-side
-    zoom nor a drag survives a refresh: the page freezes, takes the dragged step range, and
-    zooms on the server, where the range outlives the refreshes."""
+def test_the_training_chart_is_the_stream_chart_component(page):
+    _wait(lambda: _loss_points(page), "the chart to be drawn")
+    assert _view(page)["renders"] >= 1
+    assert page.locator(".js-plotly-plot").count() == 0  # no st.plotly_chart on the page
+    assert page.get_by_text("freeze chart").count() == 0
+
+
+def test_plotly_js_is_downloaded_once_per_browser(page):
+    """The first chart stores the 4.8 MB bundle in the browser's Cache API; after a reload
+    (as for another tab, or the LR range test's chart) the chart draws without downloading it
+    again."""
+    _wait(lambda: _loss_points(page), "the chart to be drawn")
+    fetched = []
+
+    def record(request):
+        fetched.append(request.url)
+
+    page.on("request", record)
+    page.reload()
+    page.get_by_text("Learning rate (log scale)").wait_for()
+    _wait(lambda: _loss_points(page), "the chart to be drawn again")
+    page.remove_listener("request", record)
+    assert [url for url in fetched if "stream_chart.js" in url]  # the frame did load …
+    assert not [url for url in fetched if "plotly.min.js" in url]  # … plotly.js: cached
+
+
+def test_a_zoom_survives_refreshes_while_points_keep_arriving(page):
+    """The issue's "zoom is thrown away every second": zoom into a box of a live run; five
+    refreshes later the ranges are exactly the same while new steps keep arriving, and
+    neither plotly.js nor the chart's page was fetched again. Double-click goes back."""
     _wait(lambda: _loss_points(page) > 200, "a curve to zoom into")
-    freeze = page.get_by_text("freeze chart")
-    freeze.click()
-    time.sleep(REFRESHES_S)  # the last live figure is on the page, and stays
-    _drag_across_chart(page, 0.3, 0.6)
-    caption = page.get_by_text(re.compile(r"Zoomed to steps [\d,]+ – [\d,]+"))
-    low, high = (float(v.replace(",", "")) for v in
-                 re.findall(r"[\d,]+", caption.inner_text().split("steps")[1]))
-    freeze.click()
-    start = _shown_step(page)
-    _wait(lambda: _shown_step(page) > start + 50, "several refreshes")
-    first, last = _shown_x(page)
-    assert low <= first and last <= high and _shown_step(page) > high
-    page.get_by_role("button", name="Reset zoom").click()
-    _wait(lambda: _shown_x(page) and _shown_x(page)[1] > high, "the whole run again")
+    fetched = []
+
+    def record(request):
+        fetched.append(request)
+
+    page.on("request", record)
+    _drag_box(page, (0.3, 0.3), (0.6, 0.8))
+    zoomed = _wait(lambda: _view(page).get("zoomed") and _view(page), "the zoom to take")
+    after = _refreshes(page, 5)
+    page.remove_listener("request", record)
+    assert after["x"] == zoomed["x"] and after["y"] == zoomed["y"]
+    assert after["last"] > zoomed["last"] > after["x"][1]  # appended, right of the zoomed view
+    assert not [r.url for r in fetched if "plotly.min.js" in r.url or "index.html" in r.url]
+    _double_click(page)
+    reset = _wait(lambda: not _view(page)["zoomed"] and _view(page), "the view to reset")
+    assert reset["x"][0] == 0 and reset["x"][1] >= after["last"]
+
+
+def test_follow_latest_keeps_the_right_edge_at_the_newest_step(page):
+    follow = page.get_by_text("follow latest")
+    follow.click()
+    _drag_box(page, (0.5, 0.2), (0.8, 0.7))
+    zoomed = _wait(lambda: _view(page).get("zoomed") and _view(page), "the zoom to take")
+    after = _refreshes(page, 5)
+    width = zoomed["x"][1] - zoomed["x"][0]
+    assert after["x"][1] == pytest.approx(after["latest"]) and after["latest"] > zoomed["last"]
+    assert after["x"][1] - after["x"][0] == pytest.approx(width)
+    assert after["y"] == zoomed["y"]  # the loss zoom stays
+    follow.click()
+    _double_click(page)
+    _wait(lambda: not _view(page)["zoomed"], "the view to reset")
+
+
+def test_a_hidden_legend_entry_stays_hidden(page):
+    frame = next(f for f in _chart_frames(page) if f.query_selector(".legend"))
+    entry = frame.locator(".legend .traces").filter(
+        has=frame.locator(".legendtext", has_text=re.compile(r"^train loss$")))
+    entry.locator(".legendtoggle").click()
+    _wait(lambda: _view(page)["hidden"] == ["train loss"], "the raw loss to be hidden")
+    assert _refreshes(page, 5)["hidden"] == ["train loss"]
+    entry.locator(".legendtoggle").click()
+    _wait(lambda: _view(page)["hidden"] == [], "the raw loss to be shown again")
+
+
+def _is_125(step: float) -> bool:
+    mantissa = step / 10 ** math.floor(math.log10(step))
+    return any(math.isclose(mantissa, m, rel_tol=1e-6) for m in (1, 2, 5, 10))
+
+
+def _axes(page) -> dict:
+    """The training chart's drawn axes: type, range, length (px), tick values, positions (px)
+    and labels."""
+    return _plot(page, """p => {
+        const L = p._fullLayout, out = {};
+        for (const name of ['xaxis2', 'yaxis', 'yaxis2', 'yaxis3']) {
+            const a = L[name];
+            if (!a || !a._vals) continue;
+            out[name] = {type: a.type, range: a.range.slice(), length: a._length,
+                         ticks: a._vals.map(v => v.x),
+                         pixels: a._vals.map(v => a.l2p(v.x)), text: a._vals.map(v => v.text)};
+        }
+        return out; }""")
+
+
+def _assert_round_ticks(axes: dict) -> None:
+    """Every linear axis drawn has evenly spaced ticks, 1, 2 or 5 × 10^k apart."""
+    for name, axis in axes.items():
+        if axis["type"] != "linear":
+            continue
+        steps = np.diff(axis["ticks"])
+        assert len(steps) and all(_is_125(s) for s in steps), (name, axis["ticks"])
+        assert np.allclose(steps, steps[0]), (name, axis["ticks"])
+
+
+def test_the_axes_are_readable(page):
+    """Round ticks on every linear axis, also zoomed in; an LR panel tall enough for its
+    labels; an LR axis spanning at least a decade around a constant LR."""
+    _wait(lambda: "yaxis2" in (_axes(page) or {}), "a validation metric's axis")
+    axes = _axes(page)
+    _assert_round_ticks(axes)
+    lr = axes["yaxis3"]
+    assert lr["type"] == "log" and lr["range"][1] - lr["range"][0] >= 1 - 1e-9
+    assert lr["length"] >= 110  # px (the issue measured ~50)
+    assert min(np.diff(sorted(lr["pixels"]))) >= 12, lr  # labels do not overlap
+    assert {"2", "5"} <= set(lr["text"]), lr["text"]
+    _drag_box(page, (0.35, 0.1), (0.55, 0.9))
+    _wait(lambda: _view(page).get("zoomed"), "the zoom to take")
+    _refreshes(page, 1)
+    _assert_round_ticks(_axes(page))
+    _double_click(page)
+    _wait(lambda: not _view(page)["zoomed"], "the view to reset")
 
 
 def test_a_bad_typed_lr_shows_an_error_and_sends_nothing(page, servers):
@@ -254,7 +393,8 @@ def test_a_bad_typed_lr_shows_an_error_and_sends_nothing(page, servers):
     page.get_by_text(re.compile("Not a valid learning rate")).wait_for(state="detached")
 
 
-def test_halving_the_lr_and_apply_changes_the_trainer_and_draws_a_marker(page, servers):
+def test_halving_the_lr_and_apply_changes_the_trainer_and_draws_a_marker(page, servers,
+                                                                          tmp_path):
     _, store, _ = servers
     assert store.summary()["lr"] == 0.01
     page.get_by_role("button", name="×½").click()
@@ -266,7 +406,7 @@ def test_halving_the_lr_and_apply_changes_the_trainer_and_draws_a_marker(page, s
     assert re.search(r"lr 1e-02 → 5e-03", markers[-1]), markers
     _wait(lambda: _metric(page, "learning rate") == "5e-03", "the status row to follow")
     time.sleep(REFRESHES_S)  # let the curve run on past the marker for the screenshot
-    _screenshot(page, ASSETS / "dashboard.png")
+    _screenshot(page, tmp_path / "dashboard.png")
 
 
 def test_pause_stops_the_step_counter_and_resume_restarts_it(page, servers):
@@ -282,22 +422,23 @@ def test_pause_stops_the_step_counter_and_resume_restarts_it(page, servers):
     _wait(lambda: _shown_step(page) > paused_at, "the step counter to move again")
 
 
-def test_the_knobs_panel_screenshot(page):
+def test_the_knobs_panel_screenshot(page, tmp_path):
     page.get_by_role("button", name="×2").click()
     page.locator("td strong", has_text="1e-02").wait_for()
     page.mouse.move(0, 0)  # no tooltip over the panel
     time.sleep(REFRESHES_S)
     column = page.locator('[data-testid="stColumn"]').filter(
         has=page.get_by_text("Learning rate (log scale)")).last
-    _screenshot(page, ASSETS / "dashboard-knobs.png", column)
+    _screenshot(page, tmp_path / "dashboard-knobs.png", column)
 
 
 def _range_test_plotted(page) -> bool:
-    return page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).some(
-        p => p._fullData && p._fullData.some(t => t.name === 'smoothed loss'))""")
+    """The loss-vs-LR plot is drawn, by the stream_chart component."""
+    return bool(_plot(page, "p => p._fullData.length", trace="smoothed loss"))
 
 
-def test_lr_range_test_beside_the_live_run_and_applying_its_suggestion(page, servers):
+def test_lr_range_test_beside_the_live_run_and_applying_its_suggestion(page, servers,
+                                                                         tmp_path):
     _, store, _ = servers
     page.locator("summary", has_text="LR range test").click()  # open the panel
     page.get_by_role("button", name="Run LR range test").click()
@@ -312,7 +453,8 @@ def test_lr_range_test_beside_the_live_run_and_applying_its_suggestion(page, ser
           "the live run to take the suggested LR")
     command = store.commands()[-1]
     assert command.kind == "set" and command.source == "dashboard"
-    _screenshot(page, ASSETS / "lr-range-test.png")
+    assert page.locator(".js-plotly-plot").count() == 0  # both charts are components
+    _screenshot(page, tmp_path / "lr-range-test.png")
 
 
 def test_stop_ends_the_run_and_locks_the_knobs(page, servers):
@@ -350,5 +492,5 @@ def test_a_dashboard_on_postgresql_watches_and_steers_a_trainer_writing_there(br
         markers = _wait(lambda: _markers(tab), "an intervention marker on the chart")
         assert re.search(r"lr 1e-02 → 5e-03", markers[-1]), markers
         time.sleep(REFRESHES_S)
-        _screenshot(tab, ASSETS / "dashboard-postgres.png")
+        _screenshot(tab, tmp_path / "dashboard-postgres.png")
         assert "Traceback" not in log.read_text()
