@@ -1,0 +1,5 @@
+"""``from trainer.huggingface import PandaCallback``: the ``transformers`` integration's short name."""
+
+from trainer.integrations.huggingface import PandaCallback, output_loss, validation_metrics
+
+__all__ = ["PandaCallback", "output_loss", "validation_metrics"]
