@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ import torch
 import yaml
 from helpers import wait_until
 
-from trainer import cli
+from trainer import Babysitter, cli
 from trainer.config import TrainConfig
 from trainer.export import ExportError, build_export, load_export, render, replay_commands
 from trainer.runner import train
@@ -173,3 +174,71 @@ def test_replay_refuses_bad_exports(tmp_path, capsys, text, reason):
                              str(tmp_path / "runs" / "r")], capsys)
     assert code == 2 and reason in err
     assert not (tmp_path / "runs").exists()
+
+
+# --- a user's own loop with a torch scheduler ------------------------------------------------
+
+def _user_loop(run_dir, *, live: bool = False, replay=None) -> tuple[list, list]:
+    """A user's loop (warm-up + cosine LambdaLR, the shape of transformers' schedulers). With
+    ``live`` a person sends three changes through the store while it trains; with ``replay``
+    the Babysitter re-enacts an export's timeline. Returns (losses, LRs the updates used)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / 120)))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(512, 8, generator=g), torch.randn(512, 1, generator=g)
+    changes = {30: {"lr": 0.02}, 60: {"momentum": 0.5}, 90: {"lr": 0.004}} if live else {}
+    losses, used = [], []
+    with Babysitter(optimizer, run_dir, model=model, replay=replay, flush_interval=0.02,
+                    poll_interval=0.005, on_diverge="ignore") as bs, SqliteStore(run_dir) as st:
+        for step in range(120):
+            i = (step * 32) % 512
+            loss = torch.nn.functional.mse_loss(model(x[i:i + 32]), y[i:i + 32])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            used.append(bs.composition.used_lr)
+            if step in changes:
+                st.submit_command("set", changes[step], source="test")
+                wait_until(lambda: bs.channels.commands, what="the poller")
+            bs.step(loss)
+        if live:
+            wait_until(lambda: all(c.status == "applied" for c in st.commands()),
+                       what="every change applied")
+    return losses, used
+
+
+def test_replay_of_a_user_schedule_with_three_live_changes_is_identical(tmp_path):
+    losses, used = _user_loop(tmp_path / "user", live=True)
+    with SqliteStore(tmp_path / "user") as store:
+        export = build_export(store)
+    timeline = export["timeline"]
+    assert [(t["step"], t["knob"]) for t in timeline] == [(31, "lr"), (61, "momentum"),
+                                                          (91, "lr")]
+    first = timeline[0]
+    assert first["new"] == 0.02 and first["factor"] == pytest.approx(0.02 / first["user_lr"])
+    replayed_losses, replayed_used = _user_loop(tmp_path / "replayed",
+                                                replay=replay_commands(export))
+    assert replayed_losses == losses   # bit for bit, every step
+    assert replayed_used == used
+    # The export's per-step LR is what the updates used, and the python snippet rebuilds it.
+    lrs = _expand(export["trajectory"]["lr"], 120)
+    assert lrs == used
+    snippet = tmp_path / "settings.py"
+    snippet.write_text(render(export, "python"))
+    out = subprocess.run([sys.executable, str(snippet), "120"], capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert json.loads(out.stdout) == used
+
+
+def _expand(segments: list, steps: int) -> list[float]:
+    values, index = [], 0
+    for step in range(steps):
+        while index + 1 < len(segments) and segments[index + 1][0] <= step:
+            index += 1
+        values.append(segments[index][1])
+    return values

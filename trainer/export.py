@@ -1,7 +1,9 @@
 """Settings export and replay: leave a babysitting session with settings you can trust.
 
 An export holds the settings a run ended with, the settings it started with, and the full
-intervention timeline (step, knob, old → new, source). Three renderings:
+intervention timeline (step, knob, old → new, source; for an LR change also the user's own LR
+then and the factor Panda holds from there on), and the per-step values every update used
+(the effective LR and, beside it, the user's own LR). Three renderings:
 
 * ``json`` / ``yaml``: the export itself; ``panda train --replay FILE`` re-runs a built-in task
   with the timeline applied at the recorded steps (on CPU with the same seed the loss curve is
@@ -40,16 +42,23 @@ def build_export(store: RunStore) -> dict[str, Any]:
     meta = store.meta()
     summary = store.summary()
     commands = {c.id: c for c in store.commands()}
+    metrics = store.metrics_since(-1, columns=("step", "lr", "momentum", "weight_decay",
+                                               "user_lr"))
+    user_lr = dict(zip(metrics["step"], metrics["user_lr"]))
     timeline = []
     for event in store.events_since(0):
         command = commands.get(event["command_id"])
         if command is None or command.kind not in REPLAYABLE_KINDS:
             continue
-        timeline.append({"step": event["step"], "kind": command.kind, "knob": event["knob"],
-                         "old": event["old"], "new": event["new"], "source": command.source,
-                         "command": json.loads(command.payload) if command.payload else {},
-                         "command_id": command.id})
-    metrics = store.metrics_since(-1, columns=("step", "lr", "momentum", "weight_decay"))
+        item = {"step": event["step"], "kind": command.kind, "knob": event["knob"],
+                "old": event["old"], "new": event["new"], "source": command.source,
+                "command": json.loads(command.payload) if command.payload else {},
+                "command_id": command.id}
+        user = user_lr.get(event["step"])
+        if event["knob"] == "lr" and user and event["new"] is not None:
+            # The factor Panda holds from here on: the user's own schedule × factor.
+            item.update(user_lr=user, factor=event["new"] / user)
+        timeline.append(item)
     config = meta.get("config") or {}
     return {
         "panda_export": EXPORT_VERSION,
@@ -65,8 +74,9 @@ def build_export(store: RunStore) -> dict[str, Any]:
                   "weight_decay": summary["weight_decay"], "schedule": meta.get("schedule"),
                   **{k: config[k] for k in ("batch_size", "epochs", "seed") if k in config}},
         "timeline": timeline,
+        # Per-step values the updates used (lr: the effective LR), and the user's own LR.
         "trajectory": {name: _segments(metrics["step"], metrics[name])
-                       for name in ("lr", "momentum", "weight_decay")},
+                       for name in ("lr", "momentum", "weight_decay", "user_lr")},
     }
 
 
