@@ -155,8 +155,8 @@ def test_evaluation_pause_resume_stop_and_rollback(tmp_path):
         assert store.command(stop).status == "applied"
         assert trainer.state.global_step < 10_000
         kinds = [e["kind"] for e in store.events_since(0)]
-        assert ["pause", "rollback", "resume", "stop"] == [k for k in kinds if k in (
-            "pause", "rollback", "resume", "stop")]
+        assert [k for k in kinds if k in (
+            "pause", "rollback", "resume", "stop")] == ["pause", "rollback", "resume", "stop"]
         assert store.summary()["state"] == "stopped"
         store.close()
     finally:
