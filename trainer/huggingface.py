@@ -1,4 +1,4 @@
-"""``from trainer.huggingface import PandaCallback``: the ``transformers`` integration's short name."""
+"""``from trainer.huggingface import PandaCallback``: the transformers integration, short."""
 
 from trainer.integrations.huggingface import PandaCallback, output_loss, validation_metrics
 
