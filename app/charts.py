@@ -32,6 +32,7 @@ RAW_OPACITY = 0.3          # raw loss is drawn faint behind its smoothed curve
 DEBIAS_FLOOR = 1e-17       # below this, β^t no longer changes 1 − β^t in float64
 EVENT_COLOR = "rgba(214, 39, 40, 0.6)"
 LOSS_COLOR, VAL_COLOR, LR_COLOR = "#1f77b4", "#ff7f0e", "#2e7d32"
+USER_LR_COLOR = "#8c8c8c"  # the user's own schedule, under the effective LR
 METRIC_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#17becf")
 OVERLAY_COLORS = ("#7f7f7f", "#bcbd22", "#17becf", "#e377c2")
 OFF_SCALE_COLOR = "#d62728"
@@ -174,14 +175,28 @@ def _plot_px(height: int) -> float:
     return max(1.0, (height - MARGIN["t"] - MARGIN["b"] - X_AXIS_PX) * (1 - ROW_GAP))
 
 
+def shows_user_schedule(lr: np.ndarray, user_lr: np.ndarray) -> bool:
+    """Whether to draw the user's own LR beside the effective one: when the user's code set an
+    LR that moved (a schedule), or that Panda's factor changed (a live change)."""
+    known = np.isfinite(user_lr) & np.isfinite(lr)
+    if not known.any():
+        return False
+    users, used = user_lr[known], lr[known]
+    moved = bool(np.any(users != users[0]))
+    scaled = bool(np.any(np.abs(used - users) > 1e-9 * np.abs(users)))
+    return moved or scaled
+
+
 def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple],
                     events: list[dict[str, Any]], *, smoothing: float = 0.6,
                     log_y: bool = False, overlays: dict[str, dict[str, np.ndarray]] | None = None,
                     steps_shown: StepRange | None = None, height: int = 540) -> go.Figure:
     """Loss (raw, smoothed), validation metrics and LR on one step axis, with event markers.
 
-    ``metrics``: arrays ``step``, ``loss``, ``lr``. ``validation``: name → (steps, values);
-    ``loss`` is drawn with the training loss, other metrics on a right-hand axis.
+    ``metrics``: arrays ``step``, ``loss``, ``lr`` (what each update used) and optionally
+    ``user_lr`` (the user's own schedule, drawn dashed when it differs). ``validation``:
+    name → (steps, values); ``loss`` is drawn with the training loss, other metrics on a
+    right-hand axis.
     ``overlays``: other runs' ``step``/``loss`` to compare with. The LR is a linked panel
     below, on a log axis. ``steps_shown`` keeps only the steps in that range (smoothing still
     sees all), so the y axes fit what is shown (the "Steps shown" window).
@@ -199,10 +214,11 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     loss_px, lr_px = plot_px * (1 - lr_share), plot_px * lr_share
     steps = np.asarray(metrics["step"], dtype=float)
     loss, lr = np.asarray(metrics["loss"], dtype=float), np.asarray(metrics["lr"], dtype=float)
+    user_lr = np.asarray(metrics.get("user_lr", np.full(lr.shape, np.nan)), dtype=float)
     smooth = ema(loss, smoothing) if smoothing > 0 else None
     if steps_shown is not None:
         cut = _cut(steps, steps_shown)
-        steps, loss, lr = steps[cut], loss[cut], lr[cut]
+        steps, loss, lr, user_lr = steps[cut], loss[cut], lr[cut], user_lr[cut]
         smooth = None if smooth is None else smooth[cut]
         validation = {name: _within(vs, vals, steps_shown)
                       for name, (vs, vals) in validation.items()}
@@ -244,6 +260,13 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     markers = _off_scale_markers(steps, loss, span, log_y)
     if markers is not None:
         fig.add_trace(markers, row=1, col=1)
+    if shows_user_schedule(lr, user_lr):
+        # The user's own schedule, which Panda's factor multiplies (trainer.composition).
+        keep = run_edges(user_lr)
+        ux, uy = downsample(steps[keep], user_lr[keep])
+        fig.add_trace(_line(ux, uy, "your schedule", USER_LR_COLOR, width=1.5,
+                            line={"shape": "hv", "dash": "dash"}, uid="user lr",
+                            hovertemplate="%{y:.3g}"), row=2, col=1)
     keep = run_edges(lr)  # LR is piecewise constant under most schedules: a point per change
     lx, ly = downsample(steps[keep], lr[keep])
     fig.add_trace(_line(lx, ly, "learning rate", LR_COLOR, line={"shape": "hv"}, uid="lr",
@@ -264,7 +287,8 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     if any(name != "loss" for name in validation):
         fig.update_yaxes(title_text="val metric", row=1, col=1, secondary_y=True,
                          showgrid=False, **linear_axis(padded(metric_values), loss_px))
-    fig.update_yaxes(title_text="lr (log)", row=2, col=1, **log_axis(lr, lr_px))
+    lr_values = np.concatenate([lr, user_lr[np.isfinite(user_lr)]])
+    fig.update_yaxes(title_text="lr (log)", row=2, col=1, **log_axis(lr_values, lr_px))
     fig.update_xaxes(title_text="step", row=2, col=1)
     # The steps drawn, edge to edge: plotly's autorange pads for markers (down to step −500
     # on a long run). Markers on the edges are drawn whole (cliponaxis=False).

@@ -15,7 +15,7 @@ import numpy as np
 
 from trainer.store import RunStore
 
-METRIC_COLUMNS = ("step", "wall", "loss", "lr")
+METRIC_COLUMNS = ("step", "wall", "loss", "lr", "user_lr")  # user_lr: the user's own LR
 RATE_WINDOW = 50           # steps/s is measured over the last this many steps
 PATIENCE_HINT = 5          # evaluations without a better val loss before the page suggests stopping
 RESTART_EVENT = "restart"  # a resumed run rewrote rows after its checkpoint: start over

@@ -153,6 +153,9 @@ def _status_row(address: str, summary: dict[str, Any], meta: dict[str, Any],
              ("decay", (summary.get("schedule") or {}).get("shape", "constant"))]
     for column, (label, value) in zip(st.columns(len(cells)), cells):
         column.metric(label, value)
+    composition = lr_composition(meta.get("lr_composition"))
+    if composition:
+        st.caption(composition)
     hint = early_stop_hint(cache["val"])
     if hint:
         st.markdown(f":orange[{hint}]")
@@ -160,6 +163,19 @@ def _status_row(address: str, summary: dict[str, Any], meta: dict[str, Any],
         st.error(f"Diverged: {(meta.get('diverged') or {}).get('cause', '')}. Press Undo "
                  f"(or `panda rollback {summary['run']}`) to undo the latest change, or lower "
                  "the LR and resume.")
+
+
+def lr_composition(described: dict[str, Any] | None) -> str | None:
+    """"LR: your schedule × 0.25 → 1.6e-04 now" when Panda's factor is not 1 (see
+    trainer.composition), else None."""
+    if not described or described.get("lr") is None or described.get("user_lr") is None:
+        return None
+    factor = described.get("factor", 1.0)
+    if math.isclose(factor, 1.0, rel_tol=1e-9):
+        return None
+    mine = "your schedule" if described.get("user_schedule") else \
+        f"your {format_sci(described['user_lr'])}"
+    return f"LR: {mine} × {factor:.3g} → {format_sci(described['lr'])} now"
 
 
 def _overlays(root: str, names: list[str]) -> dict[str, dict[str, Any]]:

@@ -409,3 +409,14 @@ def test_window_log_scale_and_follow_settings_reach_the_chart(page):
     assert chart["follow"] is True
     assert chart["revision"] != before  # a log axis is another view: the zoom starts over
     assert chart["figure"]["layout"]["yaxis"]["type"] == "log"
+
+
+def test_the_lr_composition_is_said_in_words():
+    from app.main import lr_composition
+
+    assert lr_composition(None) is None
+    assert lr_composition({"user_lr": 0.01, "lr": 0.01, "factor": 1.0}) is None
+    assert lr_composition({"user_lr": 6.4e-4, "lr": 1.6e-4, "factor": 0.25,
+                           "user_schedule": True}) == "LR: your schedule × 0.25 → 1.6e-04 now"
+    assert lr_composition({"user_lr": 0.01, "lr": 0.005, "factor": 0.5,
+                           "user_schedule": False}) == "LR: your 1e-02 × 0.5 → 5e-03 now"

@@ -24,7 +24,7 @@ from app.axes import (
     robust_range,
     run_edges,
 )
-from app.charts import _plot_px, training_figure
+from app.charts import _plot_px, shows_user_schedule, training_figure
 from app.lr_panel import lr_find_figure
 from app.stream_chart import figure_json, latest_x
 
@@ -282,3 +282,20 @@ def test_figure_json_keeps_precision_where_it_matters():
     assert latest_x(fig) == wall[-1]
     plain = json.loads(figure_json({"data": [{"x": [1, 2], "y": [3, 4]}], "layout": {}}))
     assert plain["data"][0]["x"] == [1, 2]
+
+
+def test_the_users_own_schedule_is_drawn_beside_the_effective_lr():
+    steps = np.arange(100.0)
+    user = 0.01 * np.cos(steps / 200)                          # a user's decaying schedule
+    used = np.where(steps < 50, user, user * 0.25)             # a live change at step 50
+    metrics = {"step": steps, "loss": np.ones(100), "lr": used, "user_lr": user}
+    fig = training_figure(metrics, {}, [])
+    names = [t.name for t in fig.data]
+    assert "your schedule" in names and "learning rate" in names
+    dashed = next(t for t in fig.data if t.name == "your schedule")
+    assert dashed.line.dash == "dash" and max(dashed.y) == pytest.approx(0.01)
+    # No user schedule and no factor: one LR line only.
+    flat = {"step": steps, "loss": np.ones(100), "lr": np.full(100, 0.01),
+            "user_lr": np.full(100, 0.01)}
+    assert "your schedule" not in [t.name for t in training_figure(flat, {}, []).data]
+    assert not shows_user_schedule(np.full(3, 0.1), np.full(3, np.nan))
