@@ -41,7 +41,7 @@ from trainer.channels import (
     WriteValidation,
     WriteVerdicts,
 )
-from trainer.commands import GUARD_KIND, ValidCommand, validate_command
+from trainer.commands import FAILURE_KIND, GUARD_KIND, ValidCommand, validate_command
 from trainer.composition import Composition, Landing, same
 from trainer.config import ON_DIVERGE
 from trainer.coordinator import Coordinator
@@ -55,11 +55,12 @@ from trainer.schedules import Schedule, schedule_from
 from trainer.store.address import store_url
 from trainer.store.base import sanitize_run_name
 from trainer.store.records import Event, MetricRow, ValidationRow, Verdict
-from trainer.workers import Flusher, Poller, Workers
+from trainer.workers import STORE_GIVE_UP_S, Flusher, Poller, WorkerError, Workers
 
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 0.1   # metrics reach the store at most this late (kill -9 loses ≤ this)
+ROW_LIMIT = 50_000       # rows waiting for the flusher before they are folded (bounded memory)
 POLL_INTERVAL_S = 0.05   # a command waits at most this long before the trainer sees it
 PAUSE_WAKE_S = 0.5       # a paused trainer re-checks for stop/close at least this often
 RESCUE_LR_FACTOR = 0.5   # --on-diverge rollback halves the LR that diverged
@@ -75,6 +76,18 @@ class _Awaiting:
     before: dict[str, float | None]   # the values in force when it was asked for
     landing: Landing
     boundaries: int = 0               # step boundaries passed without an update using it
+
+
+def _number(loss: Any) -> float:
+    """A loss that is not a one-element tensor: a plain number, else a clear ValueError (a
+    loss of shape [2] is a missing reduction, caught here instead of in the flusher)."""
+    if isinstance(loss, torch.Tensor):
+        raise ValueError(f"bs.step() takes the loss as one number; got a tensor of shape "
+                         f"{tuple(loss.shape)}: reduce it first (e.g. loss.mean())")
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise ValueError(f"bs.step() takes the loss as a tensor or a number, got "
+                         f"{type(loss).__name__}")
+    return float(loss)
 
 
 def _fmt(value: float | None) -> str:
@@ -119,6 +132,11 @@ class Babysitter:
             without either the run's own SQLite file in ``run_dir``.
         coordinator: how this process meets others (default: DDP's under a multi-process
             ``torch.distributed`` job, else none; see :mod:`trainer.coordinator`).
+        row_limit: metric rows that may wait for the store before they are folded into one
+            (memory stays bounded when the store is slower than training; the gap is counted).
+        store_timeout: seconds the store may stay unreachable before the run fails; a failure
+            of Panda's background threads is raised by the next ``step()``
+            (:class:`~trainer.workers.WorkerError`).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, run_dir: str | os.PathLike = "runs/run",
@@ -131,7 +149,8 @@ class Babysitter:
                  flush_interval: float = FLUSH_INTERVAL_S,
                  poll_interval: float = POLL_INTERVAL_S,
                  sync_every: int = DEFAULT_SYNC_EVERY, store: str | None = None,
-                 coordinator: Coordinator | None = None):
+                 coordinator: Coordinator | None = None, row_limit: int = ROW_LIMIT,
+                 store_timeout: float = STORE_GIVE_UP_S):
         self.run_dir = Path(run_dir)
         sanitize_run_name(self.run_dir.name)
         if checkpoint_every is not None and (model is None or checkpoint_every < 1):
@@ -151,6 +170,8 @@ class Babysitter:
         self.extra_state: dict[str, Any] = {}  # restored from a checkpoint on resume
         self._closed = False
         self._stopped_by_command = False
+        self._row_limit, self._folded = row_limit, None
+        self.folded_steps = 0        # steps logged inside a folded row (see _fold)
         self.final_status: str | None = None  # set by close()
         self._rollback_points = RollbackPoints(self.run_dir)
         self._awaiting: list[_Awaiting] = []  # knob changes waiting for the update using them
@@ -174,8 +195,9 @@ class Babysitter:
             flusher = Flusher(self.store, workers, flush_interval, live_meta=self._live_meta,
                               keep_checkpoints=keep_checkpoints,
                               guard=None if on_diverge == "ignore" else (
-                                  guard or DivergenceGuard()))
-            poller = Poller(self.store, workers, self.knobs, poll_interval, flusher)
+                                  guard or DivergenceGuard()), give_up_s=store_timeout)
+            poller = Poller(self.store, workers, self.knobs, poll_interval, flusher,
+                            give_up_s=store_timeout)
             self._workers = Workers(flusher, poller)
             self._workers.start()
         branch_knobs = self.coordinator.share(self._take_branch_knobs) \
@@ -192,10 +214,16 @@ class Babysitter:
         Call it after ``optimizer.step()``. No host-device sync, no I/O, no lock.
         """
         used = self.composition  # what the update just taken used (see trainer.composition)
-        value = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
-        self._rows.append(MetricRow(self.step_count, self.epoch, time.time(), value,
-                                    used.used_lr, used.used_momentum, used.used_weight_decay,
-                                    used.user_lr))
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:  # numel: metadata, no sync
+            value = loss.detach()
+        else:
+            value = _number(loss)
+        row = MetricRow(self.step_count, self.epoch, time.time(), value, used.used_lr,
+                        used.used_momentum, used.used_weight_decay, used.user_lr)
+        if len(self._rows) < self._row_limit and self._folded is None:
+            self._rows.append(row)
+        else:
+            self._fold(row)  # the store is slower than training: bounded memory, see _fold
         self.step_count += 1
         if self._awaiting:
             self._confirm_landings()
@@ -209,6 +237,30 @@ class Babysitter:
             self.composition.set_position(self._epoch_position())
         if self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
             self.checkpoint("periodic")
+
+    def _fold(self, row: MetricRow) -> None:
+        """Keep memory bounded while the store is slower than training: rows beyond
+        ``row_limit`` waiting for the flusher are folded into one row (the mean loss, as a lazy
+        tensor op: no sync) until the queue drains; the folded steps are counted in the run's
+        meta and marked by an event, so a gap is never silent."""
+        folded = self._folded
+        if folded is None:
+            self._folded = [row, row.loss, 1]  # first row, loss sum, count
+        else:
+            folded[1], folded[2] = folded[1] + row.loss, folded[2] + 1
+        if len(self._rows) < self._row_limit // 2:  # the store caught up
+            self._unfold()
+
+    def _unfold(self) -> None:
+        first, total, count = self._folded
+        self._folded = None
+        self._rows.append(first._replace(loss=total / count))
+        self.folded_steps += count - 1
+        self.channels.outbox.append(WriteMeta({"folded_steps": self.folded_steps}))
+        self.channels.outbox.append(WriteEvents([Event(
+            first.step, time.time(), "folded",
+            message=f"steps {first.step}–{first.step + count - 1} logged as one row (mean "
+            f"loss): the run store was slower than training")]))
 
     def log_validation(self, loss: torch.Tensor | float | None = None, *, end_epoch: bool = True,
                        **metrics: torch.Tensor | float) -> None:
@@ -272,6 +324,8 @@ class Babysitter:
         applied commands too, so the timeline and exports see every intervention. A knob
         change's verdict waits for the update that uses it (:meth:`_confirm_landings`).
         """
+        if command.kind == FAILURE_KIND:  # a worker failed: training must not go on unaware
+            raise WorkerError(command.payload["error"])
         step, wall = self.step_count, time.time()
         outbox = self.channels.outbox
         try:
@@ -594,6 +648,8 @@ class Babysitter:
         # The last, not yet averaged losses under DDP (a normal end: every rank at this step).
         self.coordinator.close(self, collective=status is None)
         self._workers.stop_polling()
+        if self._folded is not None:
+            self._unfold()
         for item in self._awaiting:
             self._settle(item.command, self.step_count, [], status="not holding",
                          error="the run ended before an update used it")

@@ -17,11 +17,13 @@ from trainer.ranges import STEP, KnobError
 from trainer.schedules import validate_schedule
 
 # "set" carries knob values; "schedule" an LR decay (trainer.schedules); "rollback" an optional
-# step; the rest carry nothing. "diverged" is not a command anyone sends: it is the divergence
-# guard's news, handed to the training thread the same way.
+# step; the rest carry nothing. "diverged" and "worker_failed" are not commands anyone sends:
+# they are the divergence guard's and a failed worker's news, handed to the training thread the
+# same way.
 CONTROL_KINDS = ("pause", "resume", "stop", "checkpoint", "rollback")
 COMMAND_KINDS = ("set", "schedule", *CONTROL_KINDS)
 GUARD_KIND = "diverged"
+FAILURE_KIND = "worker_failed"  # a worker's failure, raised on the training thread
 
 
 class ValidCommand(NamedTuple):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,14 +28,22 @@ from trainer.channels import (
     WriteVerdicts,
     drain,
 )
-from trainer.commands import GUARD_KIND, ValidCommand, validate_command
+from trainer.commands import FAILURE_KIND, GUARD_KIND, ValidCommand, validate_command
 from trainer.guard import DivergenceGuard
 from trainer.optim import OptimizerKnobs
 from trainer.ranges import KnobError
-from trainer.store.base import RunStore
-from trainer.store.records import MetricRow, Verdict
+from trainer.store.base import RunStore, first_line
+from trainer.store.records import Event, MetricRow, Verdict
 
 log = logging.getLogger(__name__)
+
+STORE_GIVE_UP_S = 60.0  # a store unreachable for longer than this fails the run (loudly)
+
+
+class WorkerError(RuntimeError):
+    """A background worker of the Babysitter failed; raised at the training thread's next
+    ``bs.step()`` with the worker's reason (the original exception is its ``__cause__``
+    where it can be)."""
 
 
 def to_floats(values: list) -> list[float]:
@@ -57,11 +66,24 @@ def to_floats(values: list) -> list[float]:
 
 
 class _Worker(threading.Thread):
-    """A daemon thread that calls ``tick()`` every ``interval`` seconds until stopped."""
+    """A daemon thread that calls ``tick()`` every ``interval`` seconds until stopped.
 
-    def __init__(self, name: str, store: RunStore, interval: float):
+    A worker's failure is never silent (TensorBoard's event writer re-raises its worker's error
+    at the next write; so does Panda). A store that is briefly unreachable (its driver's errors,
+    an ``OSError``) is retried every tick, its data kept; one that stays unreachable for
+    ``give_up_s``, or any other exception, is a failure: logged once with its traceback,
+    recorded in the run (event ``failed``, status ``failed`` with the reason) where the store
+    still takes it, and handed to the training thread, whose next ``bs.step()`` raises
+    :class:`WorkerError`.
+    """
+
+    def __init__(self, name: str, store: RunStore, interval: float, channels: Channels,
+                 give_up_s: float = STORE_GIVE_UP_S):
         super().__init__(name=name, daemon=True)
-        self.store, self.interval = store, interval
+        self.store, self.interval, self.channels = store, interval, channels
+        self.give_up_s = give_up_s
+        self.failure: BaseException | None = None
+        self._unavailable_since: float | None = None
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -76,10 +98,34 @@ class _Worker(threading.Thread):
     def _safe_tick(self) -> None:
         try:
             self.tick()
-        except (*self.store.errors, OSError):
+            self._unavailable_since = None
+        except (*self.store.errors, OSError) as err:
             # A locked or briefly unavailable store must not kill training; the data stays
-            # queued and the next tick retries.
-            log.exception("%s: store unavailable, will retry", self.name)
+            # queued and the next tick retries, until it has been down for too long.
+            now = time.monotonic()
+            if self._unavailable_since is None:
+                self._unavailable_since = now
+                log.warning("%s: store unavailable, will retry: %s", self.name, first_line(err))
+            elif now - self._unavailable_since > self.give_up_s:
+                self.fail(err, f"the run store has been unavailable for over "
+                          f"{self.give_up_s:g} s")
+        except Exception as err:
+            self.fail(err)
+
+    def fail(self, err: BaseException, context: str | None = None) -> None:
+        """Report a failure once: log, record in the run, tell the training thread."""
+        if self.failure is not None:
+            return
+        self.failure = err
+        reason = f"{self.name} failed: " + (f"{context}: " if context else "") + \
+            f"{type(err).__name__}: {first_line(err)}"
+        log.error("%s", reason, exc_info=err)
+        with contextlib.suppress(Exception):  # the store itself may be what failed
+            self.store.add_events([Event(-1, time.time(), "failed", message=reason)])
+            self.store.set_meta(status="failed", error=reason)
+        self.channels.commands.append(ValidCommand(None, FAILURE_KIND, {"error": reason},
+                                                   source="worker"))
+        self.channels.wake.set()
 
     def tick(self) -> None:
         raise NotImplementedError
@@ -100,9 +146,9 @@ class Flusher(_Worker):
 
     def __init__(self, store: RunStore, channels: Channels, interval: float,
                  live_meta: Callable[[], dict[str, Any]], *, keep_checkpoints: int,
-                 guard: DivergenceGuard | None = None):
-        super().__init__("panda-flusher", store, interval)
-        self.channels, self.live_meta = channels, live_meta
+                 guard: DivergenceGuard | None = None, give_up_s: float = STORE_GIVE_UP_S):
+        super().__init__("panda-flusher", store, interval, channels, give_up_s)
+        self.live_meta = live_meta
         self.keep_checkpoints = keep_checkpoints
         self.guard = guard
         self._armed, self._rearm_at = guard is not None, None
@@ -170,8 +216,13 @@ class Flusher(_Worker):
             self.store.set_meta(**self.live_meta())  # heartbeat, also while paused
         outbox = self.channels.outbox
         while outbox:
-            self.write(outbox[0])
-            outbox.popleft()  # only once written: a failed write is retried next tick
+            try:
+                self.write(outbox[0])
+            except (*self.store.errors, OSError):
+                raise  # the store: retried next tick, the item kept
+            except Exception as err:  # the item itself: reported, dropped, the rest written
+                self.fail(err, f"could not write {type(outbox[0]).__name__}")
+            outbox.popleft()  # only once written (or refused): nothing is written twice
 
     def write(self, item: OutboxItem) -> None:
         """Write one outbox item through its handler."""
@@ -185,17 +236,26 @@ class Flusher(_Worker):
         self.store.append_validation([r._replace(value=v) for r, v in zip(item.rows, values)])
 
     def _write_checkpoint(self, item: WriteCheckpoint) -> None:
-        checkpoint.save(self.store.run_dir, item.state, reason=item.reason, pinned=item.pinned,
-                        keep=self.keep_checkpoints)
+        """Write a checkpoint file; a write that fails (a full disk) is reported as an event and
+        dropped, so it never holds up the verdicts queued behind it. The snapshot stays in
+        memory for a rollback."""
+        try:
+            checkpoint.save(self.store.run_dir, item.state, reason=item.reason,
+                            pinned=item.pinned, keep=self.keep_checkpoints)
+        except OSError as err:
+            step = int(item.state["babysitter"]["step"])
+            log.warning("checkpoint of step %d not written: %s", step, err)
+            self.store.add_events([Event(step, time.time(), "checkpoint_failed", message=(
+                f"checkpoint of step {step} not written: {first_line(err)}"))])
 
 
 class Poller(_Worker):
     """Reads new commands, validates them (second time) and hands them to the training thread."""
 
     def __init__(self, store: RunStore, channels: Channels, knobs: OptimizerKnobs,
-                 interval: float, flusher: Flusher):
-        super().__init__("panda-poller", store, interval)
-        self.channels, self.knobs = channels, knobs
+                 interval: float, flusher: Flusher, give_up_s: float = STORE_GIVE_UP_S):
+        super().__init__("panda-poller", store, interval, channels, give_up_s)
+        self.knobs = knobs
         self.flusher = flusher  # writes a refusal at once
         self.last_id = 0
 

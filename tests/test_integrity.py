@@ -1,0 +1,171 @@
+"""Integrity: ordinary mistakes and accidents end in a clear error, lose nothing, and change
+nothing they should not (issue #15)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from helpers import REPO, subprocess_env, wait_until
+
+from trainer import Babysitter, checkpoint
+from trainer.store import SqliteStore
+from trainer.workers import WorkerError
+
+torch.set_num_threads(1)
+
+FAST = {"flush_interval": 0.02, "poll_interval": 0.01, "on_diverge": "ignore"}
+
+
+def linear():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01)
+
+
+def train(bs: Babysitter, model, opt, steps: int, *, bad_at: int | None = None) -> None:
+    x = torch.randn(8, 4)
+    for step in range(steps):
+        per_sample = (model(x) - 1).pow(2)
+        loss = per_sample[:2, 0] if step == bad_at else per_sample.mean()  # forgot the mean
+        opt.zero_grad()
+        loss.sum().backward()
+        opt.step()
+        bs.step(loss)
+
+
+def stored_steps(run_dir) -> list[int]:
+    with SqliteStore(run_dir) as store:
+        return store.metrics_since(-1, columns=("step",))["step"]
+
+
+# --- 1. a bad loss, a poisoned item, a broken store: a clear error, no silent loss ------------
+
+def test_a_loss_of_shape_2_is_refused_at_once_and_every_earlier_row_is_kept(tmp_path):
+    model, opt = linear()
+    with pytest.raises(ValueError, match=r"one number; got a tensor of shape \(2,\): reduce"):
+        with Babysitter(opt, tmp_path / "bad", model=model, **FAST) as bs:
+            train(bs, model, opt, 300, bad_at=150)
+    assert bs.final_status == "failed"
+    assert stored_steps(tmp_path / "bad") == list(range(150))
+    with SqliteStore(tmp_path / "bad") as store:
+        meta = store.meta()
+    assert meta["status"] == "failed" and "shape (2,)" in meta["error"]
+
+
+@pytest.mark.parametrize("loss", [None, "0.5", [0.5], True])
+def test_a_loss_that_is_not_a_number_is_refused(tmp_path, loss):
+    _, opt = linear()
+    with Babysitter(opt, tmp_path / "run", **FAST) as bs:
+        with pytest.raises(ValueError, match="tensor or a number"):
+            bs.step(loss)
+        bs.step(torch.tensor([0.5]))  # one element, any shape: fine
+        bs.step(1)
+
+
+def test_a_poisoned_outbox_item_fails_the_run_loudly_at_the_next_step(tmp_path):
+    model, opt = linear()
+    with pytest.raises(WorkerError, match="could not write object"):
+        with Babysitter(opt, tmp_path / "poison", model=model, **FAST) as bs:
+            train(bs, model, opt, 50)
+            bs.channels.outbox.append(object())   # what a bug in Panda would queue
+            wait_until(lambda: bs.channels.commands, what="the flusher's report")
+            train(bs, model, opt, 1)
+    assert bs.final_status == "failed"
+    assert stored_steps(tmp_path / "poison") == list(range(51))  # nothing before it lost
+    with SqliteStore(tmp_path / "poison") as store:
+        events = [e for e in store.events_since(0) if e["kind"] == "failed"]
+        assert len(events) == 1 and "TypeError: unknown outbox item object" in events[0]["message"]
+        assert store.meta()["status"] == "failed"
+
+
+def test_a_store_that_raises_on_every_write_fails_the_run_after_its_timeout(tmp_path,
+                                                                            monkeypatch):
+    model, opt = linear()
+    with pytest.raises(WorkerError, match="unavailable for over 0.3 s.*disk I/O error"):
+        with Babysitter(opt, tmp_path / "broken", model=model, store_timeout=0.3,
+                        **FAST) as bs:
+            train(bs, model, opt, 40)
+            wait_until(lambda: stored_steps(tmp_path / "broken")[-1:] == [39], what="rows")
+
+            def broken(*args, **kwargs):
+                raise sqlite3.OperationalError("disk I/O error")
+            monkeypatch.setattr(bs.store, "append_metrics", broken)
+            train(bs, model, opt, 5)  # rows the store will not take
+            wait_until(lambda: bs.channels.commands, what="the flusher to give up")
+            train(bs, model, opt, 1)
+    assert stored_steps(tmp_path / "broken") == list(range(40))
+    with SqliteStore(tmp_path / "broken") as store:
+        assert store.meta()["status"] == "failed"
+
+
+def test_a_checkpoint_that_cannot_be_written_never_holds_up_a_verdict(tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint, "save", disk_full)
+    model, opt = linear()
+    run_dir = tmp_path / "full"
+    with Babysitter(opt, run_dir, model=model, **FAST) as bs, SqliteStore(run_dir) as store:
+        train(bs, model, opt, 5)
+        command = store.submit_command("set", {"lr": 0.02})  # writes an intervention ckpt
+        wait_until(lambda: bs.channels.commands, what="the poller")
+        train(bs, model, opt, 3)
+        wait_until(lambda: store.command(command).status != "pending", what="the verdict")
+        assert store.command(command).status == "applied"
+        wait_until(lambda: any(e["kind"] == "checkpoint_failed" for e in store.events_since()),
+                   what="the checkpoint failure event")
+        failed = next(e for e in store.events_since() if e["kind"] == "checkpoint_failed")
+        assert "No space left on device" in failed["message"]
+    assert bs.final_status == "finished"
+
+
+_SLOW_STORE = textwrap.dedent("""
+    import json, resource, sys, time, torch
+    from trainer import Babysitter
+    from trainer.store import SqliteStore
+    steps, run_dir = int(sys.argv[1]), sys.argv[2]
+    torch.set_num_threads(1)
+    original = SqliteStore.append_metrics
+    def slow(self, rows, **kwargs):   # takes 10x the time the loop took to make the rows
+        time.sleep(10 * (rows[-1].wall - rows[0].wall))
+        return original(self, rows, **kwargs)
+    SqliteStore.append_metrics = slow
+    losses = [torch.tensor(float(i % 7)) for i in range(64)]
+    with Babysitter(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), run_dir,
+                    on_diverge="ignore", row_limit=20_000) as bs:
+        most = 0
+        for i in range(steps):
+            bs.step(losses[i % 64])
+            time.sleep(0)     # a ~4 us step
+            if i % 1000 == 0:
+                most = max(most, len(bs.channels.rows))
+    print(json.dumps({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "most_waiting": most, "folded": bs.folded_steps}))
+""")
+
+
+@pytest.mark.slow
+def test_a_store_ten_times_slower_than_training_keeps_memory_bounded(tmp_path):
+    def run(steps: int) -> dict:
+        out = subprocess.run([sys.executable, "-c", _SLOW_STORE, str(steps),
+                              str(tmp_path / f"slow-{steps}")], capture_output=True, text=True,
+                             timeout=600, env=subprocess_env(), cwd=REPO, check=True)
+        return json.loads(out.stdout.splitlines()[-1])
+    short, long = run(50_000), run(200_000)
+    assert long["most_waiting"] <= 20_000 + 1000   # the bound, whatever the store's pace
+    assert long["folded"] > 0                        # it did have to fold
+    # Four times the steps, not four times the memory (unbounded: +~60 MB of rows).
+    assert long["rss_kb"] - short["rss_kb"] < 25_000
+    with SqliteStore(tmp_path / "slow-200000") as store:
+        steps = store.metrics_since(-1, columns=("step",))["step"]
+        meta = store.meta()
+        events = [e for e in store.events_since(0) if e["kind"] == "folded"]
+    # Every step is accounted for: a row of its own, or inside a folded row (never silent).
+    assert len(steps) + meta["folded_steps"] == 200_000 and events
