@@ -12,7 +12,6 @@ import textwrap
 
 import pytest
 import torch
-
 from helpers import REPO, subprocess_env, wait_until
 
 from trainer import Babysitter, checkpoint
