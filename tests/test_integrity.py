@@ -49,9 +49,9 @@ def stored_steps(run_dir) -> list[int]:
 
 def test_a_loss_of_shape_2_is_refused_at_once_and_every_earlier_row_is_kept(tmp_path):
     model, opt = linear()
-    with pytest.raises(ValueError, match=r"one number; got a tensor of shape \(2,\): reduce"):
-        with Babysitter(opt, tmp_path / "bad", model=model, **FAST) as bs:
-            train(bs, model, opt, 300, bad_at=150)
+    with pytest.raises(ValueError, match=r"one number; got a tensor of shape \(2,\): reduce"), \
+            Babysitter(opt, tmp_path / "bad", model=model, **FAST) as bs:
+        train(bs, model, opt, 300, bad_at=150)
     assert bs.final_status == "failed"
     assert stored_steps(tmp_path / "bad") == list(range(150))
     with SqliteStore(tmp_path / "bad") as store:
@@ -71,12 +71,12 @@ def test_a_loss_that_is_not_a_number_is_refused(tmp_path, loss):
 
 def test_a_poisoned_outbox_item_fails_the_run_loudly_at_the_next_step(tmp_path):
     model, opt = linear()
-    with pytest.raises(WorkerError, match="could not write object"):
-        with Babysitter(opt, tmp_path / "poison", model=model, **FAST) as bs:
-            train(bs, model, opt, 50)
-            bs.channels.outbox.append(object())   # what a bug in Panda would queue
-            wait_until(lambda: bs.channels.commands, what="the flusher's report")
-            train(bs, model, opt, 1)
+    with pytest.raises(WorkerError, match="could not write object"), \
+            Babysitter(opt, tmp_path / "poison", model=model, **FAST) as bs:
+        train(bs, model, opt, 50)
+        bs.channels.outbox.append(object())   # what a bug in Panda would queue
+        wait_until(lambda: bs.channels.commands, what="the flusher's report")
+        train(bs, model, opt, 1)
     assert bs.final_status == "failed"
     assert stored_steps(tmp_path / "poison") == list(range(51))  # nothing before it lost
     with SqliteStore(tmp_path / "poison") as store:
@@ -88,18 +88,16 @@ def test_a_poisoned_outbox_item_fails_the_run_loudly_at_the_next_step(tmp_path):
 def test_a_store_that_raises_on_every_write_fails_the_run_after_its_timeout(tmp_path,
                                                                             monkeypatch):
     model, opt = linear()
-    with pytest.raises(WorkerError, match="unavailable for over 0.3 s.*disk I/O error"):
-        with Babysitter(opt, tmp_path / "broken", model=model, store_timeout=0.3,
-                        **FAST) as bs:
-            train(bs, model, opt, 40)
-            wait_until(lambda: stored_steps(tmp_path / "broken")[-1:] == [39], what="rows")
-
-            def broken(*args, **kwargs):
-                raise sqlite3.OperationalError("disk I/O error")
-            monkeypatch.setattr(bs.store, "append_metrics", broken)
-            train(bs, model, opt, 5)  # rows the store will not take
-            wait_until(lambda: bs.channels.commands, what="the flusher to give up")
-            train(bs, model, opt, 1)
+    def broken(*args, **kwargs):
+        raise sqlite3.OperationalError("disk I/O error")
+    with pytest.raises(WorkerError, match=r"unavailable for over 0\.3 s.*disk I/O error"), \
+            Babysitter(opt, tmp_path / "broken", model=model, store_timeout=0.3, **FAST) as bs:
+        train(bs, model, opt, 40)
+        wait_until(lambda: stored_steps(tmp_path / "broken")[-1:] == [39], what="rows")
+        monkeypatch.setattr(bs.store, "append_metrics", broken)
+        train(bs, model, opt, 5)  # rows the store will not take
+        wait_until(lambda: bs.channels.commands, what="the flusher to give up")
+        train(bs, model, opt, 1)
     assert stored_steps(tmp_path / "broken") == list(range(40))
     with SqliteStore(tmp_path / "broken") as store:
         assert store.meta()["status"] == "failed"
