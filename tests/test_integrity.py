@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import socket
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
-from helpers import REPO, subprocess_env, wait_until
+from helpers import REPO, panda, reaped, start_train, subprocess_env, summary_of, wait_until
 
 from trainer import Babysitter, checkpoint
 from trainer.store import SqliteStore
+from trainer.store.base import RunBusy
 from trainer.workers import WorkerError
 
 torch.set_num_threads(1)
@@ -127,6 +131,7 @@ _SLOW_STORE = textwrap.dedent("""
     import json, resource, sys, time, torch
     from trainer import Babysitter
     from trainer.store import SqliteStore
+from trainer.store.base import RunBusy
     steps, run_dir = int(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
     original = SqliteStore.append_metrics
@@ -166,3 +171,64 @@ def test_a_store_ten_times_slower_than_training_keeps_memory_bounded(tmp_path):
         events = [e for e in store.events_since(0) if e["kind"] == "folded"]
     # Every step is accounted for: a row of its own, or inside a folded row (never silent).
     assert len(steps) + meta["folded_steps"] == 200_000 and events
+
+
+# --- 2. one trainer per run ----------------------------------------------------------------
+
+def test_a_second_babysitter_on_a_live_run_is_refused_and_the_first_is_untouched(tmp_path):
+    model, opt = linear()
+    with Babysitter(opt, tmp_path / "alpha", model=model, **FAST) as first:
+        train(first, model, opt, 5)
+        with pytest.raises(RunBusy, match=rf"run alpha is being trained by pid {os.getpid()} "
+                           rf"on {socket.gethostname()}"):
+            Babysitter(linear()[1], tmp_path / "alpha", **FAST)
+        train(first, model, opt, 5)
+    assert first.final_status == "finished"
+    assert stored_steps(tmp_path / "alpha") == list(range(10))
+    with SqliteStore(tmp_path / "alpha") as store:
+        assert store.meta()["status"] == "finished"
+
+
+def test_a_stale_holder_is_taken_over_and_the_takeover_recorded(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    with SqliteStore(tmp_path / "beta", create=True) as store:
+        store.set_meta(name="beta", status="running", pid=int(dead.stdout), heartbeat=time.time(),
+                       host=socket.gethostname())
+    with Babysitter(linear()[1], tmp_path / "beta", **FAST):
+        pass
+    with SqliteStore(tmp_path / "beta") as store:
+        (event,) = [e for e in store.events_since(0) if e["kind"] == "takeover"]
+    assert f"took over from pid {int(dead.stdout)}" in event["message"]
+
+
+@pytest.mark.parametrize(("age", "busy"), [(1.0, True), (60.0, False)])
+def test_a_holder_on_another_host_is_alive_while_its_heartbeat_is_fresh(tmp_path, age, busy):
+    with SqliteStore(tmp_path / "gamma", create=True) as store:
+        store.set_meta(name="gamma", status="running", pid=1, host="elsewhere",
+                       heartbeat=time.time() - age)
+        if busy:
+            with pytest.raises(RunBusy, match="pid 1 on elsewhere"):
+                store.claim(os.getpid(), socket.gethostname())
+        else:
+            assert store.claim(os.getpid(), socket.gethostname())["host"] == "elsewhere"
+
+
+@pytest.mark.slow
+def test_panda_train_on_a_live_run_exits_2_and_a_pause_is_applied_once(tmp_path):
+    run_dir = tmp_path / "runs" / "alpha"
+    with reaped(start_train(run_dir, "--task", "digits", "--epochs", "1000",
+                            "--step-delay", "0.002")) as first:
+        wait_until(lambda: (summary_of(run_dir) or {}).get("step", 0) > 10, what="training")
+        second = panda("train", "--resume", "--run-dir", run_dir)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert f"being trained by pid {first.pid}" in second.stderr
+        paused = panda("pause", "alpha", "--runs-dir", run_dir.parent, "--json")
+        assert paused.returncode == 0, paused.stderr
+        assert json.loads(paused.stdout)["status"] == "applied"
+        with SqliteStore(run_dir) as store:
+            assert [e["kind"] for e in store.events_since(0)].count("pause") == 1
+            assert store.summary()["state"] == "paused"
+        assert first.poll() is None
+        panda("stop", "alpha", "--runs-dir", run_dir.parent)
+        assert first.wait(60) == 0

@@ -53,7 +53,7 @@ from trainer.ranges import KnobError
 from trainer.rollback import RollbackPoints
 from trainer.schedules import Schedule, schedule_from
 from trainer.store.address import store_url
-from trainer.store.base import sanitize_run_name
+from trainer.store.base import RUNNING_STATES, sanitize_run_name
 from trainer.store.records import Event, MetricRow, ValidationRow, Verdict
 from trainer.workers import STORE_GIVE_UP_S, Flusher, Poller, WorkerError, Workers
 
@@ -76,6 +76,12 @@ class _Awaiting:
     before: dict[str, float | None]   # the values in force when it was asked for
     landing: Landing
     boundaries: int = 0               # step boundaries passed without an update using it
+
+
+def _release(lock: Any) -> None:
+    """Release a trainer lock from ``RunStore.lock_trainer`` (a file descriptor, or None)."""
+    if lock is not None:
+        os.close(lock)
 
 
 def _number(loss: Any) -> float:
@@ -187,11 +193,18 @@ class Babysitter:
         self.channels, workers = self.coordinator.channels()
         self._rows, self._commands = self.channels.rows, self.channels.commands
         self.store = self.coordinator.open_store(self.run_dir, store_url(store))
-        resumed_from = self._restore() if resume else None
-        self.composition.set_position(self._epoch_position())
+        self._trainer_lock = self._claim() if self.store is not None else None
         self._workers = Workers()
+        try:
+            resumed_from = self._start(resume, config or {}, task)
+        except BaseException:  # nothing half-started stays behind: threads, lock, hooks
+            self.composition.remove()
+            if self.store is not None:  # the run says what it said before
+                self.store.set_meta(status=self._before["status"] or "created")
+                self.store.close()
+            _release(self._trainer_lock)
+            raise
         if self.store is not None:  # this process records the run
-            self._record_start(config or {}, task, resumed_from)
             flusher = Flusher(self.store, workers, flush_interval, live_meta=self._live_meta,
                               keep_checkpoints=keep_checkpoints,
                               guard=None if on_diverge == "ignore" else (
@@ -623,6 +636,33 @@ class Babysitter:
                                          message=f"resumed from checkpoint at step "
                                          f"{resumed_from}")])
 
+    def _start(self, resume: bool, config: dict, task: str | None) -> int | None:
+        """Restore a checkpoint when resuming and record the start; the step resumed from."""
+        resumed_from = self._restore() if resume else None
+        self.composition.set_position(self._epoch_position())
+        if self.store is not None:
+            self._record_start(config, task, resumed_from)
+        return resumed_from
+
+    def _claim(self) -> Any:
+        """Make this process the run's only trainer (a lock file next to SQLite, a lease in
+        the store either way); a live trainer already on it raises RunBusy naming it, before
+        anything is changed. Taking over from one that died is recorded."""
+        lock = self.store.lock_trainer()
+        try:
+            self._before = self.store.claim(os.getpid(), socket.gethostname())
+        except BaseException:
+            _release(lock)
+            raise
+        stale = self._before
+        if stale["status"] in RUNNING_STATES and stale["pid"] is not None:
+            message = (f"took over from pid {stale['pid']} on {stale['host']}, which had "
+                       "stopped without closing the run")
+            log.warning("%s: %s", self.run_dir.name, message)
+            self.store.add_events([Event(self.step_count, time.time(), "takeover",
+                                         message=message)])
+        return lock
+
     def _live_meta(self) -> dict[str, Any]:
         """What the flusher writes with every batch (read from the flusher thread)."""
         return {"heartbeat": time.time(), "step": self.step_count, "epoch": self.epoch,
@@ -666,6 +706,7 @@ class Babysitter:
         self._workers.stop()   # the flusher drains rows and outbox, then joins
         if self.store is not None:
             self.store.close()
+        _release(self._trainer_lock)
 
     def __enter__(self) -> Babysitter:
         return self

@@ -52,6 +52,10 @@ class StoreError(RuntimeError):
     """A run store that cannot be used (missing, corrupt, or from a newer Panda)."""
 
 
+class RunBusy(StoreError):
+    """Another live trainer holds the run (one trainer per run)."""
+
+
 @dataclass(frozen=True)
 class Command:
     """One row of the command table."""
@@ -133,6 +137,12 @@ class RunStore(abc.ABC):
     def _insert_metrics(tx: Any, rows: Sequence[tuple]) -> None:
         """Upsert a batch of metric rows (a backend may send the batch its own way)."""
         tx.executemany(UPSERT_METRICS, rows)
+
+    def lock_trainer(self) -> Any:
+        """A lock only one trainer process can hold (released with the returned handle, see
+        :func:`release`); None where the store has no such lock (the lease of :meth:`claim`
+        does the job alone)."""
+        return None
 
     def wait_for_commands(self, timeout: float, stop: threading.Event) -> None:
         """Block until new commands may be pending: ``timeout`` seconds, or until ``stop`` is
@@ -316,6 +326,37 @@ class RunStore(abc.ABC):
         for row in rows:
             row["payload"] = json.loads(row["payload"])
         return rows
+
+    # --- one trainer per run ---------------------------------------------------------------------
+
+    def claim(self, pid: int, host: str) -> dict[str, Any]:
+        """Make process ``pid`` on ``host`` the run's only trainer, in one write transaction
+        (writers are serialized, so two trainers starting at once cannot both win).
+
+        A run whose trainer is alive (its status live, and its process running on this host
+        or, on another host, its heartbeat fresh) raises :class:`RunBusy` naming it. A stale
+        holder (a dead process, a heartbeat older than ``HEARTBEAT_STALE_S`` elsewhere) is
+        taken over. Returns what the run said before (``status``, ``pid``, ``host``,
+        ``heartbeat``), so a takeover can be recorded and a start that fails put back.
+        """
+        now = time.time()
+        with self.transaction() as tx:
+            rows = tx.execute("SELECT key, value FROM meta WHERE key IN "
+                              "('status', 'pid', 'host', 'heartbeat', 'name')").fetchall()
+            meta = {key: json.loads(value) for key, value in rows}
+            holder = {k: meta.get(k) for k in ("pid", "host", "heartbeat")}
+            if (meta.get("status") in RUNNING_STATES and holder["heartbeat"] is not None
+                    and (holder["pid"], holder["host"]) != (pid, host)
+                    and not _trainer_gone(holder["heartbeat"], holder["pid"],
+                                          holder["host"])):
+                raise RunBusy(f"run {meta.get('name', self.name)} is being trained by pid "
+                              f"{holder['pid']} on {holder['host']} (heartbeat "
+                              f"{max(0.0, now - holder['heartbeat']):.1f} s ago): stop it "
+                              f"first (panda stop {meta.get('name', self.name)})")
+            tx.executemany(UPSERT_META, [("pid", json.dumps(pid)), ("host", json.dumps(host)),
+                                         ("heartbeat", json.dumps(now)),
+                                         ("status", json.dumps("running"))])
+        return {"status": meta.get("status"), **holder}
 
     # --- summary -------------------------------------------------------------------------------
 

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import os
 import sqlite3
+
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
 import threading
 import time
 from pathlib import Path
 
-from trainer.store.base import RunStore, StoreError
+from trainer.store.base import RunBusy, RunStore, StoreError
 from trainer.store.schema import SCHEMA_VERSION, create_statements, migration_statements
 
 DB_NAME = "run.db"
+LOCK_NAME = "trainer.lock"  # held (flock) by the one process training the run
 BUSY_TIMEOUT_MS = 10_000  # writers wait this long for the lock instead of failing
 SCHEMA_WAIT_S = 2.0       # how long a reader waits for a store that is being created
 
@@ -89,6 +95,25 @@ class SqliteStore(RunStore):
                 for statement in create_statements("sqlite"):
                     tx.execute(statement)
                 tx.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def lock_trainer(self) -> int | None:
+        """An exclusive ``flock`` on ``run_dir/trainer.lock``, held while this process trains
+        the run: the kernel releases it when the process ends, kill -9 included, so a stale
+        lock cannot exist on this host (https://man7.org/linux/man-pages/man2/flock.2.html).
+        Returns the file descriptor (close it to release), or raises RunBusy."""
+        if fcntl is None:  # no flock on this platform: the store's lease alone
+            return None
+        path = self.run_dir / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            meta = self.meta()
+            raise RunBusy(f"run {meta.get('name', self.name)} is being trained by pid "
+                          f"{meta.get('pid')} on {meta.get('host')} (it holds {path}): stop "
+                          f"it first (panda stop {meta.get('name', self.name)})") from None
+        return fd
 
     def transaction(self) -> _Transaction:
         """One IMMEDIATE transaction on this thread's connection."""
