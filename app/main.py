@@ -161,8 +161,8 @@ def _status_row(address: str, summary: dict[str, Any], meta: dict[str, Any],
         st.markdown(f":orange[{hint}]")
     if state == "diverged":
         st.error(f"Diverged: {(meta.get('diverged') or {}).get('cause', '')}. Press Undo "
-                 f"(or `panda rollback {summary['run']}`) to undo the latest change, or lower "
-                 "the LR and resume.")
+                 f"(or `panda rollback {summary['run']}`) to go back to the last good state "
+                 "(before the latest change), then change the knobs and resume.")
 
 
 def lr_composition(described: dict[str, Any] | None) -> str | None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import socket
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -20,6 +22,7 @@ from helpers import REPO, panda, reaped, start_train, subprocess_env, summary_of
 from trainer import Babysitter, checkpoint
 from trainer.store import SqliteStore
 from trainer.store.base import RunBusy
+from trainer.tasks import make_task
 from trainer.workers import WorkerError
 
 torch.set_num_threads(1)
@@ -132,6 +135,7 @@ _SLOW_STORE = textwrap.dedent("""
     from trainer import Babysitter
     from trainer.store import SqliteStore
 from trainer.store.base import RunBusy
+from trainer.tasks import make_task
     steps, run_dir = int(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
     original = SqliteStore.append_metrics
@@ -232,3 +236,91 @@ def test_panda_train_on_a_live_run_exits_2_and_a_pause_is_applied_once(tmp_path)
         assert first.poll() is None
         panda("stop", "alpha", "--runs-dir", run_dir.parent)
         assert first.wait(60) == 0
+
+
+# --- 4. and 7. a rescue that cannot restore a broken state; Undo with nothing to undo -------
+
+def test_a_non_finite_state_is_never_checkpointed(tmp_path):
+    model, opt = linear()
+    with Babysitter(opt, tmp_path / "nan", model=model, **FAST) as bs:
+        train(bs, model, opt, 3)
+        bs.checkpoint("manual")
+        with torch.no_grad():
+            model.weight.fill_(float("nan"))
+        bs.checkpoint("manual")
+        bs.checkpoint("manual")  # said once
+    files = checkpoint.list_checkpoints(tmp_path / "nan")
+    assert files and all(checkpoint.finite(checkpoint.load(f.path)) for f in files)
+    with SqliteStore(tmp_path / "nan") as store:
+        skipped = [e for e in store.events_since(0) if e["kind"] == "checkpoint_skipped"]
+    assert len(skipped) == 1 and "non-finite" in skipped[0]["message"]
+
+
+def test_after_a_divergence_knobs_wait_for_a_rollback_which_restores_finite_parameters(
+        tmp_path):
+    """The issue's sequence: the LR is cranked, the run diverges to NaN and pauses; lowering
+    the LR first is refused ("roll back first") instead of checkpointing the NaN state; Undo
+    then restores the state before the cranked LR, finite, and the run trains on."""
+    task = make_task("digits", seed=0)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01, momentum=0.9)
+    run_dir = tmp_path / "rescue"
+    x, y = task.train_x[:64], task.train_y[:64]
+    bs = Babysitter(optimizer, run_dir, model=task.model, flush_interval=0.02,
+                    poll_interval=0.01)
+
+    def loop():
+        while not bs.should_stop:
+            loss = task.loss_fn(task.model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            bs.step(loss)  # blocks while paused (diverged)
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    store = SqliteStore(run_dir)
+    try:
+        wait_until(lambda: store.summary()["step"] > 40, what="training")
+        crank = store.submit_command("set", {"lr": 50.0}, source="test")
+        wait_until(lambda: store.summary()["state"] == "diverged", what="the divergence")
+        assert store.command(crank).status == "applied"
+        lower = store.submit_command("set", {"lr": 1e-3}, source="test")
+        wait_until(lambda: store.command(lower).status != "pending", what="the refusal")
+        assert store.command(lower).status == "rejected"
+        assert "roll back first" in store.command(lower).error
+        undo = store.submit_command("rollback", {}, source="test")
+        wait_until(lambda: store.command(undo).status != "pending", what="the Undo")
+        assert store.command(undo).status == "applied", store.command(undo).error
+        # Still paused (blocked in step()), so the model can be read safely here.
+        assert all(torch.isfinite(p).all() for p in task.model.parameters())
+        assert bs.lr == pytest.approx(0.01) and bs.diverged_at is None
+        for f in checkpoint.list_checkpoints(run_dir):
+            assert checkpoint.finite(checkpoint.load(f.path)), f.path
+        resume = store.submit_command("resume", {}, source="test")
+        wait_until(lambda: store.command(resume).status == "applied", what="the resume")
+        at = store.summary()["step"]
+        wait_until(lambda: store.summary()["step"] > at + 30, what="training after the rescue")
+        assert math.isfinite(store.last_metric()["loss"])
+    finally:
+        store.submit_command("stop", {}, source="test")
+        thread.join(timeout=60)
+        bs.close()
+        store.close()
+
+
+def test_undo_with_nothing_to_undo_says_so_and_changes_nothing(tmp_path):
+    model, opt = linear()
+    run_dir = tmp_path / "undo"
+    with Babysitter(opt, run_dir, model=model, checkpoint_every=5, **FAST) as bs, \
+            SqliteStore(run_dir) as store:
+        train(bs, model, opt, 12)
+        before = [p.detach().clone() for p in model.parameters()]
+        undo = store.submit_command("rollback", {}, source="test")
+        wait_until(lambda: bs.channels.commands, what="the poller")
+        train(bs, model, opt, 1)
+        wait_until(lambda: store.command(undo).status != "pending", what="the verdict")
+        command = store.command(undo)
+        assert command.status == "rejected" and "nothing to undo" in command.error
+        assert bs.step_count == 13 and not any(e["kind"] == "rollback"
+                                               for e in store.events_since(0))
+        # (one more step was taken after `before`: the rollback changed nothing else)
+        assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

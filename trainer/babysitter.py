@@ -181,6 +181,8 @@ class Babysitter:
         self.final_status: str | None = None  # set by close()
         self._rollback_points = RollbackPoints(self.run_dir)
         self._awaiting: list[_Awaiting] = []  # knob changes waiting for the update using them
+        self._skipped_non_finite = False      # a non-finite snapshot was refused (said once)
+        self.diverged_at: int | None = None   # first bad step of a divergence not rolled back
         self._restored_at_update = 0  # composition.updates when a state was last restored
         self._early_stopping = EarlyStopping(early_stop) if early_stop else None
         for timed in replay or []:
@@ -312,8 +314,10 @@ class Babysitter:
         self.apply_command(ValidCommand(None, "set", payload, source="api"))
 
     def rollback(self, step: int | None = None) -> None:
-        """Restore the newest checkpoint (at or before ``step``) now, from code. Under DDP every
-        rank must call it at the same step (rank 0's state is sent to all)."""
+        """Roll back now, from code: to the newest checkpoint at or before ``step``, or without
+        it Undo (the state before the latest knob change; after a divergence, the newest state
+        before it; :class:`KnobError` when there is nothing to undo). Under DDP every rank must
+        call it at the same step (rank 0's state is sent to all)."""
         self.apply_command(ValidCommand(None, "rollback", validate_command(
             "rollback", {} if step is None else {"step": step}), source="api"))
 
@@ -373,6 +377,9 @@ class Babysitter:
         events wait for the update that uses it)."""
         kind, payload, command_id = command.kind, command.payload, command.id
         events: list[Event] = []
+        if kind in ("set", "schedule") and self.diverged_at is not None:
+            raise KnobError(f"the run diverged at step {self.diverged_at}: roll back first "
+                            "(Undo, or panda rollback), then change the knobs")
         if kind in ("set", "schedule") and self.model is not None:
             self.checkpoint("intervention")  # the state to roll back to if this goes wrong
         if kind == "set":
@@ -403,9 +410,11 @@ class Babysitter:
             self.checkpoint("manual", pin=True)
             events.append(Event(step, wall, "checkpoint", command_id=command_id,
                                 message=f"pinned checkpoint at step {step}"))
+        elif kind == "rollback" and "step" not in payload:  # Undo
+            events.append(self._rollback_event(step, wall, command_id, undo=True))
         elif kind == "rollback":
             events.append(self._rollback_event(step, wall, command_id,
-                                               at_or_before=payload.get("step")))
+                                               at_or_before=payload["step"]))
         elif kind == GUARD_KIND:
             events.extend(self._handle_divergence(step, wall, payload))
         return events
@@ -504,6 +513,17 @@ class Babysitter:
         state = checkpoint.snapshot(self.model, self.optimizer, {
             "step": self.step_count, "epoch": self.epoch, **self.composition.state(),
             "extra": dict(self.extra_state)})
+        if not checkpoint.finite(state):  # never a state to go back to (see RollbackPoints)
+            if not self._skipped_non_finite:
+                self._skipped_non_finite = True
+                log.warning("%s: not checkpointing step %d: non-finite parameters or "
+                            "optimizer state", self.run_dir.name, self.step_count)
+                self.channels.outbox.append(WriteEvents([Event(
+                    self.step_count, time.time(), "checkpoint_skipped",
+                    message=f"no checkpoint at step {self.step_count}: non-finite parameters "
+                    "or optimizer state")]))
+            return
+        self._skipped_non_finite = False
         self._rollback_points.remember(state, before_change=reason == "intervention")
         self.channels.outbox.append(WriteCheckpoint(state, reason, pin))
 
@@ -546,9 +566,9 @@ class Babysitter:
         events = [Event(step, wall, "diverged", message=f"diverged: {cause}")]
         outbox = self.channels.outbox
         if self.on_diverge == "rollback" and self.model is not None:
-            try:
-                events.append(self._rollback_event(step, wall, None,
-                                                   before=payload["first_bad_step"]))
+            self.diverged_at = payload["first_bad_step"]
+            try:  # undo the change that preceded the trouble, else go back to before it
+                events.append(self._rollback_event(step, wall, None, undo=True))
             except KnobError as err:  # nothing to roll back to: wait for a person instead
                 self.paused = True
                 outbox.append(WriteMeta({"status": "diverged", "diverged": payload}))
@@ -564,12 +584,14 @@ class Babysitter:
             self._workers.arm_guard(self.step_count)
         else:
             self.paused = True
+            self.diverged_at = payload["first_bad_step"]
             outbox.append(WriteMeta({"status": "diverged", "diverged": payload}))
         return events
 
     def _rollback_event(self, step: int, wall: float, command_id: int | None, *,
-                        before: int | None = None, at_or_before: int | None = None) -> Event:
-        """Restore the newest checkpoint matching the bound; return the event describing it.
+                        at_or_before: int | None = None, undo: bool = False) -> Event:
+        """Restore a state: Undo's (:meth:`RollbackPoints.undo`) or the newest checkpoint at or
+        before a step; return the event describing it.
 
         The step counter keeps counting up (rows are never overwritten): the chart shows the
         blow-up, the rollback marker, and the recovery.
@@ -577,13 +599,19 @@ class Babysitter:
         if self.model is None:
             raise KnobError("rollback needs the model: Babysitter(..., model=model)")
         old_lr = self.lr
-        target = self.coordinator.share(lambda: self._rollback_points.target(
-            before=before, at_or_before=at_or_before))
+        points = self._rollback_points
+        target = self.coordinator.share(
+            (lambda: points.undo(self.diverged_at)) if undo else
+            (lambda: points.newest(at_or_before=at_or_before)))
+        if target is None and undo:
+            raise KnobError("nothing to undo: no knob change since the start or the last "
+                            "rollback, and no divergence" if self.diverged_at is None else
+                            f"no finite state before the divergence at step "
+                            f"{self.diverged_at} to roll back to")
         if target is None:
-            bound = before if before is not None else at_or_before
-            raise KnobError("no checkpoint to roll back to" +
-                            (f" at or before step {bound}" if bound is not None else ""))
+            raise KnobError(f"no checkpoint to roll back to at or before step {at_or_before}")
         restored_step = self._load_state(target)
+        self.diverged_at = None
         self._restored_at_update = self.composition.updates
         self._workers.arm_guard(self.step_count)
         self.channels.outbox.append(WriteMeta({"status": "paused" if self.paused

@@ -70,6 +70,20 @@ def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     }
 
 
+def finite(state: dict[str, Any]) -> bool:
+    """Whether every floating-point tensor of a snapshot's model and optimizer is finite: a
+    state with a NaN or inf in it is not one to go back to (a rescue would diverge again)."""
+    def walk(value: Any) -> bool:
+        if isinstance(value, torch.Tensor):
+            return not value.is_floating_point() or bool(torch.isfinite(value).all())
+        if isinstance(value, dict):
+            return all(walk(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return all(walk(v) for v in value)
+        return True
+    return walk(state["model"]) and walk(state["optimizer"].get("state", {}))
+
+
 def write_atomic(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically (see :mod:`trainer.atomic`)."""
     atomic.write_atomic(path, lambda f: torch.save(state, f))

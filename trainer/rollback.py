@@ -1,7 +1,9 @@
 """Where a run can roll back to: checkpoint files plus the newest snapshots still in memory.
 
 The newest snapshot may not be on disk yet (the flusher writes it a moment later), so the
-in-memory copies compete with the files, and on a tie they win (no read needed).
+in-memory copies compete with the files, and on a tie they win (no read needed). Only finite
+states are ever remembered or written (:func:`trainer.checkpoint.finite`), so a rollback can
+never restore the NaN it is meant to escape.
 """
 
 from __future__ import annotations
@@ -30,18 +32,21 @@ class RollbackPoints:
         if before_change:
             self.pre_change = state
 
-    def target(self, *, before: int | None = None,
-               at_or_before: int | None = None) -> dict[str, Any] | None:
-        """The state to restore.
+    def undo(self, diverged_at: int | None = None) -> dict[str, Any] | None:
+        """The state Undo restores: the one just before the latest knob change (forgotten once
+        used: an undone change is not undone twice), else after a divergence the newest state
+        before it, else None (nothing to undo)."""
+        if self.pre_change is not None and (diverged_at is None or
+                                            _step(self.pre_change) <= diverged_at):
+            state, self.pre_change = self.pre_change, None
+            return state
+        if diverged_at is not None:
+            return self._newest(diverged_at, None)
+        return None
 
-        With no explicit step, the state just before the latest knob change that preceded the
-        trouble: that change is what gets undone. Otherwise (or without such a change), the
-        newest checkpoint with step < ``before`` and step <= ``at_or_before``.
-        """
-        if at_or_before is None and self.pre_change is not None and (
-                before is None or _step(self.pre_change) <= before):
-            return self.pre_change
-        return self._newest(before, at_or_before)
+    def newest(self, *, at_or_before: int | None = None) -> dict[str, Any] | None:
+        """The newest state at or before a step (a file, or a snapshot still in memory)."""
+        return self._newest(None, at_or_before)
 
     def _newest(self, before: int | None, at_or_before: int | None) -> dict[str, Any] | None:
         memory = self.latest
