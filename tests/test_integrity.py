@@ -324,3 +324,59 @@ def test_undo_with_nothing_to_undo_says_so_and_changes_nothing(tmp_path):
                                                for e in store.events_since(0))
         # (one more step was taken after `before`: the rollback changed nothing else)
         assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# --- 5. resume keeps the person's changes --------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint_knobs", [False, True])
+def test_kill_9_after_a_live_change_then_resume_continues_at_the_changed_lr(tmp_path,
+                                                                            checkpoint_knobs):
+    run_dir = tmp_path / "runs" / "delta"
+    args = ("--task", "digits", "--epochs", "1000", "--step-delay", "0.003",
+            "--checkpoint-every", "500")
+    with reaped(start_train(run_dir, *args)) as first:
+        wait_until(lambda: (summary_of(run_dir) or {}).get("step", 0) > 60, what="training")
+        changed = panda("set", "delta", "--runs-dir", run_dir.parent, "--lr", "0.05", "--json")
+        assert changed.returncode == 0, changed.stderr
+        at = json.loads(changed.stdout)["applied_step"]
+        first.kill()  # kill -9: the newest checkpoint is the one taken just before the change
+        first.wait()
+    newest = checkpoint.find(run_dir)
+    assert newest.step <= at
+    extra = ("--checkpoint-knobs",) if checkpoint_knobs else ()
+    with reaped(start_train(run_dir, "--resume", *extra, log_name="resume.log")) as second:
+        wait_until(lambda: (summary_of(run_dir) or {}).get("step", 0) > at + 20,
+                   what="training after the resume")
+        panda("stop", "delta", "--runs-dir", run_dir.parent)
+        assert second.wait(60) == 0
+    with SqliteStore(run_dir) as store:
+        rows = store.metrics_since(newest.step - 1, columns=("step", "lr"))
+        (restart,) = [e for e in store.events_since(0) if e["kind"] == "restart"]
+        sets = [e for e in store.events_since(0) if e["kind"] == "set"]
+    lrs = dict(zip(rows["step"], rows["lr"]))
+    if checkpoint_knobs:
+        assert {lrs[s] for s in range(at, at + 20)} == {0.01}
+        assert "--checkpoint-knobs" in restart["message"] and "dropped set lr=5e-02" in \
+            restart["message"]
+        assert [e["step"] for e in sets if e["new"] == 0.05] == []
+    else:
+        assert all(lrs[s] == 0.01 for s in range(newest.step, at))
+        assert all(lrs[s] == pytest.approx(0.05) for s in range(at, at + 20))
+        assert f"re-applying set lr=5e-02 at step {at}" in restart["message"]
+        assert [e["step"] for e in sets if e["new"] == pytest.approx(0.05)] == [at]  # once
+
+
+@pytest.mark.slow
+def test_resume_with_epochs_extends_the_run(tmp_path):
+    run_dir = tmp_path / "runs" / "short"
+    done = panda("train", "--task", "quadratic", "--epochs", "2", "--run-dir", run_dir,
+                 timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert summary_of(run_dir)["epoch"] == 2
+    more = panda("train", "--resume", "--epochs", "4", "--run-dir", run_dir, timeout=120)
+    assert more.returncode == 0, more.stderr
+    summary = summary_of(run_dir)
+    assert (summary["state"], summary["epoch"]) == ("finished", 4)
+    with SqliteStore(run_dir) as store:
+        assert store.meta()["config"]["epochs"] == 4

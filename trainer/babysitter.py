@@ -46,6 +46,7 @@ from trainer.composition import Composition, Landing, same
 from trainer.config import ON_DIVERGE
 from trainer.coordinator import Coordinator
 from trainer.distributed import DEFAULT_SYNC_EVERY, coordinator_for
+from trainer.export import TimedCommand, build_timeline, replay_commands
 from trainer.guard import DivergenceGuard, EarlyStopping
 from trainer.knobs import format_sci
 from trainer.optim import OptimizerKnobs
@@ -96,6 +97,11 @@ def _number(loss: Any) -> float:
     return float(loss)
 
 
+def _describe(payload: dict) -> str:
+    return " ".join(f"{k}={_fmt(v) if isinstance(v, (int, float)) else v}"
+                    for k, v in payload.items() if k != "origin_epoch")
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else format_sci(float(value))
 
@@ -118,7 +124,10 @@ class Babysitter:
             epoch counter (advanced by :meth:`log_validation`) drives them.
         schedule: an LR decay (:class:`~trainer.schedules.Schedule` or its dict).
         checkpoint_every: write a rolling checkpoint every this many steps (needs ``model``).
-        resume: continue from ``run_dir/checkpoint.pt`` (model, optimizer, knobs, step, RNG).
+        resume: continue from the newest checkpoint (model, optimizer, knobs, step, RNG), and
+            re-apply at their steps the knob changes recorded after it.
+        checkpoint_knobs: with ``resume``, keep the checkpoint's knobs and drop the changes
+            recorded after it (the restart event says which was done).
         replay: :class:`~trainer.export.TimedCommand` ``(step, kind, payload)`` commands to apply
             at exactly those step boundaries (see :func:`trainer.export.replay_commands`): a
             recorded session, re-enacted.
@@ -156,7 +165,7 @@ class Babysitter:
                  poll_interval: float = POLL_INTERVAL_S,
                  sync_every: int = DEFAULT_SYNC_EVERY, store: str | None = None,
                  coordinator: Coordinator | None = None, row_limit: int = ROW_LIMIT,
-                 store_timeout: float = STORE_GIVE_UP_S):
+                 store_timeout: float = STORE_GIVE_UP_S, checkpoint_knobs: bool = False):
         self.run_dir = Path(run_dir)
         sanitize_run_name(self.run_dir.name)
         if checkpoint_every is not None and (model is None or checkpoint_every < 1):
@@ -188,6 +197,8 @@ class Babysitter:
         for timed in replay or []:
             validate_command(timed[1], timed[2])
         self._replay = deque(sorted(replay or [], key=lambda c: c[0]))
+        self._replay_source = "replay"
+        self.checkpoint_knobs = checkpoint_knobs
         self._next_replay = self._replay[0][0] if self._replay else None
 
         self.coordinator = coordinator or coordinator_for(sync_every)
@@ -322,9 +333,9 @@ class Babysitter:
             "rollback", {} if step is None else {"step": step}), source="api"))
 
     def _apply_replay(self) -> None:
-        while self._replay and self._replay[0][0] == self.step_count:
+        while self._replay and self._replay[0][0] <= self.step_count:
             _, kind, payload = self._replay.popleft()
-            self.apply_command(ValidCommand(None, kind, payload, source="replay"))
+            self.apply_command(ValidCommand(None, kind, payload, source=self._replay_source))
         self._next_replay = self._replay[0][0] if self._replay else None
 
     def _apply_commands(self) -> None:
@@ -414,7 +425,8 @@ class Babysitter:
             events.append(self._rollback_event(step, wall, command_id, undo=True))
         elif kind == "rollback":
             events.append(self._rollback_event(step, wall, command_id,
-                                               at_or_before=payload["step"]))
+                                               at_or_before=payload["step"],
+                                               keep_knobs=payload["knobs"] == "keep"))
         elif kind == GUARD_KIND:
             events.extend(self._handle_divergence(step, wall, payload))
         return events
@@ -589,7 +601,8 @@ class Babysitter:
         return events
 
     def _rollback_event(self, step: int, wall: float, command_id: int | None, *,
-                        at_or_before: int | None = None, undo: bool = False) -> Event:
+                        at_or_before: int | None = None, undo: bool = False,
+                        keep_knobs: bool = False) -> Event:
         """Restore a state: Undo's (:meth:`RollbackPoints.undo`) or the newest checkpoint at or
         before a step; return the event describing it.
 
@@ -610,7 +623,10 @@ class Babysitter:
                             f"{self.diverged_at} to roll back to")
         if target is None:
             raise KnobError(f"no checkpoint to roll back to at or before step {at_or_before}")
+        chosen = self.composition.state()
         restored_step = self._load_state(target)
+        if keep_knobs:  # the model goes back; the knobs a person chose since stay
+            self.composition.load(chosen)
         self.diverged_at = None
         self._restored_at_update = self.composition.updates
         self._workers.arm_guard(self.step_count)
@@ -621,9 +637,11 @@ class Babysitter:
                 self._settle(item.command, step, [], status="not holding", error=(
                     f"undone by the rollback at step {step} before any update used it"))
         self._awaiting = [item for item in self._awaiting if item.landing.update is not None]
+        knobs = (f"knobs kept: lr {format_sci(self.lr)}" if keep_knobs else
+                 f"knobs as at step {restored_step}: lr {format_sci(old_lr)} → "
+                 f"{format_sci(self.lr)}")
         return Event(step, wall, "rollback", "lr", old_lr, self.lr, command_id,
-                     f"rolled back to the checkpoint of step {restored_step} "
-                     f"(lr {format_sci(old_lr)} → {format_sci(self.lr)})")
+                     f"rolled back to the checkpoint of step {restored_step} ({knobs})")
 
     def _check_early_stop(self, val_loss: float) -> None:
         verdict = self._early_stopping.update(val_loss)
@@ -638,7 +656,8 @@ class Babysitter:
 
     # --- run metadata ---------------------------------------------------------------------------
 
-    def _record_start(self, config: dict, task: str | None, resumed_from: int | None) -> None:
+    def _record_start(self, config: dict, task: str | None, resumed_from: int | None,
+                      later: list | None = None) -> None:
         meta = self.store.meta()
         now = time.time()
         values: dict[str, Any] = {
@@ -660,17 +679,41 @@ class Babysitter:
             values["distributed"] = group
         self.store.set_meta(**values)
         if resumed_from is not None:
-            self.store.add_events([Event(resumed_from, now, "restart",
-                                         message=f"resumed from checkpoint at step "
-                                         f"{resumed_from}")])
+            message = f"resumed from the checkpoint of step {resumed_from}"
+            if later:
+                changes = ", ".join(f"{c.kind} {_describe(c.payload)} at step {c.step}"
+                                    for c in later)
+                message += (f"; with its own knobs (--checkpoint-knobs): dropped {changes}"
+                            if self.checkpoint_knobs else f"; re-applying {changes}")
+            self.store.add_events([Event(resumed_from, now, "restart", message=message)])
 
     def _start(self, resume: bool, config: dict, task: str | None) -> int | None:
-        """Restore a checkpoint when resuming and record the start; the step resumed from."""
+        """Restore a checkpoint when resuming and record the start; the step resumed from.
+
+        A resume re-applies, at their steps, the knob changes a person made after the
+        checkpoint (they are in the store, the checkpoint predates them), unless
+        ``checkpoint_knobs``: then the checkpoint's knobs stand and the changes are dropped.
+        """
+        later = self.coordinator.share(self._later_changes) if resume else []
         resumed_from = self._restore() if resume else None
         self.composition.set_position(self._epoch_position())
+        later = [] if resumed_from is None else [c for c in later if c.step >= resumed_from]
         if self.store is not None:
-            self._record_start(config, task, resumed_from)
+            self._record_start(config, task, resumed_from, later)
+        if later and not self.checkpoint_knobs:
+            self._replay = deque(sorted([*self._replay, *(
+                TimedCommand(c.step, c.kind, c.payload) for c in later)], key=lambda c: c.step))
+            self._next_replay = self._replay[0].step
+            self._replay_source = "resume"
+            if self._next_replay <= self.step_count:  # a change at the checkpoint's own step
+                self._apply_replay()
         return resumed_from
+
+    def _later_changes(self) -> list[TimedCommand]:
+        """Every knob change recorded in the store (set, schedule), in order."""
+        if self.store is None:
+            return []
+        return replay_commands({"timeline": build_timeline(self.store, ("set", "schedule"))})
 
     def _claim(self) -> Any:
         """Make this process the run's only trainer (a lock file next to SQLite, a lease in

@@ -129,7 +129,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir, store = Path(args.run_dir), _store(args)
     replay = None
     if args.resume:
-        cfg = stored_config(run_dir, store)
+        try:
+            cfg = stored_config(run_dir, store)
+        except ValueError as err:
+            raise CliError(str(err)) from None
+        if args.epochs is not None:  # extend (or shorten) the run as asked
+            cfg.epochs = args.epochs
     elif args.replay:
         from trainer.export import ExportError, load_export, replay_commands
 
@@ -143,7 +148,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig(task=args.task, optimizer=args.optimizer, lr=args.lr,
                           momentum=args.momentum, weight_decay=args.weight_decay,
-                          batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
+                          batch_size=args.batch_size,
+                          epochs=TrainConfig.epochs if args.epochs is None else args.epochs,
+                          seed=args.seed,
                           checkpoint_every=args.checkpoint_every, step_delay=args.step_delay,
                           on_diverge=args.on_diverge, early_stop=args.early_stop)
     try:
@@ -152,7 +159,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from None
     if not args.resume and _started(run_dir, store):
         raise CliError(f"{run_dir.name} already holds a run; use --resume or another --run-dir")
-    status = train(cfg, run_dir, resume=args.resume, replay=replay, store=store)
+    status = train(cfg, run_dir, resume=args.resume, replay=replay, store=store,
+                   checkpoint_knobs=args.checkpoint_knobs)
     log.info("run %s %s", run_dir, status)
     return 0
 
@@ -190,7 +198,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    return _send(args, "rollback", {} if args.to is None else {"step": args.to})
+    if args.to is None:
+        if args.checkpoint_knobs:
+            raise CliError("--checkpoint-knobs needs --to STEP (Undo restores the knobs too)")
+        return _send(args, "rollback", {})
+    return _send(args, "rollback", {"step": args.to, "knobs": "checkpoint"
+                                    if args.checkpoint_knobs else "keep"})
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
@@ -392,14 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SGD momentum or Adam β1 (default 0.9)", **_typed("momentum"))
     p.add_argument("--weight-decay", default=defaults.weight_decay, **_typed("weight_decay"))
     p.add_argument("--batch-size", default=defaults.batch_size, **_typed("batch_size"))
-    p.add_argument("--epochs", default=defaults.epochs, **_typed("epochs"))
+    p.add_argument("--epochs", **_typed("epochs"), help=f"epochs to train (default "
+                   f"{defaults.epochs}; with --resume, extends or shortens the run)")
     p.add_argument("--seed", default=defaults.seed, **_typed("seed"))
     p.add_argument("--checkpoint-every", default=defaults.checkpoint_every,
                    help="steps between rolling checkpoints", **_typed("checkpoint_every"))
     p.add_argument("--step-delay", default=0.0, **_typed("step_delay"),
                    help="seconds to sleep per step (slows a demo to watching speed)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --run-dir from its checkpoint")
+                   help="continue the run in --run-dir from its newest checkpoint, re-applying "
+                   "the knob changes made after it")
+    p.add_argument("--checkpoint-knobs", action="store_true",
+                   help="with --resume: keep the checkpoint's knobs, dropping later changes")
     p.add_argument("--on-diverge", choices=ON_DIVERGE.options,
                    default=defaults.on_diverge, help="when the loss turns NaN or blows up: pause "
                    "and wait (default), roll back to the last good checkpoint and halve the LR, "
@@ -422,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
             "knob change (or its newest checkpoint at or before --to STEP)", run=True,
             json_flag=True)
     p.add_argument("--to", type=STEP.parser("--to"), metavar="STEP",
-                   help="newest checkpoint at or before STEP")
+                   help="newest checkpoint at or before STEP (the knobs you chose since stay)")
+    p.add_argument("--checkpoint-knobs", action="store_true",
+                   help="with --to: take the checkpoint's knobs too")
     add_wait(p)
     add("checkpoints", cmd_checkpoints, "list a run's checkpoints", run=True, json_flag=True)
     p = add("branch", cmd_branch, "start a new run from a checkpoint with different knobs",

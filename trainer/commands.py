@@ -13,7 +13,7 @@ import json
 from typing import Any, NamedTuple
 
 from trainer.knobs import validate_knobs
-from trainer.ranges import STEP, KnobError
+from trainer.ranges import STEP, Choice, KnobError
 from trainer.schedules import validate_schedule
 
 # "set" carries knob values; "schedule" an LR decay (trainer.schedules); "rollback" an optional
@@ -65,12 +65,19 @@ def validate_command(kind: Any, payload: Any) -> dict:
     return {}
 
 
+ROLLBACK_KNOBS = Choice(("keep", "checkpoint"))
+
+
 def _validate_rollback(payload: dict) -> dict:
-    """``{"step": S}`` rolls back to the newest checkpoint at or before S; ``{}`` to the newest
-    one before the trouble."""
-    unknown = sorted(set(payload) - {"step"})
+    """``{}`` is Undo (the state before the latest knob change, or before a divergence);
+    ``{"step": S}`` restores the newest checkpoint at or before S and keeps the knobs a person
+    chose since (``"knobs": "checkpoint"``: the checkpoint's knobs instead)."""
+    unknown = sorted(set(payload) - {"step", "knobs"})
     if unknown:
-        raise KnobError(f"rollback takes only 'step', got {unknown[0]!r}")
+        raise KnobError(f"rollback takes only 'step' and 'knobs', got {unknown[0]!r}")
     if "step" not in payload:
+        if "knobs" in payload:
+            raise KnobError("rollback 'knobs' needs a 'step' (Undo restores the knobs too)")
         return {}
-    return {"step": STEP.check("rollback step", payload["step"])}
+    return {"step": STEP.check("rollback step", payload["step"]),
+            "knobs": ROLLBACK_KNOBS.check("rollback knobs", payload.get("knobs", "keep"))}

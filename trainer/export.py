@@ -41,24 +41,15 @@ def build_export(store: RunStore) -> dict[str, Any]:
     """The export of one run as a plain, JSON-serializable dict."""
     meta = store.meta()
     summary = store.summary()
-    commands = {c.id: c for c in store.commands()}
     metrics = store.metrics_since(-1, columns=("step", "lr", "momentum", "weight_decay",
                                                "user_lr"))
     user_lr = dict(zip(metrics["step"], metrics["user_lr"]))
-    timeline = []
-    for event in store.events_since(0):
-        command = commands.get(event["command_id"])
-        if command is None or command.kind not in REPLAYABLE_KINDS:
-            continue
-        item = {"step": event["step"], "kind": command.kind, "knob": event["knob"],
-                "old": event["old"], "new": event["new"], "source": command.source,
-                "command": json.loads(command.payload) if command.payload else {},
-                "command_id": command.id}
-        user = user_lr.get(event["step"])
-        if event["knob"] == "lr" and user and event["new"] is not None:
+    timeline = build_timeline(store)
+    for item in timeline:
+        user = user_lr.get(item["step"])
+        if item["knob"] == "lr" and user and item["new"] is not None:
             # The factor Panda holds from here on: the user's own schedule × factor.
-            item.update(user_lr=user, factor=event["new"] / user)
-        timeline.append(item)
+            item.update(user_lr=user, factor=item["new"] / user)
     config = meta.get("config") or {}
     return {
         "panda_export": EXPORT_VERSION,
@@ -78,6 +69,23 @@ def build_export(store: RunStore) -> dict[str, Any]:
         "trajectory": {name: _segments(metrics["step"], metrics[name])
                        for name in ("lr", "momentum", "weight_decay", "user_lr")},
     }
+
+
+def build_timeline(store: RunStore, kinds: tuple[str, ...] = REPLAYABLE_KINDS
+                   ) -> list[dict[str, Any]]:
+    """The run's interventions of ``kinds``, one item per event, in order: step, kind, knob,
+    old → new, source and the command's payload (what a replay applies again)."""
+    commands = {c.id: c for c in store.commands()}
+    timeline = []
+    for event in store.events_since(0):
+        command = commands.get(event["command_id"])
+        if command is None or command.kind not in kinds:
+            continue
+        timeline.append({"step": event["step"], "kind": command.kind, "knob": event["knob"],
+                         "old": event["old"], "new": event["new"], "source": command.source,
+                         "command": json.loads(command.payload) if command.payload else {},
+                         "command_id": command.id})
+    return timeline
 
 
 def _segments(steps: list[int], values: list) -> list[list]:

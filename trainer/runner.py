@@ -46,7 +46,8 @@ def _raise_terminated(signum, frame):
 
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
-          replay: list[TimedCommand] | None = None, store: str | None = None) -> str:
+          replay: list[TimedCommand] | None = None, store: str | None = None,
+          checkpoint_knobs: bool = False) -> str:
     """Train ``cfg`` into ``run_dir`` and return the final status.
 
     ``replay`` re-enacts a recorded timeline (see :mod:`trainer.export`) at its exact steps.
@@ -57,7 +58,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     cfg.validate()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading_is_main() else None
     try:
-        return _train(cfg, run_dir, resume=resume, replay=replay, store=store)
+        return _train(cfg, run_dir, resume=resume, replay=replay, store=store,
+                      checkpoint_knobs=checkpoint_knobs)
     except Terminated:  # a clean stop, not a crash: the Babysitter already closed the run
         log.info("SIGTERM: run %s stopped", run_dir)
         return "stopped"
@@ -67,7 +69,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
 
 def _train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool,
-           replay: list[TimedCommand] | None, store: str | None) -> str:
+           replay: list[TimedCommand] | None, store: str | None,
+           checkpoint_knobs: bool = False) -> str:
     task, optimizer = build(cfg)
     steps_per_epoch = task.steps_per_epoch(cfg.batch_size)
     # The run's LR schedule is this loop's own, written into the param groups before every
@@ -78,7 +81,8 @@ def _train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool,
     with Babysitter(optimizer, run_dir, model=task.model, config=asdict(cfg),
                     task=task.info["description"], steps_per_epoch=steps_per_epoch,
                     checkpoint_every=cfg.checkpoint_every, resume=resume, replay=replay,
-                    on_diverge=cfg.on_diverge, early_stop=cfg.early_stop, store=store) as bs:
+                    on_diverge=cfg.on_diverge, early_stop=cfg.early_stop, store=store,
+                    checkpoint_knobs=checkpoint_knobs) as bs:
         start_epoch, first_batch = divmod(bs.step_count, steps_per_epoch)
         for epoch in range(start_epoch, cfg.epochs):
             bs.epoch = epoch

@@ -209,10 +209,13 @@ class RunStore(abc.ABC):
         return None if row is None else dict(zip([d[0] for d in cur.description], row))
 
     def truncate_after(self, step: int) -> None:
-        """Forget metrics and validation logged at or after ``step`` (used on resume)."""
+        """Forget metrics, validation and events logged at or after ``step``: a resume trains
+        those steps again, so what happened in them (the lost future) is logged anew. The
+        commands table keeps every command sent, as history."""
         with self.transaction() as tx:
             tx.execute("DELETE FROM metrics WHERE step >= ?", (step,))
             tx.execute("DELETE FROM validation WHERE step >= ?", (step,))
+            tx.execute("DELETE FROM events WHERE step >= ?", (step,))
 
     # --- validation ----------------------------------------------------------------------------
 
