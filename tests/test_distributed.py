@@ -242,7 +242,7 @@ def test_only_rank_0_writes_the_run(ddp_session):
     assert [c.source for c in stored["commands"]] == ["cli"] * 4
     # ... and nothing but rank 0's store and checkpoints in the run directory.
     names = {p.name for p in ddp_session["run_dir"].iterdir()}
-    assert names <= {"run.db", "run.db-wal", "run.db-shm", "checkpoints"}, names
+    assert names <= {"run.db", "run.db-wal", "run.db-shm", "checkpoints", "trainer.lock"}, names
 
 
 @pytest.mark.slow

@@ -380,3 +380,67 @@ def test_resume_with_epochs_extends_the_run(tmp_path):
     assert (summary["state"], summary["epoch"]) == ("finished", 4)
     with SqliteStore(run_dir) as store:
         assert store.meta()["config"]["epochs"] == 4
+
+
+# --- 6. replay covers rollbacks (a person's and the guard's), refuses branches ---------------
+
+def _person(run_dir, actions: list, failures: list) -> None:
+    """Send (at_step, kind, payload) commands while the run trains, each once it is applied."""
+    try:
+        wait_until(lambda: (run_dir / "run.db").exists(), what="the run store")
+        with SqliteStore(run_dir) as store:
+            for at, kind, payload in actions:
+                wait_until(lambda at=at: store.summary()["step"] >= at, what=f"step {at}")
+                command = store.submit_command(kind, payload, source="test")
+                wait_until(lambda c=command: store.command(c).status != "pending",
+                           what=f"{kind} applied")
+    except BaseException as err:  # surfaced by the test
+        failures.append(err)
+
+
+def _losses(run_dir) -> list[float]:
+    with SqliteStore(run_dir) as store:
+        return store.metrics_since(-1, columns=("loss",))["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_diverge", ["pause", "rollback"])
+def test_a_replay_of_a_run_with_a_rollback_is_identical(tmp_path, on_diverge):
+    from trainer.config import TrainConfig
+    from trainer.export import build_export, load_export, render, replay_commands
+    from trainer.runner import train as run_train
+
+    cfg = TrainConfig(task="digits", epochs=6, step_delay=0.002, checkpoint_every=25,
+                      on_diverge=on_diverge)
+    if on_diverge == "pause":   # a person: two changes and an Undo between them
+        actions = [(40, "set", {"lr": 0.05}), (80, "rollback", {}), (120, "set", {"lr": 0.02})]
+    else:                        # the guard: a blow-up, rolled back and halved on its own
+        actions = [(40, "set", {"lr": 30.0})]
+    run_dir, failures = tmp_path / "orig", []
+    person = threading.Thread(target=_person, args=(run_dir, actions, failures), daemon=True)
+    person.start()
+    assert run_train(cfg, run_dir) == "finished"
+    person.join(60)
+    assert not failures, failures
+    with SqliteStore(run_dir) as store:
+        export = build_export(store)
+    kinds = [(item["kind"], item["source"]) for item in export["timeline"]]
+    assert ("rollback", "test" if on_diverge == "pause" else "guard") in kinds
+    path = tmp_path / "orig.json"
+    path.write_text(render(export, "json"))
+    replayed = tmp_path / "replayed"
+    assert run_train(TrainConfig.from_dict(load_export(path)["initial"]), replayed,
+                     replay=replay_commands(load_export(path))) == "finished"
+    assert _losses(replayed) == _losses(run_dir)  # step for step, the rollback included
+
+
+def test_a_replay_of_a_branch_is_refused_in_one_line(tmp_path, capsys):
+    from trainer import cli
+    export = {"panda_export": 1, "run": "b", "initial": {"task": "digits"}, "timeline": [],
+              "parent": {"run": "parent", "step": 120}}
+    path = tmp_path / "branch.json"
+    path.write_text(json.dumps(export))
+    assert cli.main(["train", "--replay", str(path), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a branch of parent from step 120" in err
+    assert not (tmp_path / "r").exists()

@@ -640,7 +640,9 @@ class Babysitter:
         knobs = (f"knobs kept: lr {format_sci(self.lr)}" if keep_knobs else
                  f"knobs as at step {restored_step}: lr {format_sci(old_lr)} → "
                  f"{format_sci(self.lr)}")
-        return Event(step, wall, "rollback", "lr", old_lr, self.lr, command_id,
+        # knob "step": old → new is the step rolled back from → the checkpoint's step, which
+        # a replay needs to do the same (trainer.export).
+        return Event(step, wall, "rollback", "step", step, restored_step, command_id,
                      f"rolled back to the checkpoint of step {restored_step} ({knobs})")
 
     def _check_early_stop(self, val_loss: float) -> None:

@@ -30,7 +30,11 @@ from trainer.store.base import RunStore
 
 EXPORT_VERSION = 1
 FORMATS = ("json", "yaml", "python")
-REPLAYABLE_KINDS = ("set", "schedule", "stop")  # pause/resume change nothing in a replay
+# What a replay re-enacts at the recorded steps: pause/resume change nothing in a replay (the
+# step counter stands still meanwhile), a person's rollback is done again, and the divergence
+# guard's own rescue (no command: a rollback and a halved LR) is re-enacted from its events,
+# since a replay's guard could notice the blow-up a few steps earlier or later.
+REPLAYABLE_KINDS = ("set", "schedule", "stop", "rollback")
 
 
 class ExportError(ValueError):
@@ -61,6 +65,7 @@ def build_export(store: RunStore) -> dict[str, Any]:
         "steps_per_epoch": meta.get("steps_per_epoch"),
         "steps": summary["step"],
         "initial": config,
+        "parent": meta.get("parent"),   # a branch: the run and step it started from
         "final": {"lr": summary["lr"], "momentum": summary["momentum"],
                   "weight_decay": summary["weight_decay"], "schedule": meta.get("schedule"),
                   **{k: config[k] for k in ("batch_size", "epochs", "seed") if k in config}},
@@ -79,13 +84,29 @@ def build_timeline(store: RunStore, kinds: tuple[str, ...] = REPLAYABLE_KINDS
     timeline = []
     for event in store.events_since(0):
         command = commands.get(event["command_id"])
-        if command is None or command.kind not in kinds:
+        item = {"step": event["step"], "knob": event["knob"], "old": event["old"],
+                "new": event["new"]}
+        if command is not None and command.kind in kinds:
+            item.update(kind=command.kind, source=command.source, command_id=command.id,
+                        command=json.loads(command.payload) if command.payload else {})
+        elif command is None and "rollback" in kinds and event["kind"] in ("rollback", "set"):
+            rescue = _rescue(event)  # the divergence guard's own action
+            if rescue is None:
+                continue
+            item.update(kind=event["kind"], source="guard", command_id=None, command=rescue)
+        else:
             continue
-        timeline.append({"step": event["step"], "kind": command.kind, "knob": event["knob"],
-                         "old": event["old"], "new": event["new"], "source": command.source,
-                         "command": json.loads(command.payload) if command.payload else {},
-                         "command_id": command.id})
+        timeline.append(item)
     return timeline
+
+
+def _rescue(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The command that re-enacts a divergence guard's rescue event, or None."""
+    if event["kind"] == "rollback" and event["knob"] == "step" and event["new"] is not None:
+        return {"step": int(event["new"]), "knobs": "checkpoint"}
+    if event["kind"] == "set" and event["knob"] == "lr" and event["new"] is not None:
+        return {"lr": event["new"]}
+    return None
 
 
 def _segments(steps: list[int], values: list) -> list[list]:
@@ -230,6 +251,11 @@ def load_export(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(export.get("initial"), dict) or "task" not in export["initial"]:
         raise ExportError(f"{path} has no built-in task settings; replay needs a `panda train` "
                           "run")
+    parent = export.get("parent")
+    if parent:
+        raise ExportError(f"{path} is a branch of {parent.get('run')} from step "
+                          f"{parent.get('step')}: a replay cannot rebuild that state; replay "
+                          f"{parent.get('run')}'s own export instead")
     for item in export.get("timeline", []):
         validate_command(item["kind"], item["command"])
     return export
@@ -247,7 +273,7 @@ def replay_commands(export: dict[str, Any]) -> list[TimedCommand]:
     """The timeline as commands at their steps, one per original command."""
     seen, commands = set(), []
     for item in export.get("timeline", []):
-        if item["command_id"] in seen:
+        if item["command_id"] is not None and item["command_id"] in seen:
             continue  # one command may set several knobs: several events, one command
         seen.add(item["command_id"])
         commands.append(TimedCommand(int(item["step"]), item["kind"], item["command"]))

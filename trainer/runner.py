@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -71,6 +71,10 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 def _train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool,
            replay: list[TimedCommand] | None, store: str | None,
            checkpoint_knobs: bool = False) -> str:
+    if replay is not None:
+        # A replay re-enacts the recorded rescues at their steps; its own guard must not act
+        # again (it could notice the same blow-up a step earlier or later, or pause forever).
+        cfg = replace(cfg, on_diverge="ignore")
     task, optimizer = build(cfg)
     steps_per_epoch = task.steps_per_epoch(cfg.batch_size)
     # The run's LR schedule is this loop's own, written into the param groups before every
