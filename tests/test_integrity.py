@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -17,11 +18,20 @@ import time
 
 import pytest
 import torch
-from helpers import REPO, panda, reaped, start_train, subprocess_env, summary_of, wait_until
+from helpers import (
+    REPO,
+    panda,
+    panda_cmd,
+    reaped,
+    start_train,
+    subprocess_env,
+    summary_of,
+    wait_until,
+)
 
 from trainer import Babysitter, checkpoint
 from trainer.store import SqliteStore
-from trainer.store.base import RunBusy
+from trainer.store.base import RunBusy, pid_alive
 from trainer.tasks import make_task
 from trainer.workers import WorkerError
 
@@ -134,7 +144,7 @@ _SLOW_STORE = textwrap.dedent("""
     import json, resource, sys, time, torch
     from trainer import Babysitter
     from trainer.store import SqliteStore
-from trainer.store.base import RunBusy
+from trainer.store.base import RunBusy, pid_alive
 from trainer.tasks import make_task
     steps, run_dir = int(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
@@ -444,3 +454,95 @@ def test_a_replay_of_a_branch_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a branch of parent from step 120" in err
     assert not (tmp_path / "r").exists()
+
+
+# --- 8. the smaller ones ---------------------------------------------------------------------
+
+class _Live:
+    """A Babysitter training in a thread (the CLI's commands reach it through the store)."""
+
+    def __init__(self, run_dir):
+        model, opt = linear()
+        self.bs = Babysitter(opt, run_dir, model=model, **FAST)
+        self.thread = threading.Thread(target=self._loop, args=(model, opt), daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.bs.step_count > 5, what="training")
+
+    def _loop(self, model, opt) -> None:
+        while not self.bs.should_stop:
+            train(self.bs, model, opt, 1)
+            time.sleep(0.002)
+
+    def close(self) -> None:
+        self.bs.should_stop = True
+        self.bs.channels.wake.set()
+        self.thread.join(30)
+        self.bs.close()
+
+
+def test_set_with_wait_0_answers_without_a_traceback(tmp_path):
+    live = _Live(tmp_path / "runs" / "w0")
+    try:
+        out = panda("set", "w0", "--runs-dir", tmp_path / "runs", "--lr", "1e-3", "--wait", "0")
+        assert out.returncode in (0, 1) and "Traceback" not in out.stderr, out.stderr
+        assert "sent but not applied within 0 s" in out.stdout or "→ 1e-03" in out.stdout
+    finally:
+        live.close()
+
+
+def test_pausing_a_paused_run_says_so_and_records_one_pause(tmp_path):
+    live = _Live(tmp_path / "runs" / "pp")
+    try:
+        first = panda("pause", "pp", "--runs-dir", tmp_path / "runs")
+        assert first.returncode == 0, first.stderr
+        second = panda("pause", "pp", "--runs-dir", tmp_path / "runs")
+        assert second.returncode == 2 and "already paused (since step" in second.stderr
+        resumed = panda("resume", "pp", "--runs-dir", tmp_path / "runs")
+        assert resumed.returncode == 0, resumed.stderr
+        again = panda("resume", "pp", "--runs-dir", tmp_path / "runs")
+        assert again.returncode == 2 and "not paused" in again.stderr
+        with SqliteStore(tmp_path / "runs" / "pp") as store:
+            kinds = [e["kind"] for e in store.events_since(0)]
+        assert kinds.count("pause") == 1 and kinds.count("resume") == 1
+    finally:
+        live.close()
+
+
+def test_json_piped_into_a_closed_reader_is_no_traceback(tmp_path):
+    run_dir = tmp_path / "runs" / "long"
+    with SqliteStore(run_dir, create=True) as store:  # an export of ~1 MB of JSON
+        store.set_meta(name="long", status="finished", optimizer="SGD")
+        store.append_metrics([(s, 0, float(s), 1.0, 1e-3 * (1 + s % 97), 0.9, 0.0)
+                              for s in range(30_000)])
+    out = subprocess.run(["bash", "-c", f"{sys.executable} -m trainer.cli export {run_dir} "
+                          "| head -c 100 >/dev/null"], capture_output=True, text=True,
+                         env=subprocess_env(), cwd=REPO, timeout=120)
+    assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_panda_demo_stops_its_trainer_and_says_so(tmp_path):
+    runs = tmp_path / "runs"
+    port = _free_port()
+    demo = subprocess.Popen(panda_cmd("demo", "--runs-dir", runs, "--port", str(port)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=subprocess_env(), cwd=REPO, start_new_session=True)
+    with reaped(demo):
+        def trainer_started():
+            runs_now = list(runs.glob("*/run.db")) if runs.exists() else []
+            return runs_now and (summary_of(runs_now[0].parent) or {}).get("step", 0) > 3 \
+                and runs_now[0].parent
+        run_dir = wait_until(trainer_started, timeout=120, what="the demo's training run")
+        with SqliteStore(run_dir) as store:
+            trainer_pid = store.meta()["pid"]
+        os.killpg(demo.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        out, _ = demo.communicate(timeout=120)
+    assert f"stopped the demo's training run {run_dir.name} (stop command)" in out, out
+    assert summary_of(run_dir)["state"] == "stopped"
+    assert not pid_alive(trainer_pid)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

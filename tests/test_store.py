@@ -346,3 +346,57 @@ def test_one_writer_two_readers_and_a_commander_in_separate_processes(store_root
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         conn.close()
+
+
+# --- retried writes and older runs -----------------------------------------------------------
+
+def test_a_retried_batch_is_written_once(store):
+    """A write retried after a dropped connection (its first attempt may have committed) is
+    recognised by its batch id."""
+    from trainer.store.records import Event, ValidationRow, Verdict
+
+    for _ in range(2):
+        store.append_validation([ValidationRow(3, 0, 1.0, "loss", 0.5)], batch="v1")
+        store.add_events([Event(3, 1.0, "diverged", message="x")], batch="e1")
+        store.record_command("set", {"lr": 0.1}, "api", 3, [Event(3, 1.0, "set", "lr")],
+                             batch="c1")
+    command = store.submit_command("pause")
+    for _ in range(2):
+        store.resolve_commands([Verdict(command, "applied", 4)],
+                               [Event(4, 1.0, "pause")], batch="r1")
+    assert len(store.validation_since(0)) == 1
+    assert [e["kind"] for e in store.events_since(0)] == ["diverged", "set", "pause"]
+    assert len(store.commands()) == 2
+
+
+def _make_version_1(store_root: str, name: str) -> None:
+    """Turn run ``name`` into one an older Panda (schema 1) wrote: no user_lr, no batches."""
+    if store_root.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(store_root, autocommit=True) as conn:
+            (run_id,) = conn.execute("SELECT id FROM panda.runs WHERE name = %s",
+                                     (name,)).fetchone()
+            conn.execute(f"ALTER TABLE panda_run_{run_id}.metrics DROP COLUMN user_lr")
+            conn.execute(f"DROP TABLE panda_run_{run_id}.batches")
+            conn.execute("UPDATE panda.runs SET version = 1 WHERE name = %s", (name,))
+        return
+    conn = sqlite3.connect(os.path.join(store_root, name, DB_NAME))
+    conn.execute("ALTER TABLE metrics DROP COLUMN user_lr")
+    conn.execute("DROP TABLE batches")
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+
+
+def test_a_run_written_by_schema_1_opens_and_is_migrated(store_root):
+    address = run_address(store_root, "old")
+    with open_store(address, create=True) as store:
+        store.append_metrics([(0, 0, 1.0, 0.5, 0.01, 0.9, 0.0)])
+    _make_version_1(store_root, "old")
+    with open_store(address) as store:
+        assert store.metrics_since(-1)["user_lr"] == [None]
+        store.append_metrics([(1, 0, 2.0, 0.4, 0.01, 0.9, 0.0, 0.02)])
+        store.add_events([], batch="b")
+        assert store.metrics_since(-1, columns=("step", "user_lr")) == {
+            "step": [0, 1], "user_lr": [None, 0.02]}

@@ -192,6 +192,7 @@ class Babysitter:
         self._awaiting: list[_Awaiting] = []  # knob changes waiting for the update using them
         self._skipped_non_finite = False      # a non-finite snapshot was refused (said once)
         self.diverged_at: int | None = None   # first bad step of a divergence not rolled back
+        self._paused_at: int | None = None
         self._restored_at_update = 0  # composition.updates when a state was last restored
         self._early_stopping = EarlyStopping(early_stop) if early_stop else None
         for timed in replay or []:
@@ -407,8 +408,12 @@ class Babysitter:
             self.composition.set_schedule(schedule_from(payload), self._epoch_position())
             events.append(Event(step, wall, "schedule", "schedule", None, None, command_id,
                                 f"decay {old_shape} → {self.schedule.shape} at step {step}"))
+        elif kind in ("pause", "resume") and self.paused == (kind == "pause"):
+            raise KnobError(f"the run is already paused (since step {self._paused_at})"
+                            if self.paused else "the run is not paused")
         elif kind in ("pause", "resume", "stop"):
             self.paused = kind == "pause"
+            self._paused_at = step if self.paused else None
             if kind == "stop":
                 self.should_stop = self._stopped_by_command = True
             if kind == "resume":
@@ -582,7 +587,7 @@ class Babysitter:
             try:  # undo the change that preceded the trouble, else go back to before it
                 events.append(self._rollback_event(step, wall, None, undo=True))
             except KnobError as err:  # nothing to roll back to: wait for a person instead
-                self.paused = True
+                self.paused, self._paused_at = True, step
                 outbox.append(WriteMeta({"status": "diverged", "diverged": payload}))
                 return [*events, Event(step, wall, "rollback",
                                        message=f"automatic rollback impossible: {err}")]
@@ -595,7 +600,7 @@ class Babysitter:
             outbox.append(WriteMeta({"status": "running"}))
             self._workers.arm_guard(self.step_count)
         else:
-            self.paused = True
+            self.paused, self._paused_at = True, step
             self.diverged_at = payload["first_bad_step"]
             outbox.append(WriteMeta({"status": "diverged", "diverged": payload}))
         return events

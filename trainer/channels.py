@@ -18,6 +18,7 @@ handlers (:class:`trainer.workers.Flusher`).
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,12 +45,19 @@ def drain(queue: deque) -> list:
 
 
 # --- outbox items ---------------------------------------------------------------------------------
+# Items that insert rows carry a batch id: a write retried after a dropped connection, whose
+# first attempt may have committed, is then recognised by the store and not written twice.
+
+
+def _batch_id() -> str:
+    return uuid.uuid4().hex
 
 @dataclass(frozen=True)
 class WriteValidation:
     """Validation metrics of one evaluation (values may still be tensors)."""
 
     rows: list[ValidationRow]
+    batch: str = field(default_factory=_batch_id)
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class WriteVerdicts:
 
     verdicts: list[Verdict]
     events: list[Event] = field(default_factory=list)
+    batch: str = field(default_factory=_batch_id)
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ class RecordCommand:
     events: list[Event]
     status: str = "applied"           # or "not holding" (see trainer.composition)
     error: str | None = None
+    batch: str = field(default_factory=_batch_id)
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,7 @@ class WriteEvents:
     """Events that belong to no command (a divergence, an early stop, a restart)."""
 
     events: list[Event]
+    batch: str = field(default_factory=_batch_id)
 
 
 @dataclass(frozen=True)

@@ -327,29 +327,51 @@ def _lr_find_text(where: str, r: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_dashboard(args: argparse.Namespace) -> int:
+def _dashboard(args: argparse.Namespace) -> tuple[list[str], dict[str, str], str | None]:
+    """The dashboard's command line, environment and working directory (where
+    ``.streamlit/config.toml``, the theme, lives)."""
     from trainer.launch import dashboard_command, dashboard_cwd
 
     cmd = dashboard_command(args.runs_dir, host=args.host, port=args.port)
-    if dashboard_cwd() is not None:
-        os.chdir(dashboard_cwd())  # where .streamlit/config.toml (the theme) lives
     env = child_env(_store(args))
     if args.token:  # passed in the environment, not argv, so `ps` does not show it
         env["PANDA_TOKEN"] = args.token
+    cwd = dashboard_cwd()
+    return cmd, env, None if cwd is None else str(cwd)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    cmd, env, cwd = _dashboard(args)
+    if cwd is not None:
+        os.chdir(cwd)
     os.execve(cmd[0], cmd, env)  # replace this process: Ctrl-C goes straight to Streamlit
     return 0  # pragma: no cover
 
 
+DEMO_STOP_WAIT_S = 15.0  # the demo's trainer gets this long to stop cleanly on Ctrl-C
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from trainer.launch import start_demo_run
+    """A training run in the background and the dashboard on it; Ctrl-C stops both (the run
+    cleanly, with its final checkpoint) and says so."""
+    import subprocess
+
+    from trainer.launch import start_demo_run, stop_run
 
     run_dir, proc = start_demo_run(args.runs_dir, store=_store(args))
-    print(f"training the digits task in the background: {run_dir} (pid {proc.pid})")
-    stop = f"panda stop {run_dir.name}" + (" --store …" if _store(args) else
-                                            f" --runs-dir {args.runs_dir}")
-    print(f"dashboard: http://{args.host}:{args.port}  (Ctrl-C stops the dashboard; "
-          f"`{stop}` stops training)")
-    return cmd_dashboard(args)
+    url = f"http://{args.host}:{args.port}"
+    print(f"training {run_dir.name} in the background (pid {proc.pid}); dashboard: {url}  "
+          "(Ctrl-C stops both)", flush=True)
+    cmd, env, cwd = _dashboard(args)
+    dashboard = subprocess.Popen(cmd, env=env, cwd=cwd)
+    try:
+        return dashboard.wait()
+    except KeyboardInterrupt:  # the dashboard got the terminal's Ctrl-C as well
+        dashboard.wait()
+        return 0
+    finally:
+        how = stop_run(run_dir, proc, store=_store(args), wait_s=DEMO_STOP_WAIT_S)
+        print(f"stopped the demo's training run {run_dir.name} ({how})", flush=True)
 
 
 # --- parser ---------------------------------------------------------------------------------------
@@ -500,10 +522,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
     except (CliError, StoreError, *_driver_errors()) as err:
         print(f"panda: error: {first_line(err)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`panda runs --json | head`): not an error of ours. Point
+        # stdout at devnull so the interpreter's final flush does not fail again
+        # (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _driver_errors() -> tuple[type[Exception], ...]:

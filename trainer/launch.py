@@ -22,7 +22,7 @@ from trainer.config import TrainConfig
 from trainer.knobs import validate_knobs
 from trainer.runner import stored_config
 from trainer.store.address import child_env, run_exists, store_for
-from trainer.store.base import sanitize_run_name
+from trainer.store.base import StoreError, sanitize_run_name
 
 LOG_NAME = "train.log"
 # The demo trains digits slowly enough to watch: ~45 steps per epoch at ~50 steps/s.
@@ -54,6 +54,29 @@ def launch_training(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
         return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
                                 env=child_env(store),
                                 stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop_run(run_dir: str | os.PathLike, proc: subprocess.Popen, *, store: str | None = None,
+             wait_s: float = 15.0) -> str:
+    """Stop a background run this process started: a ``stop`` command first (a clean end,
+    final checkpoint written), SIGTERM if it does not end within ``wait_s`` (the runner turns
+    that into a clean stop too), SIGKILL as the last resort. Says which it took."""
+    if proc.poll() is not None:
+        return f"it had already ended, exit code {proc.returncode}"
+    try:
+        with store_for(run_dir, store) as run_store:
+            run_store.submit_command("stop", {}, source="cli")
+        proc.wait(wait_s)
+        return "stop command"
+    except (subprocess.TimeoutExpired, StoreError, OSError):
+        proc.terminate()
+    try:
+        proc.wait(wait_s)
+        return "SIGTERM"
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return "SIGKILL"
 
 
 def new_run_name(prefix: str) -> str:

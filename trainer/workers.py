@@ -155,11 +155,12 @@ class Flusher(_Worker):
         self._nudged = threading.Event()
         self._handlers: dict[type, Callable[[Any], None]] = {
             WriteValidation: self._write_validation,
-            WriteVerdicts: lambda item: store.resolve_commands(item.verdicts, item.events),
+            WriteVerdicts: lambda item: store.resolve_commands(item.verdicts, item.events,
+                                                               batch=item.batch),
             RecordCommand: lambda item: store.record_command(
                 item.kind, item.payload, item.source, item.step, item.events,
-                status=item.status, error=item.error),
-            WriteEvents: lambda item: store.add_events(item.events),
+                status=item.status, error=item.error, batch=item.batch),
+            WriteEvents: lambda item: store.add_events(item.events, batch=item.batch),
             WriteMeta: lambda item: store.set_meta(**item.values),
             WriteCheckpoint: self._write_checkpoint,
         }
@@ -233,7 +234,8 @@ class Flusher(_Worker):
 
     def _write_validation(self, item: WriteValidation) -> None:
         values = to_floats([r.value for r in item.rows])
-        self.store.append_validation([r._replace(value=v) for r, v in zip(item.rows, values)])
+        self.store.append_validation([r._replace(value=v) for r, v in zip(item.rows, values)],
+                                     batch=item.batch)
 
     def _write_checkpoint(self, item: WriteCheckpoint) -> None:
         """Write a checkpoint file; a write that fails (a full disk) is reported as an event and

@@ -219,11 +219,25 @@ class RunStore(abc.ABC):
 
     # --- validation ----------------------------------------------------------------------------
 
-    def append_validation(self, rows: Sequence[ValidationRow]) -> None:
-        """Insert validation rows (values as numbers)."""
+    @staticmethod
+    def _first_time(tx: Any, batch: str | None) -> bool:
+        """Inside a write transaction: whether batch ``batch`` is new (and now recorded). A
+        retried batch whose first attempt did commit is then skipped, not written twice."""
+        if batch is None:
+            return True
+        if tx.execute("SELECT 1 FROM batches WHERE id = ?", (batch,)).fetchone() is not None:
+            return False
+        tx.execute("INSERT INTO batches(id, wall) VALUES (?, ?)", (batch, time.time()))
+        return True
+
+    def append_validation(self, rows: Sequence[ValidationRow], *,
+                          batch: str | None = None) -> None:
+        """Insert validation rows (values as numbers); ``batch``: see :meth:`_first_time`."""
         clean = [r._replace(value=_finite_or_none(r.value))
                  for r in map(ValidationRow._make, rows)]
         with self.transaction() as tx:
+            if not self._first_time(tx, batch):
+                return
             tx.executemany("INSERT INTO validation(step, epoch, wall, name, value) "
                            "VALUES (?, ?, ?, ?, ?)", clean)
 
@@ -264,14 +278,16 @@ class RunStore(abc.ABC):
     def commands(self, after_id: int = 0) -> list[Command]:
         return self._select_commands("id > ?", (after_id,))
 
-    def resolve_commands(self, verdicts: Sequence[Verdict], events: Sequence[Event] = ()
-                         ) -> None:
+    def resolve_commands(self, verdicts: Sequence[Verdict], events: Sequence[Event] = (), *,
+                         batch: str | None = None) -> None:
         """Record command verdicts and their intervention events in one transaction.
 
         Only pending commands change, so a command is resolved exactly once.
         """
         now = time.time()
         with self.transaction() as tx:
+            if not self._first_time(tx, batch):
+                return
             tx.executemany("UPDATE commands SET status = ?, applied_step = ?, error = ?, "
                            "updated = ? WHERE id = ? AND status = 'pending'",
                            [(v.status, v.applied_step, v.error, now, v.command_id)
@@ -280,11 +296,14 @@ class RunStore(abc.ABC):
 
     def record_command(self, kind: str, payload: dict, source: str, applied_step: int,
                        events: Sequence[Event] = (), *, status: str = "applied",
-                       error: str | None = None) -> int:
+                       error: str | None = None, batch: str | None = None) -> int | None:
         """Record a command that did not pass through the table (API, replay, a branch's
-        knobs), with its verdict and its events linked to it; returns its id."""
+        knobs), with its verdict and its events linked to it; returns its id (None when this
+        batch was recorded already)."""
         now = time.time()
         with self.transaction() as tx:
+            if not self._first_time(tx, batch):
+                return None
             command_id = self._insert_id(
                 tx, "INSERT INTO commands(created, kind, payload, status, applied_step, error, "
                 "source, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -301,10 +320,11 @@ class RunStore(abc.ABC):
         tx.executemany("INSERT INTO events(step, wall, kind, knob, old, new, command_id, message)"
                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", events)
 
-    def add_events(self, events: Sequence[Event]) -> None:
-        """Insert intervention events."""
+    def add_events(self, events: Sequence[Event], *, batch: str | None = None) -> None:
+        """Insert intervention events; ``batch``: see :meth:`_first_time`."""
         with self.transaction() as tx:
-            self._insert_events(tx, events)
+            if self._first_time(tx, batch):
+                self._insert_events(tx, events)
 
     def events_since(self, after_id: int = 0) -> list[dict[str, Any]]:
         return self._dicts("SELECT * FROM events WHERE id > ? ORDER BY id", (after_id,))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 2   # 2: metrics.user_lr (the LR the user's own code or scheduler set)
+SCHEMA_VERSION = 2   # 2: metrics.user_lr (the user's own LR), batches (idempotent retries)
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,11 @@ RESULTS = Table("results", (
     _c("id", "id"), _c("created", "real", "NOT NULL"), _c("kind", "text", "NOT NULL"),
     _c("status", "text", "NOT NULL"), _c("payload", "text", "NOT NULL DEFAULT '{}'")))
 
-TABLES = (META, METRICS, VALIDATION, COMMANDS, EVENTS, RESULTS)
+# Ids of the write batches already applied: a batch retried after a dropped connection (the
+# commit may have landed before the error) is recognised and not written twice.
+BATCHES = Table("batches", (_c("id", "text", "PRIMARY KEY"), _c("wall", "real", "NOT NULL")))
+
+TABLES = (META, METRICS, VALIDATION, COMMANDS, EVENTS, RESULTS, BATCHES)
 METRIC_COLUMNS = METRICS.column_names
 
 TYPES = {
@@ -92,7 +96,9 @@ def create_statements(dialect: str) -> list[str]:
 
 
 # Statements that bring a store from version v − 1 to v (older runs still open).
-MIGRATIONS = {2: ["ALTER TABLE metrics ADD COLUMN user_lr {real}"]}
+MIGRATIONS = {2: ["ALTER TABLE metrics ADD COLUMN user_lr {real}",
+                 "CREATE TABLE IF NOT EXISTS batches (id {text} PRIMARY KEY, wall {real} "
+                 "NOT NULL)"]}
 
 
 def migration_statements(version: int, dialect: str) -> list[str]:
