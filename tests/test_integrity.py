@@ -144,8 +144,6 @@ _SLOW_STORE = textwrap.dedent("""
     import json, resource, sys, time, torch
     from trainer import Babysitter
     from trainer.store import SqliteStore
-from trainer.store.base import RunBusy, pid_alive
-from trainer.tasks import make_task
     steps, run_dir = int(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
     original = SqliteStore.append_metrics
@@ -274,12 +272,13 @@ def test_after_a_divergence_knobs_wait_for_a_rollback_which_restores_finite_para
     task = make_task("digits", seed=0)
     optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01, momentum=0.9)
     run_dir = tmp_path / "rescue"
-    x, y = task.train_x[:64], task.train_y[:64]
     bs = Babysitter(optimizer, run_dir, model=task.model, flush_interval=0.02,
                     poll_interval=0.01)
 
-    def loop():
+    def loop():  # batches in turn: one batch alone could be memorized even at LR 50
         while not bs.should_stop:
+            first = (bs.step_count % 20) * 64
+            x, y = task.train_x[first:first + 64], task.train_y[first:first + 64]
             loss = task.loss_fn(task.model(x), y)
             optimizer.zero_grad()
             loss.backward()
