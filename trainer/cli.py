@@ -117,6 +117,7 @@ def _wait_for(args, store: RunStore, command_id: int, before: dict) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.runner import TrainConfig, stored_config, train
+    from trainer.tasks import config_values
 
     run_dir, store = Path(args.run_dir), _store(args)
     replay = None
@@ -133,11 +134,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.config_json:
         cfg = TrainConfig.from_dict(json.loads(args.config_json))
     else:
-        cfg = TrainConfig(task=args.task, optimizer=args.optimizer, lr=args.lr,
-                          momentum=args.momentum, weight_decay=args.weight_decay,
-                          batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
-                          checkpoint_every=args.checkpoint_every, step_delay=args.step_delay,
-                          on_diverge=args.on_diverge, early_stop=args.early_stop)
+        # What is not given comes from the task's defaults (tasks.TASK_DEFAULTS), then
+        # TrainConfig's.
+        cfg = TrainConfig(**config_values(
+            args.task, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+            weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
+            seed=args.seed, checkpoint_every=args.checkpoint_every, step_delay=args.step_delay,
+            on_diverge=args.on_diverge, early_stop=args.early_stop))
     try:
         cfg.validate()
     except ValueError as err:
@@ -320,10 +323,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from trainer.launch import start_demo_run
+    from trainer.launch import DEMO_CONFIG, start_demo_run
 
     run_dir, proc = start_demo_run(args.runs_dir, store=_store(args))
-    print(f"training the digits task in the background: {run_dir} (pid {proc.pid})")
+    print(f"training the {DEMO_CONFIG.task} task in the background: {run_dir} (pid {proc.pid})")
     stop = f"panda stop {run_dir.name}" + (" --store …" if _store(args) else
                                             f" --runs-dir {args.runs_dir}")
     print(f"dashboard: http://{args.host}:{args.port}  (Ctrl-C stops the dashboard; "
@@ -349,8 +352,23 @@ def _knob_value(text: str) -> str:
     return text
 
 
+def _default_help(name: str) -> str:
+    """``default 0.01; charlm: 0.003``: TrainConfig's default and the tasks' own."""
+    from trainer.runner import TrainConfig
+    from trainer.tasks import TASK_DEFAULTS
+
+    def shown(value) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    default = getattr(TrainConfig, name)
+    own = [f"; {task}: {shown(values[name])}" for task, values in TASK_DEFAULTS.items()
+           if values.get(name, default) != default]
+    return f"default {shown(default)}" + "".join(own)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from trainer.runner import TrainConfig
+    from trainer.tasks import TASK_NAMES
 
     parser = _Parser(prog="panda", description="Babysit one PyTorch training run from the "
                      "browser.")
@@ -379,16 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{DEFAULT_WAIT_S:g})")
         p.add_argument("--no-wait", action="store_true", help="send and return at once")
 
-    p = add("train", cmd_train, "train a built-in task under a Babysitter")
-    p.add_argument("--task", choices=("digits", "spirals", "quadratic"), default=defaults.task)
+    p = add("train", cmd_train, "train a built-in task under a Babysitter (settings not given "
+            "are the task's defaults: charlm has its own, the others share TrainConfig's)")
+    p.add_argument("--task", choices=TASK_NAMES, default=defaults.task)
     p.add_argument("--run-dir", required=True, help="where the run is stored, e.g. runs/NAME")
-    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=defaults.optimizer)
-    p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate (default 0.01)")
-    p.add_argument("--momentum", type=float, default=defaults.momentum,
-                   help="SGD momentum or Adam β1 (default 0.9)")
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"),
+                   help=_default_help("optimizer"))
+    p.add_argument("--lr", type=float, help=f"learning rate, {_default_help('lr')}")
+    p.add_argument("--momentum", type=float,
+                   help=f"SGD momentum or Adam β1, {_default_help('momentum')}")
+    p.add_argument("--weight-decay", type=float, help=_default_help("weight_decay"))
+    p.add_argument("--batch-size", type=int, help=_default_help("batch_size"))
+    p.add_argument("--epochs", type=int, help=_default_help("epochs"))
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                    help="steps between rolling checkpoints")
@@ -441,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(the run keeps training), or on a fresh built-in --task", json_flag=True)
     p.add_argument("run", metavar="RUN", nargs="?", help="run directory, or run name under "
                    "--runs-dir (a run started by `panda train`)")
-    p.add_argument("--task", choices=("digits", "spirals", "quadratic"),
+    p.add_argument("--task", choices=TASK_NAMES,
                    help="test a fresh built-in task instead of a run")
     p.add_argument("--background", action="store_true",
                    help="start the test in a detached process and print its result id")
@@ -455,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "of the mini-batch just trained on (cheaper, noisy)")
     p.add_argument("--job-id", type=int, help=argparse.SUPPRESS)
     for name, func, text in (("dashboard", cmd_dashboard, "open the dashboard on --runs-dir"),
-                             ("demo", cmd_demo, "start a digits run in the background and "
+                             ("demo", cmd_demo, "start a charlm run in the background and "
                               "open the dashboard on it")):
         p = add(name, func, text)
         p.add_argument("--host", default="127.0.0.1",

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """Everything that defines a built-in training run. Defaults follow the literature."""
 
-    task: str = "digits"        # digits | spirals | quadratic
+    task: str = "digits"        # digits | spirals | quadratic | charlm (tasks.TASK_DEFAULTS)
     optimizer: str = "sgd"      # sgd | adam | adamw; SGD is the well-understood baseline
     lr: float = 0.01            # a sensible start on normalized inputs (Ng, DLS course 2)
     momentum: float = 0.9       # β (β1 for Adam): averages over ~1/(1−β) = 10 steps
@@ -85,7 +85,7 @@ class TrainConfig:
         """The seeded task and its optimizer, as a run of this config starts them."""
         torch.manual_seed(self.seed)
         task = make_task(self.task, seed=self.seed)
-        optimizer = make_optimizer(self.optimizer, task.model.parameters(), lr=self.lr,
+        optimizer = make_optimizer(self.optimizer, task.optim_params(), lr=self.lr,
                                    momentum=self.momentum, weight_decay=self.weight_decay)
         return task, optimizer
 
@@ -145,6 +145,7 @@ def _train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool,
             if bs.should_stop:
                 break
             bs.log_validation(**_validation_metrics(task))
+            _record_samples(task, bs)
             if bs.should_stop:  # early stopping decides at validation time
                 break
     return bs.final_status
@@ -158,6 +159,12 @@ def _validation_metrics(task) -> dict[str, float]:
     # the closed-form analysis is about.
     with torch.no_grad():
         return {"loss": float(task.loss_fn(task.model(task.train_x), task.train_y))}
+
+
+def _record_samples(task: Task, bs: Babysitter) -> None:
+    """Generated text (charlm) for the dashboard: results of kind ``sample``, seeded by step."""
+    for sample in task.samples(seed=bs.step_count):
+        bs.store.add_result("sample", {"step": bs.step_count, **sample})
 
 
 def threading_is_main() -> bool:

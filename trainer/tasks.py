@@ -6,6 +6,9 @@
 * ``quadratic``: linear regression with MSE on generated data of chosen conditioning. Its loss is
   an exact quadratic, so the largest stable SGD step is known in closed form
   (see :func:`Task.max_stable_lr`); the LR finder tests use it as ground truth.
+* ``charlm``: a small character-level causal transformer on the Python standard library's own
+  source files (:mod:`trainer.charlm`): the task worth babysitting, with its own defaults
+  (:data:`TASK_DEFAULTS`: AdamW, warm-up and cosine decay).
 
 Every task is built from a seed alone, so training is reproducible on CPU.
 """
@@ -16,11 +19,29 @@ import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-TASK_NAMES = ("digits", "spirals", "quadratic")
+TASK_NAMES = ("digits", "spirals", "quadratic", "charlm")
+
+# Settings a task trains well with, where they differ from TrainConfig's (SGD, LR 0.01, batch 32,
+# constant LR): `panda train`, the dashboard's form, range tests on a fresh task and `make demo`
+# use them for what the user does not give (see config_values). Measured in README, "charlm".
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "charlm": {
+        "optimizer": "adamw",   # Adam's per-parameter steps: transformers barely train with SGD
+        "lr": 3e-3,             # nanoGPT's small char model uses 1e-3 at 10M params; ours is 0.2M
+        "momentum": 0.9,        # β1 (nanoGPT)
+        "weight_decay": 0.1,    # decoupled (Loshchilov & Hutter 2019), on matrices only; nanoGPT
+        "batch_size": 32,       # 32 windows × 64 characters = 2,048 characters per step
+        "epochs": 20,
+        # Linear warm-up, then a cosine to 10 % of the base LR over the run's epochs (nanoGPT's
+        # get_lr; Goyal et al. 2017 for the warm-up, Loshchilov & Hutter 2017 for the cosine).
+        "schedule": {"shape": "cosine", "rate": 0.1, "warmup_epochs": 0.25},
+    },
+}
 
 VAL_FRACTION = 0.2  # held-out share for digits and spirals
 SPIRAL_POINTS_PER_CLASS = 1000
@@ -43,6 +64,10 @@ class Task:
     val_y: torch.Tensor | None = None
     classification: bool = True
     info: dict = field(default_factory=dict)
+    # Cap on the fixed set of training samples a range test measures after each step (None:
+    # the range test's own cap). A transformer's forward pass over thousands of windows per
+    # step would make a CPU range test take many minutes.
+    measure_samples: int | None = None
 
     @property
     def num_train(self) -> int:
@@ -77,6 +102,15 @@ class Task:
         finally:
             self.model.train(was_training)
 
+    def optim_params(self) -> Any:
+        """What the optimizer is built on: the model's parameters, or param groups (e.g. no
+        weight decay on biases and norms)."""
+        return self.model.parameters()
+
+    def samples(self, seed: int) -> list[dict[str, Any]]:
+        """Generated examples to show beside the curves at validation time (none here)."""
+        return []
+
     def max_stable_lr(self, momentum: float = 0.0) -> float:
         """Largest stable full-batch SGD learning rate (quadratic task only).
 
@@ -103,13 +137,31 @@ def iter_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, seed: int
 
 def make_task(name: str, *, seed: int = 0, condition: float = 10.0) -> Task:
     """Build a built-in task. ``condition`` (quadratic only) is λmax/λmin of XᵀX/n."""
-    builders = {"digits": _digits, "spirals": _spirals, "quadratic": _quadratic}
+    builders = {"digits": _digits, "spirals": _spirals, "quadratic": _quadratic,
+                "charlm": _charlm}
     if name not in builders:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")
     generator = torch.Generator().manual_seed(seed)
     if name == "quadratic":
         return _quadratic(generator, condition)
     return builders[name](generator)
+
+
+def config_values(task: str, **given: Any) -> dict[str, Any]:
+    """``TrainConfig`` keyword arguments for ``task``: the values given (None counts as not
+    given) over the task's :data:`TASK_DEFAULTS`; TrainConfig's own defaults fill the rest.
+
+    A default cosine schedule without ``total_epochs`` decays over the run's epochs (nanoGPT's
+    ``lr_decay_iters = max_iters``), whatever number of epochs is given.
+    """
+    values = {**TASK_DEFAULTS.get(task, {}),
+              **{k: v for k, v in given.items() if v is not None}, "task": task}
+    schedule = values.get("schedule")
+    if "schedule" not in given and isinstance(schedule, dict) and \
+            schedule.get("shape") == "cosine" and "total_epochs" not in schedule and \
+            "epochs" in values:
+        values["schedule"] = {**schedule, "total_epochs": float(values["epochs"])}
+    return values
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
@@ -182,3 +234,9 @@ def _quadratic(generator: torch.Generator, condition: float) -> Task:
     return Task("quadratic", model, nn.MSELoss(), x, y, classification=False,
                 info={"description": f"linear regression, {n}x{d}, condition {condition:g}",
                       "hessian_max_eig": hessian_max_eig, "condition": condition})
+
+
+def _charlm(generator: torch.Generator) -> Task:
+    from trainer.charlm import build_task  # its own module: model, corpus and sampling
+
+    return build_task(generator)
