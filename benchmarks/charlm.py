@@ -4,14 +4,15 @@ Trains the task with the loop ``panda train`` runs (same model, batches, optimiz
 param groups and the LR of :func:`trainer.schedules.lr_at` at every step), but evaluates every
 ``--eval-every`` steps instead of once per epoch, and prints one line per evaluation:
 
-    .venv/bin/python benchmarks/charlm.py run --lr 3e-3 --steps 3000          # the defaults
-    .venv/bin/python benchmarks/charlm.py run --lr 3e-2 --steps 600           # 10x the LR
-    .venv/bin/python benchmarks/charlm.py run --lr 3e-3 --schedule constant   # no warm-up/decay
-    .venv/bin/python benchmarks/charlm.py lr-find                             # range test
+    .venv/bin/python benchmarks/charlm.py run --steps 1500              # the task's defaults
+    .venv/bin/python benchmarks/charlm.py run --steps 1500 --lr 0.1     # 10x the LR
+    .venv/bin/python benchmarks/charlm.py run --steps 1500 --schedule constant --warmup 0
+    .venv/bin/python benchmarks/charlm.py lr-find                       # range test
 
-``--schedule default`` is the task's warm-up + cosine, with its length set to ``--steps`` so a
-short budget still decays to the floor (what a run of that many steps would use). Runs are
-deterministic on CPU for a given ``--threads``; wall times move with the machine.
+``--schedule cosine`` (default) is the task's warm-up + cosine, with its length set to ``--steps``
+so a short budget still decays to the floor (what a run of that many steps would use);
+``--warmup STEPS`` overrides the warm-up (0: none). Runs are deterministic on CPU for a given
+``--threads``; wall times move with the machine.
 """
 
 from __future__ import annotations
@@ -38,14 +39,15 @@ def _task(args: argparse.Namespace):
 
 
 def _schedule(args: argparse.Namespace, steps_per_epoch: int) -> Schedule:
-    if args.schedule == "constant":
-        return schedule_from({"shape": "constant"})
-    total = args.steps / steps_per_epoch
+    """The task's warm-up + cosine over ``--steps``, or a constant LR; ``--warmup`` (steps)
+    overrides the warm-up of either (``--schedule constant --warmup 0``: no schedule at all)."""
     default = DEFAULTS["schedule"]
-    warmup = args.warmup if args.warmup is not None else default["warmup_epochs"] * \
-        steps_per_epoch
-    return schedule_from({**default, "total_epochs": total,
-                          "warmup_epochs": warmup / steps_per_epoch})
+    warmup = (default["warmup_epochs"] if args.warmup is None
+              else args.warmup / steps_per_epoch)
+    if args.schedule == "constant":
+        return schedule_from({"shape": "constant", "warmup_epochs": warmup})
+    return schedule_from({**default, "total_epochs": args.steps / steps_per_epoch,
+                          "warmup_epochs": warmup})
 
 
 def run(args: argparse.Namespace) -> None:
@@ -116,7 +118,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     parser.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    parser.add_argument("--schedule", choices=("default", "constant"), default="default")
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     parser.add_argument("--warmup", type=float, help="warm-up steps (default: the task's)")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--eval-every", type=int, default=250)

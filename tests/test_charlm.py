@@ -99,7 +99,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(task):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3, losses
     decays = [g["weight_decay"] for g in optimizer.param_groups]
     assert decays == [cfg.weight_decay, 0.0]  # no decay on biases and LayerNorm gains
