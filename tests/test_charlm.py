@@ -91,7 +91,9 @@ def test_encode_decode():
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(task):
     cfg = TrainConfig(**config_values("charlm"))
+    torch.set_num_threads(2)
     task, optimizer = cfg.build()
+    assert torch.get_num_threads() == charlm.THREADS  # the task's own thread count
     x, y = task.train_x[:16], task.train_y[:16]
     losses = []
     for _ in range(8):

@@ -43,6 +43,10 @@ VAL_EVERY = 10             # every 10th file is validation: a ~10 % held-out spl
 VAL_WINDOWS = 256          # fixed validation subset: 256 windows spread evenly over the split
 EVAL_BATCH = 64            # windows per forward pass while evaluating (bounds peak memory)
 MEASURE_WINDOWS = 256      # range tests' fixed measurement set (see Task.measure_samples)
+# One intra-op thread: matrices of 64 columns gain little from more (20 vs 29 ms a step with 2
+# threads on an idle 2-core machine), while on busy cores (the dashboard, a range test beside the
+# run, other programs) OpenMP's waiting threads made a step 7× slower (README, "charlm").
+THREADS = 1
 
 # Model: nanoGPT's shakespeare_char config (6 layers × 384, context 256, 10.7M parameters)
 # scaled down ~100× to 0.11M parameters, so a step takes tens of milliseconds on one CPU core
@@ -300,7 +304,7 @@ def build_task(generator: torch.Generator, corpus: Corpus | None = None, *,
     description = (f"char transformer {n_layer}x{d_model}, context {context} ({params / 1e3:.0f}k "
                    f"params) on {len(corpus.train_files) + len(corpus.val_files)} stdlib files")
     return CharLMTask("charlm", model, lm_loss, train_x, train_y, val_x, val_y,
-                      measure_samples=MEASURE_WINDOWS,
+                      measure_samples=MEASURE_WINDOWS, threads=THREADS,
                       info={"description": description, "corpus_sha256": corpus.sha256,
                             "val_files": list(corpus.val_files), "vocab_size": VOCAB_SIZE,
                             "train_chars": int(train_x.numel()),

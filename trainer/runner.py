@@ -85,6 +85,8 @@ class TrainConfig:
         """The seeded task and its optimizer, as a run of this config starts them."""
         torch.manual_seed(self.seed)
         task = make_task(self.task, seed=self.seed)
+        if task.threads:
+            torch.set_num_threads(task.threads)
         optimizer = make_optimizer(self.optimizer, task.optim_params(), lr=self.lr,
                                    momentum=self.momentum, weight_decay=self.weight_decay)
         return task, optimizer

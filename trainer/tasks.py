@@ -68,6 +68,9 @@ class Task:
     # the range test's own cap). A transformer's forward pass over thousands of windows per
     # step would make a CPU range test take many minutes.
     measure_samples: int | None = None
+    # Intra-op threads to train with (torch.set_num_threads, applied by TrainConfig.build in the
+    # trainer's own process); None leaves torch's default (one per core).
+    threads: int | None = None
 
     @property
     def num_train(self) -> int:
