@@ -31,7 +31,7 @@ TASK_NAMES = ("digits", "spirals", "quadratic", "charlm")
 # use them for what the user does not give (see config_values). Measured in README, "charlm".
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "charlm": {
-        "optimizer": "adamw",   # Adam's per-parameter steps: transformers barely train with SGD
+        "optimizer": "adamw",   # per-parameter step sizes: the usual choice for transformers
         "lr": 3e-3,             # the range test suggests 3.4e-3; measured in README ("charlm")
         "momentum": 0.9,        # β1 (nanoGPT)
         "weight_decay": 0.1,    # decoupled (Loshchilov & Hutter 2019), on matrices only; nanoGPT
