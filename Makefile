@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,lightning,postgres,hf]'
 	touch $(STAMP)
 
-# Start a background training run on the digits task and open the dashboard onto it.
+# Start a background training run on the charlm task and open the dashboard onto it.
 demo: $(STAMP)
 	$(BIN)/panda demo --runs-dir $(RUNS) --port $(PORT)
 

@@ -35,7 +35,7 @@ from app.controls import (
 )
 from app.data import early_stop_hint, fetch, steps_per_second
 from app.lr_panel import render_lr_panel
-from app.panels import decay_controls, export_block, new_run_form
+from app.panels import decay_controls, export_block, new_run_form, sample_panel
 from app.stream_chart import stream_chart
 from trainer.knobs import format_sci
 from trainer.store import RUNNING_STATES, RunStore, StoreError
@@ -244,6 +244,7 @@ def live_chart(address: str, compare: list[str]) -> None:
                               for e in reversed(events)], hide_index=True, width="stretch")
         with st.expander("LR range test", expanded=bool(store.results("lr_find"))):
             render_lr_panel(store)
+        sample_panel(store)  # charlm's generated text, newest first
 
 
 @st.fragment(run_every=REFRESH_S)

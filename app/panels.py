@@ -1,4 +1,4 @@
-"""The less frequent panels: LR decay, starting a run, exporting settings."""
+"""The less frequent panels: LR decay, starting a run, exporting settings, generated text."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import streamlit as st
 
 from app.controls import key, remember_command
-from trainer.config import OPTIMIZERS, TASKS, TrainConfig
+from trainer.config import OPTIMIZERS, TASKS, TrainConfig, config_values
 from trainer.export import ExportError, build_export, render
 from trainer.knobs import format_sci, log_ladder
 from trainer.launch import launch_training, new_run_name
@@ -24,7 +24,7 @@ RATE_LABELS = {"exponential": "r per epoch", "inverse_time": "k", "step": "γ pe
                "cosine": "floor (fraction of the base LR)"}
 NEW_RUN_LR_LADDER = log_ladder(-5, 0)
 NEW_RUN_BETAS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
-NEW_RUN_WD = (0.0, 1e-5, 1e-4, 5e-4, 1e-3, 1e-2)
+NEW_RUN_WD = (0.0, 1e-5, 1e-4, 5e-4, 1e-3, 1e-2, 1e-1)  # 0.1: AdamW's usual (charlm)
 DEFAULT_EPOCHS = 50
 DEFAULT_STEP_DELAY = 0.01  # seconds per step: slow enough to watch the curves move
 EXPORT_SUFFIX = {"json": "json", "yaml": "yaml", "python": "py"}
@@ -71,7 +71,7 @@ def _start_run(runs_dir: Path, store: str | None, values: dict[str, Any]) -> Non
         sanitize_run_name(name)
         if run_exists(root, name):
             raise ValueError(f"a run named {name!r} already exists in {shown(root)}")
-        cfg = TrainConfig(**values).validate()
+        cfg = TrainConfig(**config_values(values.pop("task"), **values)).validate()
         proc = launch_training(cfg, runs_dir / name, store=store)
     except (ValueError, OSError) as err:
         state["new_run_message"] = ("error", str(err))
@@ -80,16 +80,32 @@ def _start_run(runs_dir: Path, store: str | None, values: dict[str, Any]) -> Non
     state["run_picker"] = name  # show the new run
 
 
+def _task_knobs_to_form() -> None:
+    """A newly chosen task puts its own defaults (config.TASK_DEFAULTS) into the form's
+    optimizer and knobs; its schedule and batch size are added when the run starts."""
+    state = st.session_state
+    values = TrainConfig(**config_values(state["new_task"]))
+    state["new_optimizer"], state["new_lr"] = values.optimizer, values.lr
+    state["new_momentum"], state["new_wd"] = values.momentum, values.weight_decay
+
+
 def new_run_form(runs_dir: Path, store: str | None = None) -> None:
     """Sidebar form: task, optimizer, starting knobs, epochs and a name."""
-    with st.sidebar.expander("Start a new run"), st.form("new_run", border=False):
-        task = st.selectbox("task", TASKS.options, key="new_task")
+    with st.sidebar.expander("Start a new run"):
+        # Outside the form, so that choosing a task can fill in its defaults at once.
+        task = st.selectbox("task", TASKS.options, key="new_task", on_change=_task_knobs_to_form)
+        _new_run_fields(runs_dir, store, task)
+
+
+def _new_run_fields(runs_dir: Path, store: str | None, task: str) -> None:
+    if "new_optimizer" not in st.session_state:  # first render: the first task's defaults
+        _task_knobs_to_form()
+    with st.form("new_run", border=False):
         optimizer = st.selectbox("optimizer", OPTIMIZERS.options, key="new_optimizer")
-        lr = st.select_slider("learning rate", options=NEW_RUN_LR_LADDER, value=0.01,
+        lr = st.select_slider("learning rate", options=NEW_RUN_LR_LADDER,
                               format_func=format_sci, key="new_lr")
-        momentum = st.select_slider("momentum β", options=NEW_RUN_BETAS, value=0.9,
-                                    key="new_momentum")
-        weight_decay = st.select_slider("weight decay", options=NEW_RUN_WD, value=0.0,
+        momentum = st.select_slider("momentum β", options=NEW_RUN_BETAS, key="new_momentum")
+        weight_decay = st.select_slider("weight decay", options=NEW_RUN_WD,
                                         format_func=format_sci, key="new_wd")
         epochs = st.number_input("epochs", min_value=1, max_value=100_000, value=DEFAULT_EPOCHS,
                                  key="new_epochs")
@@ -128,3 +144,18 @@ def export_block(store: RunStore) -> None:
             st.download_button(f"Download {chosen}", text,
                                file_name=f"{run}-settings.{EXPORT_SUFFIX[chosen]}",
                                key="export_download", width="stretch")
+
+
+def sample_panel(store: RunStore) -> None:
+    """The newest generated text of a run whose task samples some (charlm), in an expander;
+    nothing for other runs. The trainer stores it at each validation (results kind
+    ``sample``)."""
+    samples = store.results("sample")
+    if not samples:
+        return
+    step = samples[-1]["payload"].get("step")
+    newest = [row["payload"] for row in samples if row["payload"].get("step") == step]
+    with st.expander(f"Generated text at step {step:,}" if isinstance(step, int) else
+                     "Generated text"):
+        for payload in newest:
+            st.code(str(payload.get("text", "")), language="python", wrap_lines=True)

@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from trainer.commands import validate_command
-from trainer.config import CHECKS, ON_DIVERGE, TASKS, TrainConfig
+from trainer.config import (
+    CHECKS,
+    ON_DIVERGE,
+    TASK_DEFAULTS,
+    TASKS,
+    TrainConfig,
+    config_values,
+)
 from trainer.export import FORMATS
 from trainer.knobs import KNOBS, format_sci, validate_knobs
 from trainer.lr_range.options import MEASURES
@@ -146,13 +153,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.config_json:
         cfg = TrainConfig.from_dict(json.loads(args.config_json))
     else:
-        cfg = TrainConfig(task=args.task, optimizer=args.optimizer, lr=args.lr,
-                          momentum=args.momentum, weight_decay=args.weight_decay,
-                          batch_size=args.batch_size,
-                          epochs=TrainConfig.epochs if args.epochs is None else args.epochs,
-                          seed=args.seed,
-                          checkpoint_every=args.checkpoint_every, step_delay=args.step_delay,
-                          on_diverge=args.on_diverge, early_stop=args.early_stop)
+        # What is not given comes from the task's defaults (config.TASK_DEFAULTS), then
+        # TrainConfig's.
+        cfg = TrainConfig(**config_values(
+            args.task, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+            weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
+            seed=args.seed, checkpoint_every=args.checkpoint_every, step_delay=args.step_delay,
+            on_diverge=args.on_diverge, early_stop=args.early_stop))
     try:
         cfg.validate()
     except KnobError as err:
@@ -389,6 +396,17 @@ def _typed(name: str) -> dict[str, Any]:
     return {"choices": declared.options}
 
 
+def _default_help(name: str) -> str:
+    """``default 0.01; charlm: 0.003``: TrainConfig's default and the tasks' own."""
+    def shown(value) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    default = getattr(TrainConfig, name)
+    own = [f"; {task}: {shown(values[name])}" for task, values in TASK_DEFAULTS.items()
+           if values.get(name, default) != default]
+    return f"default {shown(default)}" + "".join(own)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="panda", description="Babysit one PyTorch training run from the "
                      "browser.")
@@ -417,18 +435,19 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{DEFAULT_WAIT_S:g})")
         p.add_argument("--no-wait", action="store_true", help="send and return at once")
 
-    p = add("train", cmd_train, "train a built-in task under a Babysitter")
+    p = add("train", cmd_train, "train a built-in task under a Babysitter (settings not given "
+            "are the task's defaults: charlm has its own, the others share TrainConfig's)")
     p.add_argument("--task", default=defaults.task, **_typed("task"))
     p.add_argument("--run-dir", required=True, help="where the run is stored, e.g. runs/NAME")
-    p.add_argument("--optimizer", default=defaults.optimizer, **_typed("optimizer"))
-    p.add_argument("--lr", default=defaults.lr, help="learning rate (default 0.01)",
-                   **_typed("lr"))
-    p.add_argument("--momentum", default=defaults.momentum,
-                   help="SGD momentum or Adam β1 (default 0.9)", **_typed("momentum"))
-    p.add_argument("--weight-decay", default=defaults.weight_decay, **_typed("weight_decay"))
-    p.add_argument("--batch-size", default=defaults.batch_size, **_typed("batch_size"))
-    p.add_argument("--epochs", **_typed("epochs"), help=f"epochs to train (default "
-                   f"{defaults.epochs}; with --resume, extends or shortens the run)")
+    p.add_argument("--optimizer", help=_default_help("optimizer"), **_typed("optimizer"))
+    p.add_argument("--lr", help=f"learning rate, {_default_help('lr')}", **_typed("lr"))
+    p.add_argument("--momentum", help=f"SGD momentum or Adam β1, {_default_help('momentum')}",
+                   **_typed("momentum"))
+    p.add_argument("--weight-decay", help=_default_help("weight_decay"),
+                   **_typed("weight_decay"))
+    p.add_argument("--batch-size", help=_default_help("batch_size"), **_typed("batch_size"))
+    p.add_argument("--epochs", **_typed("epochs"), help=_default_help("epochs") +
+                   "; with --resume, extends or shortens the run")
     p.add_argument("--seed", default=defaults.seed, **_typed("seed"))
     p.add_argument("--checkpoint-every", default=defaults.checkpoint_every,
                    help="steps between rolling checkpoints", **_typed("checkpoint_every"))
@@ -502,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "of the mini-batch just trained on (cheaper, noisy)")
     p.add_argument("--job-id", type=int, help=argparse.SUPPRESS)
     for name, func, text in (("dashboard", cmd_dashboard, "open the dashboard on --runs-dir"),
-                             ("demo", cmd_demo, "start a digits run in the background and "
+                             ("demo", cmd_demo, "start a charlm run in the background and "
                               "open the dashboard on it")):
         p = add(name, func, text)
         p.add_argument("--host", default="127.0.0.1",

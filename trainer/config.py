@@ -14,7 +14,24 @@ from typing import Any
 from trainer.knobs import KNOBS
 from trainer.ranges import COUNT, Choice, KnobError, Range
 
-TASKS = Choice(("digits", "spirals", "quadratic"))   # see trainer.tasks
+TASKS = Choice(("digits", "spirals", "quadratic", "charlm"))   # see trainer.tasks
+
+# Settings a task trains well with, where they differ from TrainConfig's (SGD, LR 0.01, batch 32,
+# constant LR): `panda train`, the dashboard's form, range tests on a fresh task and `make demo`
+# use them for what the user does not give (see config_values). Measured in README, "charlm".
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "charlm": {
+        "optimizer": "adamw",   # per-parameter step sizes: the usual choice for transformers
+        "lr": 3e-3,             # the range test suggests 3.4e-3; measured in README ("charlm")
+        "momentum": 0.9,        # β1 (nanoGPT)
+        "weight_decay": 0.1,    # decoupled (Loshchilov & Hutter 2019), on matrices only; nanoGPT
+        "batch_size": 32,       # 32 windows × 64 characters = 2,048 characters per step
+        "epochs": 20,
+        # Linear warm-up, then a cosine to 10 % of the base LR over the run's epochs (nanoGPT's
+        # get_lr; Goyal et al. 2017 for the warm-up, Loshchilov & Hutter 2017 for the cosine).
+        "schedule": {"shape": "cosine", "rate": 0.1, "warmup_epochs": 0.25},
+    },
+}
 OPTIMIZERS = Choice(("sgd", "adam", "adamw"))         # see trainer.optim.make_optimizer
 ON_DIVERGE = Choice(("pause", "rollback", "ignore"))  # see trainer.babysitter.Babysitter
 
@@ -23,7 +40,7 @@ ON_DIVERGE = Choice(("pause", "rollback", "ignore"))  # see trainer.babysitter.B
 class TrainConfig:
     """Everything that defines a built-in training run. Defaults follow the literature."""
 
-    task: str = "digits"        # digits | spirals | quadratic
+    task: str = "digits"        # digits | spirals | quadratic | charlm (TASK_DEFAULTS)
     optimizer: str = "sgd"      # sgd | adam | adamw; SGD is the well-understood baseline
     lr: float = 0.01            # a sensible start on normalized inputs (Ng, DLS course 2)
     momentum: float = 0.9       # β (β1 for Adam): averages over ~1/(1−β) = 10 steps
@@ -71,3 +88,20 @@ CHECKS: dict[str, Range | Choice] = {
     "checkpoint_every": COUNT, "step_delay": Range(0.0, 10.0),
     "on_diverge": ON_DIVERGE, "early_stop": Range(1, integer=True, optional=True),
 }
+
+
+def config_values(task: str, **given: Any) -> dict[str, Any]:
+    """``TrainConfig`` keyword arguments for ``task``: the values given (None counts as not
+    given) over the task's :data:`TASK_DEFAULTS`; TrainConfig's own defaults fill the rest.
+
+    A default cosine schedule without ``total_epochs`` decays over the run's epochs (nanoGPT's
+    ``lr_decay_iters = max_iters``), whatever number of epochs is given.
+    """
+    values = {**TASK_DEFAULTS.get(task, {}),
+              **{k: v for k, v in given.items() if v is not None}, "task": task}
+    schedule = values.get("schedule")
+    if "schedule" not in given and isinstance(schedule, dict) and \
+            schedule.get("shape") == "cosine" and "total_epochs" not in schedule and \
+            "epochs" in values:
+        values["schedule"] = {**schedule, "total_epochs": float(values["epochs"])}
+    return values

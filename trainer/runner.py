@@ -22,7 +22,8 @@ from trainer.export import TimedCommand
 from trainer.optim import make_optimizer
 from trainer.schedules import schedule_from
 from trainer.store.address import store_for
-from trainer.tasks import Task, make_task
+from trainer.task import Task
+from trainer.tasks import make_task
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ def build(cfg: TrainConfig) -> tuple[Task, torch.optim.Optimizer]:
     branches and LR range tests all build them here)."""
     torch.manual_seed(cfg.seed)
     task = make_task(cfg.task, seed=cfg.seed)
-    optimizer = make_optimizer(cfg.optimizer, task.model.parameters(), lr=cfg.lr,
+    if task.threads:
+        torch.set_num_threads(task.threads)
+    optimizer = make_optimizer(cfg.optimizer, task.optim_params(), lr=cfg.lr,
                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return task, optimizer
 
@@ -108,6 +111,7 @@ def _train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool,
             if bs.should_stop:
                 break
             bs.log_validation(**_validation_metrics(task))
+            _record_samples(task, bs)
             if bs.should_stop:  # early stopping decides at validation time
                 break
     return bs.final_status
@@ -121,6 +125,13 @@ def _validation_metrics(task) -> dict[str, float]:
     # the closed-form analysis is about.
     with torch.no_grad():
         return {"loss": float(task.loss_fn(task.model(task.train_x), task.train_y))}
+
+
+def _record_samples(task: Task, bs: Babysitter) -> None:
+    """Generated text (charlm) for the dashboard: results of kind ``sample``, seeded by step
+    (at validation time, once an epoch: not the hot path)."""
+    for sample in task.samples(seed=bs.step_count):
+        bs.store.add_result("sample", {"step": bs.step_count, **sample})
 
 
 def threading_is_main() -> bool:

@@ -6,6 +6,9 @@
 * ``quadratic``: linear regression with MSE on generated data of chosen conditioning. Its loss is
   an exact quadratic, so the largest stable SGD step is known in closed form
   (see :func:`Task.max_stable_lr`); the LR finder tests use it as ground truth.
+* ``charlm``: a small character-level causal transformer on the Python standard library's own
+  source files (:mod:`trainer.charlm`): the task worth babysitting, with its own defaults
+  (:data:`trainer.config.TASK_DEFAULTS`: AdamW, warm-up and cosine decay).
 
 Every task is built from a seed alone, so training is reproducible on CPU.
 """
@@ -14,13 +17,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from trainer.charlm import build_task as build_charlm
 from trainer.config import TASKS
+from trainer.task import Task
 
 TASK_NAMES = TASKS.options
 
@@ -32,80 +35,10 @@ QUADRATIC_FEATURES = 16
 QUADRATIC_NOISE = 0.1
 
 
-@dataclass
-class Task:
-    """A model, its loss and its data: all a training loop needs."""
-
-    name: str
-    model: nn.Module
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor | None = None
-    val_y: torch.Tensor | None = None
-    classification: bool = True
-    info: dict = field(default_factory=dict)
-
-    @property
-    def num_train(self) -> int:
-        return int(self.train_x.shape[0])
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return math.ceil(self.num_train / batch_size)
-
-    def batches(self, batch_size: int, *, seed: int, epoch: int,
-                start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield one epoch of shuffled mini-batches, starting at batch index ``start``.
-
-        The order depends only on ``(seed, epoch)``, so a resumed run can skip exactly the
-        batches it already trained on and see the same data as an uninterrupted run.
-        """
-        return iter_batches(self.train_x, self.train_y, batch_size, seed=seed, epoch=epoch,
-                            start=start)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Validation metrics: ``loss`` always, ``accuracy`` for classification tasks."""
-        if self.val_x is None or self.val_y is None:
-            return {}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = self.model(self.val_x)
-            metrics = {"loss": float(self.loss_fn(out, self.val_y))}
-            if self.classification:
-                metrics["accuracy"] = float((out.argmax(dim=1) == self.val_y).float().mean())
-            return metrics
-        finally:
-            self.model.train(was_training)
-
-    def max_stable_lr(self, momentum: float = 0.0) -> float:
-        """Largest stable full-batch SGD learning rate (quadratic task only).
-
-        For f(w) = mean((Xw - y)^2) the Hessian is H = 2 XᵀX / n, so L = λmax(H). Gradient
-        descent is stable iff lr < 2 / L; heavy-ball momentum β (PyTorch's form, no dampening)
-        widens that to lr < 2(1 + β) / L (Polyak 1964; Goh, "Why Momentum Really Works", 2017).
-        """
-        if "hessian_max_eig" not in self.info:
-            raise ValueError(f"task {self.name!r} has no closed-form stability limit")
-        return 2.0 * (1.0 + momentum) / self.info["hessian_max_eig"]
-
-
-def iter_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, seed: int, epoch: int,
-                 start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Deterministic shuffled mini-batches for one epoch (see :meth:`Task.batches`)."""
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(x.shape[0], generator=generator)
-    for first in range(start * batch_size, x.shape[0], batch_size):
-        idx = order[first:first + batch_size]
-        yield x[idx], y[idx]
-
-
 def make_task(name: str, *, seed: int = 0, condition: float = 10.0) -> Task:
     """Build a built-in task. ``condition`` (quadratic only) is λmax/λmin of XᵀX/n."""
-    builders = {"digits": _digits, "spirals": _spirals, "quadratic": _quadratic}
+    builders = {"digits": _digits, "spirals": _spirals, "quadratic": _quadratic,
+                "charlm": _charlm}
     TASKS.check("task", name)
     generator = torch.Generator().manual_seed(seed)
     if name == "quadratic":
@@ -183,3 +116,7 @@ def _quadratic(generator: torch.Generator, condition: float) -> Task:
     return Task("quadratic", model, nn.MSELoss(), x, y, classification=False,
                 info={"description": f"linear regression, {n}x{d}, condition {condition:g}",
                       "hessian_max_eig": hessian_max_eig, "condition": condition})
+
+
+def _charlm(generator: torch.Generator) -> Task:
+    return build_charlm(generator)  # its own module: model, corpus and sampling

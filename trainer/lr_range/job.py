@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, config_values
 from trainer.knobs import format_sci
 from trainer.lr_range import options
 from trainer.ranges import KnobError
@@ -83,11 +83,12 @@ def _measurement_set(task, opts: dict[str, Any], seed: int):
     if opts["measure"] == "batch":
         return None
     x, y = task.train_x, task.train_y
-    if task.num_train > MEASURE_MAX_SAMPLES:
+    cap = task.measure_samples or MEASURE_MAX_SAMPLES  # a task may ask for fewer (charlm)
+    if task.num_train > cap:
         import torch
 
         generator = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(task.num_train, generator=generator)[:MEASURE_MAX_SAMPLES]
+        idx = torch.randperm(task.num_train, generator=generator)[:cap]
         x, y = x[idx], y[idx]
     return [(x, y)]
 
@@ -210,12 +211,14 @@ class _Reporter:
 # --- public API -----------------------------------------------------------------------------------
 
 def lr_find_for_task(task_name: str, *, seed: int = 0, batch_size: int | None = None,
-                     optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0,
+                     optimizer: str | None = None, momentum: float | None = None,
+                     weight_decay: float | None = None,
                      num_iter: int | None = None, start_lr: float | None = None,
                      end_lr: float | None = None, refine: bool | None = None,
                      measure: str | None = None,
                      progress: Callable[[float], None] | None = None):
-    """Range test on a fresh built-in task (no run), with ``panda train``'s defaults.
+    """Range test on a fresh built-in task (no run), with ``panda train``'s defaults for that
+    task (optimizer, momentum, weight decay, batch size; see ``tasks.TASK_DEFAULTS``).
 
     ``batch_size`` defaults to ``panda train``'s (32), except for ``quadratic``, whose default is
     the full batch: the setting its closed-form limit ``Task.max_stable_lr(momentum)`` describes.
@@ -225,9 +228,9 @@ def lr_find_for_task(task_name: str, *, seed: int = 0, batch_size: int | None = 
 
     opts = check_options(num_iter, start_lr, end_lr, refine, measure)
     try:
-        cfg = TrainConfig(task=task_name, optimizer=optimizer, momentum=momentum,
-                          weight_decay=weight_decay, seed=seed,
-                          batch_size=batch_size or TrainConfig.batch_size).validate()
+        cfg = TrainConfig(**config_values(task_name, optimizer=optimizer, momentum=momentum,
+                                          weight_decay=weight_decay, seed=seed,
+                                          batch_size=batch_size)).validate()
     except (TypeError, ValueError) as err:
         raise LRJobError(str(err)) from None
     task, opt = _build(cfg)
