@@ -130,13 +130,15 @@ def latest_x(figure: BaseFigure) -> float | None:
     return best
 
 
-def stream_chart(figure: BaseFigure | dict[str, Any], *, key: str,
+def stream_chart(figure: BaseFigure | dict[str, Any] | str, *, key: str,
                  height: int | None = None, follow: bool = False,
                  latest: float | None = None, revision: str = "",
                  config: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Draw ``figure`` in place of the previous one with the same ``key``, keeping the view.
 
-    ``height``: px (default the figure's own, else :data:`DEFAULT_HEIGHT`). ``follow``: while
+    ``figure`` may also be the text :func:`figure_json` made of one: a page whose data has not
+    changed sends the same text again without rebuilding the figure (the frame then skips the
+    draw). ``height``: px (default the figure's own, else :data:`DEFAULT_HEIGHT`). ``follow``: while
     the user has zoomed the x axis, slide it so its right edge is the newest x (``latest``;
     by default the largest x drawn). ``revision``: a new value drops the user's zoom (use it
     when the axes mean something else: another run, a log axis). ``config``: plotly.js
@@ -147,10 +149,13 @@ def stream_chart(figure: BaseFigure | dict[str, Any], *, key: str,
     None before any interaction.
     """
     if height is None:
+        if isinstance(figure, str):
+            figure = json.loads(figure)
         height = (figure.layout.height if isinstance(figure, BaseFigure)
                   else (figure.get("layout") or {}).get("height")) or DEFAULT_HEIGHT
     if follow and latest is None and isinstance(figure, BaseFigure):
         latest = latest_x(figure)
-    return _declared()(figure=figure_json(figure), height=int(height), follow=bool(follow),
+    text = figure if isinstance(figure, str) else figure_json(figure)
+    return _declared()(figure=text, height=int(height), follow=bool(follow),
                   latest=latest, revision=str(revision), config={**CONFIG, **(config or {})},
                   plotly_js=PLOTLY_JS_URL, key=key, default=None)

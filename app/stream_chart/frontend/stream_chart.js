@@ -291,6 +291,11 @@
     }
   }
 
+  function sameArgs(a, b) {
+    return ["figure", "height", "follow", "latest", "revision"].every((k) => a[k] === b[k])
+      && JSON.stringify(a.config) === JSON.stringify(b.config);
+  }
+
   chart.addEventListener("pointerdown", () => { pressed = Date.now(); }, true);
   window.addEventListener("pointerup", release, true);
   window.addEventListener("pointercancel", release, true);
@@ -300,13 +305,16 @@
     if (event.source !== window.parent || !message || message.type !== "streamlit:render") {
       return;
     }
+    // A refresh whose data did not change sends the same arguments again: nothing to draw.
+    const same = args && theme && sameArgs(args, message.args)
+      && JSON.stringify(theme) === JSON.stringify(message.theme);
     args = message.args;
     theme = message.theme;
     if (args.height !== frameHeight) {  // at once, so the page does not jump when plotly lands
       frameHeight = args.height;
       post("streamlit:setFrameHeight", {height: frameHeight});
     }
-    loadPlotly(args.plotly_js).then(schedule, fail);
+    if (!same) loadPlotly(args.plotly_js).then(schedule, fail);
   });
   post("streamlit:componentReady", {apiVersion: 1});
 })();
