@@ -187,6 +187,48 @@ def shows_user_schedule(lr: np.ndarray, user_lr: np.ndarray) -> bool:
     return moved or scaled
 
 
+def _overlay_loss(fig: go.Figure, run: str, other: dict[str, Any], color: str,
+                  smoothing: float, steps_shown: StepRange | None) -> np.ndarray:
+    """Another run's smoothed training loss and validation loss (dotted, in ``color``), in
+    the loss panel; returns the loss values drawn (for the loss axis' range)."""
+    osteps, oloss = np.asarray(other["step"], dtype=float), ema(other["loss"], smoothing)
+    if steps_shown is not None:
+        cut = _cut(osteps, steps_shown)
+        osteps, oloss = osteps[cut], oloss[cut]
+    ox, oy = downsample(osteps, oloss)
+    fig.add_trace(_line(ox, oy, f"{run} (EMA)", color, width=1.5, line={"dash": "dot"},
+                        uid=f"overlay {run}", hovertemplate=LOSS_HOVER), row=1, col=1)
+    vsteps, values = (other.get("val") or {}).get("loss", ((), ()))
+    if steps_shown is not None:
+        vsteps, values = _within(vsteps, values, steps_shown)
+    if len(vsteps):
+        fig.add_trace(go.Scatter(x=list(vsteps), y=list(values), name=f"{run} val loss",
+                                 uid=f"overlay val {run}", mode="lines+markers",
+                                 marker={"size": 4, "symbol": "circle-open"},
+                                 hovertemplate=LOSS_HOVER + " (step %{x})",
+                                 line={"color": color, "width": 1.5, "dash": "dot"}),
+                      row=1, col=1)
+    return np.concatenate([oy, np.asarray(values, dtype=float)])
+
+
+def _overlay_lr(fig: go.Figure, run: str, other: dict[str, Any], color: str,
+                steps_shown: StepRange | None) -> np.ndarray:
+    """Another run's LR (dotted, in ``color``) in the LR panel; returns the values drawn."""
+    if other.get("lr") is None:
+        return np.empty(0)
+    osteps, olr = np.asarray(other["step"], dtype=float), np.asarray(other["lr"], dtype=float)
+    if steps_shown is not None:
+        cut = _cut(osteps, steps_shown)
+        osteps, olr = osteps[cut], olr[cut]
+    keep = run_edges(olr)
+    lx, ly = downsample(osteps[keep], olr[keep])
+    if lx.size:
+        fig.add_trace(_line(lx, ly, f"{run} lr", color, width=1.5,
+                            line={"shape": "hv", "dash": "dot"}, uid=f"overlay lr {run}",
+                            hovertemplate="%{y:.3g}"), row=2, col=1)
+    return ly
+
+
 def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple],
                     events: list[dict[str, Any]], *, smoothing: float = 0.6,
                     log_y: bool = False, overlays: dict[str, dict[str, np.ndarray]] | None = None,
@@ -197,9 +239,12 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     ``user_lr`` (the user's own schedule, drawn dashed when it differs). ``validation``:
     name → (steps, values); ``loss`` is drawn with the training loss, other metrics on a
     right-hand axis.
-    ``overlays``: other runs' ``step``/``loss`` to compare with. The LR is a linked panel
-    below, on a log axis. ``steps_shown`` keeps only the steps in that range (smoothing still
-    sees all), so the y axes fit what is shown (the "Steps shown" window).
+    ``overlays``: other runs to compare with, name → ``step``, ``loss`` and optionally ``lr``
+    (arrays) and ``val`` (like ``validation``): their smoothed loss and validation loss are
+    drawn dotted in the loss panel, their LR dotted in the LR panel, each run in its own
+    colour. The LR is a linked panel below, on a log axis. ``steps_shown`` keeps only the
+    steps in that range (smoothing still sees all), so the y axes fit what is shown (the
+    "Steps shown" window).
 
     Axes are honest (:mod:`app.axes`): 1-2-5 ticks; the loss range comes from the body of
     the data, with non-finite and far-out losses drawn as markers at its edge; the LR axis
@@ -224,17 +269,11 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
                       for name, (vs, vals) in validation.items()}
         events = [e for e in events if steps_shown[0] <= e["step"] <= steps_shown[1]]
     x, y = downsample(steps, loss)
-    curves = []
+    curves, overlay_lrs = [], []
     for j, (run, other) in enumerate((overlays or {}).items()):
-        osteps, oloss = np.asarray(other["step"], dtype=float), ema(other["loss"], smoothing)
-        if steps_shown is not None:
-            cut = _cut(osteps, steps_shown)
-            osteps, oloss = osteps[cut], oloss[cut]
-        ox, oy = downsample(osteps, oloss)
-        curves.append(oy)
-        fig.add_trace(_line(ox, oy, f"{run} (EMA)", OVERLAY_COLORS[j % len(OVERLAY_COLORS)],
-                            width=1.5, line={"dash": "dot"}, uid=f"overlay {run}",
-                            hovertemplate=LOSS_HOVER), row=1, col=1)
+        color = OVERLAY_COLORS[j % len(OVERLAY_COLORS)]
+        curves.append(_overlay_loss(fig, run, other, color, smoothing, steps_shown))
+        overlay_lrs.append(_overlay_lr(fig, run, other, color, steps_shown))
     val_loss = validation.get("loss", ((), ()))[1]
     span = robust_range(np.concatenate([y, np.asarray(val_loss, dtype=float), *curves]),
                         log=log_y)
@@ -287,7 +326,7 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     if any(name != "loss" for name in validation):
         fig.update_yaxes(title_text="val metric", row=1, col=1, secondary_y=True,
                          showgrid=False, **linear_axis(padded(metric_values), loss_px))
-    lr_values = np.concatenate([lr, user_lr[np.isfinite(user_lr)]])
+    lr_values = np.concatenate([lr, user_lr[np.isfinite(user_lr)], *overlay_lrs])
     fig.update_yaxes(title_text="lr (log)", row=2, col=1, **log_axis(lr_values, lr_px))
     fig.update_xaxes(title_text="step", row=2, col=1)
     # The steps drawn, edge to edge: plotly's autorange pads for markers (down to step −500
