@@ -4,7 +4,8 @@ Widgets hold *pending* values; the run store holds *applied* ones (the trainer's
 A widget the user has not moved since it was seeded follows the applied value (an LR decay or
 a change from the CLI moves it), so only knobs the user actually turned count as pending.
 Apply validates the pending values (``trainer.knobs``; the trainer validates them again) and
-sends one ``set`` command with only the knobs that changed.
+sends one ``set`` command with only the knobs that changed (:mod:`app.actions`: the access token
+is checked there, and the outcome becomes the run's one message).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any
 
 import streamlit as st
 
+from app import actions
 from trainer.knobs import format_sci, log_ladder, nearest_on_ladder, validate_knobs
 from trainer.ranges import KnobError
-from trainer.store import FINAL_STATES, RunStore
+from trainer.store import Command
 from trainer.store.address import open_store
 
 LR_LADDER = log_ladder(-6, 1)                              # 1e-6 … 10
@@ -24,7 +26,7 @@ ONE_MINUS_BETA = sorted(log_ladder(-3, 0), reverse=True)   # 1 … 1e-3, i.e. β
 MOMENTUM_OPTIONS = [round(1.0 - v, 12) for v in ONE_MINUS_BETA]
 WD_OPTIONS = [0.0, *log_ladder(-6, 0)]                     # an explicit 0, then 1e-6 … 1
 KNOB_ORDER = ("lr", "momentum", "weight_decay")            # the literature's priority
-LOCKED_STATES = (*FINAL_STATES, "interrupted")
+LOCKED_STATES = actions.LOCKED_STATES
 SAME_REL_TOL = 1e-9        # pending within this relative distance of applied is "no change"
 KNOB_LABELS = {"lr": "learning rate", "momentum": "momentum β", "weight_decay": "weight decay"}
 TABLE_LABELS = {"lr": "LR", "momentum": "momentum β", "weight_decay": "weight decay"}
@@ -33,6 +35,28 @@ TABLE_LABELS = {"lr": "LR", "momentum": "momentum β", "weight_decay": "weight d
 def key(run: str, name: str) -> str:
     """Session-state key of one run's widget or value (knobs are remembered per run)."""
     return f"knob:{run}:{name}"
+
+
+_SET_THIS_RUN = "_widget_values_set"
+
+
+def put(widget_key: str, value: Any) -> None:
+    """Set a widget's value from the page (in a callback, or before the widget is drawn)."""
+    st.session_state[widget_key] = value
+    st.session_state.setdefault(_SET_THIS_RUN, set()).add(widget_key)
+
+
+def shown_value(widget_key: str) -> Any:
+    """The ``value=`` to draw a widget with: its current value, so that a browser that mounts
+    the widget late (its code still loading while the page refreshes, on a first load) starts
+    from it rather than from the first option, and sends that back. None in the run that set
+    the value through session state: Streamlit sends that value itself, and warns when a
+    widget is given both."""
+    fresh = st.session_state.get(_SET_THIS_RUN, set())
+    if widget_key in fresh:
+        fresh.discard(widget_key)
+        return None
+    return st.session_state.get(widget_key)
 
 
 def is_locked(state: str) -> bool:
@@ -64,7 +88,8 @@ def _seed(run: str, name: str, value: float, basis: float | None = None) -> None
     """Put ``value`` on the widget as its untouched state. ``basis`` is the applied value it
     was seeded for (``value`` itself unless a command to change it is in flight)."""
     state = st.session_state
-    state[key(run, name)] = state[key(run, f"seed_{name}")] = _on_widget_scale(name, value)
+    put(key(run, name), _on_widget_scale(name, value))
+    state[key(run, f"seed_{name}")] = state[key(run, name)]
     state[key(run, f"basis_{name}")] = value if basis is None else basis
 
 
@@ -76,41 +101,26 @@ def _touched(run: str, name: str) -> bool:
 
 
 def sync_widgets(run: str, applied: dict[str, Any], supported: list[str]) -> None:
-    """Seed widgets with applied values; re-seed untouched ones when the applied value moved.
+    """Seed widgets with applied values; move an untouched one when the applied value moved
+    to another stop of its slider (an LR decay, a change from the CLI).
 
+    An applied value that moved within the widget's stop (a decaying LR, mostly) is only
+    noted: setting a widget's value from the server would reset a drag in progress.
     Call before the widgets are created in a script run (Streamlit forbids changing a widget's
     value after that).
     """
+    state = st.session_state
     for name in supported:
         value = applied.get(name)
         if value is None:
             continue
-        state = st.session_state
-        if key(run, name) not in state or (
-                not _touched(run, name) and state.get(key(run, f"basis_{name}")) != value):
+        if key(run, name) not in state:
             _seed(run, name, value)
-
-
-def widgets_behind(run: str, applied: dict[str, Any], supported: list[str]) -> bool:
-    """Whether an untouched widget shows a stop other than the applied value's (the knobs have
-    no refresh timer; the live part calls this and re-runs the page when it is True).
-
-    An applied value that moved without moving the widget (an LR decay, mostly) is simply
-    noted, so a decaying LR does not re-run the page every second.
-    """
-    state = st.session_state
-    behind = False
-    for name in supported:
-        value = applied.get(name)
-        basis = key(run, f"basis_{name}")
-        if value is None or key(run, name) not in state or _touched(run, name) \
-                or state.get(basis) == value:
-            continue
-        if _on_widget_scale(name, value) == state[key(run, name)]:
-            state[basis] = value
-        else:
-            behind = True
-    return behind
+        elif not _touched(run, name) and state.get(key(run, f"basis_{name}")) != value:
+            if _on_widget_scale(name, value) == state[key(run, name)]:
+                state[key(run, f"basis_{name}")] = value
+            else:
+                _seed(run, name, value)
 
 
 def pending_knobs(run: str, applied: dict[str, Any], supported: list[str]) -> dict[str, Any]:
@@ -140,11 +150,6 @@ def changed_knobs(pending: dict[str, Any], applied: dict[str, Any]) -> dict[str,
     present = {k: v for k, v in pending.items() if v is not None}
     valid = validate_knobs(present) if present else {}
     return {k: v for k, v in valid.items() if not _same(v, applied.get(k))}
-
-
-def remember_command(run: str, command_id: int, what: str) -> None:
-    """Note the command this page sent last, so its outcome can be shown."""
-    st.session_state[key(run, "last_command")] = (command_id, what)
 
 
 def format_knob(name: str, value: float | None) -> str:
@@ -181,70 +186,73 @@ def _scale_lr(address: str, run: str, factor: float) -> None:
     """×½ / ×2: the exact result goes into the text field, the slider to its nearest stop."""
     state = st.session_state
     base = _current_lr(run, _applied(address)[1])
-    if base is None:
-        state[key(run, "error")] = "Type a valid learning rate first (e.g. 3e-4)."
+    if base is None:  # an invalid typed LR: its hint under the field says so
         return
     target = float(f"{base * factor:.6g}")
     state[key(run, "exact")] = f"{target:.6g}"
-    state[key(run, "lr")] = nearest_on_ladder(target, LR_LADDER)
-    state.pop(key(run, "error"), None)
+    put(key(run, "lr"), nearest_on_ladder(target, LR_LADDER))
 
 
 def _slider_moved(run: str) -> None:
     st.session_state[key(run, "exact")] = ""  # the slider wins over an older typed value
-    st.session_state.pop(key(run, "error"), None)
+
+
+def typed_lr_problem(run: str) -> str | None:
+    """Why the typed exact LR is not valid (None when it is, or when nothing is typed): read
+    from the field at each render, so the hint goes as soon as the field changes."""
+    text = (st.session_state.get(key(run, "exact")) or "").strip()
+    if not text:
+        return None
+    try:
+        validate_knobs({"lr": text})
+    except KnobError as err:
+        return f"Not a valid learning rate: {err}"
+    return None
 
 
 def _exact_typed(run: str) -> None:
+    """A valid typed LR moves the slider to its nearest stop (the typed value is sent)."""
     state = st.session_state
     text = (state.get(key(run, "exact")) or "").strip()
-    if not text:
-        state.pop(key(run, "error"), None)
-        return
-    try:
-        lr = validate_knobs({"lr": text})["lr"]
-    except KnobError as err:
-        state[key(run, "error")] = f"Not a valid learning rate: {err}"
-        return
-    state.pop(key(run, "error"), None)
-    state[key(run, "lr")] = nearest_on_ladder(lr, LR_LADDER)
+    if text and typed_lr_problem(run) is None:
+        put(key(run, "lr"), nearest_on_ladder(validate_knobs({"lr": text})["lr"], LR_LADDER))
 
 
 def _apply(address: str, run: str, supported: list[str]) -> None:
     """Apply: validate, send one ``set`` command with the changed knobs, re-seed widgets."""
+    if not actions.permitted(run):
+        return
     state = st.session_state
     run_state, applied = _applied(address)
     if is_locked(run_state):
-        state[key(run, "error")] = f"Not sent: the run is {run_state}."
+        actions.say(run, "error", f"Not sent: the run is {run_state}.")
         return
     try:
         changes = changed_knobs(pending_knobs(run, applied, supported), applied)
     except KnobError as err:
-        state[key(run, "error")] = f"Not sent: {err}"
+        actions.say(run, "error", f"Not sent: {err}")
         return
     if not changes:
-        state[key(run, "error")] = "Nothing to apply: every pending value equals the applied one."
+        actions.say(run, "error", "Nothing to apply: every pending value equals the applied one.")
         return
-    with open_store(address) as store:
-        command_id = store.submit_command("set", changes, source="dashboard")
-    state.pop(key(run, "error"), None)
-    remember_command(run, command_id, describe_changes(changes))
     state[key(run, "exact")] = ""
     for name, value in changes.items():
         # Untouched again, showing the sent value; it follows the applied one from the moment
         # the trainer has applied it (basis: the value in force until then).
         _seed(run, name, value, basis=applied.get(name))
+    actions.send(address, run, "set", changes, describe_changes(changes))
 
 
 # --- rendering ------------------------------------------------------------------------------
 
-def knob_widgets(store: RunStore, summary: dict[str, Any], meta: dict[str, Any],
+def knob_widgets(address: str, summary: dict[str, Any], meta: dict[str, Any],
                  *, allowed: bool = True) -> None:
     """LR, momentum and weight decay widgets for one run, ×½ / ×2, exact LR, and Apply.
 
-    ``allowed`` False (no access token) shows them disabled, like a finished run.
+    ``allowed`` False (no access token) shows them disabled, like a finished run (and the
+    callbacks refuse anyway).
     """
-    run, address = summary["run"], store.address
+    run = summary["run"]
     applied = {k: summary.get(k) for k in KNOB_ORDER}
     if applied["lr"] is None:
         st.info("Waiting for the trainer to report its knobs…")
@@ -255,7 +263,8 @@ def knob_widgets(store: RunStore, summary: dict[str, Any], meta: dict[str, Any],
         st.caption(f"The run is {summary['state']}: knobs are read-only.")
     sync_widgets(run, applied, supported)
     st.select_slider("Learning rate (log scale)", options=LR_LADDER, format_func=format_sci,
-                     key=key(run, "lr"), disabled=locked, on_change=_slider_moved, args=(run,),
+                     key=key(run, "lr"), value=shown_value(key(run, "lr")), disabled=locked,
+                     on_change=_slider_moved, args=(run,),
                      help="equal effort per decade: 1e-6 … 10")
     half, double, exact = st.columns([1, 1, 2], vertical_alignment="bottom")
     half.button("×½", key=key(run, "half"), on_click=_scale_lr, args=(address, run, 0.5),
@@ -265,17 +274,20 @@ def knob_widgets(store: RunStore, summary: dict[str, Any], meta: dict[str, Any],
     exact.text_input("exact LR", key=key(run, "exact"), placeholder="exact LR",
                      label_visibility="collapsed", disabled=locked, on_change=_exact_typed,
                      args=(run,))
+    problem = typed_lr_problem(run)
+    if problem:
+        st.error(problem)
     if "momentum" in supported:
         st.select_slider("Momentum (log scale of 1−β)", options=MOMENTUM_OPTIONS,
-                         format_func=format_beta, key=key(run, "momentum"), disabled=locked,
+                         format_func=format_beta, key=key(run, "momentum"),
+                         value=shown_value(key(run, "momentum")), disabled=locked,
                          help="β near 1 is sensitive: the slider is spaced by 1−β")
     if "weight_decay" in supported:
         st.select_slider("Weight decay (log scale)", options=WD_OPTIONS, format_func=format_sci,
-                         key=key(run, "weight_decay"), disabled=locked)
+                         key=key(run, "weight_decay"),
+                         value=shown_value(key(run, "weight_decay")), disabled=locked)
     st.button("Apply", type="primary", key=key(run, "apply"), disabled=locked, width="stretch",
               on_click=_apply, args=(address, run, supported))
-    if st.session_state.get(key(run, "error")):
-        st.error(st.session_state[key(run, "error")])
 
 
 def pending_table(run: str, summary: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -303,25 +315,27 @@ def pending_table(run: str, summary: dict[str, Any], meta: dict[str, Any]) -> No
         st.caption("Orange: pending, not sent yet. Press Apply to send.")
 
 
-def command_outcome(store: RunStore, run: str) -> None:
-    """What became of the last command this page sent: applied at step N, or refused."""
-    sent = st.session_state.get(key(run, "last_command"))
-    if sent is None:
+def show_outcome(run: str, command: Command | None) -> None:
+    """The run's one message (:mod:`app.actions`): for a command, what became of it (applied
+    at step N, waiting, refused), from the same snapshot as the rest of the page."""
+    said = actions.outcome(run)
+    if said is None:
         return
-    command_id, what = sent
-    command = store.command(command_id)
+    if said.command_id is None:
+        {"success": st.success, "error": st.error}.get(said.level, st.info)(said.text)
+        return
     if command is None:
         return
     if command.status == "applied":
-        st.success(f"✓ {what}: applied at step {command.applied_step}")
+        st.success(f"✓ {said.text}: applied at step {command.applied_step}")
     elif command.status == "pending":
-        st.info(f"… {what}: sent (command {command_id}), waiting for the trainer")
+        st.info(f"… {said.text}: sent (command {command.id}), waiting for the trainer")
     else:
-        st.error(f"✗ {what}: {command.status} by the trainer: {command.error}")
-        if st.session_state.get(key(run, "resynced")) != command_id:
+        st.error(f"✗ {said.text}: {command.status} by the trainer: {command.error}")
+        if st.session_state.get(key(run, "resynced")) != command.id:
             # The widgets still show the refused values: forget what they were seeded for,
             # so they go back to the applied values on the next refresh.
-            st.session_state[key(run, "resynced")] = command_id
+            st.session_state[key(run, "resynced")] = command.id
             for name in KNOB_ORDER:
                 st.session_state.pop(key(run, f"basis_{name}"), None)
 
@@ -330,7 +344,7 @@ ROLLBACK_HELP = ("Roll back to the state just before the latest knob change (mod
                  "and knobs); a paused or diverged run stays paused")
 
 
-def run_buttons(store: RunStore, run: str, state: str, *, allowed: bool = True) -> None:
+def run_buttons(address: str, run: str, state: str, *, allowed: bool = True) -> None:
     """Pause / Resume / Undo (roll back) / Stop, enabled by the run's state.
 
     Roll back restores the state just before the latest knob change (the trainer picks the
@@ -342,8 +356,6 @@ def run_buttons(store: RunStore, run: str, state: str, *, allowed: bool = True) 
                ("rollback", "Undo", state in ("running", "paused", "diverged")),
                ("stop", "Stop", True))
     for column, (kind, label, enabled) in zip(st.columns(len(choices)), choices):
-        if column.button(label, key=key(run, kind), disabled=not (live and enabled),
-                         help=ROLLBACK_HELP if kind == "rollback" else None,
-                         width="stretch"):
-            command_id = store.submit_command(kind, {}, source="dashboard")
-            remember_command(run, command_id, kind)
+        column.button(label, key=key(run, kind), disabled=not (live and enabled),
+                      help=ROLLBACK_HELP if kind == "rollback" else None, width="stretch",
+                      on_click=actions.run_command, args=(address, run, kind))

@@ -15,16 +15,11 @@ from typing import Any
 import plotly.graph_objects as go
 import streamlit as st
 
+from app import actions
 from app.axes import linear_axis, log_axis
-from app.stream_chart import stream_chart
+from app.stream_chart import figure_json, stream_chart
 from trainer.knobs import format_sci, validate_knobs
-from trainer.lr_range.job import (
-    LRJobError,
-    describe_result,
-    latest_lr_find,
-    readiness,
-    start_lr_find_job,
-)
+from trainer.lr_range.job import describe_result, latest_lr_find, readiness
 from trainer.ranges import KnobError
 from trainer.store import FINAL_STATES, RunStore
 
@@ -107,7 +102,9 @@ def lr_find_summary(payload: dict[str, Any]) -> str:
     return "  \n".join(f"**{label}** {text}" for label, text in describe_result(payload))
 
 
-def _apply_block(store: RunStore, row: dict[str, Any], key: str) -> None:
+def _apply_block(store: RunStore, row: dict[str, Any], key: str, allowed: bool) -> None:
+    """Apply suggested LR: an ordinary ``set`` command through :mod:`app.actions` (the access
+    token is checked there; the outcome is the run's one message, beside the knobs)."""
     payload = row["payload"]
     suggested = payload.get("suggested_lr")
     if suggested is None:
@@ -120,44 +117,36 @@ def _apply_block(store: RunStore, row: dict[str, Any], key: str) -> None:
         knobs = validate_knobs({"lr": float(suggested)})
     except (KnobError, TypeError, ValueError) as err:
         knobs, refusal = None, str(err)
-    sent_key = f"lrfind_sent_{key}_{row['id']}"
-    if st.button(f"Apply suggested LR ({format_sci(float(suggested))})",
-                 key=f"lrfind_apply_{key}_{row['id']}", disabled=refusal is not None,
-                 help=refusal):
-        st.session_state[sent_key] = store.submit_command("set", knobs, source="dashboard")
+    st.button(f"Apply suggested LR ({format_sci(float(suggested))})",
+              key=f"lrfind_apply_{key}_{row['id']}", disabled=refusal is not None or not allowed,
+              help=refusal, on_click=actions.apply_suggested_lr,
+              args=(store.address, store.name, knobs["lr"] if knobs else None))
     if refusal:
         st.caption(f"Cannot apply: {refusal}")
-    command_id = st.session_state.get(sent_key)
-    if command_id is not None:
-        command = store.command(command_id)
-        status = command.status if command else "unknown"
-        detail = f": {command.error}" if command is not None and command.error else ""
-        st.caption(f"Sent lr = {format_sci(knobs['lr'])} as command {command_id} "
-                   f"({status}{detail})")
 
 
-def _start(address: str, key: str) -> None:
-    """Button callback (runs on the script thread before the re-run, so the re-run already
-    sees the new ``running`` row and disables the button)."""
-    try:
-        st.session_state[f"lrfind_job_{key}"] = start_lr_find_job(address)
-        st.session_state.pop(f"lrfind_error_{key}", None)
-    except (LRJobError, OSError) as err:
-        st.session_state[f"lrfind_error_{key}"] = f"Could not start the LR range test: {err}"
+def _figure(row: dict[str, Any]) -> str:
+    """The finished test's plot as the chart's JSON, built once per result (a refresh that
+    finds the same result sends the same text)."""
+    cache = st.session_state.setdefault("lrfind_figures", {})
+    if row["id"] not in cache:
+        cache.clear()  # one result is shown at a time
+        cache[row["id"]] = figure_json(lr_find_figure(row["payload"]))
+    return cache[row["id"]]
 
 
-def render_lr_panel(store: RunStore) -> None:
-    """The LR range test panel for one run (call it inside the page's ~1 s fragment)."""
+def render_lr_panel(store: RunStore, *, allowed: bool = True) -> None:
+    """The LR range test panel for one run (call it inside the page's ~1 s fragment).
+    ``allowed`` False (no access token) disables its buttons (their callbacks refuse anyway)."""
     key = store.name
     st.markdown("**LR range test**")
     reason = readiness(store)
-    st.button("Run LR range test", key=f"lrfind_start_{key}", disabled=reason is not None,
-              on_click=_start, args=(store.address, key), help=reason or
+    st.button("Run LR range test", key=f"lrfind_start_{key}",
+              disabled=reason is not None or not allowed, on_click=actions.start_range_test,
+              args=(store.address, store.name), help=reason or
               "Ramp the LR on a copy of the newest checkpoint in a separate process; the run "
               "keeps training")
-    if st.session_state.get(f"lrfind_error_{key}"):
-        st.error(st.session_state[f"lrfind_error_{key}"])
-    elif reason:
+    if reason:
         st.caption(reason)
     row = latest_lr_find(store)
     if row is None:
@@ -172,10 +161,10 @@ def render_lr_panel(store: RunStore) -> None:
     elif row["status"] == "failed":
         st.error(f"LR range test {row['id']} failed: {payload.get('error', 'unknown error')}")
     elif row["status"] == "done":
-        stream_chart(lr_find_figure(payload), key=f"lrfind_chart_{key}_{row['id']}",
-                     revision=str(row["id"]))
+        stream_chart(_figure(row), key=f"lrfind_chart_{key}_{row['id']}",
+                     revision=str(row["id"]), height=HEIGHT)
         st.markdown(lr_find_summary(payload))
         current = store.summary().get("lr")
         if current is not None:
             st.caption(f"The run's LR now: {format_sci(float(current))}")
-        _apply_block(store, row, key)
+        _apply_block(store, row, key, allowed)

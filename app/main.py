@@ -3,9 +3,16 @@
 Served by ``panda dashboard`` (``streamlit run app/main.py -- --runs-dir DIR``; with
 ``$PANDA_STORE`` set to a PostgreSQL URL it shows the runs in that database). It reads and
 writes only through the run store, and names a run by its address
-(:mod:`trainer.store.address`). The live parts are ``st.fragment(run_every=…)`` blocks that
-fetch only rows newer than the ones this session already holds (:mod:`app.data`); the knob
-widgets live in a fragment without a timer, so a refresh never resets what the user is typing.
+(:mod:`trainer.store.address`).
+
+The run on show is one ``st.fragment(run_every=REFRESH_S)``: each refresh reads the run once
+(:mod:`app.snapshot`, only the rows this session does not hold yet) and draws the header, the
+chart, the knobs, the applied-vs-pending table, the message of the last action and the decay
+panel from that one read, so they never disagree. A refresh that finds nothing new sends the
+chart's previous text again instead of rebuilding it. Widgets keep what the user is typing
+across refreshes (Streamlit only resets a widget whose value the script sets), and the page
+sets a knob widget only when the applied value moved to another stop of its slider.
+Everything that acts is a callback in :mod:`app.actions` (the access token is checked there).
 """
 
 from __future__ import annotations
@@ -22,21 +29,15 @@ from typing import Any
 
 import streamlit as st
 
+from app import access, actions
 from app.charts import training_figure
-from app.controls import (
-    KNOB_ORDER,
-    command_outcome,
-    is_locked,
-    knob_widgets,
-    pending_table,
-    run_buttons,
-    supported_knobs,
-    widgets_behind,
-)
-from app.data import early_stop_hint, fetch, steps_per_second
+from app.controls import is_locked, knob_widgets, pending_table, run_buttons, show_outcome
+from app.data import early_stop_hint, steps_per_second
 from app.lr_panel import render_lr_panel
 from app.panels import decay_controls, export_block, new_run_form, sample_panel
-from app.stream_chart import stream_chart
+from app.runs_table import runs_table
+from app.snapshot import Snapshot, take
+from app.stream_chart import figure_json, stream_chart
 from trainer.knobs import format_sci
 from trainer.store import RUNNING_STATES, RunStore, StoreError
 from trainer.store.address import (
@@ -49,10 +50,10 @@ from trainer.store.address import (
     store_url,
 )
 
-REFRESH_S = 1.0            # live parts re-render about once a second
+REFRESH_S = 1.0            # the run on show re-reads its store about once a second
 DEFAULT_SMOOTHING = 0.6    # TensorBoard's default EMA weight
 RUNS_DIR_ENV = "PANDA_RUNS_DIR"
-TOKEN_ENV = "PANDA_TOKEN"
+TOKEN_ENV = access.TOKEN_ENV
 WINDOWS = {"all": None, "last 500": 500, "last 2,000": 2_000, "last 10,000": 10_000}
 KEPT_SERVER_STORES = 4     # PostgreSQL runs a session keeps open (the run shown, recent others)
 CHART_HEIGHT = 480        # px: loss and LR panels fit a 1280×800 window under the status row
@@ -107,41 +108,54 @@ def _session_store(address: str) -> RunStore:
     return stores[address]
 
 
-def _curves(store: RunStore) -> dict[str, Any]:
-    return fetch(store, st.session_state.setdefault("curves", {}))
-
-
 def _fmt(value: float | None, fmt=format_sci) -> str:
     return "–" if value is None else fmt(value)
 
 
-# --- live fragments ---------------------------------------------------------------------------
+# --- the run on show ----------------------------------------------------------------------------
 
 @st.fragment(run_every=REFRESH_S)
-def live_status(address: str, title: str, allowed: bool) -> None:
-    """Title with pause / resume / stop; state, step, epoch, speed, elapsed time and the
-    knobs in force."""
+def run_view(address: str, compare: tuple[str, ...], allowed: bool) -> None:
+    """The run on show, drawn from one snapshot per refresh."""
     with _opened(address) as store:
         if store is None:
             return
-        summary, meta = store.summary(), store.meta()
-        cache = _curves(store)
-        heading, buttons = st.columns([3, 2], vertical_alignment="center")
-        heading.markdown(f"#### {title}")
-        with buttons:
-            run_buttons(store, summary["run"], summary["state"], allowed=allowed)
-        _status_row(address, summary, meta, cache)
+        said = actions.outcome(store.name)
+        snap = take(store, st.session_state.setdefault("curves", {}),
+                    command_id=said.command_id if said else None, compare=compare,
+                    root=root_of(address))
+        _header(snap, allowed)
+        chart, side = st.columns([2.55, 1.45], gap="medium")
+        with side:  # first: the browser shows an action's outcome before the chart is built
+            st.markdown("##### Knobs")
+            knob_widgets(address, snap.summary, snap.meta, allowed=allowed)
+            pending_table(snap.run, snap.summary, snap.meta)
+            show_outcome(snap.run, snap.command)
+            decay_controls(address, snap.run, snap.summary.get("schedule"),
+                           is_locked(snap.state) or not allowed)
+        with chart:
+            chart_settings()
+            _training_chart(snap)
+            _interventions(snap)
+            with st.expander("LR range test", expanded=bool(store.results("lr_find"))):
+                render_lr_panel(store, allowed=allowed)
+            sample_panel(snap.samples)  # charlm's generated text, newest first
 
 
-def _status_row(address: str, summary: dict[str, Any], meta: dict[str, Any],
-                cache: dict[str, Any]) -> None:
-    state = summary["state"]
-    seen = st.session_state.setdefault("seen_state", {})
-    if address in seen and is_locked(seen[address]) != is_locked(state):
-        seen[address] = state
-        st.rerun(scope="app")  # the knob widgets (outside this fragment) lock or unlock
-    seen[address] = state
-    rate = steps_per_second(cache) if state == "running" else None
+def _header(snap: Snapshot, allowed: bool) -> None:
+    """Title with pause / resume / undo / stop; the status row; what the LR is made of."""
+    meta = snap.meta
+    title = f"{snap.run} · {meta.get('task') or 'custom model'} · {meta.get('optimizer', '')}"
+    heading, buttons = st.columns([3, 2], vertical_alignment="center")
+    heading.markdown(f"#### {title}")
+    with buttons:
+        run_buttons(snap.address, snap.run, snap.state, allowed=allowed)
+    _status_row(snap)
+
+
+def _status_row(snap: Snapshot) -> None:
+    summary, meta, state = snap.summary, snap.meta, snap.state
+    rate = steps_per_second(snap.curves) if state == "running" else None
     elapsed = (meta.get("ended") or time.time()) - (meta.get("created") or time.time())
     cells = [("state", state), ("step", f"{summary['step']:,}"),
              ("epoch", str(summary["epoch"])),
@@ -156,12 +170,12 @@ def _status_row(address: str, summary: dict[str, Any], meta: dict[str, Any],
     composition = lr_composition(meta.get("lr_composition"))
     if composition:
         st.caption(composition)
-    hint = early_stop_hint(cache["val"])
+    hint = early_stop_hint(snap.curves["val"])
     if hint:
         st.markdown(f":orange[{hint}]")
     if state == "diverged":
         st.error(f"Diverged: {(meta.get('diverged') or {}).get('cause', '')}. Press Undo "
-                 f"(or `panda rollback {summary['run']}`) to go back to the last good state "
+                 f"(or `panda rollback {snap.run}`) to go back to the last good state "
                  "(before the latest change), then change the knobs and resume.")
 
 
@@ -178,37 +192,30 @@ def lr_composition(described: dict[str, Any] | None) -> str | None:
     return f"LR: {mine} × {factor:.3g} → {format_sci(described['lr'])} now"
 
 
-def _overlays(root: str, names: list[str]) -> dict[str, dict[str, Any]]:
-    """Other runs' loss curves to draw beside this one (compare / branch parent)."""
-    overlays = {}
-    for name in names:
-        try:
-            with open_store(run_address(root, name)) as other:
-                cache = _curves(other)
-        except (StoreError, ValueError):
-            continue
-        overlays[name] = {"step": cache["step"], "loss": cache["loss"]}
-    return overlays
-
-
 def _steps_shown(last_step: int) -> tuple[float, float] | None:
     """The "Steps shown" window (None: all steps)."""
     window = WINDOWS.get(st.session_state.get("window", "all"))
     return None if window is None or last_step < 0 else (last_step - window, math.inf)
 
 
-def _figure(address: str, store: RunStore, compare: list[str]):
-    """The chart for this refresh (the component keeps the user's zoom across refreshes)."""
+def _chart_text(snap: Snapshot) -> str:
+    """The training chart's JSON for this refresh: rebuilt only when its data or the chart
+    settings changed since the last refresh (kept per session)."""
     state = st.session_state
-    meta = store.meta()
-    cache = _curves(store)
-    parent = meta.get("parent") or {}
-    names = [*compare, *([parent["run"]] if parent.get("run") else [])]
-    return training_figure(cache, cache["val"], cache["events"],
-                           smoothing=state.get("smoothing", DEFAULT_SMOOTHING),
-                           log_y=state.get("log_y", False),
-                           overlays=_overlays(root_of(address), names),
-                           steps_shown=_steps_shown(cache["last_step"]), height=CHART_HEIGHT)
+    settings = (state.get("smoothing", DEFAULT_SMOOTHING), state.get("log_y", False),
+                state.get("window", "all"))
+    wanted = (snap.chart_key(), settings)
+    kept = state.get("chart_text")
+    if kept is not None and kept[0] == wanted:
+        return kept[1]
+    curves = snap.curves
+    figure = training_figure(curves, curves["val"], curves["events"], smoothing=settings[0],
+                             log_y=settings[1], overlays=snap.overlays,
+                             steps_shown=_steps_shown(curves["last_step"]),
+                             height=CHART_HEIGHT)
+    text = figure_json(figure)
+    state["chart_text"] = (wanted, text)
+    return text
 
 
 def chart_settings() -> None:
@@ -222,79 +229,28 @@ def chart_settings() -> None:
                         "right edge (the loss zoom stays)")
 
 
-@st.fragment(run_every=REFRESH_S)
-def live_chart(address: str, compare: list[str]) -> None:
-    """Loss, validation metrics, LR and intervention markers; the LR range test below.
+def _training_chart(snap: Snapshot) -> None:
+    """Loss, validation metrics, LR and intervention markers.
 
     Drag to zoom, double-click to go back: the chart component keeps the view while points
     arrive. A new run, window or loss scale is a new ``revision``: the zoom starts over.
     """
-    with _opened(address) as store:
-        if store is None:
-            return
-        state = st.session_state
-        revision = f"{address}|{state.get('window', 'all')}|{state.get('log_y', False)}"
-        stream_chart(_figure(address, store, compare), key="training_chart",
-                     height=CHART_HEIGHT, follow=state.get("follow", False),
-                     latest=float(_curves(store)["last_step"]), revision=revision)
-        events = _curves(store)["events"]
-        if events:
-            with st.expander(f"Interventions ({len(events)})"):
-                st.dataframe([{"step": e["step"], "what": e["message"] or e["kind"]}
-                              for e in reversed(events)], hide_index=True, width="stretch")
-        with st.expander("LR range test", expanded=bool(store.results("lr_find"))):
-            render_lr_panel(store)
-        sample_panel(store)  # charlm's generated text, newest first
+    state = st.session_state
+    revision = f"{snap.address}|{state.get('window', 'all')}|{state.get('log_y', False)}"
+    stream_chart(_chart_text(snap), key="training_chart", height=CHART_HEIGHT,
+                 follow=state.get("follow", False), latest=float(snap.curves["last_step"]),
+                 revision=revision)
 
 
-@st.fragment(run_every=REFRESH_S)
-def live_knob_state(address: str, allowed: bool) -> None:
-    """Applied vs pending, the last command's outcome, and pause / resume / stop."""
-    with _opened(address) as store:
-        if store is None:
-            return
-        summary, meta = store.summary(), store.meta()
-        applied = {k: summary.get(k) for k in KNOB_ORDER}
-        if widgets_behind(summary["run"], applied, supported_knobs(meta, applied)):
-            st.rerun(scope="app")  # move untouched sliders to the newly applied values
-        pending_table(summary["run"], summary, meta)
-        command_outcome(store, summary["run"])
-
-
-@st.fragment
-def knobs(address: str, allowed: bool) -> None:
-    """The knob widgets: interacting re-runs only this fragment, never on a timer."""
-    with _opened(address) as store:
-        if store is None:
-            return
-        summary, meta = store.summary(), store.meta()
-        knob_widgets(store, summary, meta, allowed=allowed)
-
-
-@st.fragment
-def decay(address: str, allowed: bool) -> None:
-    """The LR decay shape (its own fragment: below the live applied-vs-pending table)."""
-    with _opened(address) as store:
-        if store is None:
-            return
-        summary, meta = store.summary(), store.meta()
-        decay_controls(store, summary["run"], meta, is_locked(summary["state"]) or not allowed)
+def _interventions(snap: Snapshot) -> None:
+    events = snap.curves["events"]
+    if events:
+        with st.expander(f"Interventions ({len(events)})"):
+            st.dataframe([{"step": e["step"], "what": e["message"] or e["kind"]}
+                          for e in reversed(events)], hide_index=True, width="stretch")
 
 
 # --- page ---------------------------------------------------------------------------------------
-
-def token_ok() -> bool:
-    """With ``PANDA_TOKEN`` set (``panda dashboard --token``), knobs stay locked until the page
-    is given that token."""
-    expected = os.environ.get(TOKEN_ENV)
-    if not expected:
-        return True
-    given = st.sidebar.text_input("Access token", type="password", key="panda_token",
-                                  help="this dashboard was started with --token")
-    if given and given != expected:
-        st.sidebar.error("Wrong token: knobs stay locked.")
-    return given == expected
-
 
 def pick_run(runs: list[dict[str, Any]]) -> str:
     """Sidebar run picker, newest first; the newest live run is preselected."""
@@ -320,7 +276,8 @@ def main() -> None:
     root = url or str(local)
     st.sidebar.title("Panda")
     st.sidebar.caption("babysit one training run")
-    new_run_form(local, url)  # first: starting a run selects it in the picker below
+    allowed = access.gate()  # first: whatever acts below is drawn locked or not
+    new_run_form(local, url, allowed=allowed)  # before the picker: a new run is selected there
     try:
         runs = [r for r in list_runs(root) if r.get("state") != "unreadable"]
     except StoreError as err:
@@ -332,26 +289,15 @@ def main() -> None:
         return
     run = pick_run(runs)
     compare = st.sidebar.multiselect("Compare with", [r["run"] for r in runs if r["run"] != run],
-                                     key="compare")
-    allowed = token_ok()
+                                     key="compare",
+                                     help="draw their loss, validation loss and LR beside this "
+                                          "run's (dotted)")
     st.sidebar.caption(f"runs in `{shown(root)}`")
+    runs_table(root)
     address = run_address(root, run)
-    with _opened(address) as store:
-        if store is None:
-            return
-        meta = store.meta()
-        title = f"{run} · {meta.get('task') or 'custom model'} · {meta.get('optimizer', '')}"
-        live_status(address, title, allowed)
-        chart, side = st.columns([2.55, 1.45], gap="medium")
-        with chart:
-            chart_settings()
-            live_chart(address, compare)
-        with side:
-            st.markdown("##### Knobs")
-            knobs(address, allowed)
-            live_knob_state(address, allowed)
-            decay(address, allowed)
-        with st.sidebar:
+    run_view(address, tuple(compare), allowed)
+    with _opened(address) as store, st.sidebar:
+        if store is not None:
             export_block(store)
 
 

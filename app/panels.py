@@ -1,4 +1,8 @@
-"""The less frequent panels: LR decay, starting a run, exporting settings, generated text."""
+"""The less frequent panels: LR decay, starting a run, exporting settings, generated text.
+
+What acts (Apply decay, Start training) runs as a callback that checks the access token first
+(:mod:`app.access`, :mod:`app.actions`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from typing import Any
 
 import streamlit as st
 
-from app.controls import key, remember_command
+from app import access, actions
+from app.controls import key, put, shown_value
 from trainer.config import OPTIMIZERS, TASKS, TrainConfig, config_values
 from trainer.export import ExportError, build_export, render
 from trainer.knobs import format_sci, log_ladder
@@ -26,46 +31,75 @@ NEW_RUN_LR_LADDER = log_ladder(-5, 0)
 NEW_RUN_BETAS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
 NEW_RUN_WD = (0.0, 1e-5, 1e-4, 5e-4, 1e-3, 1e-2, 1e-1)  # 0.1: AdamW's usual (charlm)
 DEFAULT_EPOCHS = 50
+DEFAULT_STEP_EPOCHS = 10.0
+DEFAULT_COSINE_EPOCHS = 100.0
 DEFAULT_STEP_DELAY = 0.01  # seconds per step: slow enough to watch the curves move
 EXPORT_SUFFIX = {"json": "json", "yaml": "yaml", "python": "py"}
 
 
-def decay_controls(store: RunStore, run: str, meta: dict[str, Any], locked: bool) -> None:
-    """LR decay shape and its rate, sent as one ``schedule`` command."""
-    current = (meta.get("schedule") or {}).get("shape", "constant")
+def decay_controls(address: str, run: str, schedule: dict[str, Any] | None,
+                   locked: bool) -> None:
+    """LR decay shape and its rate, sent as one ``schedule`` command. The expander's label is
+    the shape in force (``schedule``: the run's, from the page's snapshot)."""
+    current = (schedule or {}).get("shape", "constant")
+    state = st.session_state
+    if key(run, "shape") not in state:  # first shown: the shape in force
+        put(key(run, "shape"), current if current in SHAPES else SHAPES[0])
+    shown = shown_value(key(run, "shape"))
     with st.expander(f"LR decay: {SHAPE_LABELS.get(current, current)}"):
-        shape = st.selectbox("shape", SHAPES, index=SHAPES.index(current) if current in SHAPES
-                             else 0, format_func=SHAPE_LABELS.get, key=key(run, "shape"),
-                             disabled=locked)
-        payload: dict[str, Any] = {"shape": shape}
+        shape = st.selectbox("shape", SHAPES, format_func=SHAPE_LABELS.get,
+                             index=0 if shown is None else SHAPES.index(shown),
+                             key=key(run, "shape"), disabled=locked)
         if shape != "constant":
-            payload["rate"] = st.number_input(RATE_LABELS[shape], value=DEFAULT_RATES[shape],
-                                              format="%.4g", key=key(run, f"rate_{shape}"),
-                                              disabled=locked)
+            st.number_input(RATE_LABELS[shape], value=DEFAULT_RATES[shape], format="%.4g",
+                            key=key(run, f"rate_{shape}"), disabled=locked)
         if shape == "step":
-            payload["step_epochs"] = st.number_input("epochs between drops", value=10.0,
-                                                     key=key(run, "step_n"), disabled=locked)
+            st.number_input("epochs between drops", value=DEFAULT_STEP_EPOCHS,
+                            key=key(run, "step_n"), disabled=locked)
         if shape == "cosine":
-            payload["total_epochs"] = st.number_input("epochs to the floor", value=100.0,
-                                                      key=key(run, "cos_t"), disabled=locked)
-        if st.button("Apply decay", key=key(run, "apply_decay"), disabled=locked):
-            try:
-                schedule = validate_schedule(payload)
-            except KnobError as err:
-                st.error(f"Not sent: {err}")
-                return
-            schedule.pop("origin_epoch")  # the trainer rebases the shape at the current epoch
-            command_id = store.submit_command("schedule", schedule, source="dashboard")
-            remember_command(run, command_id, f"decay {shape}")
+            st.number_input("epochs to the floor", value=DEFAULT_COSINE_EPOCHS,
+                            key=key(run, "cos_t"), disabled=locked)
+        st.button("Apply decay", key=key(run, "apply_decay"), disabled=locked,
+                  on_click=_apply_decay, args=(address, run))
 
 
-def _start_run(runs_dir: Path, store: str | None, values: dict[str, Any]) -> None:
-    """Validate the form and launch the run in its own process (it outlives the page).
+def _apply_decay(address: str, run: str) -> None:
+    """Apply decay's callback: validate the shape and its numbers, send one command."""
+    state = st.session_state
+    shape = state.get(key(run, "shape"), "constant")
+    payload: dict[str, Any] = {"shape": shape}
+    if shape != "constant":
+        payload["rate"] = state.get(key(run, f"rate_{shape}"), DEFAULT_RATES[shape])
+    if shape == "step":
+        payload["step_epochs"] = state.get(key(run, "step_n"), DEFAULT_STEP_EPOCHS)
+    if shape == "cosine":
+        payload["total_epochs"] = state.get(key(run, "cos_t"), DEFAULT_COSINE_EPOCHS)
+    if not actions.permitted(run):
+        return
+    try:
+        schedule = validate_schedule(payload)
+    except KnobError as err:
+        actions.say(run, "error", f"Not sent: {err}")
+        return
+    schedule.pop("origin_epoch")  # the trainer rebases the shape at the current epoch
+    actions.send(address, run, "schedule", schedule, f"decay {shape}")
+
+
+def _start_run(runs_dir: Path, store: str | None) -> None:
+    """Start training's callback: validate the form and launch the run in its own process (it
+    outlives the page).
 
     Its checkpoints go under ``runs_dir``; its metrics there too, or to PostgreSQL ``store``.
     """
     state = st.session_state
-    name = values.pop("name").strip()
+    if not access.granted():
+        state["new_run_message"] = ("error", access.REFUSAL)
+        return
+    task = state["new_task"]
+    values = {"task": task, "optimizer": state["new_optimizer"], "lr": state["new_lr"],
+              "momentum": state["new_momentum"], "weight_decay": state["new_wd"],
+              "epochs": int(state["new_epochs"]), "step_delay": float(state["new_delay"])}
+    name = (state.get("new_name") or "").strip() or new_run_name(task)
     root = store or runs_dir
     try:
         sanitize_run_name(name)
@@ -89,36 +123,32 @@ def _task_knobs_to_form() -> None:
     state["new_momentum"], state["new_wd"] = values.momentum, values.weight_decay
 
 
-def new_run_form(runs_dir: Path, store: str | None = None) -> None:
-    """Sidebar form: task, optimizer, starting knobs, epochs and a name."""
+def new_run_form(runs_dir: Path, store: str | None = None, *, allowed: bool = True) -> None:
+    """Sidebar form: task, optimizer, starting knobs, epochs and a name. ``allowed`` False (no
+    access token) disables Start training (and its callback refuses anyway)."""
     with st.sidebar.expander("Start a new run"):
         # Outside the form, so that choosing a task can fill in its defaults at once.
         task = st.selectbox("task", TASKS.options, key="new_task", on_change=_task_knobs_to_form)
-        _new_run_fields(runs_dir, store, task)
+        _new_run_fields(runs_dir, store, task, allowed)
 
 
-def _new_run_fields(runs_dir: Path, store: str | None, task: str) -> None:
+def _new_run_fields(runs_dir: Path, store: str | None, task: str, allowed: bool) -> None:
     if "new_optimizer" not in st.session_state:  # first render: the first task's defaults
         _task_knobs_to_form()
     with st.form("new_run", border=False):
-        optimizer = st.selectbox("optimizer", OPTIMIZERS.options, key="new_optimizer")
-        lr = st.select_slider("learning rate", options=NEW_RUN_LR_LADDER,
-                              format_func=format_sci, key="new_lr")
-        momentum = st.select_slider("momentum β", options=NEW_RUN_BETAS, key="new_momentum")
-        weight_decay = st.select_slider("weight decay", options=NEW_RUN_WD,
-                                        format_func=format_sci, key="new_wd")
-        epochs = st.number_input("epochs", min_value=1, max_value=100_000, value=DEFAULT_EPOCHS,
-                                 key="new_epochs")
-        delay = st.number_input("seconds per step (slows it down to watch)", min_value=0.0,
-                                max_value=1.0, value=DEFAULT_STEP_DELAY, step=0.01,
-                                key="new_delay")
-        name = st.text_input("run name", placeholder=f"{task}-YYYYMMDD-HHMMSS",
-                             key="new_name")
-        if st.form_submit_button("Start training", width="stretch"):
-            _start_run(runs_dir, store, {"name": name or new_run_name(task), "task": task,
-                              "optimizer": optimizer, "lr": lr, "momentum": momentum,
-                              "weight_decay": weight_decay, "epochs": int(epochs),
-                              "step_delay": float(delay)})
+        st.selectbox("optimizer", OPTIMIZERS.options, key="new_optimizer")
+        st.select_slider("learning rate", options=NEW_RUN_LR_LADDER, format_func=format_sci,
+                         key="new_lr")
+        st.select_slider("momentum β", options=NEW_RUN_BETAS, key="new_momentum")
+        st.select_slider("weight decay", options=NEW_RUN_WD, format_func=format_sci,
+                         key="new_wd")
+        st.number_input("epochs", min_value=1, max_value=100_000, value=DEFAULT_EPOCHS,
+                        key="new_epochs")
+        st.number_input("seconds per step (slows it down to watch)", min_value=0.0,
+                        max_value=1.0, value=DEFAULT_STEP_DELAY, step=0.01, key="new_delay")
+        st.text_input("run name", placeholder=f"{task}-YYYYMMDD-HHMMSS", key="new_name")
+        st.form_submit_button("Start training", width="stretch", disabled=not allowed,
+                              on_click=_start_run, args=(runs_dir, store))
         message = st.session_state.get("new_run_message")
         if message:
             (st.error if message[0] == "error" else st.success)(message[1])
@@ -146,15 +176,22 @@ def export_block(store: RunStore) -> None:
                                key="export_download", width="stretch")
 
 
-def sample_panel(store: RunStore) -> None:
-    """The newest generated text of a run whose task samples some (charlm), in an expander;
-    nothing for other runs. The trainer stores it at each validation (results kind
-    ``sample``)."""
+def newest_samples(store: RunStore) -> list[dict[str, Any]]:
+    """The generated text of the newest validation (results kind ``sample``, which the trainer
+    stores for tasks that sample, charlm); [] for other runs."""
     samples = store.results("sample")
     if not samples:
-        return
+        return []
     step = samples[-1]["payload"].get("step")
-    newest = [row["payload"] for row in samples if row["payload"].get("step") == step]
+    return [row["payload"] for row in samples if row["payload"].get("step") == step]
+
+
+def sample_panel(newest: list[dict[str, Any]]) -> None:
+    """The newest generated text (:func:`newest_samples`) in an expander; nothing when there
+    is none."""
+    if not newest:
+        return
+    step = newest[0].get("step")
     with st.expander(f"Generated text at step {step:,}" if isinstance(step, int) else
                      "Generated text"):
         for payload in newest:

@@ -1,0 +1,161 @@
+"""The page as one consistent view (issue #18): one snapshot per refresh, one message per run,
+no rebuilt chart when nothing changed, the runs table, and overlays of compared runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import app.charts
+from app.charts import training_figure
+from app.controls import key
+from app.runs_table import matches
+from trainer.store import SqliteStore
+
+APP = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
+APP_TIMEOUT_S = 60
+
+
+@pytest.fixture
+def page(make_run, tmp_path, monkeypatch):
+    def open_page(**run_args):
+        run_dir = make_run(**run_args)
+        monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path / "runs"))
+        monkeypatch.delenv("PANDA_TOKEN", raising=False)
+        at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
+        assert not at.exception, at.exception
+        return at, run_dir
+
+    return open_page
+
+
+def _metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def _table(at: AppTest) -> str:
+    return next(m.value for m in at.markdown if m.value.startswith("| knob |"))
+
+
+def _trainer_applies(run_dir: Path, **knobs) -> None:
+    """Play the trainer: apply the pending set command, knobs first, verdict last (its order)."""
+    with SqliteStore(run_dir) as store:
+        (command,) = store.pending_commands()
+        store.set_meta(knobs={"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, **knobs})
+        store.resolve_commands([(command.id, "applied", 21, None)])
+
+
+def test_a_message_is_replaced_by_the_next_action(page):
+    at, run_dir = page(status="paused")
+    at.text_input(key=key("live", "exact")).input("0").run()
+    at.button(key=key("live", "apply")).click().run()
+    assert any(e.value.startswith("Not sent: lr must be") for e in at.error)
+    at.text_input(key=key("live", "exact")).input("0.006").run()
+    assert not any("Not a valid" in e.value for e in at.error)  # the field's hint went
+    at.button(key=key("live", "apply")).click().run()
+    assert not any("Not sent" in e.value for e in at.error)  # the older error went too
+    _trainer_applies(run_dir, lr=0.006)
+    at.run()
+    assert any("learning rate 6e-03: applied at step 21" in s.value for s in at.success)
+    assert _metric(at, "learning rate") == "6e-03"   # header, table and message agree
+    assert "| LR | 6e-03 | 6e-03 |" in _table(at)
+    at.button(key=key("live", "resume")).click().run()  # a command the trainer refuses …
+    with SqliteStore(run_dir) as store:
+        (command,) = store.pending_commands()
+        store.resolve_commands([(command.id, "rejected", None, "not now")])
+    at.run()
+    assert not at.success  # … replaces the success message
+    assert any("resume: rejected by the trainer: not now" in e.value for e in at.error)
+
+
+def test_the_decay_panel_reads_the_schedule_in_force(page):
+    at, run_dir = page()
+    assert any(e.label == "LR decay: constant" for e in at.expander)
+    at.selectbox(key=key("live", "shape")).select("cosine")
+    at.button(key=key("live", "apply_decay")).click().run()
+    with SqliteStore(run_dir) as store:
+        (command,) = store.pending_commands()
+        store.set_meta(schedule={"shape": "cosine", "rate": 0.1, "total_epochs": 100.0})
+        store.resolve_commands([(command.id, "applied", 21, None)])
+    at.run()
+    assert any(e.label == "LR decay: cosine to a floor" for e in at.expander)
+    assert _metric(at, "decay") == "cosine"
+    assert any("decay cosine: applied at step 21" in s.value for s in at.success)
+
+
+def test_a_refresh_with_nothing_new_does_not_rebuild_the_chart(page, monkeypatch):
+    at, run_dir = page(status="paused")
+    built = []
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return training_figure(*args, **kwargs)
+
+    # The page's script imports it afresh at each run (AppTest runs the file, not the module).
+    monkeypatch.setattr(app.charts, "training_figure", counting)
+    at.run()
+    at.run()
+    assert built == []  # nothing new: the same chart text again
+    with SqliteStore(run_dir) as store:
+        store.append_metrics([(20, 0, time.time(), 0.05, 0.01, 0.9, 0.0)])
+    at.run()
+    assert built == [1]
+
+
+def test_the_runs_table_sorts_filters_and_opens_a_run(make_run, tmp_path, monkeypatch):
+    make_run("first", status="paused")
+    second = make_run("second", status="running", knobs={"lr": 0.003})
+    with SqliteStore(second) as store:
+        store.set_meta(created=time.time() + 60, tags=["sweep-a"],
+                       parent={"run": "first", "step": 10})
+        store.append_validation([(5, 0, time.time(), "loss", 0.7),
+                                 (10, 0, time.time(), "loss", 0.4),
+                                 (15, 0, time.time(), "loss", math.nan)])
+    monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert list(table.columns) == ["run", "state", "step", "best val loss", "LR now",
+                                   "started", "tags"]
+    rows = table.set_index("run")
+    assert rows.loc["second", "best val loss"] == pytest.approx(0.4)
+    assert rows.loc["second", "LR now"] == pytest.approx(0.003)
+    assert rows.loc["second", "tags"] == "digits, branch of first, sweep-a"
+    assert list(table["run"]) == ["second", "first"]  # newest first
+    at.text_input(key="runs_filter").input("paused").run()
+    assert list(at.dataframe[0].value["run"]) == ["first"]
+    assert matches({"run": "a", "state": "running", "tags": "charlm, sweep-a"}, "SWEEP charlm")
+
+
+def test_compare_draws_the_other_runs_validation_and_lr():
+    steps = np.arange(100, dtype=float)
+    other = {"step": steps, "loss": np.linspace(2, 1, 100), "lr": np.where(steps < 50, 0.1, 0.05),
+             "val": {"loss": ([49, 99], [1.5, 1.2])}}
+    fig = training_figure({"step": steps, "loss": np.ones(100), "lr": np.full(100, 0.01)},
+                          {}, [], overlays={"other": other})
+    traces = {t.uid: t for t in fig.data}
+    assert list(traces["overlay val other"].y) == [1.5, 1.2]
+    lr = traces["overlay lr other"]
+    assert lr.yaxis == "y3" and set(np.asarray(lr.y)) == {0.1, 0.05}
+    assert traces["overlay other"].line.dash == "dot"
+    assert fig.layout.yaxis3.range[1] >= math.log10(0.1)  # the LR axis holds both runs
+
+
+def test_compare_reaches_the_chart(make_run, tmp_path, monkeypatch):
+    make_run("first")
+    make_run("second")
+    monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
+    shown = at.selectbox(key="run_picker").value
+    other = "first" if shown == "second" else "second"
+    at.multiselect(key="compare").select(other).run()
+    chart = next(c for c in at.get("component_instance")
+                 if c.proto.component_name == "app.stream_chart.stream_chart")
+    uids = [t.get("uid") for t in json.loads(json.loads(chart.proto.json_args)["figure"])["data"]]
+    assert {f"overlay {other}", f"overlay lr {other}"} <= set(uids)
