@@ -527,7 +527,8 @@ def test_json_piped_into_a_closed_reader_is_no_traceback(tmp_path):
 def test_ctrl_c_on_panda_demo_stops_its_trainer_and_says_so(tmp_path):
     runs = tmp_path / "runs"
     port = _free_port()
-    demo = subprocess.Popen(panda_cmd("demo", "--runs-dir", runs, "--port", str(port)),
+    demo = subprocess.Popen(panda_cmd("demo", "--runs-dir", runs, "--port", str(port),
+                                      "--no-browser"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=subprocess_env(), cwd=REPO, start_new_session=True)
     with reaped(demo):

@@ -359,18 +359,23 @@ DEMO_STOP_WAIT_S = 15.0  # the demo's trainer gets this long to stop cleanly on 
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """A training run in the background and the dashboard on it; Ctrl-C stops both (the run
-    cleanly, with its final checkpoint) and says so."""
+    """A training run in the background and the dashboard on it, opened in the browser where
+    there is one (the URL is printed either way); Ctrl-C stops both (the run cleanly, with its
+    final checkpoint) and says so."""
     import subprocess
+    import threading
 
     from trainer.launch import start_demo_run, stop_run
 
     run_dir, proc = start_demo_run(args.runs_dir, store=_store(args))
-    url = f"http://{args.host}:{args.port}"
+    url = f"http://{_browsable(args.host)}:{args.port}"
     print(f"training {run_dir.name} in the background (pid {proc.pid}); dashboard: {url}  "
           "(Ctrl-C stops both)", flush=True)
     cmd, env, cwd = _dashboard(args)
     dashboard = subprocess.Popen(cmd, env=env, cwd=cwd)
+    if not args.no_browser:
+        # Beside the wait below, so Ctrl-C is never held up by a slow start.
+        threading.Thread(target=_open_browser, args=(url, dashboard), daemon=True).start()
     try:
         return dashboard.wait()
     except KeyboardInterrupt:  # the dashboard got the terminal's Ctrl-C as well
@@ -379,6 +384,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         how = stop_run(run_dir, proc, store=_store(args), wait_s=DEMO_STOP_WAIT_S)
         print(f"stopped the demo's training run {run_dir.name} ({how})", flush=True)
+
+
+def _browsable(host: str) -> str:
+    """The address a browser on this machine reaches a server bound to ``host`` at."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def _open_browser(url: str, server) -> None:
+    from trainer.launch import open_when_serving
+
+    if open_when_serving(url, server):
+        print(f"opened {url} in your browser", flush=True)
 
 
 # --- parser ---------------------------------------------------------------------------------------
@@ -528,7 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address to bind (default 127.0.0.1: this machine only)")
         p.add_argument("--port", type=PORT.parser("--port"), default=8501)
         p.add_argument("--token", help="ask for this token before the page lets anyone "
-                       "change a knob (or set PANDA_TOKEN)")
+                       "change a run or start work (or set PANDA_TOKEN)")
+        if name == "demo":
+            p.add_argument("--no-browser", action="store_true",
+                           help="only print the dashboard's URL (by default it is also opened "
+                                "in the browser, where there is one)")
     return parser
 
 

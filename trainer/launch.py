@@ -14,6 +14,9 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
+import webbrowser
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -147,3 +150,40 @@ def dashboard_command(runs_dir: str | os.PathLike, *, host: str = "127.0.0.1",
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
             "--runner.postScriptGC", "false",
             "--", "--runs-dir", str(Path(runs_dir).resolve())]
+
+
+SERVE_WAIT_S = 60.0        # a dashboard starting on a busy machine answers within this
+SERVE_POLL_S = 0.2
+
+
+def browser_available(platform: str = sys.platform,
+                      env: Mapping[str, str] = os.environ) -> bool:
+    """Whether a browser can open a page here: always on macOS and Windows; elsewhere only
+    with a display (X11 or Wayland) or a ``$BROWSER`` to run. (Without one, ``webbrowser``
+    would start a text browser in the terminal, or nothing at all.)"""
+    if platform == "darwin" or platform.startswith("win"):
+        return True
+    return any(env.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER"))
+
+
+def serving(url: str) -> bool:
+    """Whether the dashboard at ``url`` answers (Streamlit's health check)."""
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def open_when_serving(url: str, server: subprocess.Popen, *, timeout: float = SERVE_WAIT_S,
+                      opener: Callable[[str], bool] = webbrowser.open) -> bool:
+    """Open ``url`` in the browser once the dashboard answers, if there is a browser to open.
+    Returns whether it was opened (False: no browser, the server ended or never answered)."""
+    if not browser_available():
+        return False
+    deadline = time.monotonic() + timeout
+    while not serving(url):
+        if server.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(SERVE_POLL_S)
+    return bool(opener(url))
