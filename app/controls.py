@@ -6,6 +6,16 @@ a change from the CLI moves it), so only knobs the user actually turned count as
 Apply validates the pending values (``trainer.knobs``; the trainer validates them again) and
 sends one ``set`` command with only the knobs that changed (:mod:`app.actions`: the access token
 is checked there, and the outcome becomes the run's one message).
+
+The page never writes a widget's value through session state. It refreshes every second, and
+each refresh request carries the browser's widget values: one sent before the browser had
+taken a value the server set would put the old value back, and fire the widget's on_change as
+if the user had moved it. Instead, a widget the page moves is a new widget: its key gets the
+next *generation* number and its ``value=`` is the new value (:func:`_seed`, :func:`_set_exact`);
+the old widget, and anything the browser still says about it, is gone. A browser that has not
+drawn the new widget yet still reports the old one (a click right after ×½), and Streamlit
+takes that for a change and calls the old widget's on_change: each callback is given its
+widget's generation and does nothing for one that is no longer shown.
 """
 
 from __future__ import annotations
@@ -33,30 +43,41 @@ TABLE_LABELS = {"lr": "LR", "momentum": "momentum β", "weight_decay": "weight d
 
 
 def key(run: str, name: str) -> str:
-    """Session-state key of one run's widget or value (knobs are remembered per run)."""
+    """Session-state key of one run's value (knobs are remembered per run); of its widget
+    too, for buttons and until the page first moves the widget (see :func:`widget_key`)."""
     return f"knob:{run}:{name}"
 
 
-_SET_THIS_RUN = "_widget_values_set"
+def _generation(run: str, name: str) -> int:
+    return st.session_state.get(key(run, f"gen_{name}"), 1)
 
 
-def put(widget_key: str, value: Any) -> None:
-    """Set a widget's value from the page (in a callback, or before the widget is drawn)."""
-    st.session_state[widget_key] = value
-    st.session_state.setdefault(_SET_THIS_RUN, set()).add(widget_key)
+def widget_key(run: str, name: str) -> str:
+    """The key of the widget now showing ``name`` (``key(run, name)``, then ``…#2``, ``…#3``
+    each time the page moved it)."""
+    generation = _generation(run, name)
+    return key(run, name) if generation == 1 else f"{key(run, name)}#{generation}"
 
 
-def shown_value(widget_key: str) -> Any:
-    """The ``value=`` to draw a widget with: its current value, so that a browser that mounts
-    the widget late (its code still loading while the page refreshes, on a first load) starts
-    from it rather than from the first option, and sends that back. None in the run that set
-    the value through session state: Streamlit sends that value itself, and warns when a
-    widget is given both."""
-    fresh = st.session_state.get(_SET_THIS_RUN, set())
-    if widget_key in fresh:
-        fresh.discard(widget_key)
-        return None
-    return st.session_state.get(widget_key)
+def _renew(run: str, name: str) -> None:
+    """Replace the widget showing ``name`` by a new one (drawn with its new ``value=``)."""
+    state = st.session_state
+    state[key(run, f"gen_{name}")] = state.get(key(run, f"gen_{name}"), 1) + 1
+
+
+def widget_value(run: str, name: str) -> Any:
+    """What the widget showing ``name`` holds: the user's value, else the one it was drawn
+    with."""
+    state = st.session_state
+    default = state.get(key(run, "exact_text"), "") if name == "exact" else \
+        state.get(key(run, f"seed_{name}"))
+    return state.get(widget_key(run, name), default)
+
+
+def _set_exact(run: str, text: str) -> None:
+    """Put ``text`` in the exact-LR field (a new field, see the module's docstring)."""
+    st.session_state[key(run, "exact_text")] = text
+    _renew(run, "exact")
 
 
 def is_locked(state: str) -> bool:
@@ -85,39 +106,38 @@ def _on_widget_scale(name: str, value: float) -> float:
 
 
 def _seed(run: str, name: str, value: float, basis: float | None = None) -> None:
-    """Put ``value`` on the widget as its untouched state. ``basis`` is the applied value it
-    was seeded for (``value`` itself unless a command to change it is in flight)."""
+    """Show ``value`` on the knob's slider as its untouched state (a new slider). ``basis`` is
+    the applied value it was seeded for (``value`` itself unless a change is in flight)."""
     state = st.session_state
-    put(key(run, name), _on_widget_scale(name, value))
-    state[key(run, f"seed_{name}")] = state[key(run, name)]
+    shown_before = key(run, f"seed_{name}") in state
+    state[key(run, f"seed_{name}")] = _on_widget_scale(name, value)
     state[key(run, f"basis_{name}")] = value if basis is None else basis
+    if shown_before:
+        _renew(run, name)
 
 
 def _touched(run: str, name: str) -> bool:
-    state = st.session_state
-    if name == "lr" and (state.get(key(run, "exact")) or "").strip():
+    if name == "lr" and (widget_value(run, "exact") or "").strip():
         return True
-    return state.get(key(run, name)) != state.get(key(run, f"seed_{name}"))
+    return widget_value(run, name) != st.session_state.get(key(run, f"seed_{name}"))
 
 
 def sync_widgets(run: str, applied: dict[str, Any], supported: list[str]) -> None:
-    """Seed widgets with applied values; move an untouched one when the applied value moved
-    to another stop of its slider (an LR decay, a change from the CLI).
+    """Seed the sliders with applied values; move an untouched one when the applied value
+    moved to another stop of it (an LR decay, a change from the CLI).
 
-    An applied value that moved within the widget's stop (a decaying LR, mostly) is only
-    noted: setting a widget's value from the server would reset a drag in progress.
-    Call before the widgets are created in a script run (Streamlit forbids changing a widget's
-    value after that).
+    An applied value that moved within the slider's stop (a decaying LR, mostly) is only
+    noted. Call before the widgets are drawn.
     """
     state = st.session_state
     for name in supported:
         value = applied.get(name)
         if value is None:
             continue
-        if key(run, name) not in state:
+        if key(run, f"seed_{name}") not in state:
             _seed(run, name, value)
         elif not _touched(run, name) and state.get(key(run, f"basis_{name}")) != value:
-            if _on_widget_scale(name, value) == state[key(run, name)]:
+            if _on_widget_scale(name, value) == widget_value(run, name):
                 state[key(run, f"basis_{name}")] = value
             else:
                 _seed(run, name, value)
@@ -128,11 +148,10 @@ def pending_knobs(run: str, applied: dict[str, Any], supported: list[str]) -> di
 
     A typed exact LR wins over the LR slider and may be invalid text (validated on Apply).
     """
-    state = st.session_state
     pending: dict[str, Any] = {}
     for name in supported:
-        pending[name] = state.get(key(run, name)) if _touched(run, name) else applied.get(name)
-    exact = (state.get(key(run, "exact")) or "").strip()
+        pending[name] = widget_value(run, name) if _touched(run, name) else applied.get(name)
+    exact = (widget_value(run, "exact") or "").strip()
     if exact and "lr" in supported:
         pending["lr"] = exact
     return pending
@@ -184,23 +203,33 @@ def _current_lr(run: str, applied: dict[str, Any]) -> float | None:
 
 def _scale_lr(address: str, run: str, factor: float) -> None:
     """×½ / ×2: the exact result goes into the text field, the slider to its nearest stop."""
-    state = st.session_state
     base = _current_lr(run, _applied(address)[1])
     if base is None:  # an invalid typed LR: its hint under the field says so
         return
     target = float(f"{base * factor:.6g}")
-    state[key(run, "exact")] = f"{target:.6g}"
-    put(key(run, "lr"), nearest_on_ladder(target, LR_LADDER))
+    _set_exact(run, f"{target:.6g}")
+    _show_on_slider(run, target)
 
 
-def _slider_moved(run: str) -> None:
-    st.session_state[key(run, "exact")] = ""  # the slider wins over an older typed value
+def _show_on_slider(run: str, lr: float) -> None:
+    """Move the LR slider to the stop nearest a typed LR (the typed value is what is sent;
+    the slider stays seeded for the applied LR it followed)."""
+    state = st.session_state
+    state[key(run, "seed_lr")] = nearest_on_ladder(lr, LR_LADDER)
+    _renew(run, "lr")
+
+
+def _slider_moved(run: str, generation: int) -> None:
+    if generation != _generation(run, "lr"):  # a slider no longer shown (module docstring)
+        return
+    if (widget_value(run, "exact") or "").strip():
+        _set_exact(run, "")  # the slider wins over an older typed value
 
 
 def typed_lr_problem(run: str) -> str | None:
     """Why the typed exact LR is not valid (None when it is, or when nothing is typed): read
     from the field at each render, so the hint goes as soon as the field changes."""
-    text = (st.session_state.get(key(run, "exact")) or "").strip()
+    text = (widget_value(run, "exact") or "").strip()
     if not text:
         return None
     try:
@@ -210,19 +239,23 @@ def typed_lr_problem(run: str) -> str | None:
     return None
 
 
-def _exact_typed(run: str) -> None:
-    """A valid typed LR moves the slider to its nearest stop (the typed value is sent)."""
+def _exact_typed(run: str, generation: int) -> None:
+    """A valid typed LR moves the slider to its nearest stop (the typed value is sent); an
+    emptied field gives the slider back to the applied LR."""
     state = st.session_state
-    text = (state.get(key(run, "exact")) or "").strip()
+    if generation != _generation(run, "exact"):  # a field no longer shown (module docstring)
+        return
+    text = (widget_value(run, "exact") or "").strip()
     if text and typed_lr_problem(run) is None:
-        put(key(run, "lr"), nearest_on_ladder(validate_knobs({"lr": text})["lr"], LR_LADDER))
+        _show_on_slider(run, validate_knobs({"lr": text})["lr"])
+    elif not text and key(run, "basis_lr") in state:
+        _seed(run, "lr", state[key(run, "basis_lr")])
 
 
 def _apply(address: str, run: str, supported: list[str]) -> None:
     """Apply: validate, send one ``set`` command with the changed knobs, re-seed widgets."""
     if not actions.permitted(run):
         return
-    state = st.session_state
     run_state, applied = _applied(address)
     if is_locked(run_state):
         actions.say(run, "error", f"Not sent: the run is {run_state}.")
@@ -235,7 +268,7 @@ def _apply(address: str, run: str, supported: list[str]) -> None:
     if not changes:
         actions.say(run, "error", "Nothing to apply: every pending value equals the applied one.")
         return
-    state[key(run, "exact")] = ""
+    _set_exact(run, "")
     for name, value in changes.items():
         # Untouched again, showing the sent value; it follows the applied one from the moment
         # the trainer has applied it (basis: the value in force until then).
@@ -259,33 +292,36 @@ def knob_widgets(address: str, summary: dict[str, Any], meta: dict[str, Any],
         return
     supported = supported_knobs(meta, applied)
     locked = is_locked(summary["state"]) or not allowed
-    if is_locked(summary["state"]):
-        st.caption(f"The run is {summary['state']}: knobs are read-only.")
+    with st.container():  # a fixed slot (see app.main.run_view)
+        if is_locked(summary["state"]):
+            st.caption(f"The run is {summary['state']}: knobs are read-only.")
     sync_widgets(run, applied, supported)
     st.select_slider("Learning rate (log scale)", options=LR_LADDER, format_func=format_sci,
-                     key=key(run, "lr"), value=shown_value(key(run, "lr")), disabled=locked,
-                     on_change=_slider_moved, args=(run,),
+                     key=widget_key(run, "lr"), value=widget_value(run, "lr"), disabled=locked,
+                     on_change=_slider_moved, args=(run, _generation(run, "lr")),
                      help="equal effort per decade: 1e-6 … 10")
     half, double, exact = st.columns([1, 1, 2], vertical_alignment="bottom")
     half.button("×½", key=key(run, "half"), on_click=_scale_lr, args=(address, run, 0.5),
                 disabled=locked, width="stretch", help="halve the pending learning rate")
     double.button("×2", key=key(run, "double"), on_click=_scale_lr, args=(address, run, 2.0),
                   disabled=locked, width="stretch", help="double the pending learning rate")
-    exact.text_input("exact LR", key=key(run, "exact"), placeholder="exact LR",
+    exact.text_input("exact LR", key=widget_key(run, "exact"), value=widget_value(run, "exact"),
+                     placeholder="exact LR",
                      label_visibility="collapsed", disabled=locked, on_change=_exact_typed,
-                     args=(run,))
+                     args=(run, _generation(run, "exact")))
     problem = typed_lr_problem(run)
-    if problem:
-        st.error(problem)
+    with st.container():  # a fixed slot
+        if problem:
+            st.error(problem)
     if "momentum" in supported:
         st.select_slider("Momentum (log scale of 1−β)", options=MOMENTUM_OPTIONS,
-                         format_func=format_beta, key=key(run, "momentum"),
-                         value=shown_value(key(run, "momentum")), disabled=locked,
+                         format_func=format_beta, key=widget_key(run, "momentum"),
+                         value=widget_value(run, "momentum"), disabled=locked,
                          help="β near 1 is sensitive: the slider is spaced by 1−β")
     if "weight_decay" in supported:
         st.select_slider("Weight decay (log scale)", options=WD_OPTIONS, format_func=format_sci,
-                         key=key(run, "weight_decay"),
-                         value=shown_value(key(run, "weight_decay")), disabled=locked)
+                         key=widget_key(run, "weight_decay"),
+                         value=widget_value(run, "weight_decay"), disabled=locked)
     st.button("Apply", type="primary", key=key(run, "apply"), disabled=locked, width="stretch",
               on_click=_apply, args=(address, run, supported))
 

@@ -10,8 +10,8 @@ The run on show is one ``st.fragment(run_every=REFRESH_S)``: each refresh reads 
 chart, the knobs, the applied-vs-pending table, the message of the last action and the decay
 panel from that one read, so they never disagree. A refresh that finds nothing new sends the
 chart's previous text again instead of rebuilding it. Widgets keep what the user is typing
-across refreshes (Streamlit only resets a widget whose value the script sets), and the page
-sets a knob widget only when the applied value moved to another stop of its slider.
+across refreshes; the page moves a knob's widget (by drawing a new one, see
+:mod:`app.controls`) only when the applied value moved to another stop of its slider.
 Everything that acts is a callback in :mod:`app.actions` (the access token is checked there).
 """
 
@@ -126,17 +126,25 @@ def run_view(address: str, compare: tuple[str, ...], allowed: bool) -> None:
                     root=root_of(address))
         _header(snap, allowed)
         chart, side = st.columns([2.55, 1.45], gap="medium")
+        # A part that draws more or fewer elements from one refresh to the next sits in a
+        # container of its own (a fixed slot): in the browser an element is known by its place
+        # among its siblings, and one whose place moved is drawn anew, closing an open
+        # expander or menu below it.
         with side:  # first: the browser shows an action's outcome before the chart is built
             st.markdown("##### Knobs")
-            knob_widgets(address, snap.summary, snap.meta, allowed=allowed)
-            pending_table(snap.run, snap.summary, snap.meta)
-            show_outcome(snap.run, snap.command)
+            with st.container():
+                knob_widgets(address, snap.summary, snap.meta, allowed=allowed)
+            with st.container():
+                pending_table(snap.run, snap.summary, snap.meta)
+            with st.container():
+                show_outcome(snap.run, snap.command)
             decay_controls(address, snap.run, snap.summary.get("schedule"),
                            is_locked(snap.state) or not allowed)
         with chart:
             chart_settings()
             _training_chart(snap)
-            _interventions(snap)
+            with st.container():
+                _interventions(snap)
             with st.expander("LR range test", expanded=bool(store.results("lr_find"))):
                 render_lr_panel(store, allowed=allowed)
             sample_panel(snap.samples)  # charlm's generated text, newest first
@@ -167,6 +175,13 @@ def _status_row(snap: Snapshot) -> None:
              ("decay", (summary.get("schedule") or {}).get("shape", "constant"))]
     for column, (label, value) in zip(st.columns(len(cells)), cells):
         column.metric(label, value)
+    with st.container():  # a fixed slot for what comes and goes (see run_view)
+        _notes(snap)
+
+
+def _notes(snap: Snapshot) -> None:
+    """Under the status row: what the LR is made of, an early-stop hint, a divergence."""
+    meta, state = snap.meta, snap.state
     composition = lr_composition(meta.get("lr_composition"))
     if composition:
         st.caption(composition)

@@ -12,7 +12,7 @@ from typing import Any
 import streamlit as st
 
 from app import access, actions
-from app.controls import key, put, shown_value
+from app.controls import key
 from trainer.config import OPTIMIZERS, TASKS, TrainConfig, config_values
 from trainer.export import ExportError, build_export, render
 from trainer.knobs import format_sci, log_ladder
@@ -42,14 +42,13 @@ def decay_controls(address: str, run: str, schedule: dict[str, Any] | None,
     """LR decay shape and its rate, sent as one ``schedule`` command. The expander's label is
     the shape in force (``schedule``: the run's, from the page's snapshot)."""
     current = (schedule or {}).get("shape", "constant")
-    state = st.session_state
-    if key(run, "shape") not in state:  # first shown: the shape in force
-        put(key(run, "shape"), current if current in SHAPES else SHAPES[0])
-    shown = shown_value(key(run, "shape"))
+    # The selectbox starts at the shape in force when first shown, and keeps the user's choice
+    # (its value is never written from here: see app.controls on why).
+    first = st.session_state.setdefault(key(run, "shape_shown_first"),
+                                        current if current in SHAPES else SHAPES[0])
     with st.expander(f"LR decay: {SHAPE_LABELS.get(current, current)}"):
         shape = st.selectbox("shape", SHAPES, format_func=SHAPE_LABELS.get,
-                             index=0 if shown is None else SHAPES.index(shown),
-                             key=key(run, "shape"), disabled=locked)
+                             index=SHAPES.index(first), key=key(run, "shape"), disabled=locked)
         if shape != "constant":
             st.number_input(RATE_LABELS[shape], value=DEFAULT_RATES[shape], format="%.4g",
                             key=key(run, f"rate_{shape}"), disabled=locked)

@@ -96,6 +96,15 @@ def holds_for(predicate: Callable[[], Any], seconds: float, interval: float = 0.
         time.sleep(interval)
 
 
+def knob_widget(at: Any, name: str, run: str = "live") -> Any:
+    """The dashboard's widget showing knob ``name`` (``lr``, ``momentum``, ``weight_decay``, or
+    ``exact``: the exact-LR field) in AppTest ``at``. The page replaces a widget it moves by a
+    new one with the next key (``knob:RUN:NAME``, ``…#2``, …; see app.controls)."""
+    base = f"knob:{run}:{name}"
+    widgets = at.text_input if name == "exact" else at.select_slider
+    return next(w for w in widgets if w.key == base or (w.key or "").startswith(base + "#"))
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` (all threads) from /proc/<pid>/stat."""
     text = Path(f"/proc/{pid}/stat").read_text()

@@ -12,6 +12,7 @@ import hmac
 from pathlib import Path
 
 import pytest
+from helpers import knob_widget
 from streamlit.testing.v1 import AppTest
 
 from app import access
@@ -68,10 +69,10 @@ def test_without_the_token_every_action_is_disabled_and_inert(locked_page):
     buttons = _action_buttons(result)
     for name in buttons:
         assert at.button(key=name).disabled, name
-    assert at.select_slider(key=key("live", "lr")).disabled
-    assert at.text_input(key=key("live", "exact")).disabled
+    assert knob_widget(at, "lr").disabled
+    assert knob_widget(at, "exact").disabled
     at.text_input(key="new_name").input("sneaky")
-    _anyway(at.select_slider(key=key("live", "lr"))).set_value(0.1)
+    _anyway(knob_widget(at, "lr")).set_value(0.1)
     for name in buttons:  # pressed anyway, as a crafted message would
         _anyway(at.button(key=name)).click().run()
         assert not at.exception, (name, at.exception)
@@ -89,7 +90,7 @@ def test_the_token_is_checked_when_the_action_runs(locked_page):
     for name in buttons:
         at.session_state[access._HELD] = TOKEN
         at.run()  # drawn unlocked …
-        at.select_slider(key=key("live", "lr")).set_value(0.1)
+        knob_widget(at, "lr").set_value(0.1)
         at.session_state[access._HELD] = "a token that no longer matches"  # … then not
         at.button(key=name).click().run()
         assert not at.exception, (name, at.exception)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import wait_until
+from helpers import knob_widget, wait_until
 from streamlit.testing.v1 import AppTest
 
 from app.charts import MAX_POINTS, downsample, ema, training_figure
@@ -54,7 +54,7 @@ def knobs_table(at: AppTest) -> str:
 
 def test_moving_lr_and_apply_sends_exactly_one_set_command(page):
     at, run_dir = page()
-    at.select_slider(key=key("live", "lr")).set_value(0.003).run()
+    knob_widget(at, "lr").set_value(0.003).run()
     assert ":orange[**3e-03**]" in knobs_table(at)
     assert commands(run_dir) == []  # moving a slider alone sends nothing
     at.button(key=key("live", "apply")).click().run()
@@ -66,8 +66,8 @@ def test_moving_lr_and_apply_sends_exactly_one_set_command(page):
 
 def test_apply_sends_only_the_changed_knobs(page):
     at, run_dir = page()
-    at.select_slider(key=key("live", "momentum")).set_value(0.99)
-    at.select_slider(key=key("live", "lr")).set_value(0.02).run()
+    knob_widget(at, "momentum").set_value(0.99)
+    knob_widget(at, "lr").set_value(0.02).run()
     table = knobs_table(at)
     assert "| LR | 1e-02 | :orange[**2e-02**] |" in table
     assert "| momentum β | 0.9 | :orange[**0.99**] |" in table
@@ -80,7 +80,7 @@ def test_apply_sends_only_the_changed_knobs(page):
 @pytest.mark.parametrize("typed", ["-1", "abc", "0", "nan", "1e9"])
 def test_bad_typed_lr_shows_error_and_sends_nothing(page, typed):
     at, run_dir = page()
-    at.text_input(key=key("live", "exact")).input(typed).run()
+    knob_widget(at, "exact").input(typed).run()
     assert at.error, "a bad LR is reported as soon as it is typed"
     at.button(key=key("live", "apply")).click().run()
     assert any("Not sent" in e.value for e in at.error)
@@ -89,14 +89,14 @@ def test_bad_typed_lr_shows_error_and_sends_nothing(page, typed):
 
 def test_exact_lr_and_halving_buttons(page):
     at, run_dir = page()
-    at.text_input(key=key("live", "exact")).input("3.2e-4").run()
+    knob_widget(at, "exact").input("3.2e-4").run()
     assert ":orange[**3.2e-04**]" in knobs_table(at)
     at.button(key=key("live", "half")).click().run()
-    assert at.text_input(key=key("live", "exact")).value == "0.00016"
+    assert knob_widget(at, "exact").value == "0.00016"
     at.button(key=key("live", "apply")).click().run()
     (command,) = commands(run_dir)
     assert json.loads(command.payload) == {"lr": 0.00016}
-    assert at.text_input(key=key("live", "exact")).value == ""  # sent: the field is cleared
+    assert knob_widget(at, "exact").value == ""  # sent: the field is cleared
 
 
 def test_doubling_from_the_applied_lr(page):
@@ -115,10 +115,10 @@ def test_apply_without_changes_sends_nothing(page):
 
 def test_outcome_applied_and_rejected(page):
     at, run_dir = page()
-    at.select_slider(key=key("live", "lr")).set_value(0.005)
+    knob_widget(at, "lr").set_value(0.005)
     at.button(key=key("live", "apply")).click().run()
     assert any("waiting for the trainer" in i.value for i in at.info)
-    assert at.select_slider(key=key("live", "lr")).value == 0.005  # in flight: keeps the sent
+    assert knob_widget(at, "lr").value == 0.005  # in flight: keeps the sent
     (command,) = commands(run_dir)
     with SqliteStore(run_dir) as store:  # the trainer's part: apply it at step 25
         store.resolve_commands([(command.id, "applied", 25, None)])
@@ -126,14 +126,14 @@ def test_outcome_applied_and_rejected(page):
     at.run()
     assert any("applied at step 25" in s.value for s in at.success)
     assert "| LR | 5e-03 | 5e-03 |" in knobs_table(at)
-    at.select_slider(key=key("live", "lr")).set_value(0.002)
+    knob_widget(at, "lr").set_value(0.002)
     at.button(key=key("live", "apply")).click().run()
     with SqliteStore(run_dir) as store:
         store.resolve_commands([(commands(run_dir)[-1].id, "rejected", None, "lr too spicy")])
     at.run()
     assert any("lr too spicy" in e.value for e in at.error)
     at.run()  # the refused value leaves the slider: it shows the applied LR again
-    assert at.select_slider(key=key("live", "lr")).value == 0.005
+    assert knob_widget(at, "lr").value == 0.005
     assert ":orange" not in knobs_table(at)
 
 
@@ -144,7 +144,7 @@ def test_untouched_knob_follows_the_applied_value(page):
     at.run()
     assert "| LR | 1.23e-02 | 1.23e-02 |" in knobs_table(at)
     assert ":orange" not in knobs_table(at)
-    assert at.select_slider(key=key("live", "lr")).value == 0.015  # nearest stop (log scale)
+    assert knob_widget(at, "lr").value == 0.015  # nearest stop (log scale)
 
 
 def test_pause_writes_a_pause_command(page):
@@ -174,10 +174,10 @@ def test_a_diverged_run_offers_roll_back_and_resume(page):
 def test_finished_run_shows_knobs_disabled(page):
     at, _ = page(status="finished")
     for name in ("lr", "momentum", "weight_decay"):
-        assert at.select_slider(key=key("live", name)).disabled
+        assert knob_widget(at, name).disabled
     for name in ("apply", "half", "double", "pause", "resume", "stop", "apply_decay"):
         assert at.button(key=key("live", name)).disabled, name
-    assert at.text_input(key=key("live", "exact")).disabled
+    assert knob_widget(at, "exact").disabled
     assert any(m.label == "state" and m.value == "finished" for m in at.metric)
 
 

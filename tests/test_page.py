@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import knob_widget
 from streamlit.testing.v1 import AppTest
 
 import app.charts
@@ -53,10 +54,10 @@ def _trainer_applies(run_dir: Path, **knobs) -> None:
 
 def test_a_message_is_replaced_by_the_next_action(page):
     at, run_dir = page(status="paused")
-    at.text_input(key=key("live", "exact")).input("0").run()
+    knob_widget(at, "exact").input("0").run()
     at.button(key=key("live", "apply")).click().run()
     assert any(e.value.startswith("Not sent: lr must be") for e in at.error)
-    at.text_input(key=key("live", "exact")).input("0.006").run()
+    knob_widget(at, "exact").input("0.006").run()
     assert not any("Not a valid" in e.value for e in at.error)  # the field's hint went
     at.button(key=key("live", "apply")).click().run()
     assert not any("Not sent" in e.value for e in at.error)  # the older error went too
@@ -72,6 +73,28 @@ def test_a_message_is_replaced_by_the_next_action(page):
     at.run()
     assert not at.success  # … replaces the success message
     assert any("resume: rejected by the trainer: not now" in e.value for e in at.error)
+
+
+def test_a_click_before_the_browser_drew_the_moved_widgets_does_not_undo_them(page):
+    """×½ replaces the LR slider and the exact-LR field by new widgets (app.controls). A
+    browser that has not drawn them yet still reports the old ones with the next click (Apply
+    right after ×½), and Streamlit calls the old widgets' on_change: that must change nothing
+    (it emptied the field and Apply said "Nothing to apply")."""
+    at, run_dir = page(status="paused")
+    old_ids = {knob_widget(at, "lr").id, knob_widget(at, "exact").id}
+    # AppTest sends the widgets of the last run only; these are what the browser still holds.
+    old = [w for w in at._tree.get_widget_states().widgets if w.id in old_ids]
+    at.button(key=key("live", "half")).click().run()
+    assert knob_widget(at, "exact").value == "0.005"
+    at.button(key=key("live", "apply")).click()
+    states = at._tree.get_widget_states()
+    fresh = list(states.widgets)
+    del states.widgets[:]
+    states.widgets.extend([*old, *fresh])  # in the page's order: the knobs above Apply
+    at._run(states)
+    assert not at.exception, at.exception
+    with SqliteStore(run_dir) as store:
+        assert [json.loads(c.payload) for c in store.commands()] == [{"lr": 0.005}]
 
 
 def test_the_decay_panel_reads_the_schedule_in_force(page):
