@@ -325,9 +325,8 @@ class PostgresStore(RunStore):
         # Later notifications of the same burst stay queued and end the next wait at once.
 
     @staticmethod
-    def _insert_metrics(tx: Any, rows) -> None:
-        if rows:
-            columns = list(zip(*rows))
+    def _insert_metrics(tx: Any, columns) -> None:
+        if columns and columns[0]:
             tx.execute(_UPSERT_METRIC_ARRAYS, [_array(c, int if t == "bigint" else float)
                                                for c, t in zip(columns, _TYPES)])
 
