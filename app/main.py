@@ -36,6 +36,7 @@ from app.controls import (
 from app.data import early_stop_hint, fetch, steps_per_second
 from app.lr_panel import render_lr_panel
 from app.panels import decay_controls, export_block, new_run_form
+from app.study import study_section
 from trainer.knobs import format_sci
 from trainer.store import RUNNING_STATES, RunStore, StoreError
 from trainer.store.address import (
@@ -370,6 +371,7 @@ def main() -> None:
             decay(address, allowed)
         with st.sidebar:
             export_block(store)
+        study_section(root, meta)  # a trial of a search: its study below (app/study.py)
 
 
 if __name__ == "__main__":

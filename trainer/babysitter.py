@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL_S = 0.1   # metrics reach the store at most this late (kill -9 loses ≤ this)
 POLL_INTERVAL_S = 0.05   # a command waits at most this long before the trainer sees it
 PAUSE_WAKE_S = 0.5       # a paused trainer re-checks for stop/close at least this often
-ON_DIVERGE = ("pause", "rollback", "ignore")
+ON_DIVERGE = ("pause", "rollback", "ignore", "stop")
 RESCUE_LR_FACTOR = 0.5   # --on-diverge rollback halves the LR that diverged
 
 
@@ -69,7 +69,9 @@ class Babysitter:
             (see :func:`trainer.export.replay_commands`): a recorded session, re-enacted.
         on_diverge: what the divergence guard does when the loss turns NaN/inf or blows up:
             ``pause`` (mark the run diverged and wait for a person), ``rollback`` (restore the
-            last good checkpoint, halve the LR, go on), or ``ignore``.
+            last good checkpoint, halve the LR, go on), ``stop`` (end the run as ``stopped``,
+            the cause in its meta ``diverged``: a search trial's divergence is its result, and a
+            person can still resume the run from its checkpoints), or ``ignore``.
         guard: a :class:`~trainer.guard.DivergenceGuard` with custom thresholds.
         early_stop: stop when the validation loss has not improved for this many evaluations
             (the best model is kept as a pinned checkpoint).
@@ -81,6 +83,9 @@ class Babysitter:
         store: a PostgreSQL URL (``postgresql://user@host/db``) to keep the run's metrics and
             commands in, so dashboards on other machines see it; default ``$PANDA_STORE``, and
             without either the run's own SQLite file in ``run_dir``.
+        on_validation: called as ``on_validation(babysitter, metrics)`` at every
+            :meth:`log_validation`, on the training thread, with the metrics as floats (one
+            sync per evaluation); it may call :meth:`stop` (a search prunes a trial this way).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, run_dir: str | os.PathLike = "runs/run",
@@ -92,7 +97,8 @@ class Babysitter:
                  early_stop: int | None = None, keep_checkpoints: int = checkpoint.DEFAULT_KEEP,
                  flush_interval: float = FLUSH_INTERVAL_S,
                  poll_interval: float = POLL_INTERVAL_S,
-                 sync_every: int = DEFAULT_SYNC_EVERY, store: str | None = None):
+                 sync_every: int = DEFAULT_SYNC_EVERY, store: str | None = None,
+                 on_validation: Callable[[Babysitter, dict[str, float]], None] | None = None):
         self.run_dir = Path(run_dir)
         sanitize_run_name(self.run_dir.name)
         if checkpoint_every is not None and (model is None or checkpoint_every < 1):
@@ -100,6 +106,7 @@ class Babysitter:
         if on_diverge not in ON_DIVERGE:
             raise ValueError(f"on_diverge must be one of {', '.join(ON_DIVERGE)}")
         self.on_diverge, self.early_stop = on_diverge, early_stop
+        self.on_validation = on_validation
         self.keep_checkpoints = keep_checkpoints
         self.optimizer, self.model = optimizer, model
         self.knobs = OptimizerKnobs(optimizer)
@@ -187,6 +194,8 @@ class Babysitter:
         self._outbox.append(("validation", rows))
         if self._early_stopping and loss is not None:
             self._check_early_stop(float(loss))
+        if self.on_validation is not None:
+            self.on_validation(self, {name: float(v) for name, v in values.items()})
         if end_epoch:
             self.epoch += 1
             if self.lr_plan.active:
@@ -203,6 +212,11 @@ class Babysitter:
         payload = validate_command("set", knobs)
         self.knobs.check(payload)
         self._apply("set", payload, command_id=None, source="api")
+
+    def stop(self, reason: str | None = None) -> None:
+        """Stop the run from code at this step boundary, like a ``stop`` command (recorded, with
+        ``reason`` in its event); the loop sees :attr:`should_stop`, the run ends ``stopped``."""
+        self._apply("stop", {}, command_id=None, source="api", note=reason)
 
     def rollback(self, step: int | None = None) -> None:
         """Restore the newest checkpoint (at or before ``step``) now, from code. Under DDP every
@@ -224,7 +238,7 @@ class Babysitter:
             self._wait_while_paused()
 
     def _apply(self, kind: str, payload: dict, command_id: int | None,
-               source: str = "store") -> None:
+               source: str = "store", note: str | None = None) -> None:
         """Apply one validated command now, at a step boundary; queue its record for the store.
 
         Commands that did not come through the store (``bs.set``, replay) are recorded as
@@ -239,6 +253,8 @@ class Babysitter:
             self._outbox.append(("resolve", ([(command_id, "rejected", None, str(err))], [])))
             self._flusher.nudge()
             return
+        if note:  # why it was done, in the event's message ("stop at step 90: pruned …")
+            events = [(*event[:-1], f"{event[-1]}: {note}") for event in events]
         if kind == "diverged":  # the guard's own news, not a command anyone sent
             self._outbox.append(("events", events))
         elif command_id is None:
@@ -406,6 +422,9 @@ class Babysitter:
             self._set_knob("lr", new_lr)
             self._outbox.append(("meta", {"status": "running"}))
             self._flusher.arm_guard(self.step_count)
+        elif self.on_diverge == "stop":  # a result, not a wait (search trials): end the run
+            self.should_stop = self._stopped_by_command = True
+            self._outbox.append(("meta", {"diverged": payload}))
         else:
             self.paused = True
             self._outbox.append(("meta", {"status": "diverged", "diverged": payload}))

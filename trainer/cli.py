@@ -351,6 +351,7 @@ def _knob_value(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from trainer.runner import TrainConfig
+    from trainer.search.cli import add_search_parser
 
     parser = _Parser(prog="panda", description="Babysit one PyTorch training run from the "
                      "browser.")
@@ -454,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "step: on a fixed set of training samples (default; robust mid-training) or "
                    "of the mini-batch just trained on (cheaper, noisy)")
     p.add_argument("--job-id", type=int, help=argparse.SUPPRESS)
+    add_search_parser(add)  # trainer/search/cli.py: caviar mode on Optuna
     for name, func, text in (("dashboard", cmd_dashboard, "open the dashboard on --runs-dir"),
                              ("demo", cmd_demo, "start a digits run in the background and "
                               "open the dashboard on it")):

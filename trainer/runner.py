@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -35,12 +36,13 @@ class TrainConfig:
     momentum: float = 0.9       # β (β1 for Adam): averages over ~1/(1−β) = 10 steps
     weight_decay: float = 0.0   # regularization comes after LR and momentum in priority
     batch_size: int = 32        # small batches generalize well (Masters & Luschi 2018)
+    hidden: int = 64            # units per hidden layer (digits, spirals; quadratic has none)
     epochs: int = 20
     seed: int = 0
     checkpoint_every: int = 200   # steps between rolling checkpoints
     step_delay: float = 0.0     # seconds slept per step: slows a demo to watching speed
     schedule: dict | None = None  # LR decay, see trainer.schedules.Schedule
-    on_diverge: str = "pause"   # pause | rollback | ignore (see Babysitter)
+    on_diverge: str = "pause"   # pause | rollback | ignore | stop (see Babysitter)
     early_stop: int | None = None  # stop after this many epochs without a better val loss
 
     def validate(self) -> TrainConfig:
@@ -52,7 +54,7 @@ class TrainConfig:
                              f"{', '.join(OPTIMIZERS)}")
         for name in KNOBS:
             KNOBS[name].validate(getattr(self, name))
-        for name in ("batch_size", "epochs", "checkpoint_every"):
+        for name in ("batch_size", "epochs", "checkpoint_every", "hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.on_diverge not in ON_DIVERGE:
@@ -84,7 +86,7 @@ class TrainConfig:
     def build(self) -> tuple[Task, torch.optim.Optimizer]:
         """The seeded task and its optimizer, as a run of this config starts them."""
         torch.manual_seed(self.seed)
-        task = make_task(self.task, seed=self.seed)
+        task = make_task(self.task, seed=self.seed, hidden=self.hidden)
         optimizer = make_optimizer(self.optimizer, task.model.parameters(), lr=self.lr,
                                    momentum=self.momentum, weight_decay=self.weight_decay)
         return task, optimizer
@@ -99,18 +101,21 @@ def _raise_terminated(signum, frame):
 
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
-          replay: list[tuple[int, str, dict]] | None = None, store: str | None = None) -> str:
+          replay: list[tuple[int, str, dict]] | None = None, store: str | None = None,
+          on_validation: Callable[[Babysitter, dict[str, float]], None] | None = None) -> str:
     """Train ``cfg`` into ``run_dir`` and return the final status.
 
     ``replay`` re-enacts a recorded timeline (see :mod:`trainer.export`) at its exact steps.
-    ``store`` is a PostgreSQL URL for the run's metrics (see :class:`Babysitter`).
+    ``store`` is a PostgreSQL URL for the run's metrics; ``on_validation`` is called after
+    every epoch's evaluation (both: see :class:`Babysitter`; a search reports to Optuna there).
 
     SIGTERM stops the run cleanly (status ``stopped``, final checkpoint written).
     """
     cfg.validate()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading_is_main() else None
     try:
-        return _train(cfg, run_dir, resume=resume, replay=replay, store=store)
+        return _train(cfg, run_dir, resume=resume, replay=replay, store=store,
+                      on_validation=on_validation)
     except Terminated:  # a clean stop, not a crash: the Babysitter already closed the run
         log.info("SIGTERM: run %s stopped", run_dir)
         return "stopped"
@@ -120,14 +125,15 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
 
 def _train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool,
-           replay: list[tuple[int, str, dict]] | None, store: str | None) -> str:
+           replay: list[tuple[int, str, dict]] | None, store: str | None,
+           on_validation: Callable[[Babysitter, dict[str, float]], None] | None = None) -> str:
     task, optimizer = cfg.build()
     steps_per_epoch = task.steps_per_epoch(cfg.batch_size)
     with Babysitter(optimizer, run_dir, model=task.model, config=asdict(cfg),
                     task=task.info["description"], steps_per_epoch=steps_per_epoch,
                     schedule=cfg.schedule, checkpoint_every=cfg.checkpoint_every,
                     resume=resume, replay=replay, on_diverge=cfg.on_diverge,
-                    early_stop=cfg.early_stop, store=store) as bs:
+                    early_stop=cfg.early_stop, store=store, on_validation=on_validation) as bs:
         start_epoch, first_batch = divmod(bs.step_count, steps_per_epoch)
         for epoch in range(start_epoch, cfg.epochs):
             bs.epoch = epoch
