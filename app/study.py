@@ -43,7 +43,7 @@ def study_section(root: str, meta: dict[str, Any]) -> None:
 def _storage(root: str, name: str):
     from trainer.search.study import open_storage
 
-    return open_storage(root, name)
+    return open_storage(root, name, writer=False)
 
 
 @st.cache_data(ttl=REFRESH_S, show_spinner=False, max_entries=8)

@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -292,7 +293,7 @@ def test_a_person_changing_a_trial_is_recorded_and_the_pruner_leaves_it_alone(tm
                     bs.step(loss)
                 if epoch == 0:  # what a person does from the dashboard, through the store
                     bs.store.submit_command("set", {"lr": 0.001}, source="dashboard")
-                    last = float(loss)
+                    last = float(loss.detach())
                     wait_until(lambda last=last: (bs.step(last), bs.lr == 0.001)[1], 10,
                                what="the change to land")
                 bs.log_validation(10.0 + epoch)  # worse every epoch: the pruner would stop it
@@ -426,3 +427,107 @@ def test_two_workers_and_a_joined_one_never_run_the_same_trial_twice(tmp_path, b
     initial = json.loads(exported.stdout)["initial"]
     assert initial["lr"] == best["settings"]["lr"]
     assert initial["batch_size"] == best["settings"]["batch_size"]
+
+
+# --- the study view ------------------------------------------------------------------------------
+
+def fake_study(runs: Path, name: str, count: int) -> None:
+    """A finished study of ``count`` trials (random settings and curves), without training."""
+    import random
+
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from trainer.search.config import SearchConfig
+    from trainer.search.rounds import first_plan
+
+    cfg = SearchConfig(task="digits", trials=count, study=name,
+                       space=SearchSpace(lr=(1e-4, 1.0))).validate()
+    study = optuna.create_study(study_name=name,
+                                storage=studies.open_storage(runs, name, create=True))
+    study.set_user_attr(studies.CONFIG_ATTR, cfg.to_dict())
+    study.set_user_attr("round_1", first_plan(cfg.space.outer_box()))
+    rng = random.Random(0)
+    distributions = {"lr": FloatDistribution(1e-4, 1.0, log=True),
+                     "one_minus_beta": FloatDistribution(1e-3, 1e-1, log=True),
+                     "batch_size": CategoricalDistribution((16, 32, 64, 128))}
+    made = []
+    for number in range(count):
+        params = {"lr": 10 ** rng.uniform(-4, 0), "one_minus_beta": 10 ** rng.uniform(-3, -1),
+                  "batch_size": rng.choice((16, 32, 64, 128))}
+        epochs = rng.choice((1, 3, 10))
+        curve = {e: 2.0 / e + abs(math.log10(params["lr"]) + 2) for e in range(1, epochs + 1)}
+        best = min(curve.values())
+        settings = {"lr": params["lr"], "momentum": 1 - params["one_minus_beta"],
+                    "weight_decay": 0.0, "batch_size": params["batch_size"], "hidden": 64,
+                    "decay": "cosine"}
+        complete = epochs == 10
+        made.append(optuna.trial.create_trial(
+            params=params, distributions=distributions, value=best if complete else None,
+            intermediate_values=curve,
+            state=optuna.trial.TrialState.COMPLETE if complete else
+            optuna.trial.TrialState.PRUNED,
+            user_attrs={"slot": f"1.{number}", "round": 1, "run": f"{name}-{number}",
+                        "settings": settings, "epoch": epochs, "best": best,
+                        "outcome": "complete" if complete else "pruned",
+                        "reason": None if complete else f"pruned by hyperband at epoch "
+                        f"{epochs}", "pruned_at": None if complete else epochs}))
+    study.add_trials(made)
+
+
+def test_the_study_view_shows_200_trials_and_a_click_opens_one(make_run, tmp_path,
+                                                               monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    fake_study(tmp_path / "runs", "big", 200)
+    for number in (0, 1):
+        run_dir = make_run(f"big-{number}")
+        with SqliteStore(run_dir) as store:
+            store.set_meta(study="big", trial=number)
+    monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path / "runs"))
+    app = str(REPO / "app" / "main.py")
+    at = AppTest.from_file(app, default_timeout=60).run()
+    assert not at.exception, at.exception
+    assert any(m.value == "#### Study big" for m in at.markdown)
+    (table,) = [d for d in at.dataframe if len(d.value) == 200]
+    assert list(table.value["trial"][:2]) == [199, 198]  # newest first
+    assert len(at.get("plotly_chart")) >= 4  # the run's chart and the study's three
+    # What a click on row 2 (trial 1) does, then the page opens that trial's run.
+    picked = at.sidebar.selectbox(key="run_picker").value
+    other = "big-1" if picked == "big-0" else "big-0"
+    at.session_state["run_picker"] = other
+    at.run()
+    assert not at.exception, at.exception
+    assert at.sidebar.selectbox(key="run_picker").value == other
+
+
+POP_SCRIPT = """
+import sys, optuna
+from trainer.search import study as studies
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = optuna.load_study(study_name="pop", storage=studies.open_storage(sys.argv[1], "pop"))
+def objective(trial):
+    print(trial.number, flush=True)
+    return 0.0
+while any(t.state == optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+    study.optimize(objective, n_trials=1)
+"""
+
+
+def test_waiting_trials_go_to_one_worker_each_on_sqlite(tmp_path):
+    """Optuna's hand-over of a waiting trial relies on SELECT … FOR UPDATE, which SQLite
+    ignores; the study's SQLite storage takes the write lock at BEGIN instead."""
+    runs = tmp_path / "runs"
+    study = optuna.create_study(study_name="pop",
+                                storage=studies.open_storage(runs, "pop", create=True))
+    for _ in range(60):
+        study.enqueue_trial({})
+    procs = [subprocess.Popen([sys.executable, "-c", POP_SCRIPT, str(runs)],
+                              stdout=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
+             for _ in range(4)]
+    numbers = []
+    for proc in procs:
+        with reaped(proc):
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+        numbers += [int(n) for n in out.split()]
+    assert len(numbers) == len(set(numbers)), sorted(numbers)  # no trial ran twice
+    assert set(range(60)) <= set(numbers)  # (a worker that found none left made a new one)

@@ -135,7 +135,10 @@ def _search(args: argparse.Namespace) -> int:
         raise SearchInputError(f"panda search needs Optuna ({first_line(err)}): pip install "
                                "'panda-babysitter[search]'") from None
     if args.worker:
-        work(args.worker, root, args.runs_dir, url, index=args.worker_index)
+        try:
+            work(args.worker, root, args.runs_dir, url, index=args.worker_index)
+        except KeyboardInterrupt:  # Ctrl-C: its trial is recorded as cut, for --resume
+            return 130
         return 0
     try:
         if existing:

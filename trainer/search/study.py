@@ -34,12 +34,13 @@ from typing import Any
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from trainer.search.config import SearchConfig
 from trainer.search.rounds import Scored, first_plan, plan, split_budget
 from trainer.search.space import LOG_PARAMS
 from trainer.store.address import is_server_url, shown
-from trainer.store.base import pid_alive
+from trainer.store.base import first_line, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,12 @@ def study_file(runs_dir: str | os.PathLike, study: str) -> Path:
     return Path(runs_dir) / STUDY_FILE.format(study)
 
 
-def open_storage(root: str | os.PathLike, study: str, *, create: bool = False) -> RDBStorage:
+def open_storage(root: str | os.PathLike, study: str, *, create: bool = False,
+                 writer: bool = True) -> RDBStorage:
     """Optuna's storage for ``study`` under ``root``, with heartbeats (a dead worker's trial is
-    found and re-run). SQLite: refuses a missing file unless ``create``."""
+    found and re-run). SQLite: refuses a missing file unless ``create``; a ``writer`` (a
+    worker, not the dashboard) takes SQLite's write lock at the start of every transaction
+    (:func:`_immediate_transactions`)."""
     url = storage_url(root, study)
     if is_server_url(root):
         _ensure_schema(str(root))
@@ -85,14 +89,55 @@ def open_storage(root: str | os.PathLike, study: str, *, create: bool = False) -
         if not path.exists():
             if not create:
                 raise StudyError(f"no study {study!r} in {root} (no {path.name})")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.closing(sqlite3.connect(path)) as conn:
-                conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            _new_sqlite_file(path)
         engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                          grace_period=GRACE_S)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # Only the creator makes tables: a reader racing it would insert them twice.
+            storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                 grace_period=GRACE_S, skip_table_creation=not create)
+    except SQLAlchemyError as err:  # no tables yet, a server that cannot be reached
+        raise StudyError(f"cannot open the study storage {shown(url)}: {first_line(err)}") \
+            from None
+    if writer and not is_server_url(root):
+        _immediate_transactions(storage.engine)
+    return storage
+
+
+def _new_sqlite_file(path: Path) -> None:
+    """Make the study file with Optuna's tables in a temporary file, then move it into place:
+    a reader never finds a file without its tables. Then WAL mode, so readers (the dashboard)
+    never block the workers' writes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draft = path.with_name(f"{path.name}.{os.getpid()}.draft")
+    RDBStorage(f"sqlite:///{draft.resolve()}").engine.dispose()
+    os.replace(draft, path)  # atomic; a concurrent creator's file is replaced by an equal one
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+
+
+def _immediate_transactions(engine) -> None:
+    """Make every SQLite transaction ``BEGIN IMMEDIATE``.
+
+    Optuna hands a waiting trial to one worker by reading its state and updating it in one
+    transaction, with ``SELECT … FOR UPDATE``, which SQLite ignores; and Python's sqlite3
+    starts the transaction only at the UPDATE. Two workers could then both take the same
+    waiting trial (seen here: two processes training trial 0). Taking the write lock at BEGIN
+    serializes the read and the update (SQLAlchemy's documented recipe for pysqlite:
+    https://docs.sqlalchemy.org/en/20/dialects/sqlite.html#serializable-isolation-savepoints-transactional-ddl).
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # sqlite3 emits no BEGIN of its own
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # pooled connections opened before the hooks: closed, reopened with them
 
 
 def _ensure_schema(url: str) -> None:
@@ -125,7 +170,11 @@ def check_free(root: str | os.PathLike, name: str) -> None:
     """StudyError when store root ``root`` already holds a study called ``name``."""
     if not is_server_url(root) and not study_file(root, name).exists():
         return
-    if exists(open_storage(root, name), name):
+    try:
+        storage = open_storage(root, name, writer=False)
+    except StudyError:  # PostgreSQL without Optuna's tables yet: no study at all
+        return
+    if exists(storage, name):
         raise StudyError(f"a study named {name!r} already exists: `panda search --resume "
                          f"{name}` continues it, --study NAME starts another")
 

@@ -165,7 +165,8 @@ class Trials:
         with store_for(run_dir, self.store, create=True) as run_store:
             run_store.set_meta(name=name, created=time.time(), status="starting",
                                run_dir=str(run_dir.resolve()), study=self.cfg.study,
-                               trial=trial.number, search_settings=settings)
+                               trial=trial.number, search_settings=settings,
+                               **({"task": self.cfg.task} if self.cfg.task else {}))
         reporter = TrialReporter(trial, self.cfg.prune, self.cfg.epochs)
         try:
             status, value = self._train(settings, run_dir, reporter)
@@ -264,7 +265,11 @@ def work(study_name: str, root: str | os.PathLike, runs_dir: str | os.PathLike,
         studies.requeue_cut_trials(study, storage)
         states = [t.state for t in study.get_trials(deepcopy=False)]
         if TrialState.WAITING in states:
-            study.optimize(trials, n_trials=1, catch=(TrialFailed, Surplus))
+            try:
+                study.optimize(trials, n_trials=1, catch=(TrialFailed, Surplus))
+            except TrialCut as cut:  # this worker is being stopped
+                log.info("%s: re-run by `panda search --resume %s`", cut, study_name)
+                return ran
             ran += 1
             continue
         started = len(studies.round_plans(study))
