@@ -26,8 +26,8 @@ BEST_COLOR, OTHER_COLOR = "#d62728", "rgba(120, 120, 120, 0.35)"
 PICKER_KEY = "run_picker"   # the sidebar's run picker (app/main.py)
 TABLE_KEY = "study_trials"
 FIGURE_HEIGHT = 380
-TABLE_COLUMNS = ("trial", "round", "state", "lr", "β", "weight decay", "batch", "hidden",
-                 "decay", "best val loss", "epoch", "pruned at", "why", "manual", "run")
+TABLE_COLUMNS = ("trial", "round", "state", "manual", "best val loss", "epoch", "lr", "β",
+                 "weight decay", "batch", "hidden", "decay", "pruned at", "why", "run")
 
 
 def study_section(root: str, meta: dict[str, Any]) -> None:
@@ -144,7 +144,9 @@ def table_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "weight decay": _sci(r["weight_decay"]), "batch": r["batch_size"],
             "hidden": r["hidden"], "decay": r["decay"],
             "best val loss": None if r["best"] is None else float(f"{r['best']:.4g}"),
-            "epoch": r["epoch"], "pruned at": r["pruned_at"], "why": r["reason"] or "",
+            "epoch": r["epoch"], "pruned at": r["pruned_at"],
+            "why": (r["reason"] or "") + (f" (re-run of #{r['rerun_of']})"
+                                          if r["rerun_of"] is not None else ""),
             "manual": "yes" if r["manual"] else "", "run": r["run"]})
     return rows
 

@@ -73,14 +73,14 @@ def prepare(cfg: SearchConfig, root: str | os.PathLike, *, sampler=None):
     config as stored and the study. Raises ValueError (one line) and starts nothing on bad
     input or a taken study name."""
     cfg = cfg.validate()
+    studies.check_free(root, cfg.study)  # before spending a range test on it
     lr_note = None
     if cfg.space.lr is None:
         if cfg.task is None:
             cfg = replace(cfg, space=cfg.space.with_lr(DEFAULT_LR))
         else:
-            studies.check_free(root, cfg.study)  # before spending the range test on it
             lr, lr_note = lr_range_from_test(cfg)
-            cfg = replace(cfg, space=cfg.space.with_lr(lr))
+            cfg = replace(cfg, space=cfg.space.with_lr(lr)).validate()  # e.g. a grid's size
     storage = studies.open_storage(root, cfg.study, create=True)
     study = studies.create(cfg, storage, lr_range=lr_note, sampler=sampler)
     return cfg, study
@@ -89,7 +89,8 @@ def prepare(cfg: SearchConfig, root: str | os.PathLike, *, sampler=None):
 def search(objective: Objective | None = None, space: SearchSpace | dict | None = None, *,
            task: str | None = None, trials: int = 20, parallel: int = 1, rounds: int = 1,
            sampler: Any = "random", prune: str = "hyperband", epochs: int = 10,
-           optimizer: str = "sgd", seed: int = 0, study: str | None = None,
+           optimizer: str = "sgd", seed: int = 0, train_seed: int | None = None,
+           study: str | None = None,
            runs_dir: str | os.PathLike = "runs", store: str | None = None,
            step_delay: float = 0.0, top: float | None = None,
            margin: float | None = None) -> dict[str, Any]:
@@ -104,7 +105,8 @@ def search(objective: Objective | None = None, space: SearchSpace | dict | None 
     nothing to minimize the best validation loss. Without ``objective``, a built-in ``task``
     is trained. ``sampler`` is ``"random"`` (default), ``"tpe"`` or an Optuna sampler;
     ``prune`` ``"hyperband"``, ``"median"`` or ``"none"``; ``epochs`` is the number of
-    evaluations a trial makes (Hyperband's maximum resource). ``store``: a PostgreSQL URL
+    evaluations a trial makes (Hyperband's maximum resource). ``seed`` seeds the sampler and
+    the built-in task's training, unless ``train_seed`` is given. ``store``: a PostgreSQL URL
     (default ``$PANDA_STORE``); else the study and runs are SQLite files under ``runs_dir``.
     """
     if objective is None and task is None:
@@ -113,7 +115,8 @@ def search(objective: Objective | None = None, space: SearchSpace | dict | None 
     cfg = SearchConfig(task=task if objective is None else None, trials=trials,
                        parallel=parallel, rounds=rounds,
                        sampler=sampler if isinstance(sampler, str) else "random", prune=prune,
-                       epochs=epochs, optimizer=optimizer, seed=seed, study=study,
+                       epochs=epochs, optimizer=optimizer, seed=seed,
+                       train_seed=train_seed, study=study,
                        step_delay=step_delay, space=_space(space), **given)
     url = store_url(store)
     root = url or str(runs_dir)

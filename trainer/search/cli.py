@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from trainer.search.space import SearchSpace, describe, parse_choices, parse_ran
 from trainer.store.address import store_url
 from trainer.store.base import StoreError, first_line
 from trainer.tasks import TASK_NAMES
+
+log = logging.getLogger(__name__)
 
 PROGRESS_S = 1.0     # how often the command reports newly finished trials
 STOP_GRACE_S = 20.0  # interrupted workers get this long to record their cut trials
@@ -48,7 +51,8 @@ def add_search_parser(add) -> None:
     p.add_argument("--parallel", type=int, help="trial processes on this machine (default 1)")
     p.add_argument("--rounds", type=int, help="coarse-to-fine rounds (default 1)")
     p.add_argument("--epochs", type=int, help="epochs per trial (default 10)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="random (default) or tpe")
+    p.add_argument("--sampler", choices=SAMPLERS, help="random (default), tpe, or grid (the "
+                   "baseline: k values per log-scale parameter, --trials must be k^d × choices)")
     p.add_argument("--prune", choices=PRUNERS, help="hyperband (default), median or none")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="default sgd")
     p.add_argument("--seed", type=int, help="seeds the sampler and the trials (default 0)")
@@ -135,9 +139,13 @@ def _search(args: argparse.Namespace) -> int:
         raise SearchInputError(f"panda search needs Optuna ({first_line(err)}): pip install "
                                "'panda-babysitter[search]'") from None
     if args.worker:
+        from trainer.search.worker import TrialCut
+
         try:
             work(args.worker, root, args.runs_dir, url, index=args.worker_index)
-        except KeyboardInterrupt:  # Ctrl-C: its trial is recorded as cut, for --resume
+        except (TrialCut, KeyboardInterrupt) as cut:  # SIGTERM / Ctrl-C: recorded as cut
+            log.info("worker stopped (%s): `panda search --resume %s` re-runs its trial",
+                     cut, args.worker)
             return 130
         return 0
     try:

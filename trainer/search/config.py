@@ -16,7 +16,7 @@ from trainer.search.space import SearchSpace
 from trainer.store.base import sanitize_run_name
 from trainer.tasks import TASK_NAMES
 
-SAMPLERS = ("random", "tpe")
+SAMPLERS = ("random", "tpe", "grid")  # grid: the baseline random search beats
 PRUNERS = ("hyperband", "median", "none")
 MAX_PARALLEL = 64
 MAX_STUDY_NAME = 80   # trial runs are named <study>-<number>; run names stop at 100 characters
@@ -30,11 +30,14 @@ class SearchConfig:
     trials: int = 20            # trials in all rounds together
     parallel: int = 1           # trial processes on this machine
     rounds: int = 1             # coarse-to-fine rounds (trainer.search.rounds)
-    sampler: str = "random"     # random: Bergstra & Bengio 2012; tpe: Bergstra et al. 2011
+    sampler: str = "random"     # random: Bergstra & Bengio 2012; tpe: Bergstra et al. 2011;
+    #                             grid: the baseline (a grid of exactly `trials` points)
     prune: str = "hyperband"    # hyperband: Li et al. 2018 | median | none
     epochs: int = 10            # per trial; Hyperband's maximum resource (1 unit = 1 epoch)
     optimizer: str = "sgd"      # sgd | adam | adamw (momentum is β1 for Adam)
     seed: int = 0               # seeds the sampler and every trial's training
+    train_seed: int | None = None  # the trials' training seed (data, init) if not `seed`:
+    #                                repeat a search with other draws on the same task
     step_delay: float = 0.0     # seconds slept per step: slows trials to watching speed
     top: float = DEFAULT_TOP    # a round is built around this share of the previous one's trials
     margin: float = DEFAULT_MARGIN  # ... widened by this share of the box's log width per side
@@ -57,6 +60,8 @@ class SearchConfig:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of "
                              f"{', '.join(SAMPLERS)}")
+        if self.sampler == "grid" and self.rounds > 1:
+            raise ValueError("a grid has no rounds: coarse to fine needs a random sampler")
         if self.prune not in PRUNERS:
             raise ValueError(f"unknown pruner {self.prune!r}; choose one of {', '.join(PRUNERS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -71,6 +76,8 @@ class SearchConfig:
         space = self.space if isinstance(self.space, SearchSpace) else \
             SearchSpace.from_dict(self.space)
         space = space.validate().for_task(self.task)
+        if self.sampler == "grid" and space.lr is not None:
+            space.grid(self.trials)  # raises when no grid has that many points
         study = self.study or f"{self.task or 'search'}-{time.strftime('%Y%m%d-%H%M%S')}"
         check_study_name(study)
         return replace(self, space=space, study=study)

@@ -18,6 +18,7 @@ a trial's draws into settings; the draws themselves are Optuna's (``trial.sugges
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -124,8 +125,8 @@ class SearchSpace:
         box: Box = {}
         if isinstance(self.lr, tuple):
             box["lr"] = self.lr
-        if isinstance(self.beta, tuple):
-            box["one_minus_beta"] = (1.0 - self.beta[1], 1.0 - self.beta[0])
+        if isinstance(self.beta, tuple):  # 1 − 0.999 is 0.0010000000000000009 in floats
+            box["one_minus_beta"] = (_clean(1.0 - self.beta[1]), _clean(1.0 - self.beta[0]))
         if isinstance(self.weight_decay, tuple):
             box["weight_decay"] = self.weight_decay
         return box
@@ -166,6 +167,43 @@ class SearchSpace:
             else:
                 settings[name] = choices[0] if choices else None
         return settings
+
+
+    def grid(self, trials: int) -> list[dict[str, Any]]:
+        """The points of a grid of exactly ``trials`` trials, as Optuna parameters: k values
+        log-spaced per searched log-scale parameter (weight decay's 0 is one of its k) times
+        every choice. The baseline random search is compared with (Bergstra & Bengio 2012):
+        with few parameters that matter, k is small."""
+        box = self.outer_box()
+        axes: list[list[dict[str, Any]]] = []
+        choices = [name for name in ("batch_size", "hidden", "decay")
+                   if len(getattr(self, name)) > 1]
+        combos = math.prod(len(getattr(self, name)) for name in choices)
+        k = round((trials / combos) ** (1.0 / len(box))) if box else 1
+        for name, (low, high) in box.items():
+            zero = name == "weight_decay" and self.weight_decay_zero
+            values = _log_spaced(low, high, k - 1 if zero else k)
+            axis = [{name: v} if not zero else {WD_ZERO: False, name: v} for v in values]
+            axes.append(([{WD_ZERO: True}] if zero else []) + axis)
+        axes += [[{name: v} for v in getattr(self, name)] for name in choices]
+        points = [dict(kv for part in combo for kv in part.items())
+                  for combo in itertools.product(*axes)]
+        if len(points) != trials or (k < 2 and box):
+            raise SpaceError(f"a grid over {len(box)} log-scale parameter(s) and {combos} "
+                             f"choice combination(s) cannot have exactly {trials} trials: "
+                             f"use k^{len(box)}×{combos} (k ≥ 2)")
+        return points
+
+
+def _clean(value: float) -> float:
+    return float(f"{value:.12g}")
+
+
+def _log_spaced(low: float, high: float, count: int) -> list[float]:
+    if count == 1:
+        return [math.sqrt(low * high)]
+    step = (math.log10(high) - math.log10(low)) / (count - 1)
+    return [float(f"{10.0 ** (math.log10(low) + i * step):.10g}") for i in range(count)]
 
 
 def _check_knob_range(name: str, knob: str, value: Any, *, log: bool) -> None:

@@ -25,12 +25,14 @@ import contextlib
 import logging
 import math
 import os
+import re
 import socket
 import sqlite3
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
@@ -39,7 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from trainer.search.config import SearchConfig
 from trainer.search.rounds import Scored, first_plan, plan, split_budget
 from trainer.search.space import LOG_PARAMS
-from trainer.store.address import is_server_url, shown
+from trainer.store.address import is_server_url, list_runs, shown
 from trainer.store.base import first_line, pid_alive
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,13 @@ def storage_url(root: str | os.PathLike, study: str) -> str:
     if is_server_url(root):
         return "postgresql+psycopg://" + str(root).split("://", 1)[1]
     return f"sqlite:///{(Path(root) / STUDY_FILE.format(study)).resolve()}"
+
+
+def shown_storage(root: str | os.PathLike, study: str) -> str:
+    """Where the study lives, as a person may see it (a password hidden)."""
+    if is_server_url(root):
+        return f"{shown(root)} (schema {OPTUNA_SCHEMA})"
+    return str(study_file(root, study))
 
 
 def study_file(runs_dir: str | os.PathLike, study: str) -> Path:
@@ -98,8 +107,8 @@ def open_storage(root: str | os.PathLike, study: str, *, create: bool = False,
             storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
                                  grace_period=GRACE_S, skip_table_creation=not create)
     except SQLAlchemyError as err:  # no tables yet, a server that cannot be reached
-        raise StudyError(f"cannot open the study storage {shown(url)}: {first_line(err)}") \
-            from None
+        raise StudyError(f"cannot open the study storage {shown_storage(root, study)}: "
+                         f"{first_line(err)}") from None
     if writer and not is_server_url(root):
         _immediate_transactions(storage.engine)
     return storage
@@ -167,7 +176,12 @@ def exists(storage: RDBStorage, name: str) -> bool:
 
 
 def check_free(root: str | os.PathLike, name: str) -> None:
-    """StudyError when store root ``root`` already holds a study called ``name``."""
+    """StudyError when store root ``root`` already holds a study called ``name``, or runs
+    named like its trials (``<name>-<number>``: an earlier study of that name, deleted)."""
+    pattern = re.compile(rf"{re.escape(name)}-\d+")
+    if any(pattern.fullmatch(run["run"]) for run in list_runs(root)):
+        raise StudyError(f"runs named {name}-<number> already exist in {shown(root)}: choose "
+                         "another --study name")
     if not is_server_url(root) and not study_file(root, name).exists():
         return
     try:
@@ -233,8 +247,6 @@ def load(name: str, storage: RDBStorage, *, seed_offset: int = 0,
         raise StudyError(f"study {name!r} was not made by `panda search`")
     cfg = SearchConfig.from_dict(config)
     if sampler is None:
-        import numpy as np
-
         state = np.random.SeedSequence([cfg.seed, seed_offset, len(summary.trials)])
         sampler = make_sampler(cfg.sampler, int(state.generate_state(1)[0]))
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler,
@@ -279,10 +291,13 @@ def plan_round(study: optuna.Study, number: int) -> dict[str, Any]:
         study.set_user_attr(key, record)
         log.info("study %s round %d: %s", study.study_name, number, record["why"])
     taken = {t.user_attrs.get("slot") for t in study.get_trials(deepcopy=False)}
-    for index in range(split_budget(cfg.trials, cfg.rounds)[number - 1]):
+    size = split_budget(cfg.trials, cfg.rounds)[number - 1]
+    # A grid fixes each slot's point; otherwise the sampler draws it (empty parameters).
+    points = cfg.space.grid(size) if cfg.sampler == "grid" else [{}] * size
+    for index, point in enumerate(points):
         slot = f"{number}.{index}"
         if slot not in taken:
-            study.enqueue_trial({}, user_attrs={"slot": slot, "round": number})
+            study.enqueue_trial(point, user_attrs={"slot": slot, "round": number})
     return record
 
 
@@ -396,7 +411,7 @@ def summary(study: optuna.Study, root: str | os.PathLike) -> dict[str, Any]:
     best = best_trial(trials)
     cfg = config_of(study)
     return {
-        "study": study.study_name, "storage": shown(storage_url(root, study.study_name)),
+        "study": study.study_name, "storage": shown_storage(root, study.study_name),
         "task": cfg.task, "trials": cfg.trials, "outcomes": counts,
         "done": is_done(trials, cfg), "rounds": round_plans(study),
         "best": None if best is None else {

@@ -168,6 +168,7 @@ class Trials:
                                trial=trial.number, search_settings=settings,
                                **({"task": self.cfg.task} if self.cfg.task else {}))
         reporter = TrialReporter(trial, self.cfg.prune, self.cfg.epochs)
+        started = time.process_time()
         try:
             status, value = self._train(settings, run_dir, reporter)
         except KeyboardInterrupt:
@@ -177,6 +178,8 @@ class Trials:
             reason = f"{type(err).__name__}: {first_line(err)}"
             _end(trial, "failed", reason)
             raise TrialFailed(reason) from err
+        finally:  # what the trial cost: CPU seconds of this worker process meanwhile
+            trial.set_user_attr("cpu_s", round(time.process_time() - started, 4))
         return self._outcome(trial, run_dir, reporter, status, value)
 
     def _claim(self, trial: optuna.Trial) -> None:
@@ -196,7 +199,8 @@ class Trials:
                 task=cfg.task, optimizer=cfg.optimizer, lr=settings["lr"],
                 momentum=settings["momentum"], weight_decay=settings["weight_decay"],
                 batch_size=settings["batch_size"], hidden=settings["hidden"] or DEFAULT_HIDDEN,
-                epochs=cfg.epochs, seed=cfg.seed, step_delay=cfg.step_delay,
+                epochs=cfg.epochs, step_delay=cfg.step_delay,
+                seed=cfg.seed if cfg.train_seed is None else cfg.train_seed,
                 schedule=schedule_for(settings["decay"], cfg.epochs), on_diverge="stop")
             return train(config, run_dir, store=self.store, on_validation=reporter), None
         babysitters = _Babysitters(run_dir=run_dir, store=self.store, on_diverge="stop",
@@ -256,6 +260,8 @@ def work(study_name: str, root: str | os.PathLike, runs_dir: str | os.PathLike,
     """Run the study's trials until every round is done; returns how many this worker ran.
 
     ``root`` is the store root (runs directory or PostgreSQL URL) the study lives under.
+    SIGTERM (or Ctrl-C) cuts the running trial and raises :class:`TrialCut` (or
+    KeyboardInterrupt): ``--resume`` re-runs it.
     """
     storage = studies.open_storage(root, study_name)
     study, cfg = studies.load(study_name, storage, seed_offset=index, sampler=sampler)
@@ -265,11 +271,7 @@ def work(study_name: str, root: str | os.PathLike, runs_dir: str | os.PathLike,
         studies.requeue_cut_trials(study, storage)
         states = [t.state for t in study.get_trials(deepcopy=False)]
         if TrialState.WAITING in states:
-            try:
-                study.optimize(trials, n_trials=1, catch=(TrialFailed, Surplus))
-            except TrialCut as cut:  # this worker is being stopped
-                log.info("%s: re-run by `panda search --resume %s`", cut, study_name)
-                return ran
+            study.optimize(trials, n_trials=1, catch=(TrialFailed, Surplus))
             ran += 1
             continue
         started = len(studies.round_plans(study))
