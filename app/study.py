@@ -24,10 +24,20 @@ OUTCOME_SYMBOLS = {"complete": "circle", "pruned": "triangle-down", "diverged": 
                    "stopped": "square", "running": "circle-open", "failed": "x-thin"}
 BEST_COLOR, OTHER_COLOR = "#d62728", "rgba(120, 120, 120, 0.35)"
 PICKER_KEY = "run_picker"   # the sidebar's run picker (app/main.py)
+OPEN_KEY = "study_open_run"  # a trial clicked in the table, for the picker on the next run
 TABLE_KEY = "study_trials"
 FIGURE_HEIGHT = 380
 TABLE_COLUMNS = ("trial", "round", "state", "manual", "best val loss", "epoch", "lr", "β",
                  "weight decay", "batch", "hidden", "decay", "pruned at", "why", "run")
+
+
+def open_clicked_trial() -> None:
+    """Call before the run picker is drawn: a trial clicked in the study table becomes the
+    picked run. (Setting the picker's value from the table's callback instead, in a fragment
+    re-run, loses to the browser's stale value of the picker now and then.)"""
+    run = st.session_state.pop(OPEN_KEY, None)
+    if run:
+        st.session_state[PICKER_KEY] = run
 
 
 def study_section(root: str, meta: dict[str, Any]) -> None:
@@ -85,8 +95,8 @@ def _live_states(root: str, records: list[dict[str, Any]]) -> None:
 @st.fragment(run_every=REFRESH_S)
 def study_view(root: str, name: str, current: str) -> None:
     """Header, rounds, then the table and the three plots in tabs."""
-    if st.session_state.get(PICKER_KEY, current) != current:
-        st.rerun(scope="app")  # a trial was clicked: open it (the picker changed)
+    if st.session_state.get(OPEN_KEY) not in (None, current):
+        st.rerun(scope="app")  # a trial was clicked: the whole page opens it
     try:
         data = load_study(root, name)
     except Exception as err:  # Optuna missing, the study file gone, the database down
@@ -168,12 +178,11 @@ def _trial_table(records: list[dict[str, Any]], current: str) -> None:
 
 
 def _open_selected() -> None:
-    """Clicked row → select its run in the sidebar picker (a callback runs before the widgets
-    are drawn again, so it may set the picker's value)."""
+    """Clicked row → its run, opened on the next whole-page run (:func:`open_clicked_trial`)."""
     rows = st.session_state.get(TABLE_KEY, {}).get("selection", {}).get("rows") or []
     runs = st.session_state.get("study_table_runs") or []
     if rows and rows[0] < len(runs) and runs[rows[0]]:
-        st.session_state[PICKER_KEY] = runs[rows[0]]
+        st.session_state[OPEN_KEY] = runs[rows[0]]
 
 
 # --- figures (pure: records in, figures out) -----------------------------------------------------

@@ -95,6 +95,19 @@ def test_choices_and_fixed_values():
         (0.03, 0.95, 0.0, 32)}
 
 
+def test_the_grid_baseline_has_exactly_the_budget():
+    space = SearchSpace(lr=(1e-4, 1.0), beta=(0.9, 0.999), weight_decay=0.0, batch_size=(32,),
+                        hidden=(64,), decay=("constant",))
+    points = space.grid(16)
+    assert len(points) == 16
+    assert sorted({p["lr"] for p in points}) == pytest.approx([1e-4, 10 ** (-8 / 3),
+                                                               10 ** (-4 / 3), 1.0])
+    assert sorted({p["one_minus_beta"] for p in points}) == pytest.approx(
+        [1e-3, 10 ** (-7 / 3), 10 ** (-5 / 3), 1e-1])
+    with pytest.raises(SpaceError, match="cannot have exactly 10 trials"):
+        space.grid(10)
+
+
 def test_every_decay_shape_ends_near_a_tenth_of_the_lr():
     from trainer.schedules import schedule_from
 
@@ -129,6 +142,8 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     (["--decay", "cosine,wiggly"], "unknown decay shape 'wiggly'"),
     (["--trials", "3", "--rounds", "5"], "3 trials cannot fill 5 rounds"),
     (["--trials", "0"], "trials must be a whole number >= 1"),
+    (["--sampler", "grid", "--lr", "1e-4:1", "--trials", "10"], "cannot have exactly 10"),
+    (["--sampler", "grid", "--lr", "1e-4:1", "--rounds", "2"], "a grid has no rounds"),
     (["--depth", "1:3"], "unrecognized arguments: --depth"),
     (["--resume", "nothing-here"], "no study 'nothing-here'"),
     (["--resume", "x", "--trials", "3"], "--trials is fixed by the study"),
@@ -474,7 +489,7 @@ def fake_study(runs: Path, name: str, count: int) -> None:
     study.add_trials(made)
 
 
-def test_the_study_view_shows_200_trials_and_a_click_opens_one(make_run, tmp_path,
+def test_the_study_view_shows_200_trials_and_picking_a_trial_opens_it(make_run, tmp_path,
                                                                monkeypatch):
     from streamlit.testing.v1 import AppTest
 
@@ -491,10 +506,11 @@ def test_the_study_view_shows_200_trials_and_a_click_opens_one(make_run, tmp_pat
     (table,) = [d for d in at.dataframe if len(d.value) == 200]
     assert list(table.value["trial"][:2]) == [199, 198]  # newest first
     assert len(at.get("plotly_chart")) >= 4  # the run's chart and the study's three
-    # What a click on row 2 (trial 1) does, then the page opens that trial's run.
+    # What a click on a row does (app.study._open_selected sets the picker), then the page
+    # opens that trial's run. The browser test clicks for real.
     picked = at.sidebar.selectbox(key="run_picker").value
     other = "big-1" if picked == "big-0" else "big-0"
-    at.session_state["run_picker"] = other
+    at.session_state["study_open_run"] = other
     at.run()
     assert not at.exception, at.exception
     assert at.sidebar.selectbox(key="run_picker").value == other

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import secrets
 import signal
 import subprocess
 import sys
@@ -161,7 +162,9 @@ def _search(args: argparse.Namespace) -> int:
     except (ValueError, StoreError) as err:  # StudyError, a store that cannot be reached
         raise SearchInputError(str(err)) from None
     parallel = args.parallel or cfg.parallel
-    procs = start_workers(study.study_name, args.runs_dir, url, parallel)
+    # Joined and resumed workers: indices no earlier worker had, so no sampler repeats another.
+    first = 1 + secrets.randbelow(2**31) if existing else 0
+    procs = start_workers(study.study_name, args.runs_dir, url, parallel, first_index=first)
     print(f"study {study.study_name}: {cfg.trials} trials of {cfg.task}, {parallel} worker(s) "
           f"here; watch them with `panda dashboard"
           f"{' --store …' if url else f' --runs-dir {args.runs_dir}'}`", file=sys.stderr)
@@ -187,6 +190,9 @@ def _wait(args: argparse.Namespace, study, root: str, procs: list[subprocess.Pop
         while any(proc.poll() is None for proc in procs):
             _progress(study, seen)
             time.sleep(PROGRESS_S)
+        while _others_running(study, root):  # workers elsewhere (--join) still train
+            _progress(study, seen)
+            time.sleep(PROGRESS_S)
     except KeyboardInterrupt:
         interrupted = True
         _stop(procs)
@@ -203,6 +209,18 @@ def _wait(args: argparse.Namespace, study, root: str, procs: list[subprocess.Pop
               "re-runs its cut trials and runs the rest", file=sys.stderr)
         return 1
     return 0
+
+
+def _others_running(study, root: str) -> bool:
+    """Whether trials still run once this command's workers are done: other workers' (on
+    another machine, or another ``--join``), which finish, or are cut when their worker is
+    gone (its process here, its heartbeat elsewhere)."""
+    from optuna.trial import TrialState
+
+    from trainer.search.study import open_storage, requeue_cut_trials
+
+    requeue_cut_trials(study, open_storage(root, study.study_name))
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def _interrupt(signum, frame):

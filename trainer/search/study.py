@@ -106,7 +106,8 @@ def open_storage(root: str | os.PathLike, study: str, *, create: bool = False,
             # Only the creator makes tables: a reader racing it would insert them twice.
             storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
                                  grace_period=GRACE_S, skip_table_creation=not create)
-    except SQLAlchemyError as err:  # no tables yet, a server that cannot be reached
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+        # no tables yet (a reader before any study), a server that cannot be reached
         raise StudyError(f"cannot open the study storage {shown_storage(root, study)}: "
                          f"{first_line(err)}") from None
     if writer and not is_server_url(root):
@@ -247,7 +248,8 @@ def load(name: str, storage: RDBStorage, *, seed_offset: int = 0,
         raise StudyError(f"study {name!r} was not made by `panda search`")
     cfg = SearchConfig.from_dict(config)
     if sampler is None:
-        state = np.random.SeedSequence([cfg.seed, seed_offset, len(summary.trials)])
+        started = sum(t.state != TrialState.WAITING for t in summary.trials)
+        state = np.random.SeedSequence([cfg.seed, seed_offset, len(summary.trials), started])
         sampler = make_sampler(cfg.sampler, int(state.generate_state(1)[0]))
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler,
                               pruner=make_pruner(cfg.prune, cfg.epochs))

@@ -288,13 +288,14 @@ def log_dir(runs_dir: str | os.PathLike, study: str) -> Path:
 
 
 def start_workers(study: str, runs_dir: str | os.PathLike, store: str | None,
-                  parallel: int) -> list[subprocess.Popen]:
+                  parallel: int, *, first_index: int = 0) -> list[subprocess.Popen]:
     """``parallel`` worker processes on this machine (``panda search --worker``), their output
-    in ``<runs-dir>/<study>.logs/``; the store URL travels in their environment."""
+    in ``<runs-dir>/<study>.logs/``; the store URL travels in their environment. Workers that
+    join a running study take indices from ``first_index`` (their samplers' seeds differ)."""
     folder = log_dir(runs_dir, study)
     folder.mkdir(parents=True, exist_ok=True)
     procs = []
-    for index in range(parallel):
+    for index in range(first_index, first_index + parallel):
         cmd = [sys.executable, "-m", "trainer.cli", "search", "--worker", study,
                "--worker-index", str(index), "--runs-dir", str(Path(runs_dir).resolve())]
         with open(folder / f"worker-{index}.log", "ab") as out:
