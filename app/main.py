@@ -37,6 +37,7 @@ from app.data import early_stop_hint, fetch, steps_per_second
 from app.lr_panel import render_lr_panel
 from app.panels import decay_controls, export_block, new_run_form, sample_panel
 from app.stream_chart import stream_chart
+from app.study import open_clicked_trial, study_section
 from trainer.knobs import format_sci
 from trainer.store import RUNNING_STATES, RunStore, StoreError
 from trainer.store.address import (
@@ -330,6 +331,7 @@ def main() -> None:
         st.info(f"No runs in `{shown(root)}` yet: start one from the sidebar, or run "
                 "`panda train --task digits --run-dir runs/first`.")
         return
+    open_clicked_trial()  # a trial clicked in a study's table (app/study.py)
     run = pick_run(runs)
     compare = st.sidebar.multiselect("Compare with", [r["run"] for r in runs if r["run"] != run],
                                      key="compare")
@@ -353,6 +355,7 @@ def main() -> None:
             decay(address, allowed)
         with st.sidebar:
             export_block(store)
+        study_section(root, meta)  # a trial of a search: its study below (app/study.py)
 
 
 if __name__ == "__main__":

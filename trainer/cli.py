@@ -36,6 +36,7 @@ from trainer.knobs import KNOBS, format_sci, validate_knobs
 from trainer.lr_range.options import MEASURES
 from trainer.lr_range.options import OPTIONS as LR_FIND_OPTIONS
 from trainer.ranges import NON_NEGATIVE, STEP, KnobError, Range
+from trainer.search.cli import add_search_parser
 from trainer.store.address import child_env, list_runs, open_run, shown, store_for, store_url
 from trainer.store.base import FINAL_STATES, RunStore, StoreError, first_line
 
@@ -533,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "step: on a fixed set of training samples (default; robust mid-training) or "
                    "of the mini-batch just trained on (cheaper, noisy)")
     p.add_argument("--job-id", type=int, help=argparse.SUPPRESS)
+    add_search_parser(add)  # trainer/search/cli.py: caviar mode on Optuna
     for name, func, text in (("dashboard", cmd_dashboard, "open the dashboard on --runs-dir"),
                              ("demo", cmd_demo, "start a charlm run in the background and "
                               "open the dashboard on it")):
