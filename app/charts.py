@@ -194,10 +194,14 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     """Loss (raw, smoothed), validation metrics and LR on one step axis, with event markers.
 
     ``metrics``: arrays ``step``, ``loss``, ``lr`` (what each update used) and optionally
-    ``user_lr`` (the user's own schedule, drawn dashed when it differs). ``validation``:
+    ``user_lr`` (the user's own schedule, drawn dashed when it differs). A level-of-detail
+    read (:mod:`app.data`) gives the knobs their own steps (``lr_step``) and the smoothing its
+    own series (``mean_step``, ``mean``: bucket means); by default both are ``step``,
+    ``loss``. ``validation``:
     name → (steps, values); ``loss`` is drawn with the training loss, other metrics on a
     right-hand axis.
-    ``overlays``: other runs' ``step``/``loss`` to compare with. The LR is a linked panel
+    ``overlays``: other runs' ``step``/``loss`` (or ``mean_step``/``mean``) to compare with,
+    smoothed. The LR is a linked panel
     below, on a log axis. ``steps_shown`` keeps only the steps in that range (smoothing still
     sees all), so the y axes fit what is shown (the "Steps shown" window).
 
@@ -215,18 +219,24 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     steps = np.asarray(metrics["step"], dtype=float)
     loss, lr = np.asarray(metrics["loss"], dtype=float), np.asarray(metrics["lr"], dtype=float)
     user_lr = np.asarray(metrics.get("user_lr", np.full(lr.shape, np.nan)), dtype=float)
-    smooth = ema(loss, smoothing) if smoothing > 0 else None
+    lr_steps = np.asarray(metrics.get("lr_step", steps), dtype=float)
+    mean_steps = np.asarray(metrics.get("mean_step", steps), dtype=float)
+    mean = np.asarray(metrics.get("mean", loss), dtype=float)
+    smooth = ema(mean, smoothing) if smoothing > 0 else None
     if steps_shown is not None:
-        cut = _cut(steps, steps_shown)
-        steps, loss, lr, user_lr = steps[cut], loss[cut], lr[cut], user_lr[cut]
-        smooth = None if smooth is None else smooth[cut]
+        cut, lr_cut, mean_cut = (_cut(s, steps_shown) for s in (steps, lr_steps, mean_steps))
+        steps, loss = steps[cut], loss[cut]
+        lr_steps, lr, user_lr = lr_steps[lr_cut], lr[lr_cut], user_lr[lr_cut]
+        mean_steps = mean_steps[mean_cut]
+        smooth = None if smooth is None else smooth[mean_cut]
         validation = {name: _within(vs, vals, steps_shown)
                       for name, (vs, vals) in validation.items()}
         events = [e for e in events if steps_shown[0] <= e["step"] <= steps_shown[1]]
     x, y = downsample(steps, loss)
     curves = []
     for j, (run, other) in enumerate((overlays or {}).items()):
-        osteps, oloss = np.asarray(other["step"], dtype=float), ema(other["loss"], smoothing)
+        osteps = np.asarray(other.get("mean_step", other["step"]), dtype=float)
+        oloss = ema(other.get("mean", other["loss"]), smoothing)
         if steps_shown is not None:
             cut = _cut(osteps, steps_shown)
             osteps, oloss = osteps[cut], oloss[cut]
@@ -242,7 +252,7 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     fig.add_trace(_line(x, y, "train loss", LOSS_COLOR, width=1, opacity=RAW_OPACITY,
                         uid="loss", hovertemplate=LOSS_HOVER), row=1, col=1)
     if smooth is not None:
-        sx, sy = downsample(steps, smooth)
+        sx, sy = downsample(mean_steps, smooth)
         fig.add_trace(_line(sx, sy, f"train loss (EMA {smoothing:g})", LOSS_COLOR,
                             uid="loss ema", hovertemplate=LOSS_HOVER), row=1, col=1)
     metric_values = []
@@ -263,15 +273,15 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     if shows_user_schedule(lr, user_lr):
         # The user's own schedule, which Panda's factor multiplies (trainer.composition).
         keep = run_edges(user_lr)
-        ux, uy = downsample(steps[keep], user_lr[keep])
+        ux, uy = downsample(lr_steps[keep], user_lr[keep])
         fig.add_trace(_line(ux, uy, "your schedule", USER_LR_COLOR, width=1.5,
                             line={"shape": "hv", "dash": "dash"}, uid="user lr",
                             hovertemplate="%{y:.3g}"), row=2, col=1)
     keep = run_edges(lr)  # LR is piecewise constant under most schedules: a point per change
-    lx, ly = downsample(steps[keep], lr[keep])
+    lx, ly = downsample(lr_steps[keep], lr[keep])
     fig.add_trace(_line(lx, ly, "learning rate", LR_COLOR, line={"shape": "hv"}, uid="lr",
                         hovertemplate="%{y:.3g}"), row=2, col=1)
-    shapes, events_trace = _event_layer(events, steps, lr)
+    shapes, events_trace = _event_layer(events, lr_steps, lr)
     if events_trace is not None:
         fig.add_trace(events_trace, row=2, col=1)
     fig.update_layout(shapes=shapes, height=height, margin=MARGIN, hovermode="x unified",

@@ -65,8 +65,9 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # bucket is recomputed, never merged, so rewritten steps (upserts, retried batches) and
 # truncations stay exact. Steps are non-negative, so ``/`` (integer division, truncating in
 # both dialects) is floor division.
-VIEW_BUCKETS = 4096        # a view reads at most this many buckets (~2 per pixel column) …
-RAW_VIEW_STEPS = 16_384    # … and raw rows when its range spans at most this many steps
+VIEW_BUCKETS = 8192        # a view reads at most this many buckets (so at least 1,024: about
+                           # one per pixel column of a chart, see LEVEL_SIZES) …
+RAW_VIEW_STEPS = 32_768    # … and raw rows when its range spans at most this many steps
 LOSS_SUM_CAP = 1e300       # losses are clipped to ±this in loss_sum: a sum of 10^8 of them
                            # stays finite (PostgreSQL raises on a float8 overflow)
 UNSET = -1.0               # stands for NULL in knob comparisons (knob values are ≥ 0)
@@ -170,6 +171,9 @@ LEVEL_UPSERTS = tuple(_level_sql(k) for k in range(1, len(LEVEL_SIZES) + 1))
 RAW_VIEW_COLUMNS = ("step", "wall", "loss", "lr", "user_lr")
 LOSS_COLUMNS = frozenset({"loss", "first_loss", "last_loss", "min_loss", "max_loss", "loss_sum"})
 _STEP = operator.itemgetter(0)
+# Two subqueries, not MIN and MAX in one: SQLite reads a lone MIN or MAX off the index, but
+# both in one SELECT scan the table (https://sqlite.org/optoverview.html#minmax).
+EXTENT = "SELECT (SELECT MIN(step) FROM metrics), (SELECT MAX(step) FROM metrics)"
 
 
 class StoreError(RuntimeError):
@@ -324,10 +328,7 @@ class RunStore(abc.ABC):
         rows = self._conn().execute(
             f"SELECT {', '.join(cols)} FROM metrics WHERE step > ? ORDER BY step",
             (after_step,)).fetchall()
-        out: dict[str, list] = {c: [r[i] for r in rows] for i, c in enumerate(cols)}
-        if "loss" in out:
-            out["loss"] = [math.nan if v is None else v for v in out["loss"]]
-        return out
+        return _columns(rows, cols)
 
     def last_metric(self) -> dict[str, Any] | None:
         """The newest metrics row, or None before the first step."""
@@ -377,13 +378,13 @@ class RunStore(abc.ABC):
         """Inside a write transaction: (re)build every level from the raw rows (a run written
         before the levels existed; benchmarks that fill a store with SQL)."""
         tx.execute("DELETE FROM levels")
-        first, last = tx.execute("SELECT MIN(step), MAX(step) FROM metrics").fetchone()
+        first, last = tx.execute(EXTENT).fetchone()
         if first is not None:
             cls._refresh_levels(tx, first, last)
 
     def metrics_extent(self) -> tuple[int, int] | None:
         """The first and the last step logged, or None before the first."""
-        first, last = self._conn().execute("SELECT MIN(step), MAX(step) FROM metrics").fetchone()
+        first, last = self._conn().execute(EXTENT).fetchone()
         return None if first is None else (first, last)
 
     def metrics_view(self, first: int | None = None, last: int | None = None, *,
@@ -421,11 +422,7 @@ class RunStore(abc.ABC):
             rows = self._conn().execute(
                 f"SELECT {', '.join(columns)} FROM levels WHERE level = ? AND bucket >= ? "
                 "AND bucket <= ? ORDER BY bucket", (level, low // size, high // size)).fetchall()
-        out: dict[str, Any] = {"level": level, "size": size,
-                               **{c: [r[i] for r in rows] for i, c in enumerate(columns)}}
-        for name in LOSS_COLUMNS.intersection(out):
-            out[name] = [math.nan if v is None else v for v in out[name]]
-        return out
+        return {"level": level, "size": size, **_columns(rows, columns)}
 
     # --- validation ----------------------------------------------------------------------------
 
@@ -627,6 +624,13 @@ class RunStore(abc.ABC):
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
+
+
+def _columns(rows: list[tuple], names: Sequence[str]) -> dict[str, list]:
+    """Rows as ``{column: list}`` (transposed by ``zip``, in C); NULL losses become NaN."""
+    columns = list(zip(*rows)) if rows else [()] * len(names)
+    return {name: ([math.nan if v is None else v for v in values] if name in LOSS_COLUMNS
+                   else list(values)) for name, values in zip(names, columns)}
 
 
 def _trainer_gone(heartbeat: float, pid: Any, host: Any) -> bool:

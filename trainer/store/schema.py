@@ -84,10 +84,10 @@ BATCHES = Table("batches", (_c("id", "text", "PRIMARY KEY"), _c("wall", "real", 
 # parametrics", SIGGRAPH 1983). Level k cuts the steps into buckets of LEVEL_SIZES[k - 1] steps
 # (bucket b holds steps b·size … (b+1)·size − 1); a level-1 bucket summarizes 32 raw rows, a
 # level-k bucket LEVEL_FANOUT buckets of level k − 1. A chart reads the finest level with at
-# most a few thousand buckets over its range (trainer.store.base.VIEW_BUCKETS), so between 1/8
-# and all of that budget. Level 1 is what every logged row pays for (about 1 µs of SQLite time
-# per row, measured in benchmarks/append_cost.py): 32 rows a bucket cost a third less than 8,
-# and a range too long to read raw (RAW_VIEW_STEPS = 4 × VIEW_BUCKETS) still gets ≥ 512.
+# most VIEW_BUCKETS (8,192) buckets over its range (trainer.store.base), so between 1/8 of that
+# budget and all of it. Level 1 is what every logged row pays for (benchmarks/append_cost.py):
+# 32 rows a bucket cost about a third less SQLite time than 8, and a range just too long to
+# read raw (RAW_VIEW_STEPS = 32 × 1,024) still gets 1,024 buckets.
 LEVEL_FANOUT = 8
 LEVEL_SIZES = tuple(32 * LEVEL_FANOUT ** k for k in range(6))  # 32 … 1,048,576 steps a bucket
 # What a bucket holds: the M4 summary (first, last, min and max of the loss, with the steps of
