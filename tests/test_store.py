@@ -571,7 +571,7 @@ def test_a_schema_1_run_gets_its_levels_built_when_opened(store_root):
                               for s in range(20_000)])
     _make_version_1(store_root, "old")
     with open_store(address) as store:
-        view = store.metrics_view()
+        view = store.metrics_view(level=1)
         assert view["size"] == 32 and sum(view["steps"]) == 20_000
         assert view["max_loss"][0] == 1.0 and view["min_loss"][-1] == 1.0 / 20_000
 
@@ -584,7 +584,7 @@ def test_a_run_without_levels_at_this_schema_gets_them_when_opened(store_root):
         with store.transaction() as tx:
             tx.execute("DROP TABLE levels")
     with open_store(address) as store:
-        view = store.metrics_view()
-        assert view["size"] == 32 and sum(view["steps"]) == 20_000
+        view = store.metrics_view(level=2)
+        assert view["size"] == 256 and sum(view["steps"]) == 20_000
         store.append_metrics([(20_000, 0, 1.0, math.nan, 0.01, 0.9, 0.0)])
-        assert sum(store.metrics_view()["nonfinite"]) == 1
+        assert sum(store.metrics_view(level=2)["nonfinite"]) == 1
