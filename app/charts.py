@@ -134,9 +134,10 @@ StepRange = tuple[float, float]  # (first, last) step shown, inclusive; ±inf fo
 
 
 def _within(steps: Sequence[float], values: Sequence[float], span: StepRange
-            ) -> tuple[list, list]:
-    kept = [(s, v) for s, v in zip(steps, values) if span[0] <= s <= span[1]]
-    return [s for s, _ in kept], [v for _, v in kept]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    steps, values = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+    kept = (steps >= span[0]) & (steps <= span[1])
+    return steps[kept], values[kept]
 
 
 def _cut(steps: np.ndarray, span: StepRange) -> slice:
@@ -255,12 +256,15 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
         sx, sy = downsample(mean_steps, smooth)
         fig.add_trace(_line(sx, sy, f"train loss (EMA {smoothing:g})", LOSS_COLOR,
                             uid="loss ema", hovertemplate=LOSS_HOVER), row=1, col=1)
-    metric_values = []
+    metric_values = [np.empty(0)]
     for i, (name, (vsteps, values)) in enumerate(sorted(validation.items())):
         is_loss = name == "loss"
         color = VAL_COLOR if is_loss else METRIC_COLORS[i % len(METRIC_COLORS)]
+        # Arrays, not lists: plotly validates a list element by element (10,000 evaluations
+        # of a long run cost ~0.1 s a refresh).
+        vsteps, values = np.asarray(vsteps, dtype=float), np.asarray(values, dtype=float)
         if not is_loss:
-            metric_values.extend(values)
+            metric_values.append(values)
         fig.add_trace(go.Scatter(x=vsteps, y=values, name=f"val {name}", uid=f"val {name}",
                                  mode="lines+markers", marker={"size": 5},
                                  hovertemplate=LOSS_HOVER + " (step %{x})",
@@ -295,8 +299,9 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     fig.update_yaxes(title_text="loss" + (" (log)" if log_y else ""), row=1, col=1,
                      secondary_y=False, **loss_axis)
     if any(name != "loss" for name in validation):
+        metric_axis = linear_axis(padded(np.concatenate(metric_values)), loss_px)
         fig.update_yaxes(title_text="val metric", row=1, col=1, secondary_y=True,
-                         showgrid=False, **linear_axis(padded(metric_values), loss_px))
+                         showgrid=False, **metric_axis)
     lr_values = np.concatenate([lr, user_lr[np.isfinite(user_lr)]])
     fig.update_yaxes(title_text="lr (log)", row=2, col=1, **log_axis(lr_values, lr_px))
     fig.update_xaxes(title_text="step", row=2, col=1)
