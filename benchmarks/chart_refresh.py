@@ -65,7 +65,8 @@ SELECT s, s / {epoch}, 1.7e9 + s * 1e-3,
             ELSE 2.0 / (1 + s / 1000.0) + 0.05 * (s * 7919 - ((s * 7919) / 1009) * 1009) / 1009.0
        END,
        CASE WHEN s < {cut} THEN 0.01 ELSE 0.005 END, 0.9, 0.0, 0.01
-FROM (WITH RECURSIVE t(s) AS (SELECT 0 UNION ALL SELECT s + 1 FROM t WHERE s < {last})
+FROM (WITH RECURSIVE t(s) AS (SELECT CAST(0 AS BIGINT) UNION ALL SELECT s + 1 FROM t
+                               WHERE s < {last})
       SELECT s FROM t) numbers
 """
 

@@ -11,8 +11,9 @@ returns its id and how a batch of metric rows is sent:
 * :class:`~trainer.store.postgres.PostgresStore`: runs in a PostgreSQL database, shared by
   trainers and dashboards on different machines.
 
-Every read method is incremental ("everything after X"), so a dashboard fetches only new rows.
-Rows are the named types of :mod:`trainer.store.records`.
+Every read method is incremental ("everything after X"), so a dashboard fetches only new rows;
+a long run's history is read at a level of detail the store keeps up to date
+(:meth:`RunStore.metrics_view`). Rows are the named types of :mod:`trainer.store.records`.
 """
 
 from __future__ import annotations
@@ -107,9 +108,9 @@ def _level_sql(level: int) -> str:
     (step, or bucket of the level below) lies in [?, ?): an upsert of one row per bucket.
 
     Per bucket: aggregates of the children (first/last step, counts, min, max, sums), the first
-    and the last child (joined by key: first/last loss, knob values, wall), and three lookups
-    among the bucket's children (the steps of the min and the max, where the knobs' last values
-    began). Every lookup is a range of the children's primary key."""
+    and the last child (joined by key: first/last loss, knob values, wall), and four lookups
+    among the bucket's children (the steps of the min and of the max, where each knob's last
+    value began). Every lookup is a range of the children's primary key."""
     raw = level == 1
     table = "metrics" if raw else "levels"
     exprs = _RAW_CHILD if raw else _LEVEL_CHILD
@@ -333,9 +334,11 @@ class RunStore(abc.ABC):
             tx.execute("DELETE FROM metrics WHERE step >= ?", (step,))
             tx.execute("DELETE FROM validation WHERE step >= ?", (step,))
             tx.execute("DELETE FROM events WHERE step >= ?", (step,))
-            # Every bucket holding a forgotten step goes; the one cut in two is rebuilt from
-            # the steps it keeps.
-            tx.execute("DELETE FROM levels WHERE last_step >= ?", (step,))
+            # Every bucket holding a forgotten step goes (a range of the primary key per
+            # level); the one cut in two is rebuilt from the steps it keeps.
+            tx.executemany("DELETE FROM levels WHERE level = ? AND bucket >= ?",
+                           [(level, step // size)
+                            for level, size in enumerate(LEVEL_SIZES, start=1)])
             if step > 0:
                 self._refresh_levels(tx, step - 1, step - 1)
 
