@@ -58,6 +58,7 @@ CONNECT_TIMEOUT_S = 5      # a dead or unreachable server is reported instead of
 LISTEN_FALLBACK_S = 1.0    # a command poller re-reads at least this often (a lost notification)
 LOCK_CLASS = 0x50414E44    # "PAND": first key of Panda's advisory locks, apart from other apps'
 REGISTRY_LOCK = 0          # second key while creating the registry or a run (run ids are ≥ 1)
+JIT_SINCE = 110_000        # server_version of PostgreSQL 11, which added JIT (and its setting)
 
 _REGISTRY = """
 CREATE SCHEMA IF NOT EXISTS panda;
@@ -282,7 +283,14 @@ class PostgresStore(RunStore):
         return conn
 
     def _adopt(self, raw, *, owned: bool = True) -> _Connection:
-        raw.execute(f"SET search_path TO panda_run_{int(self.run_id)}")
+        setup = f"SET search_path TO panda_run_{int(self.run_id)}"
+        if raw.info.server_version >= JIT_SINCE:
+            # Panda's statements are short, and JIT compiling one costs more than it runs:
+            # the levels' upkeep of a 1,000-row batch on a 1 M-step run took 0.8 s with JIT,
+            # 3 ms without (PostgreSQL 15; JIT pays off for long analytical queries:
+            # https://www.postgresql.org/docs/current/jit-decision.html).
+            setup += "; SET jit = off"
+        raw.execute(setup)  # one round trip: no parameters, so psycopg sends both at once
         conn = self._local.conn = _Connection(raw)
         if owned:  # closed with the store
             with self._lock:
