@@ -16,7 +16,8 @@ plotly figure (debiased EMA, min-max downsampling to ≤ 3000 points a trace):
 
 The synthetic runs are written with SQL (a recursive CTE: a million rows in seconds), their
 levels built once by the store's own statements, with per-epoch validation and a few events.
-Cases run interleaved, round after round; the table holds medians.
+Cases run interleaved, round after round; the table holds medians, the rows a first view
+reads and the kB a refresh sends the browser (the chart component's encoding).
 
     .venv/bin/python benchmarks/chart_refresh.py [--sizes 1000000 10000000] [--repeat 7]
         [--store postgresql://…]
@@ -41,6 +42,7 @@ import numpy as np
 
 from app.charts import training_figure
 from app.data import RAW_TAIL, chart_view, fetch
+from app.stream_chart import figure_json
 from trainer.store import RunStore
 from trainer.store.address import open_store, run_address
 from trainer.store.postgres import drop_run
@@ -175,6 +177,10 @@ class Run:
                 self.log_rows()
             self.times.setdefault(name, []).append(timed(action))
 
+    def kb_sent(self) -> float:
+        """What a refresh sends the browser (the chart component's encoding), in kB."""
+        return len(figure_json(first_view(self.store))) / 1e3
+
     def rows_read(self) -> int:
         """Metric rows a first view reads: the history's buckets, then the raw tail."""
         first, last = self.store.metrics_extent()
@@ -207,13 +213,13 @@ def main() -> None:
                  f"interleaved rounds (load average {min(load):.1f} to {max(load):.1f} on "
                  f"{os.cpu_count()} cores)", "",
                  "| logged steps | rows read | **first view** ms | first view, all rows ms | "
-                 "live refresh (+100 rows) ms | live, all rows held ms | zoom to 1 % ms |",
-                 "|---:|---:|---:|---:|---:|---:|---:|"]
+                 "live refresh (+100 rows) ms | live, all rows held ms | zoom to 1 % ms | "
+                 "kB sent |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for run in runs:
             t = run.times
             lines.append(f"| {run.steps:,} | {run.rows_read():,} | **{cell(t, 'first')}** | "
                          f"{cell(t, 'first_all')} | {cell(t, 'live')} | {cell(t, 'live_all')} "
-                         f"| {cell(t, 'zoom')} |")
+                         f"| {cell(t, 'zoom')} | {run.kb_sent():.0f} |")
             run.store.close()
             if args.store:
                 drop_run(args.store, run.store.name)
