@@ -28,6 +28,8 @@ from app.axes import (
 )
 
 MAX_POINTS = 3000          # per trace after downsampling: ~2 points per pixel column at 1280 px
+AROUND_POINTS = 500        # while zoomed: per trace on each side of the zoom (it gets MAX_POINTS)
+StepRange = tuple[float, float]  # (first, last) step, inclusive; ±inf for open ends
 RAW_OPACITY = 0.3          # raw loss is drawn faint behind its smoothed curve
 DEBIAS_FLOOR = 1e-17       # below this, β^t no longer changes 1 − β^t in float64
 EVENT_COLOR = "rgba(214, 39, 40, 0.6)"
@@ -100,6 +102,20 @@ def downsample(x: Sequence[float], y: Sequence[float],
     return x[keep], y[keep]
 
 
+def downsample_focused(x: Sequence[float], y: Sequence[float], focus: StepRange | None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`downsample`, spending MAX_POINTS on the steps in ``focus`` (sorted ``x``; None:
+    all) and AROUND_POINTS on each side of it: a zoomed chart shows its zoom in full detail,
+    and still holds the whole curve for a pan or a reset."""
+    if focus is None:
+        return downsample(x, y)
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    cut = _cut(x, focus)
+    parts = [downsample(x[:cut.start], y[:cut.start], AROUND_POINTS),
+             downsample(x[cut], y[cut]), downsample(x[cut.stop:], y[cut.stop:], AROUND_POINTS)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def _line(x, y, name: str, color: str, **extra: Any) -> go.Scatter:
     """An SVG line trace (not WebGL: downsampled traces are small, and SVG renders anywhere,
     headless browsers without a GPU included)."""
@@ -128,9 +144,6 @@ def _event_layer(events: list[dict[str, Any]], steps: np.ndarray, lr: np.ndarray
                          hovertemplate="step %{x}: %{text}<extra></extra>",
                          marker={"symbol": "triangle-up", "size": 11, "color": EVENT_COLOR})
     return shapes, markers
-
-
-StepRange = tuple[float, float]  # (first, last) step shown, inclusive; ±inf for open ends
 
 
 def _within(steps: Sequence[float], values: Sequence[float], span: StepRange
@@ -191,7 +204,8 @@ def shows_user_schedule(lr: np.ndarray, user_lr: np.ndarray) -> bool:
 def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple],
                     events: list[dict[str, Any]], *, smoothing: float = 0.6,
                     log_y: bool = False, overlays: dict[str, dict[str, np.ndarray]] | None = None,
-                    steps_shown: StepRange | None = None, height: int = 540) -> go.Figure:
+                    steps_shown: StepRange | None = None, focus: StepRange | None = None,
+                    height: int = 540) -> go.Figure:
     """Loss (raw, smoothed), validation metrics and LR on one step axis, with event markers.
 
     ``metrics``: arrays ``step``, ``loss``, ``lr`` (what each update used) and optionally
@@ -204,7 +218,8 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     ``overlays``: other runs' ``step``/``loss`` (or ``mean_step``/``mean``) to compare with,
     smoothed. The LR is a linked panel
     below, on a log axis. ``steps_shown`` keeps only the steps in that range (smoothing still
-    sees all), so the y axes fit what is shown (the "Steps shown" window).
+    sees all), so the y axes fit what is shown (the "Steps shown" window). ``focus``: the steps
+    the chart is zoomed to, drawn in full detail (:func:`downsample_focused`).
 
     Axes are honest (:mod:`app.axes`): 1-2-5 ticks; the loss range comes from the body of
     the data, with non-finite and far-out losses drawn as markers at its edge; the LR axis
@@ -233,7 +248,7 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
         validation = {name: _within(vs, vals, steps_shown)
                       for name, (vs, vals) in validation.items()}
         events = [e for e in events if steps_shown[0] <= e["step"] <= steps_shown[1]]
-    x, y = downsample(steps, loss)
+    x, y = downsample_focused(steps, loss, focus)
     curves = []
     for j, (run, other) in enumerate((overlays or {}).items()):
         osteps = np.asarray(other.get("mean_step", other["step"]), dtype=float)
@@ -241,7 +256,7 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
         if steps_shown is not None:
             cut = _cut(osteps, steps_shown)
             osteps, oloss = osteps[cut], oloss[cut]
-        ox, oy = downsample(osteps, oloss)
+        ox, oy = downsample_focused(osteps, oloss, focus)
         curves.append(oy)
         fig.add_trace(_line(ox, oy, f"{run} (EMA)", OVERLAY_COLORS[j % len(OVERLAY_COLORS)],
                             width=1.5, line={"dash": "dot"}, uid=f"overlay {run}",
@@ -253,7 +268,7 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     fig.add_trace(_line(x, y, "train loss", LOSS_COLOR, width=1, opacity=RAW_OPACITY,
                         uid="loss", hovertemplate=LOSS_HOVER), row=1, col=1)
     if smooth is not None:
-        sx, sy = downsample(mean_steps, smooth)
+        sx, sy = downsample_focused(mean_steps, smooth, focus)
         fig.add_trace(_line(sx, sy, f"train loss (EMA {smoothing:g})", LOSS_COLOR,
                             uid="loss ema", hovertemplate=LOSS_HOVER), row=1, col=1)
     metric_values = [np.empty(0)]
@@ -277,12 +292,12 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     if shows_user_schedule(lr, user_lr):
         # The user's own schedule, which Panda's factor multiplies (trainer.composition).
         keep = run_edges(user_lr)
-        ux, uy = downsample(lr_steps[keep], user_lr[keep])
+        ux, uy = downsample_focused(lr_steps[keep], user_lr[keep], focus)
         fig.add_trace(_line(ux, uy, "your schedule", USER_LR_COLOR, width=1.5,
                             line={"shape": "hv", "dash": "dash"}, uid="user lr",
                             hovertemplate="%{y:.3g}"), row=2, col=1)
     keep = run_edges(lr)  # LR is piecewise constant under most schedules: a point per change
-    lx, ly = downsample(lr_steps[keep], lr[keep])
+    lx, ly = downsample_focused(lr_steps[keep], lr[keep], focus)
     fig.add_trace(_line(lx, ly, "learning rate", LR_COLOR, line={"shape": "hv"}, uid="lr",
                         hovertemplate="%{y:.3g}"), row=2, col=1)
     shapes, events_trace = _event_layer(events, lr_steps, lr)

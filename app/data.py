@@ -168,29 +168,23 @@ StepRange = tuple[float, float]   # (first, last) step, inclusive; ±inf for ope
 
 
 def chart_view(store: RunStore, cache: dict[str, Any], x_range: StepRange | None, *,
-               window: StepRange | None = None, follow: bool = False
-               ) -> tuple[dict[str, Any], StepRange | None]:
-    """The curves to draw and the steps to draw them for (``steps_shown`` of
-    :func:`app.charts.training_figure`).
+               follow: bool = False) -> tuple[dict[str, Any], StepRange | None]:
+    """The curves to draw, and the steps to draw in full detail (``focus`` of
+    :func:`app.charts.training_figure`; None: none).
 
-    ``x_range``: the steps the chart shows while zoomed (None: all); ``window``: the page's
-    "Steps shown"; ``follow``: the chart slides a zoom to the newest step (the component does
-    it and does not report it), so the zoom's width ends there. While zoomed, the history
-    inside the zoom (and a margin either side, for panning) is read again in the finest
-    detail that fits (raw rows for a short range) and spliced into the curves; the figure is
-    cut to that span, so its downsampling keeps the zoom's detail and its axes fit what is
-    shown. Smoothing still sees every point (``steps_shown``). The detail is read once per
-    span and kept in ``cache["detail"]`` (the history does not change; a restart starts a new
-    cache); the raw tail is already in full detail.
+    ``x_range``: the steps the chart shows while zoomed (None: not zoomed); ``follow``: the
+    chart slides a zoom to the newest step (the component does it and does not report it), so
+    the zoom's width ends there. While zoomed, the history inside the zoom and a margin either
+    side (for panning) is read again in the finest detail that fits (raw rows for a short
+    range) and spliced into the curves, and that span is the focus. The detail is read once
+    per span and kept in ``cache["detail"]`` (the history does not change; a restart starts a
+    new cache); the raw tail is already in full detail.
     """
-    zoom = _zoom_span(x_range, cache["last_step"] if follow else None)
-    if zoom is None:
-        return cache, window
-    shown = zoom if window is None else (max(zoom[0], window[0]), min(zoom[1], window[1]))
+    focus = _zoom_span(x_range, cache["last_step"] if follow else None)
     history_end = cache["raw_from"] - 1 if cache["raw_from"] >= 0 else cache["last_step"]
-    if cache["step"].size == 0 or zoom[0] > history_end:
-        return cache, shown
-    span = (max(0, math.floor(zoom[0])), min(history_end, math.ceil(zoom[1])))
+    if focus is None or cache["step"].size == 0 or focus[0] > history_end:
+        return cache, focus
+    span = (max(0, math.floor(focus[0])), min(history_end, math.ceil(focus[1])))
     detail = cache.get("detail")
     if detail is None or detail["span"] != span:
         view = store.metrics_view(*span)
@@ -198,7 +192,7 @@ def chart_view(store: RunStore, cache: dict[str, Any], x_range: StepRange | None
         if view["level"] > 0:  # a bucket reaching into the raw tail: the tail is finer
             series = _until(series, history_end)
         detail = cache["detail"] = {"span": span, "level": view["level"], "series": series}
-    return {**cache, **_spliced(cache, detail["series"])}, shown
+    return {**cache, **_spliced(cache, detail["series"])}, focus
 
 
 def _zoom_span(x_range: StepRange | None, latest: float | None) -> StepRange | None:

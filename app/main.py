@@ -205,14 +205,14 @@ def _figure(address: str, store: RunStore, compare: list[str]):
     parent = meta.get("parent") or {}
     names = [*compare, *([parent["run"]] if parent.get("run") else [])]
     # While zoomed (the chart's value, from its previous render), the zoomed steps in detail.
-    series, shown = chart_view(store, cache, visible_range(state.get("training_chart")),
-                               window=_steps_shown(cache["last_step"]),
+    series, focus = chart_view(store, cache, visible_range(state.get("training_chart")),
                                follow=state.get("follow", False))
     return training_figure(series, cache["val"], cache["events"],
                            smoothing=state.get("smoothing", DEFAULT_SMOOTHING),
                            log_y=state.get("log_y", False),
                            overlays=_overlays(root_of(address), names),
-                           steps_shown=shown, height=CHART_HEIGHT)
+                           steps_shown=_steps_shown(cache["last_step"]), focus=focus,
+                           height=CHART_HEIGHT)
 
 
 def chart_settings() -> None:

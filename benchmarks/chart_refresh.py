@@ -92,9 +92,9 @@ def build_store(root: str, steps: int) -> RunStore:
 
 def figure(store: RunStore, cache: dict[str, Any], x_range=None) -> object:
     """The page's figure: the cached curves (in detail where zoomed), as app.main draws them."""
-    series, shown = chart_view(store, cache, x_range)
+    series, focus = chart_view(store, cache, x_range)
     return training_figure(series, cache["val"], cache["events"], smoothing=SMOOTHING,
-                           steps_shown=shown)
+                           focus=focus)
 
 
 def first_view(store: RunStore) -> object:

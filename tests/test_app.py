@@ -348,21 +348,20 @@ def test_a_long_run_opens_from_its_levels_and_its_last_steps_raw(long_run):
 def test_a_zoom_into_the_history_reads_it_in_full_detail(long_run):
     store, loss = long_run
     cache = fetch(store, {})
-    series, shown = chart_view(store, cache, (12_000, 12_400))
-    assert shown == (11_900, 12_500)  # the zoom and a quarter of its width either side
+    series, focus = chart_view(store, cache, (12_000, 12_400))
+    assert focus == (11_900, 12_500)  # the zoom and a quarter of its width either side
     inside = (series["step"] >= 11_900) & (series["step"] <= 12_500)
     assert series["step"][inside].tolist() == list(range(11_900, 12_501))
     assert series["loss"][inside].tolist() == loss[11_900:12_501]
     assert cache["detail"]["level"] == 0 and cache["step"].size < series["step"].size
     assert np.all(np.diff(series["step"]) > 0)
+    assert series["step"][0] == 0 and series["step"][-1] == LONG - 1  # the rest stays
     # The same zoom again: read once, kept (a store that cannot be read would fail).
     again, _ = chart_view(None, cache, (12_000, 12_400))
     assert again["step"].tolist() == series["step"].tolist()
-    # Inside the raw tail there is nothing more to read; a window narrows what is shown.
-    assert chart_view(None, cache, (55_000, 55_100))[1] == (54_975, 55_125)
-    assert chart_view(None, cache, (55_000, 55_100), window=(55_050, math.inf))[1] == (
-        55_050, 55_125)
-    assert chart_view(None, cache, None, window=(50, math.inf)) == (cache, (50, math.inf))
+    # Inside the raw tail there is nothing more to read.
+    assert chart_view(None, cache, (55_100, 55_000)) == (cache, (54_975, 55_125))
+    assert chart_view(None, cache, None) == (cache, None)
     # Following the newest step: the zoom's width, ending there.
     assert chart_view(None, cache, (100, 200), follow=True)[1] == (
         LONG - 1 - 100 - 25, LONG - 1 + 25)
@@ -379,9 +378,9 @@ def test_a_wide_zoom_reads_a_finer_level_than_the_first_view(tmp_path):
             store._build_levels(tx)
         cache = fetch(store, {})
         assert cache["step"].size < 20_000 + RAW_TAIL
-        series, shown = chart_view(store, cache, (100_000, 200_000))
+        series, focus = chart_view(store, cache, (100_000, 200_000))
         assert cache["detail"]["level"] == 1  # 150,000 steps at 32 a bucket
-        inside = (series["step"] >= shown[0]) & (series["step"] <= shown[1])
+        inside = (series["step"] >= focus[0]) & (series["step"] <= focus[1])
         for extreme in (1.0, 7.0):  # every bucket's min and max (each bucket holds both)
             assert (series["loss"][inside] == extreme).sum() >= 150_000 // 32
 
@@ -436,7 +435,9 @@ def test_zooming_the_chart_draws_the_zoomed_steps_in_full_detail(page):
     at.session_state["training_chart"] = {"x_range": [1_000, 1_200]}
     at.run()
     assert not at.exception
-    assert drawn("train loss").tolist() == list(range(950, 1_251))
+    x = drawn("train loss")
+    assert x[(x >= 950) & (x <= 1_250)].tolist() == list(range(950, 1_251))
+    assert x[0] == 0 and x[-1] == 49_999  # and the whole curve, for a pan or a reset
 
 
 # --- chart numerics ---------------------------------------------------------------------------

@@ -321,3 +321,14 @@ def test_a_level_of_detail_read_gives_the_knobs_and_the_smoothing_their_own_step
     assert list(_trace(fig, "interventions").y) == [0.05]  # the LR in force at step 20
     cut = training_figure(metrics, {}, [], steps_shown=(10, 40))
     assert list(_trace(cut, "lr").x) == [17, 32] and list(_trace(cut, "loss ema").x) == [15.5]
+
+
+def test_a_focus_is_drawn_in_full_detail_and_the_rest_coarse():
+    n = 100_000
+    fig = training_figure(_metrics(n), {}, [], focus=(40_000, 41_999))
+    x = np.asarray(_trace(fig, "loss").x)
+    inside = (x >= 40_000) & (x <= 41_999)
+    assert x[inside].tolist() == list(range(40_000, 42_000))  # 2,000 steps ≤ MAX_POINTS
+    assert x[0] == 0 and x[-1] > n - 100 and x.size <= 2_000 + 2 * 500  # the rest: coarse
+    ema_x = np.asarray(_trace(fig, "loss ema").x)
+    assert ((ema_x >= 40_000) & (ema_x <= 41_999)).sum() == 2_000
