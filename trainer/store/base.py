@@ -21,7 +21,6 @@ from __future__ import annotations
 import abc
 import json
 import math
-import operator
 import os
 import re
 import socket
@@ -55,6 +54,8 @@ UPSERT_META = ("INSERT INTO meta(key, value) VALUES (?, ?) "
                "ON CONFLICT(key) DO UPDATE SET value = excluded.value")
 UPSERT_METRICS = (f"INSERT INTO metrics({', '.join(METRIC_COLUMNS)}) "
                   f"VALUES ({', '.join('?' for _ in METRIC_COLUMNS)}) " + upsert_metrics_tail())
+
+_LOSS = MetricRow._fields.index("loss")
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -160,7 +161,6 @@ def _level_sql(level: int) -> str:
 LEVEL_UPSERTS = tuple(_level_sql(k) for k in range(1, len(LEVEL_SIZES) + 1))
 RAW_VIEW_COLUMNS = ("step", "wall", "loss", "lr", "user_lr")
 LOSS_COLUMNS = frozenset({"loss", "first_loss", "last_loss", "min_loss", "max_loss", "loss_sum"})
-_STEP = operator.itemgetter(0)
 # Two subqueries, not MIN and MAX in one: SQLite reads a lone MIN or MAX off the index, but
 # both in one SELECT scan the table (https://sqlite.org/optoverview.html#minmax).
 EXTENT = "SELECT (SELECT MIN(step) FROM metrics), (SELECT MAX(step) FROM metrics)"
@@ -252,9 +252,10 @@ class RunStore(abc.ABC):
         """Close every connection this store opened (from any thread)."""
 
     @staticmethod
-    def _insert_metrics(tx: Any, rows: Sequence[tuple]) -> None:
-        """Upsert a batch of metric rows (a backend may send the batch its own way)."""
-        tx.executemany(UPSERT_METRICS, rows)
+    def _insert_metrics(tx: Any, columns: Sequence[Sequence[Any]]) -> None:
+        """Upsert a batch of metric rows given as columns (a backend may send the batch its
+        own way; here one parameter tuple per row, transposed in C)."""
+        tx.executemany(UPSERT_METRICS, zip(*columns))
 
     def lock_trainer(self) -> Any:
         """A lock only one trainer process can hold (released with the returned handle, see
@@ -295,17 +296,30 @@ class RunStore(abc.ABC):
     # --- metrics -------------------------------------------------------------------------------
 
     def append_metrics(self, rows: Sequence[MetricRow], *, meta: dict | None = None) -> None:
-        """Upsert metric rows (losses as numbers) in one commit.
+        """Upsert metric rows (losses as numbers) in one commit; see
+        :meth:`append_metric_columns`. A row may leave out ``user_lr``."""
+        full = [MetricRow(*r) for r in rows]
+        self.append_metric_columns(list(zip(*full)) if full else [], meta=meta)
+
+    def append_metric_columns(self, columns: Sequence[Sequence[Any]], *,
+                              meta: dict | None = None) -> None:
+        """Upsert a batch given as columns, one sequence per :class:`MetricRow` field (what
+        the flusher holds: the transpose of its rows, made in C by ``zip(*rows)``, so no
+        per-row Python work runs while it holds the GIL the training loop needs).
 
         Non-finite losses are stored as NULL (SQLite has no NaN) and read back as NaN. ``meta``
         values (e.g. the heartbeat) are written in the same transaction.
         """
-        clean = [r._replace(loss=_finite_or_none(r.loss)) for r in (MetricRow(*r) for r in rows)]
+        columns = list(columns)
+        if columns and not math.isfinite(math.fsum(columns[_LOSS])):
+            # Only a batch with a NaN or inf in it (fsum propagates them) is read value by
+            # value; fsum itself never overflows on finite values.
+            columns[_LOSS] = [_finite_or_none(v) for v in columns[_LOSS]]
         with self.transaction() as tx:
-            self._insert_metrics(tx, clean)
-            if clean:  # the steps' range: C loops (map, itemgetter), no Python code per row
-                steps = list(map(_STEP, clean))
-                self._refresh_levels(tx, min(steps), max(steps))
+            if columns and columns[0]:
+                self._insert_metrics(tx, columns)
+                # The levels of the steps written: their range by min and max, in C.
+                self._refresh_levels(tx, min(columns[0]), max(columns[0]))
             if meta:
                 tx.executemany(UPSERT_META, [(k, json.dumps(v)) for k, v in meta.items()])
 
