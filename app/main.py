@@ -32,12 +32,13 @@ import streamlit as st
 from app import access, actions
 from app.charts import training_figure
 from app.controls import is_locked, knob_widgets, pending_table, run_buttons, show_outcome
-from app.data import early_stop_hint, steps_per_second
+from app.data import chart_view, early_stop_hint, steps_per_second, visible_range
 from app.lr_panel import render_lr_panel
 from app.panels import decay_controls, export_block, new_run_form, sample_panel
 from app.runs_table import runs_table
 from app.snapshot import Snapshot, take
 from app.stream_chart import figure_json, stream_chart
+from app.study import open_clicked_trial, study_section
 from trainer.knobs import format_sci
 from trainer.store import RUNNING_STATES, RunStore, StoreError
 from trainer.store.address import (
@@ -142,7 +143,7 @@ def run_view(address: str, compare: tuple[str, ...], allowed: bool) -> None:
                            is_locked(snap.state) or not allowed)
         with chart:
             chart_settings()
-            _training_chart(snap)
+            _training_chart(snap, store)
             with st.container():
                 _interventions(snap)
             with st.expander("LR range test", expanded=bool(store.results("lr_find"))):
@@ -213,20 +214,24 @@ def _steps_shown(last_step: int) -> tuple[float, float] | None:
     return None if window is None or last_step < 0 else (last_step - window, math.inf)
 
 
-def _chart_text(snap: Snapshot) -> str:
-    """The training chart's JSON for this refresh: rebuilt only when its data or the chart
-    settings changed since the last refresh (kept per session)."""
+def _chart_text(snap: Snapshot, store: RunStore) -> str:
+    """The training chart's JSON for this refresh: rebuilt only when its data, the chart
+    settings or the zoom changed since the last refresh (kept per session)."""
     state = st.session_state
     settings = (state.get("smoothing", DEFAULT_SMOOTHING), state.get("log_y", False),
                 state.get("window", "all"))
-    wanted = (snap.chart_key(), settings)
+    # While zoomed (the chart's value, from its previous render), the zoomed steps are drawn
+    # in full detail: the zoom is part of what the chart is drawn from.
+    zoom, follow = visible_range(state.get("training_chart")), state.get("follow", False)
+    wanted = (snap.chart_key(), settings, zoom, follow)
     kept = state.get("chart_text")
     if kept is not None and kept[0] == wanted:
         return kept[1]
     curves = snap.curves
-    figure = training_figure(curves, curves["val"], curves["events"], smoothing=settings[0],
+    series, focus = chart_view(store, curves, zoom, follow=follow)
+    figure = training_figure(series, curves["val"], curves["events"], smoothing=settings[0],
                              log_y=settings[1], overlays=snap.overlays,
-                             steps_shown=_steps_shown(curves["last_step"]),
+                             steps_shown=_steps_shown(curves["last_step"]), focus=focus,
                              height=CHART_HEIGHT)
     text = figure_json(figure)
     state["chart_text"] = (wanted, text)
@@ -244,7 +249,7 @@ def chart_settings() -> None:
                         "right edge (the loss zoom stays)")
 
 
-def _training_chart(snap: Snapshot) -> None:
+def _training_chart(snap: Snapshot, store: RunStore) -> None:
     """Loss, validation metrics, LR and intervention markers.
 
     Drag to zoom, double-click to go back: the chart component keeps the view while points
@@ -252,7 +257,7 @@ def _training_chart(snap: Snapshot) -> None:
     """
     state = st.session_state
     revision = f"{snap.address}|{state.get('window', 'all')}|{state.get('log_y', False)}"
-    stream_chart(_chart_text(snap), key="training_chart", height=CHART_HEIGHT,
+    stream_chart(_chart_text(snap, store), key="training_chart", height=CHART_HEIGHT,
                  follow=state.get("follow", False), latest=float(snap.curves["last_step"]),
                  revision=revision)
 
@@ -302,6 +307,7 @@ def main() -> None:
         st.info(f"No runs in `{shown(root)}` yet: start one from the sidebar, or run "
                 "`panda train --task digits --run-dir runs/first`.")
         return
+    open_clicked_trial()  # a trial clicked in a study's table (app/study.py)
     run = pick_run(runs)
     compare = st.sidebar.multiselect("Compare with", [r["run"] for r in runs if r["run"] != run],
                                      key="compare",
@@ -311,9 +317,11 @@ def main() -> None:
     runs_table(root)
     address = run_address(root, run)
     run_view(address, tuple(compare), allowed)
-    with _opened(address) as store, st.sidebar:
+    with _opened(address) as store:
         if store is not None:
-            export_block(store)
+            with st.sidebar:
+                export_block(store)
+            study_section(root, store.meta())  # a trial of a search: its study (app/study.py)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ def take(store: RunStore, caches: MutableMapping[str, dict[str, Any]], *,
 
 
 def _overlay(curves: dict[str, Any]) -> dict[str, Any]:
-    return {"step": curves["step"], "loss": curves["loss"], "lr": curves["lr"],
-            "val": curves["val"], "last_step": curves["last_step"],
-            "last_val": curves["last_val"], "last_event": curves["last_event"]}
+    """What a compared run's curves give the chart (app.charts.training_figure's overlays)."""
+    names = ("step", "loss", "mean_step", "mean", "lr_step", "lr", "val", "last_step",
+             "last_val", "last_event")
+    return {name: curves[name] for name in names}

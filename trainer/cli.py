@@ -36,6 +36,7 @@ from trainer.knobs import KNOBS, format_sci, validate_knobs
 from trainer.lr_range.options import MEASURES
 from trainer.lr_range.options import OPTIONS as LR_FIND_OPTIONS
 from trainer.ranges import NON_NEGATIVE, STEP, KnobError, Range
+from trainer.search.cli import add_search_parser
 from trainer.store.address import child_env, list_runs, open_run, shown, store_for, store_url
 from trainer.store.base import FINAL_STATES, RunStore, StoreError, first_line
 
@@ -169,6 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     status = train(cfg, run_dir, resume=args.resume, replay=replay, store=store,
                    checkpoint_knobs=args.checkpoint_knobs)
     log.info("run %s %s", run_dir, status)
+    if args.json:
+        _emit(args, {"run": run_dir.name, "run_dir": str(run_dir), "status": status}, "")
     return 0
 
 
@@ -199,8 +202,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         write_atomic(target, text)
     except (ExportError, OSError) as err:
         raise CliError(str(err)) from None
-    print(f"exported {export['run']} ({len(export['timeline'])} interventions) to {target}",
-          file=sys.stderr)
+    if args.json:
+        _emit(args, {"run": export["run"], "out": str(target), "format": args.format,
+                     "interventions": len(export["timeline"])}, "")
+    else:
+        print(f"exported {export['run']} ({len(export['timeline'])} interventions) to {target}",
+              file=sys.stderr)
     return 0
 
 
@@ -349,6 +356,9 @@ def _dashboard(args: argparse.Namespace) -> tuple[list[str], dict[str, str], str
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     cmd, env, cwd = _dashboard(args)
+    if args.json:  # where it will answer, before this process becomes the server
+        _emit(args, {"url": f"http://{args.host}:{args.port}"}, "")
+        sys.stdout.flush()
     if cwd is not None:
         os.chdir(cwd)
     os.execve(cmd[0], cmd, env)  # replace this process: Ctrl-C goes straight to Streamlit
@@ -369,13 +379,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_dir, proc = start_demo_run(args.runs_dir, store=_store(args))
     url = f"http://{_browsable(args.host)}:{args.port}"
-    print(f"training {run_dir.name} in the background (pid {proc.pid}); dashboard: {url}  "
-          "(Ctrl-C stops both)", flush=True)
+    _emit(args, {"run": run_dir.name, "run_dir": str(run_dir), "pid": proc.pid, "url": url},
+          f"training {run_dir.name} in the background (pid {proc.pid}); dashboard: {url}  "
+          "(Ctrl-C stops both)")
+    sys.stdout.flush()
     cmd, env, cwd = _dashboard(args)
     dashboard = subprocess.Popen(cmd, env=env, cwd=cwd)
     if not args.no_browser:
         # Beside the wait below, so Ctrl-C is never held up by a slow start.
-        threading.Thread(target=_open_browser, args=(url, dashboard), daemon=True).start()
+        threading.Thread(target=_open_browser, args=(args, url, dashboard),
+                         daemon=True).start()
     try:
         return dashboard.wait()
     except KeyboardInterrupt:  # the dashboard got the terminal's Ctrl-C as well
@@ -391,11 +404,12 @@ def _browsable(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
-def _open_browser(url: str, server) -> None:
+def _open_browser(args: argparse.Namespace, url: str, server) -> None:
     from trainer.launch import open_when_serving
 
     if open_when_serving(url, server):
-        print(f"opened {url} in your browser", flush=True)
+        _emit(args, {"opened": url}, f"opened {url} in your browser")
+        sys.stdout.flush()
 
 
 # --- parser ---------------------------------------------------------------------------------------
@@ -453,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-wait", action="store_true", help="send and return at once")
 
     p = add("train", cmd_train, "train a built-in task under a Babysitter (settings not given "
-            "are the task's defaults: charlm has its own, the others share TrainConfig's)")
+            "are the task's defaults: charlm has its own, the others share TrainConfig's)",
+            json_flag=True)
     p.add_argument("--task", default=defaults.task, **_typed("task"))
     p.add_argument("--run-dir", required=True, help="where the run is stored, e.g. runs/NAME")
     p.add_argument("--optimizer", help=_default_help("optimizer"), **_typed("optimizer"))
@@ -513,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("resume", "resume a paused run"),
                        ("stop", "stop a live run after the current step")):
         add_wait(add(kind, _control(kind), text, run=True, json_flag=True))
-    p = add("export", cmd_export, "export a run's settings and intervention timeline", run=True)
+    p = add("export", cmd_export, "export a run's settings and intervention timeline", run=True,
+            json_flag=True)
     p.add_argument("--format", choices=FORMATS, default="json")
     p.add_argument("--out", metavar="FILE", help="write here (inside the current directory) "
                    "instead of stdout; written atomically")
@@ -537,10 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "step: on a fixed set of training samples (default; robust mid-training) or "
                    "of the mini-batch just trained on (cheaper, noisy)")
     p.add_argument("--job-id", type=int, help=argparse.SUPPRESS)
+    add_search_parser(add)  # trainer/search/cli.py: caviar mode on Optuna
     for name, func, text in (("dashboard", cmd_dashboard, "open the dashboard on --runs-dir"),
                              ("demo", cmd_demo, "start a charlm run in the background and "
                               "open the dashboard on it")):
-        p = add(name, func, text)
+        p = add(name, func, text, json_flag=True)
         p.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only)")
         p.add_argument("--port", type=PORT.parser("--port"), default=8501)
