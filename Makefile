@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 RUNS    ?= runs
 PORT    ?= 8501
 
-.PHONY: demo test lint bench clean system-packages
+.PHONY: demo test lint bench screenshots clean system-packages
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +41,12 @@ test: $(STAMP) system-packages
 
 lint: $(STAMP)
 	$(BIN)/ruff check trainer app tests benchmarks
+
+# The README's pictures (assets/*.png), taken by the browser tests that check what they show
+# (tests/helpers.py: screenshot); `make test` leaves assets/ as it is.
+screenshots: $(STAMP) system-packages
+	PANDA_SCREENSHOTS=$(CURDIR)/assets $(BIN)/python -m pytest -q -p no:cacheprovider \
+	  tests/test_browser.py tests/test_search_browser.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py

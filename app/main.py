@@ -35,7 +35,7 @@ from app.controls import is_locked, knob_widgets, pending_table, run_buttons, sh
 from app.data import chart_view, early_stop_hint, steps_per_second, visible_range
 from app.lr_panel import render_lr_panel
 from app.panels import decay_controls, export_block, new_run_form, sample_panel
-from app.runs_table import runs_table
+from app.runs_table import open_clicked_run, runs_table
 from app.snapshot import Snapshot, take
 from app.stream_chart import figure_json, stream_chart
 from app.study import open_clicked_trial, study_section
@@ -307,6 +307,7 @@ def main() -> None:
         st.info(f"No runs in `{shown(root)}` yet: start one from the sidebar, or run "
                 "`panda train --task digits --run-dir runs/first`.")
         return
+    open_clicked_run()    # a run clicked in the runs table (app/runs_table.py)
     open_clicked_trial()  # a trial clicked in a study's table (app/study.py)
     run = pick_run(runs)
     compare = st.sidebar.multiselect("Compare with", [r["run"] for r in runs if r["run"] != run],
@@ -314,9 +315,10 @@ def main() -> None:
                                      help="draw their loss, validation loss and LR beside this "
                                           "run's (dotted)")
     st.sidebar.caption(f"runs in `{shown(root)}`")
-    runs_table(root)
     address = run_address(root, run)
     run_view(address, tuple(compare), allowed)
+    # Below the run on show, so that its chart keeps the top of a 1280×800 window.
+    runs_table(root)
     with _opened(address) as store:
         if store is not None:
             with st.sidebar:

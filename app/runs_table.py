@@ -21,6 +21,8 @@ from trainer.store.address import list_runs, open_store, run_address
 RUNS_REFRESH_S = 5.0     # states and steps of the other runs: a slower refresh is enough
 TABLE_KEY = "runs_table"
 FILTER_KEY = "runs_filter"
+OPEN_KEY = "runs_open_run"   # a run clicked in the table, for the picker on the next page run
+PICKER_KEY = "run_picker"    # the sidebar's run picker (app/main.py)
 
 
 def _best_and_tags(address: str, cache: dict[str, Any]) -> tuple[float | None, list[str]]:
@@ -66,18 +68,29 @@ def matches(row: dict[str, Any], words: str) -> bool:
 
 
 def _opened() -> None:
-    """A click on a row: that run goes on show (the whole page draws it)."""
+    """A click on a row: that run is asked for; the whole page opens it
+    (:func:`open_clicked_run`)."""
     state = st.session_state
     rows = state.get("_runs_table_rows") or []
     picked = ((state.get(TABLE_KEY) or {}).get("selection") or {}).get("rows") or []
     if picked and picked[0] < len(rows):
-        state["run_picker"] = rows[picked[0]]["run"]
-        st.rerun()
+        state[OPEN_KEY] = rows[picked[0]]["run"]
+
+
+def open_clicked_run() -> None:
+    """Call before the run picker is drawn: a run clicked in the table becomes the picked run.
+    (Setting the picker from the table's callback, in the table's fragment, loses to the
+    browser's own value of the picker, which every later request carries.)"""
+    run = st.session_state.pop(OPEN_KEY, None)
+    if run:
+        st.session_state[PICKER_KEY] = run
 
 
 @st.fragment(run_every=RUNS_REFRESH_S)
 def runs_table(root: str) -> None:
-    """The table, in an expander at the top of the page."""
+    """The table, in an expander below the run on show."""
+    if st.session_state.get(OPEN_KEY):
+        st.rerun(scope="app")  # a row was clicked: the whole page opens its run
     try:
         runs = [r for r in list_runs(root) if r.get("state") != "unreadable"]
     except StoreError as err:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -192,3 +193,19 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
+
+
+SCREENSHOTS_ENV = "PANDA_SCREENSHOTS"   # set by `make screenshots`: the README's pictures
+
+
+def screenshot(target: Any, path: Path) -> Path:
+    """Screenshot ``target`` (a Playwright page or locator) to ``path``, a file under the
+    test's temporary directory: a test leaves the tree as it was. With $PANDA_SCREENSHOTS set
+    (``make screenshots``) the picture is also written there under the same name, so the
+    README's pictures are taken by the tests that check what they show."""
+    target.screenshot(path=str(path))
+    folder = os.environ.get(SCREENSHOTS_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, Path(folder) / path.name)
+    return path

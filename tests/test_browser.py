@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import wait_until
+from helpers import screenshot, wait_until
 
 from trainer.store import StoreError
 from trainer.store.address import open_store, run_address
@@ -217,9 +217,10 @@ def _refreshes(page, count: int = 5) -> dict:
 
 
 def _screenshot(page, path: Path, target=None) -> None:
-    """Screenshot once the chart is drawn (the component redraws in place: no blank frames)."""
+    """Screenshot once the chart is drawn (the component redraws in place: no blank frames);
+    ``make screenshots`` keeps it for the README (helpers.screenshot)."""
     _wait(lambda: _loss_points(page), "the chart to be drawn")
-    (target or page).screenshot(path=str(path))
+    screenshot(target or page, path)
 
 
 def test_the_chart_shows_new_points_over_time(page):

@@ -342,6 +342,44 @@ def test_after_each_action_the_page_agrees_with_itself(context, tmp_path):
         assert not [m for m in state["messages"] if "learning rate 6e-03" in m], state
 
 
+# --- many runs ---------------------------------------------------------------------------------
+
+ROW_PX = 35   # st.dataframe's row height (and its header's)
+
+
+def _title(page) -> str:
+    return page.locator("h4").first.inner_text()
+
+
+def test_the_runs_table_filters_and_a_click_opens_a_run(context, tmp_path, make_run):
+    """The runs table lists every run; its filter keeps the matching ones; one click on a
+    row opens that run (title, status row, knobs and the run picker), and it stays open
+    through the refreshes that follow (the picker's old value in the browser must not bring
+    the last run back)."""
+    make_run("other", status="paused", knobs={"lr": 0.003})
+    with _serve(tmp_path, ["live", "--task", "digits", "--epochs", "200", "--step-delay",
+                           "0.01"]) as (url, _, _log), _tab(context, url) as page:
+        _wait(lambda: _title(page).startswith("live ·"), "the live run on show")
+        page.locator("summary").filter(has_text=re.compile(r"Runs$")).click()
+        page.get_by_text("2 of 2 runs").wait_for()
+        words = page.get_by_placeholder(re.compile("^filter: words"))
+        words.fill("paused")
+        words.press("Enter")
+        page.get_by_text("1 of 2 runs").wait_for()
+        table = page.locator('[data-testid="stDataFrame"]').first
+        table.scroll_into_view_if_needed()
+        box = table.bounding_box()
+        page.mouse.click(box["x"] + 18, box["y"] + ROW_PX * 1.5)  # the row's selection box
+        _wait(lambda: _title(page).startswith("other ·"), "the clicked run to open")
+        _wait(lambda: _metric(page, "state") == "paused"
+              and _metric(page, "learning rate") == "3e-03", "its status row")
+        picker = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').filter(
+            has=page.get_by_text("Run", exact=True))
+        assert picker.locator("input").input_value() == "other · paused"
+        holds_for(lambda: _title(page).startswith("other ·"), QUIET_S,
+                  what="the opened run to stay on show")
+
+
 # --- a charlm run ------------------------------------------------------------------------------
 
 def test_a_charlm_run_shows_its_schedule_and_a_change_lands_and_is_marked(context, tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import wait_until
+from helpers import screenshot, wait_until
 
 from trainer.search import study as studies
 from trainer.store import SqliteStore, StoreError
@@ -200,8 +200,8 @@ def test_open_a_trial_from_the_study_table_and_change_its_lr(tmp_path):
         (change,) = trial.user_attrs["interventions"]
         assert change["kind"] == "set" and change["source"] == "dashboard"
         time.sleep(2.5)  # a few refreshes, so the screenshot shows the curve past the marker
-        # The README's picture is made by `make screenshots`; a test leaves the tree as it was.
-        page.locator('[data-testid="stMainBlockContainer"]').screenshot(
-            path=str(tmp_path / "dashboard-study.png"))
+        # The README's picture (`make screenshots`, helpers.screenshot).
+        screenshot(page.locator('[data-testid="stMainBlockContainer"]'),
+                   tmp_path / "dashboard-study.png")
     log = dashboard_log.read_text()
     assert "Traceback" not in log, log
