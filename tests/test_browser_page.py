@@ -47,7 +47,7 @@ HARMLESS = re.compile("|".join([
     r"input:password: Access token", r"button:button: (Show|Hide) password",
     r"input:text: (task|optimizer|run name)", r"input:range: (learning rate|momentum β|weight "
     r"decay)", r"input:number: (epochs|seconds per step.*)",
-    r"button:button: (Open|Decrement|Increment)", r"input:text: Run", r"input:radio: ",
+    r"button:button: (Open|Decrement|Increment)", r"input:text: Run", r"input:radio: .*",
     r"button:submit: Prepare export", r"input:text: filter",
     r"button:submit: (Show/hide columns|Download as CSV|Search|Fullscreen)",
     r"input:range: Smoothing \(EMA β\)", r"input:text: Steps shown",
@@ -204,7 +204,8 @@ def _enabled_controls(page) -> list[str]:
             if (e.closest('[data-testid="stToolbar"], [data-testid="stHeader"]')) continue;
             if (e.type !== 'range' && !e.offsetParent) continue;  // not shown
             if (e.closest('[data-testid="stSlider"]')?.querySelector('[data-disabled]')) continue;
-            out.push(`${e.tagName.toLowerCase()}${e.type ? ':' + e.type : ''}: ${name(e)}`);
+            const where = name(e) ? '' : ` (in ${e.closest('[data-testid]')?.dataset.testid})`;
+            out.push(`${e.tagName.toLowerCase()}${e.type ? ':' + e.type : ''}: ${name(e)}${where}`);
         }
         return out; }""")
 
