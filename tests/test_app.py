@@ -420,3 +420,77 @@ def test_the_lr_composition_is_said_in_words():
                            "user_schedule": True}) == "LR: your schedule × 0.25 → 1.6e-04 now"
     assert lr_composition({"user_lr": 0.01, "lr": 0.005, "factor": 0.5,
                            "user_schedule": False}) == "LR: your 1e-02 × 0.5 → 5e-03 now"
+
+
+# --- the LR range test panel: flat curves, big jumps, stale results -------------------------------
+
+def _lr_result(run_dir: Path, **payload) -> int:
+    """A finished range test in the run's store, as a job beside it would leave it."""
+    lrs = np.geomspace(1e-6, 10.0, 40).tolist()
+    losses = np.linspace(2.3, 0.4, 40).tolist()
+    base = {"lrs": lrs, "losses": losses, "smoothed_losses": losses, "stop_reason": "completed",
+            "suggested_lr": 0.015, "suggestion_range": [0.01, 0.02], "max_stable_lr": 0.1,
+            "suggestion_rule": "continue_probes", "purpose": "continue", "current_lr": 0.01,
+            "flat": False, "checkpoint_step": 10, "options": {"measure": "train"}}
+    with SqliteStore(run_dir) as store:
+        return store.add_result("lr_find", {**base, **payload})
+
+
+def _warnings(at: AppTest) -> list[str]:
+    return [w.value for w in at.warning]
+
+
+def test_a_flat_curve_jump_takes_a_second_click_that_names_the_factor(page):
+    """The issue's converged run: a flat curve, no limit, 8.3 suggested at LR 0.1."""
+    at, run_dir = page(knobs={"lr": 0.1})
+    flat = [1.8e-5] * 40
+    result = _lr_result(run_dir, losses=flat, smoothed_losses=flat, suggested_lr=8.3,
+                        suggestion_range=[4.751, 10.0], suggestion_rule="steepest",
+                        max_stable_lr=None, flat=True)
+    at.run()
+    notes = _warnings(at)
+    assert any(n.startswith("Flat curve") for n in notes), notes
+    assert any(n.startswith("No stability limit") for n in notes), notes
+    at.button(key=f"lrfind_apply_live_{result}").click().run()
+    assert commands(run_dir) == []                       # the first click only asks
+    assert "Apply 8.3e+00 (83× the current LR)?" in _warnings(at)
+    at.button(key=f"lrfind_yes_live_{result}").click().run()
+    sent = commands(run_dir)
+    assert [(c.kind, json.loads(c.payload)) for c in sent] == [("set", {"lr": 8.3})]
+    assert not any(n.startswith("Apply 8.3e+00") for n in _warnings(at))
+
+
+def test_a_big_jump_can_be_cancelled(page):
+    at, run_dir = page()                                 # the run's LR: 0.01
+    result = _lr_result(run_dir, suggested_lr=0.05, suggestion_range=[0.03, 0.1])
+    at.run()
+    at.button(key=f"lrfind_apply_live_{result}").click().run()
+    assert "Apply 5e-02 (5× the current LR)?" in _warnings(at)
+    at.button(key=f"lrfind_no_live_{result}").click().run()
+    assert commands(run_dir) == []
+    assert not any(n.startswith("Apply") for n in _warnings(at))
+
+
+def test_a_small_step_is_one_click_and_a_fresh_result_has_no_cautions(page):
+    at, run_dir = page()
+    result = _lr_result(run_dir, suggested_lr=0.015)     # 1.5× the run's LR
+    at.run()
+    assert _warnings(at) == []
+    assert at.button(key="lrfind_start_live").label == "Run LR range test"
+    at.button(key=f"lrfind_apply_live_{result}").click().run()
+    assert [json.loads(c.payload) for c in commands(run_dir)] == [{"lr": 0.015}]
+
+
+def test_a_stale_result_says_its_age_and_re_running_is_one_click(page):
+    at, run_dir = page()
+    with SqliteStore(run_dir) as store:
+        store.set_meta(step=52_000)                      # the run trained on meanwhile
+    _lr_result(run_dir, checkpoint_step=26_800)
+    at.run()
+    assert ("Stale: measured from the checkpoint at step 26,800; the run is at step 52,000 "
+            "now, 25,200 steps later. Re-run the test for a current answer.") in _warnings(at)
+    button = at.button(key="lrfind_start_live")
+    assert button.label == "Re-run LR range test"
+    # This run was not started by `panda train`: the button says why it cannot run here (a
+    # real run's re-run is the start job's one click, tested in test_lr_job and the browser).
+    assert button.disabled
