@@ -324,3 +324,16 @@ def test_train_refuses_bad_settings_before_starting(capsys, tmp_path):
 def test_train_refuses_to_overwrite_an_existing_run(capsys, finished):
     code, _, err = run_cli(capsys, "train", "--run-dir", finished, "--epochs", "1")
     assert code == 2 and "already holds a run" in one_line_error(err)
+
+
+def test_every_command_has_help_and_json():
+    """DESIGN.md: every `panda` command has --help and --json."""
+    from trainer.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"demo", "train", "dashboard", "runs", "set", "pause", "resume", "stop", "status",
+            "rollback", "checkpoints", "branch", "lr-find", "export"} <= set(commands.choices)
+    for name, sub in commands.choices.items():
+        flags = {flag for action in sub._actions for flag in action.option_strings}
+        assert {"--help", "--json"} <= flags, name

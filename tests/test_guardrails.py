@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
@@ -239,3 +240,59 @@ def test_a_branch_starts_from_a_checkpoint_with_other_knobs_and_links_its_parent
     assert (branch_set["step"], branch_set["old"], branch_set["new"]) == (100, 0.01, 0.1)
     with pytest.raises(ValueError, match="already exists"):
         branch_run(parent, 120, {"lr": 0.2}, name="what-if")
+
+
+class _ReferenceGuard:
+    """The guard's rule, one step at a time (the straightforward reading of the module
+    docstring), to check the vectorized DivergenceGuard against."""
+
+    def __init__(self, factor=4.0, patience=10, smoothing=0.9, warmup=20):
+        self.factor, self.patience, self.smoothing, self.warmup = (factor, patience, smoothing,
+                                                                   warmup)
+        self.best, self.avg, self.count, self.over, self.since, self.start = (
+            math.inf, 0.0, 0, 0, None, 0.0)
+
+    def update(self, steps, losses):
+        for step, loss in zip(steps, losses):
+            if not math.isfinite(loss):
+                return (step, step)
+            self.count += 1
+            self.avg = self.smoothing * self.avg + (1 - self.smoothing) * loss
+            smoothed = self.avg / (1 - self.smoothing ** self.count)
+            if self.count <= max(self.warmup, 1):
+                self.start = smoothed
+            if self.count > self.warmup and smoothed > max(self.factor * self.best, self.start):
+                self.since = step if self.over == 0 else self.since
+                self.over += 1
+                if self.over >= self.patience:
+                    return (self.since, step)
+            else:
+                self.over = 0
+                self.best = min(self.best, smoothed)
+        return None
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_vectorized_guard_decides_like_the_rule_read_step_by_step(seed):
+    rng = np.random.default_rng(seed)
+    n = 3000
+    losses = 2.0 * np.exp(-np.arange(n) / 400) + 0.05 * rng.random(n)
+    if seed % 3 == 0:       # a sustained blow-up
+        at = int(rng.integers(200, 2500))
+        losses[at:] *= np.exp(np.arange(n - at) / rng.uniform(5, 50))
+    elif seed % 3 == 1:     # a NaN somewhere, and one isolated spike
+        losses[int(rng.integers(100, 2900))] = math.nan
+        losses[int(rng.integers(100, 2900))] *= 100
+    settings = {"factor": rng.uniform(2, 6), "patience": int(rng.integers(1, 20)),
+                "smoothing": float(rng.choice([0.0, 0.5, 0.9, 0.98])),
+                "warmup": int(rng.integers(0, 50))}
+    guard, reference = DivergenceGuard(**settings), _ReferenceGuard(**settings)
+    steps = list(range(n))
+    cuts = sorted(set(rng.integers(1, n, size=20).tolist()))  # batches of any size
+    expected = reference.update(steps, losses.tolist())
+    found = None
+    for lo, hi in itertools.pairwise([0, *cuts, n]):
+        found = guard.update(steps[lo:hi], losses[lo:hi].tolist())
+        if found is not None:
+            break
+    assert (None if found is None else (found.first_bad_step, found.detected_step)) == expected

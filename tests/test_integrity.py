@@ -111,7 +111,7 @@ def test_a_store_that_raises_on_every_write_fails_the_run_after_its_timeout(tmp_
             Babysitter(opt, tmp_path / "broken", model=model, store_timeout=0.3, **FAST) as bs:
         train(bs, model, opt, 40)
         wait_until(lambda: stored_steps(tmp_path / "broken")[-1:] == [39], what="rows")
-        monkeypatch.setattr(bs.store, "append_metrics", broken)
+        monkeypatch.setattr(bs.store, "append_metric_columns", broken)
         train(bs, model, opt, 5)  # rows the store will not take
         wait_until(lambda: bs.channels.commands, what="the flusher to give up")
         train(bs, model, opt, 1)
@@ -146,11 +146,11 @@ _SLOW_STORE = textwrap.dedent("""
     from trainer.store import SqliteStore
     steps, run_dir = int(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
-    original, row_cost = SqliteStore.append_metrics, [0.0]
-    def slow(self, rows, **kwargs):   # each row costs ten of the loop's steps
-        time.sleep(len(rows) * row_cost[0])
-        return original(self, rows, **kwargs)
-    SqliteStore.append_metrics = slow
+    original, row_cost = SqliteStore.append_metric_columns, [0.0]
+    def slow(self, columns, **kwargs):   # each row costs ten of the loop's steps
+        time.sleep(len(columns[0]) * row_cost[0])
+        return original(self, columns, **kwargs)
+    SqliteStore.append_metric_columns = slow
     losses = [torch.tensor(float(i % 7)) for i in range(64)]
     with Babysitter(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), run_dir,
                     on_diverge="ignore", row_limit=5_000) as bs:

@@ -35,13 +35,10 @@ class Channels:
 
 
 def drain(queue: deque) -> list:
-    """Pop everything currently in ``queue`` (safe against concurrent appends)."""
-    items = []
-    while True:
-        try:
-            items.append(queue.popleft())
-        except IndexError:
-            return items
+    """Pop what is in ``queue`` now, oldest first (safe against concurrent appends: only this
+    thread pops, so the items counted are there to pop; later ones wait for the next drain)."""
+    popleft = queue.popleft
+    return [popleft() for _ in range(len(queue))]
 
 
 # --- outbox items ---------------------------------------------------------------------------------

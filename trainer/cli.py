@@ -169,6 +169,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     status = train(cfg, run_dir, resume=args.resume, replay=replay, store=store,
                    checkpoint_knobs=args.checkpoint_knobs)
     log.info("run %s %s", run_dir, status)
+    if args.json:
+        _emit(args, {"run": run_dir.name, "run_dir": str(run_dir), "status": status}, "")
     return 0
 
 
@@ -199,8 +201,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         write_atomic(target, text)
     except (ExportError, OSError) as err:
         raise CliError(str(err)) from None
-    print(f"exported {export['run']} ({len(export['timeline'])} interventions) to {target}",
-          file=sys.stderr)
+    if args.json:
+        _emit(args, {"run": export["run"], "out": str(target), "format": args.format,
+                     "interventions": len(export["timeline"])}, "")
+    else:
+        print(f"exported {export['run']} ({len(export['timeline'])} interventions) to {target}",
+              file=sys.stderr)
     return 0
 
 
@@ -349,6 +355,9 @@ def _dashboard(args: argparse.Namespace) -> tuple[list[str], dict[str, str], str
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     cmd, env, cwd = _dashboard(args)
+    if args.json:  # where it will answer, before this process becomes the server
+        _emit(args, {"url": f"http://{args.host}:{args.port}"}, "")
+        sys.stdout.flush()
     if cwd is not None:
         os.chdir(cwd)
     os.execve(cmd[0], cmd, env)  # replace this process: Ctrl-C goes straight to Streamlit
@@ -367,8 +376,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_dir, proc = start_demo_run(args.runs_dir, store=_store(args))
     url = f"http://{args.host}:{args.port}"
-    print(f"training {run_dir.name} in the background (pid {proc.pid}); dashboard: {url}  "
-          "(Ctrl-C stops both)", flush=True)
+    _emit(args, {"run": run_dir.name, "run_dir": str(run_dir), "pid": proc.pid, "url": url},
+          f"training {run_dir.name} in the background (pid {proc.pid}); dashboard: {url}  "
+          "(Ctrl-C stops both)")
+    sys.stdout.flush()
     cmd, env, cwd = _dashboard(args)
     dashboard = subprocess.Popen(cmd, env=env, cwd=cwd)
     try:
@@ -436,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-wait", action="store_true", help="send and return at once")
 
     p = add("train", cmd_train, "train a built-in task under a Babysitter (settings not given "
-            "are the task's defaults: charlm has its own, the others share TrainConfig's)")
+            "are the task's defaults: charlm has its own, the others share TrainConfig's)",
+            json_flag=True)
     p.add_argument("--task", default=defaults.task, **_typed("task"))
     p.add_argument("--run-dir", required=True, help="where the run is stored, e.g. runs/NAME")
     p.add_argument("--optimizer", help=_default_help("optimizer"), **_typed("optimizer"))
@@ -496,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("resume", "resume a paused run"),
                        ("stop", "stop a live run after the current step")):
         add_wait(add(kind, _control(kind), text, run=True, json_flag=True))
-    p = add("export", cmd_export, "export a run's settings and intervention timeline", run=True)
+    p = add("export", cmd_export, "export a run's settings and intervention timeline", run=True,
+            json_flag=True)
     p.add_argument("--format", choices=FORMATS, default="json")
     p.add_argument("--out", metavar="FILE", help="write here (inside the current directory) "
                    "instead of stdout; written atomically")
@@ -526,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("dashboard", cmd_dashboard, "open the dashboard on --runs-dir"),
                              ("demo", cmd_demo, "start a charlm run in the background and "
                               "open the dashboard on it")):
-        p = add(name, func, text)
+        p = add(name, func, text, json_flag=True)
         p.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only)")
         p.add_argument("--port", type=PORT.parser("--port"), default=8501)

@@ -119,11 +119,8 @@ class Composition:
         self.decay = self.schedule.factor(position)
         self._refresh()
 
-    @property
-    def decaying(self) -> bool:
-        return self.schedule.shape != "constant"
-
     def _refresh(self) -> None:
+        self.decaying = self.schedule.shape != "constant"  # read every step: a plain attribute
         self._active = bool(self.targets) or self.wd_override is not None or not (
             self.lr_factor == 1.0 and self.beta_scale == 1.0 and self.wd_factor == 1.0
             and self.decay == 1.0)
@@ -189,20 +186,33 @@ class Composition:
                     user_lr / lrs[0] if lrs[0] else 1.0)
 
     def _after_update(self, optimizer, args, kwargs) -> None:
-        first = self.knobs.groups[0]
-        user_lr = first["lr"] if self._saved is None else self._saved[0][1]
-        if self.updates and user_lr != self.user_lr:
-            self.user_schedule = True
-        self.user_lr = user_lr
-        self.used_lr = first["lr"]
-        self.used_momentum = self.knobs.momentum()
-        self.used_weight_decay = self.knobs.weight_decay()
+        # Runs after every update: plain dict reads, no method calls on the common path.
+        groups = optimizer.param_groups
+        first, saved = groups[0], self._saved
+        lr = first["lr"]
+        user_lr = lr if saved is None else saved[0][1]
+        if user_lr != self.user_lr:
+            if self.updates:
+                self.user_schedule = True
+            self.user_lr = user_lr
+        self.used_lr = lr
+        key = self.knobs.momentum_key
+        if key == "betas":
+            self.used_momentum = first["betas"][0]
+        elif key is not None:
+            self.used_momentum = first["momentum"]
+        if self.knobs.has_weight_decay:
+            self.used_weight_decay = first["weight_decay"] if len(groups) == 1 else max(
+                g["weight_decay"] for g in groups)
         self.updates += 1
-        for landing in self.landings:  # every change requested so far lands here
-            landing.update = self.updates
-            landing.used = {name: self.last_used()[name] for name in landing.requested}
-        self.landings = []
-        self._put_back()
+        if self.landings:
+            used = self.last_used()
+            for landing in self.landings:  # every change requested so far lands here
+                landing.update = self.updates
+                landing.used = {name: used[name] for name in landing.requested}
+            self.landings = []
+        if saved is not None:
+            self._put_back()
 
     def _put_back(self) -> None:
         saved, self._saved = self._saved, None

@@ -17,6 +17,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+from scipy.signal import lfilter
+
 DEFAULT_FACTOR = 4.0      # smoothed loss above this multiple of its best counts as blow-up
 DEFAULT_PATIENCE = 10     # consecutive blown-up steps before the guard fires
 DEFAULT_SMOOTHING = 0.9   # EMA β: averages over ~10 steps
@@ -51,26 +54,59 @@ class DivergenceGuard:
         self._start_level = 0.0  # smoothed loss at the end of warm-up
 
     def update(self, steps: Sequence[int], losses: Sequence[float]) -> Divergence | None:
-        for step, loss in zip(steps, losses):
-            if not math.isfinite(loss):
-                return Divergence(step, step, f"loss is {loss} at step {step}")
-            self._count += 1
-            # Debiased EMA (Kingma & Ba 2015, §3): unbiased from the first step.
-            self._avg = self.smoothing * self._avg + (1 - self.smoothing) * loss
-            smoothed = self._avg / (1 - self.smoothing ** self._count)
-            if self._count <= max(self.warmup, 1):
-                self._start_level = smoothed
-            threshold = max(self.factor * self.best, self._start_level)
-            if self._count > self.warmup and smoothed > threshold:
-                self._over_since = step if self._over == 0 else self._over_since
-                self._over += 1
-                if self._over >= self.patience:
-                    return Divergence(self._over_since, step,
-                                      f"smoothed loss {smoothed:.4g} above {self.factor:g}× "
-                                      f"its best {self.best:.4g} for {self._over} steps")
-            else:
-                self._over = 0
-                self.best = min(self.best, smoothed)
+        """Feed a batch; the divergence it reveals, if any (then the guard's state is spent:
+        :meth:`reset` before feeding it again).
+
+        Vectorized (NumPy, and SciPy's ``lfilter`` for the EMA): the flusher runs this on every
+        batch while the training thread waits for the GIL, so no Python loop per row.
+        """
+        x = np.asarray(losses, dtype=float)
+        bad = ~np.isfinite(x)
+        if bad.any():
+            k = int(np.argmax(bad))
+            found = self._update_finite(steps[:k], x[:k])
+            if found is not None:
+                return found
+            return Divergence(steps[k], steps[k], f"loss is {x[k]} at step {steps[k]}")
+        return self._update_finite(steps, x)
+
+    def _update_finite(self, steps: Sequence[int], x: np.ndarray) -> Divergence | None:
+        n = x.size
+        if n == 0:
+            return None
+        beta = self.smoothing
+        # Debiased EMA (Kingma & Ba 2015, §3), unbiased from the first step:
+        # avg_t = β·avg_{t−1} + (1−β)·x_t as a first-order IIR filter, carried across batches.
+        ema, _ = lfilter([1.0 - beta], [1.0, -beta], x, zi=[beta * self._avg])
+        counts = self._count + np.arange(1, n + 1)
+        smoothed = ema / (1.0 - beta ** counts)
+        self._avg, self._count = float(ema[-1]), self._count + n
+        warm = counts <= max(self.warmup, 1)
+        if warm.any():  # the level the run started at: its smoothed loss at the end of warm-up
+            self._start_level = float(smoothed[np.flatnonzero(warm)[-1]])
+        # The best smoothed loss seen before each step (a blown-up step never lowers it).
+        lowest = np.minimum.accumulate(smoothed)
+        best_before = np.minimum(self.best, np.concatenate([[np.inf], lowest[:-1]]))
+        threshold = np.maximum(self.factor * best_before, self._start_level)
+        over = (counts > self.warmup) & (smoothed > threshold)
+        # Length of the run of consecutive blown-up steps ending at each step, continuing the
+        # previous batch's run where this batch starts with one.
+        index = np.arange(n)
+        last_calm = np.maximum.accumulate(np.where(over, -1, index))
+        run = index - last_calm + np.where(last_calm < 0, self._over, 0)
+        hits = np.flatnonzero(run >= self.patience)
+        if hits.size:
+            t = int(hits[0])
+            start = t - int(run[t]) + 1
+            first = self._over_since if start < 0 else steps[start]
+            self.best = float(best_before[t])
+            return Divergence(first, steps[t], f"smoothed loss {smoothed[t]:.4g} above "
+                              f"{self.factor:g}× its best {self.best:.4g} for {int(run[t])} "
+                              "steps")
+        self.best = min(self.best, float(lowest[-1]))
+        self._over = int(run[-1])
+        if self._over and n - self._over >= 0:
+            self._over_since = steps[n - self._over]
         return None
 
 

@@ -7,11 +7,12 @@ thread hands everything that needs I/O to the flusher.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +38,8 @@ from trainer.store.records import Event, MetricRow, Verdict
 
 log = logging.getLogger(__name__)
 
+_STEP, _LOSS = MetricRow._fields.index("step"), MetricRow._fields.index("loss")
+
 STORE_GIVE_UP_S = 60.0  # a store unreachable for longer than this fails the run (loudly)
 
 
@@ -46,23 +49,28 @@ class WorkerError(RuntimeError):
     where it can be)."""
 
 
-def to_floats(values: list) -> list[float]:
+def to_floats(values: Sequence[Any]) -> list[float]:
     """Turn a batch of scalar tensors / numbers into floats with one device sync at most.
 
     CPU tensors are read one by one (``item()`` on CPU is a plain memory read, ~0.2 µs, and
     holds the GIL ten times less than building a stacked tensor); device tensors are stacked
-    and copied once, so a flush costs one sync whatever the batch size.
+    and copied once, so a flush costs one sync whatever the batch size. The kind of batch is
+    told by its first value: ``isinstance`` on every value of a batch costs more than reading
+    them (``torch.Tensor``'s metaclass makes it slow).
     """
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if not tensors or len(tensors) != len(values):
-        return [float(v) for v in values]
-    if tensors[0].device.type == "cpu":
-        return [t.item() for t in tensors]
+    if not values:
+        return []
+    first = values[0]
+    if isinstance(first, torch.Tensor) and first.device.type != "cpu":
+        try:
+            return torch.stack([t.reshape(()).to(first.device) for t in values]
+                               ).double().cpu().tolist()
+        except (RuntimeError, TypeError, AttributeError):  # numbers among the tensors
+            return [float(v) for v in values]
     try:
-        return torch.stack(tensors).double().cpu().tolist()
-    except RuntimeError:  # shapes other than 0-dim, or mixed devices: reshape, then stack
-        return torch.stack([t.reshape(()).to(tensors[0].device) for t in tensors]
-                           ).double().cpu().tolist()
+        return [v.item() for v in values]  # CPU tensors
+    except AttributeError:  # plain numbers (or a mix): float() reads either
+        return [float(v) for v in values]
 
 
 class _Worker(threading.Thread):
@@ -186,15 +194,16 @@ class Flusher(_Worker):
         if self.guard is not None:
             self._rearm_at = from_step
 
-    def _watch(self, rows: list[MetricRow]) -> None:
+    def _watch(self, steps: Sequence[int], losses: Sequence[float]) -> None:
         rearm_at = self._rearm_at
         if rearm_at is not None:
             self._rearm_at, self._armed = None, True
             self.guard.reset()
-            rows = [r for r in rows if r.step >= rearm_at]
+            keep = bisect.bisect_left(steps, rearm_at)  # steps rise within a batch
+            steps, losses = steps[keep:], losses[keep:]
         if not self._armed:
             return
-        divergence = self.guard.update([r.step for r in rows], [r.loss for r in rows])
+        divergence = self.guard.update(steps, losses)
         if divergence is not None:
             self._armed = False
             self.channels.commands.append(ValidCommand(None, GUARD_KIND, {
@@ -205,11 +214,14 @@ class Flusher(_Worker):
     def tick(self) -> None:
         rows = drain(self.channels.rows)
         if rows:
-            losses = to_floats([r.loss for r in rows])
-            batch = [r._replace(loss=loss) for r, loss in zip(rows, losses)]
-            self._watch(batch)
+            # Columns, not rows: the transpose runs in C, and so does each later step (the
+            # guard in NumPy, the insert in the driver), so the GIL the training loop needs is
+            # held for little Python work per row.
+            columns = list(zip(*rows))
+            columns[_LOSS] = to_floats(columns[_LOSS])
+            self._watch(columns[_STEP], columns[_LOSS])
             try:
-                self.store.append_metrics(batch, meta=self.live_meta())
+                self.store.append_metric_columns(columns, meta=self.live_meta())
             except self.store.errors:
                 self.channels.rows.extendleft(reversed(rows))
                 raise

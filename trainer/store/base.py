@@ -45,6 +45,8 @@ UPSERT_META = ("INSERT INTO meta(key, value) VALUES (?, ?) "
 UPSERT_METRICS = (f"INSERT INTO metrics({', '.join(METRIC_COLUMNS)}) "
                   f"VALUES ({', '.join('?' for _ in METRIC_COLUMNS)}) " + upsert_metrics_tail())
 
+_LOSS = MetricRow._fields.index("loss")
+
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -134,9 +136,10 @@ class RunStore(abc.ABC):
         """Close every connection this store opened (from any thread)."""
 
     @staticmethod
-    def _insert_metrics(tx: Any, rows: Sequence[tuple]) -> None:
-        """Upsert a batch of metric rows (a backend may send the batch its own way)."""
-        tx.executemany(UPSERT_METRICS, rows)
+    def _insert_metrics(tx: Any, columns: Sequence[Sequence[Any]]) -> None:
+        """Upsert a batch of metric rows given as columns (a backend may send the batch its
+        own way; here one parameter tuple per row, transposed in C)."""
+        tx.executemany(UPSERT_METRICS, zip(*columns))
 
     def lock_trainer(self) -> Any:
         """A lock only one trainer process can hold (released with the returned handle, see
@@ -177,14 +180,28 @@ class RunStore(abc.ABC):
     # --- metrics -------------------------------------------------------------------------------
 
     def append_metrics(self, rows: Sequence[MetricRow], *, meta: dict | None = None) -> None:
-        """Upsert metric rows (losses as numbers) in one commit.
+        """Upsert metric rows (losses as numbers) in one commit; see
+        :meth:`append_metric_columns`. A row may leave out ``user_lr``."""
+        full = [MetricRow(*r) for r in rows]
+        self.append_metric_columns(list(zip(*full)) if full else [], meta=meta)
+
+    def append_metric_columns(self, columns: Sequence[Sequence[Any]], *,
+                              meta: dict | None = None) -> None:
+        """Upsert a batch given as columns, one sequence per :class:`MetricRow` field (what
+        the flusher holds: the transpose of its rows, made in C by ``zip(*rows)``, so no
+        per-row Python work runs while it holds the GIL the training loop needs).
 
         Non-finite losses are stored as NULL (SQLite has no NaN) and read back as NaN. ``meta``
         values (e.g. the heartbeat) are written in the same transaction.
         """
-        clean = [r._replace(loss=_finite_or_none(r.loss)) for r in (MetricRow(*r) for r in rows)]
+        columns = list(columns)
+        if columns and not math.isfinite(math.fsum(columns[_LOSS])):
+            # Only a batch with a NaN or inf in it (fsum propagates them) is read value by
+            # value; fsum itself never overflows on finite values.
+            columns[_LOSS] = [_finite_or_none(v) for v in columns[_LOSS]]
         with self.transaction() as tx:
-            self._insert_metrics(tx, clean)
+            if columns and columns[0]:
+                self._insert_metrics(tx, columns)
             if meta:
                 tx.executemany(UPSERT_META, [(k, json.dumps(v)) for k, v in meta.items()])
 
