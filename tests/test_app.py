@@ -494,3 +494,75 @@ def test_a_stale_result_says_its_age_and_re_running_is_one_click(page):
     # This run was not started by `panda train`: the button says why it cannot run here (a
     # real run's re-run is the start job's one click, tested in test_lr_job and the browser).
     assert button.disabled
+
+
+# Hand-made curves (as torch-lr-finder's tests pin its suggestion on made-up losses): a range
+# test's loss against 60 LRs from 1e-6 to 10.
+CURVE_LRS = np.geomspace(1e-6, 10.0, 60).tolist()
+# A real descent: level, falling by 80 % between 1e-4 and 1e-2, then blowing up.
+DESCENT = [2.3 - 1.9 / (1 + math.exp(-(math.log10(lr) + 3) * 3)) + 8 * max(0, lr - 1) for lr in
+           CURVE_LRS]
+# The issue's converged run: 2.8e-5 with noise of 1e-7 and no trend, over 7 decades.
+CONVERGED = (2.8e-5 + 1e-7 * np.random.default_rng(0).standard_normal(60)).tolist()
+
+
+@pytest.mark.parametrize(("losses", "flat"), [(CONVERGED, True), (DESCENT, False)])
+def test_a_result_stored_without_its_flatness_is_judged_from_its_curve(page, losses, flat):
+    at, run_dir = page()
+    _lr_result(run_dir, lrs=CURVE_LRS, losses=losses, smoothed_losses=losses, flat=None)
+    at.run()
+    assert not at.exception, at.exception
+    said = any(n.startswith("Flat curve") for n in _warnings(at))
+    assert said == flat, _warnings(at)
+
+
+def test_no_limit_is_said_and_a_big_jump_still_asks(page):
+    """A real descent that never blew up: not flat, but nothing bounds the suggestion."""
+    at, run_dir = page()                                 # the run's LR: 0.01
+    result = _lr_result(run_dir, lrs=CURVE_LRS, losses=DESCENT, smoothed_losses=DESCENT,
+                        max_stable_lr=None, flat=None, suggested_lr=0.1,
+                        suggestion_range=[0.05, 0.2])
+    at.run()
+    notes = _warnings(at)
+    assert [n.split(":")[0].split(" was")[0] for n in notes] == ["No stability limit"], notes
+    at.button(key=f"lrfind_apply_live_{result}").click().run()
+    assert commands(run_dir) == []
+    assert "Apply 1e-01 (10× the current LR)?" in _warnings(at)
+
+
+def test_the_summary_says_the_rule_and_what_the_suggestion_is_for(page):
+    at, run_dir = page()
+    _lr_result(run_dir)
+    at.run()
+    text = "\n".join(m.value for m in at.markdown)
+    assert ("**rule** continue_probes: lowest loss after short constant-LR probes around the "
+            "current LR") in text
+    assert "**for** continuing the run from its checkpoint, compared with its LR 1e-02" in text
+
+
+@pytest.mark.parametrize(("run_step", "age"), [(3_000, None), (3_001, 1_001)])
+def test_a_result_turns_stale_after_stale_steps_and_re_running_is_one_click(
+        page, monkeypatch, run_step, age):
+    """At the checkpoint of step 2,000, staleness starts past STALE_STEPS (1,000) steps."""
+    import app.lr_panel as panel
+
+    started = []
+    monkeypatch.setattr(panel, "readiness", lambda store: None)   # as a `panda train` run
+    monkeypatch.setattr(panel, "start_lr_find_job", lambda address: started.append(address) or 7)
+    at, run_dir = page()
+    with SqliteStore(run_dir) as store:
+        store.set_meta(step=run_step)
+    _lr_result(run_dir, checkpoint_step=2_000)
+    at.run()
+    stale = [n for n in _warnings(at) if n.startswith("Stale")]
+    button = at.button(key="lrfind_start_live")
+    if age is None:
+        assert stale == [] and button.label == "Run LR range test"
+    else:
+        assert stale == [f"Stale: measured from the checkpoint at step 2,000; the run is at step "
+                         f"{run_step:,} now, {age:,} steps later. Re-run the test for a current "
+                         "answer."]
+        assert button.label == "Re-run LR range test"
+    assert not button.disabled
+    button.click().run()
+    assert started == [str(run_dir)]                     # one click, one job

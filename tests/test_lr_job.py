@@ -62,6 +62,33 @@ def test_purpose_defaults_to_continue_beside_a_run_and_is_checked():
     assert cli_main(["lr-find", "--task", "quadratic", "--purpose", "sometime"]) == 2
 
 
+def test_json_output_says_the_rule_and_the_purpose(capsys):
+    """`panda lr-find --task … --json`: a fresh model's suggestion is for starting, made by a
+    named rule from probes that are in the output; asked to continue, it compares with the
+    task's LR and says so."""
+    assert cli_main(["lr-find", "--task", "quadratic", "--num-iter", "60", "--json"]) == 0
+    start = json.loads(capsys.readouterr().out)
+    assert start["purpose"] == "start"
+    assert start["suggestion_rule"] in RULES
+    assert start["suggestion_probes"]
+    assert cli_main(["lr-find", "--task", "quadratic", "--num-iter", "60", "--json",
+                     "--purpose", "continue"]) == 0
+    more = json.loads(capsys.readouterr().out)
+    assert more["purpose"] == "continue"
+    assert more["suggestion_rule"] in ("keep_current", "continue_probes")
+    assert more["current_lr"] == pytest.approx(0.01)        # `panda train`'s default LR
+    assert more["current_lr"] in [p["lr"] for p in more["suggestion_probes"]]
+
+
+def test_text_output_names_the_rule_and_what_the_suggestion_is_for(capsys):
+    assert cli_main(["lr-find", "--task", "quadratic", "--num-iter", "60"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rule = next(line.split(None, 1)[1] for line in lines if line.strip().startswith("rule "))
+    assert rule.split(":")[0] in RULES
+    assert any(line.split() == ["for", "starting", "training", "from", "these", "weights"]
+               for line in lines), lines
+
+
 # --- the progress callback ------------------------------------------------------------------------
 
 def test_progress_is_reported_per_chunk_and_ends_at_one():
@@ -281,6 +308,29 @@ def test_background_job_reports_progress_and_result(live_run):
     assert len(payload["lrs"]) <= 40 and payload["progress"] == 1.0
     with SqliteStore(run_dir) as store:
         assert store.summary()["state"] == "running"
+
+
+def test_a_background_job_asked_what_to_start_with_says_so(live_run):
+    """`--purpose start` beside a run reaches the detached job (its default is "continue")."""
+    run_dir, _ = live_run
+    out = panda("lr-find", run_dir, "--background", "--json", "--num-iter", "40",
+                "--no-refine", "--purpose", "start")
+    assert out.returncode == 0, out.stderr
+    result_id = json.loads(out.stdout)["id"]
+
+    def finished():
+        with SqliteStore(run_dir) as store:
+            row = lr_job.latest_lr_find(store)
+        return row if row["id"] == result_id and row["status"] != "running" else None
+
+    row = wait_until(finished, what="the background LR range test")
+    assert row["status"] == "done", row["payload"].get("error")
+    payload = row["payload"]
+    assert payload["options"]["purpose"] == "start" and payload["purpose"] == "start"
+    # Without refinement there are no probes: the ramp's own rule, named.
+    assert payload["suggestion_probes"] == [] and payload["suggestion_rule"] in RULES
+    lines = dict(lr_job.describe_result(payload))
+    assert lines["for"] == "starting training from these weights"
 
 
 def test_second_job_refused_while_one_runs(live_run, capsys):
