@@ -32,6 +32,7 @@ from trainer.lr_range.suggestions import (
     is_flat,
     noise_level,
     probe_best,
+    probe_vertex,
     start_suggestion,
     steepest,
     suggest,
@@ -414,12 +415,29 @@ def test_probe_best_is_the_lowest_finite_final_loss():
     assert probe_best([1e-3, 1e-2], [math.inf, math.nan]) == (None, None)
 
 
+def test_probe_vertex_finds_the_lowest_point_between_probes():
+    # A parabola in log LR with its vertex at 10^-1.5 is found exactly from three probes.
+    lrs = [1e-3, 1e-2, 1e-1, 1.0]
+    losses = [(math.log10(lr) + 1.5) ** 2 + 1 for lr in lrs]
+    assert probe_vertex(lrs, losses) == (pytest.approx(10 ** -1.5), 1)
+    # Pinned: the parabola through (ln 1e-2, 0.4), (ln 3e-2, 0.25), (ln 1e-1, 0.9) (np.polyfit).
+    assert probe_vertex(PROBE_LRS, PROBE_LOSSES) == (pytest.approx(2.1852e-2, rel=1e-4), 3)
+    # Kept between the neighbours; the best probe itself at an end, beside a diverged probe,
+    # or when all three ended alike.
+    assert probe_vertex(lrs, [3.0, 2.0, 1.0, 0.5]) == (1.0, 3)
+    assert probe_vertex(lrs, [3.0, 1.0, math.inf, 2.0]) == (1e-2, 1)
+    assert probe_vertex(lrs, [3.0, 1.0, 1.0, 1.0])[0] == pytest.approx(10 ** -1.5)  # flat bottom
+    assert probe_vertex([1e-3, 1e-2, 1e-1], [1.0, 1.0, 1.0]) == (1e-3, 0)
+    assert probe_vertex([1e-3, 1e-2], [math.inf, math.nan]) == (None, None)
+
+
 def test_start_suggestion_is_the_best_probe_halved_with_the_range_between_its_neighbours():
     curve = Suggestion(0.05, 40, "steepest", 0.01, 0.08)
     s = start_suggestion(curve, PROBE_LRS, PROBE_LOSSES, snapshot_loss=2.3)
-    # Best probe 3e-2 (0.25); only it ends within 10 % of 0.25, so the range runs from its
-    # neighbours 1e-2 to 1e-1, all halved (PROBE_BACKOFF = 2).
-    assert (s.lr, s.method) == (pytest.approx(1.5e-2), "probes")
+    # The probes' lowest point 2.18e-2 (between 1e-2 and 1e-1, near the best probe 3e-2); only
+    # 3e-2 ends within 10 % of 0.25, so the range runs from its neighbours 1e-2 to 1e-1, all
+    # halved (PROBE_BACKOFF = 2).
+    assert (s.lr, s.method) == (pytest.approx(2.1852e-2 / 2, rel=1e-4), "probes")
     assert (s.low, s.high) == (pytest.approx(5e-3), pytest.approx(5e-2))
     assert s.reason is None
 
@@ -428,7 +446,7 @@ def test_start_suggestion_keeps_the_curves_when_that_is_lower():
     curve = Suggestion(4e-3, 30, "steepest", 1e-3, 6e-3)
     s = start_suggestion(curve, PROBE_LRS, PROBE_LOSSES, snapshot_loss=2.3)
     assert (s.lr, s.method, s.low, s.high) == (4e-3, "steepest", 1e-3, 6e-3)
-    assert "below the probes' best LR ÷ 2 (0.015)" in s.reason
+    assert "below the probes' best LR ÷ 2 (0.0109)" in s.reason
 
 
 def test_start_suggestion_keeps_the_curves_when_the_probes_cannot_tell():
