@@ -9,7 +9,8 @@ snapshot, below the limit, chosen by what it is for (``purpose``; the rules are 
 :mod:`~trainer.lr_range.suggestions`):
 
 * ``"start"``, the LR to start training with: a coarse-to-fine search over a few decades below
-  the limit for the LR whose probe ends lowest, halved (README, "LR suggestions");
+  the limit for the LR where the probes' loss ends lowest (interpolated between probes), halved
+  (README, "LR suggestions");
 * ``"continue"``, the LR to continue a run with from its checkpoint: probes around the current
   LR, which is kept unless another ends clearly lower.
 

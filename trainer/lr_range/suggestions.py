@@ -50,9 +50,9 @@ PROBE_PROGRESS = 0.2
 # is best over a few steps is higher than the one that is best over a few hundred (short-horizon
 # bias; Wu et al. 2018, "Understanding Short-Horizon Bias in Stochastic Meta-Optimization").
 # 2 is measured, not derived: README, "LR suggestions" has ÷1, ÷1.5 and ÷2 side by side. On the
-# digits MLP, AdamW's 40-step best (0.016-0.024) is 2-3× its 400-step best (0.0056-0.01); SGD's
-# is not (0.06-0.1 against 0.03-0.1), but above its 400-step best SGD blows up within a factor of
-# 2 (20-90× the loss at 0.18), so a shortfall costs it a few % and an overshoot everything.
+# digits MLP, AdamW's 40-step best (0.016-0.024) is 1.6-3.6× its 400-step best (0.0056-0.01);
+# SGD's is not (0.06-0.1 against 0.03-0.1), but SGD blows up at 0.18, 2-6× its 400-step best
+# (20-90× the loss), so a shortfall costs it a few % and an overshoot everything.
 PROBE_BACKOFF = 2.0
 PROBE_RANGE = 0.1   # probe range: LRs whose probe ended within 10 % of the best one
 KEEP_MARGIN = 0.02  # continue: another LR must end ≥ 2 % below the current LR's probe to win
