@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU wheel first: a plain `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,lightning,postgres,hf]'
+	$(BIN)/python -m pip install -q -e '.[dev,lightning,postgres,hf,search]'
 	touch $(STAMP)
 
 # Start a background training run on the charlm task and open the dashboard onto it.

@@ -28,6 +28,8 @@ from app.axes import (
 )
 
 MAX_POINTS = 3000          # per trace after downsampling: ~2 points per pixel column at 1280 px
+AROUND_POINTS = 500        # while zoomed: per trace on each side of the zoom (it gets MAX_POINTS)
+StepRange = tuple[float, float]  # (first, last) step, inclusive; ±inf for open ends
 RAW_OPACITY = 0.3          # raw loss is drawn faint behind its smoothed curve
 DEBIAS_FLOOR = 1e-17       # below this, β^t no longer changes 1 − β^t in float64
 EVENT_COLOR = "rgba(214, 39, 40, 0.6)"
@@ -100,6 +102,20 @@ def downsample(x: Sequence[float], y: Sequence[float],
     return x[keep], y[keep]
 
 
+def downsample_focused(x: Sequence[float], y: Sequence[float], focus: StepRange | None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`downsample`, spending MAX_POINTS on the steps in ``focus`` (sorted ``x``; None:
+    all) and AROUND_POINTS on each side of it: a zoomed chart shows its zoom in full detail,
+    and still holds the whole curve for a pan or a reset."""
+    if focus is None:
+        return downsample(x, y)
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    cut = _cut(x, focus)
+    parts = [downsample(x[:cut.start], y[:cut.start], AROUND_POINTS),
+             downsample(x[cut], y[cut]), downsample(x[cut.stop:], y[cut.stop:], AROUND_POINTS)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def _line(x, y, name: str, color: str, **extra: Any) -> go.Scatter:
     """An SVG line trace (not WebGL: downsampled traces are small, and SVG renders anywhere,
     headless browsers without a GPU included)."""
@@ -130,13 +146,11 @@ def _event_layer(events: list[dict[str, Any]], steps: np.ndarray, lr: np.ndarray
     return shapes, markers
 
 
-StepRange = tuple[float, float]  # (first, last) step shown, inclusive; ±inf for open ends
-
-
 def _within(steps: Sequence[float], values: Sequence[float], span: StepRange
-            ) -> tuple[list, list]:
-    kept = [(s, v) for s, v in zip(steps, values) if span[0] <= s <= span[1]]
-    return [s for s, _ in kept], [v for _, v in kept]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    steps, values = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+    kept = (steps >= span[0]) & (steps <= span[1])
+    return steps[kept], values[kept]
 
 
 def _cut(steps: np.ndarray, span: StepRange) -> slice:
@@ -190,16 +204,22 @@ def shows_user_schedule(lr: np.ndarray, user_lr: np.ndarray) -> bool:
 def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple],
                     events: list[dict[str, Any]], *, smoothing: float = 0.6,
                     log_y: bool = False, overlays: dict[str, dict[str, np.ndarray]] | None = None,
-                    steps_shown: StepRange | None = None, height: int = 540) -> go.Figure:
+                    steps_shown: StepRange | None = None, focus: StepRange | None = None,
+                    height: int = 540) -> go.Figure:
     """Loss (raw, smoothed), validation metrics and LR on one step axis, with event markers.
 
     ``metrics``: arrays ``step``, ``loss``, ``lr`` (what each update used) and optionally
-    ``user_lr`` (the user's own schedule, drawn dashed when it differs). ``validation``:
+    ``user_lr`` (the user's own schedule, drawn dashed when it differs). A level-of-detail
+    read (:mod:`app.data`) gives the knobs their own steps (``lr_step``) and the smoothing its
+    own series (``mean_step``, ``mean``: bucket means); by default both are ``step``,
+    ``loss``. ``validation``:
     name → (steps, values); ``loss`` is drawn with the training loss, other metrics on a
     right-hand axis.
-    ``overlays``: other runs' ``step``/``loss`` to compare with. The LR is a linked panel
+    ``overlays``: other runs' ``step``/``loss`` (or ``mean_step``/``mean``) to compare with,
+    smoothed. The LR is a linked panel
     below, on a log axis. ``steps_shown`` keeps only the steps in that range (smoothing still
-    sees all), so the y axes fit what is shown (the "Steps shown" window).
+    sees all), so the y axes fit what is shown (the "Steps shown" window). ``focus``: the steps
+    the chart is zoomed to, drawn in full detail (:func:`downsample_focused`).
 
     Axes are honest (:mod:`app.axes`): 1-2-5 ticks; the loss range comes from the body of
     the data, with non-finite and far-out losses drawn as markers at its edge; the LR axis
@@ -215,22 +235,28 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     steps = np.asarray(metrics["step"], dtype=float)
     loss, lr = np.asarray(metrics["loss"], dtype=float), np.asarray(metrics["lr"], dtype=float)
     user_lr = np.asarray(metrics.get("user_lr", np.full(lr.shape, np.nan)), dtype=float)
-    smooth = ema(loss, smoothing) if smoothing > 0 else None
+    lr_steps = np.asarray(metrics.get("lr_step", steps), dtype=float)
+    mean_steps = np.asarray(metrics.get("mean_step", steps), dtype=float)
+    mean = np.asarray(metrics.get("mean", loss), dtype=float)
+    smooth = ema(mean, smoothing) if smoothing > 0 else None
     if steps_shown is not None:
-        cut = _cut(steps, steps_shown)
-        steps, loss, lr, user_lr = steps[cut], loss[cut], lr[cut], user_lr[cut]
-        smooth = None if smooth is None else smooth[cut]
+        cut, lr_cut, mean_cut = (_cut(s, steps_shown) for s in (steps, lr_steps, mean_steps))
+        steps, loss = steps[cut], loss[cut]
+        lr_steps, lr, user_lr = lr_steps[lr_cut], lr[lr_cut], user_lr[lr_cut]
+        mean_steps = mean_steps[mean_cut]
+        smooth = None if smooth is None else smooth[mean_cut]
         validation = {name: _within(vs, vals, steps_shown)
                       for name, (vs, vals) in validation.items()}
         events = [e for e in events if steps_shown[0] <= e["step"] <= steps_shown[1]]
-    x, y = downsample(steps, loss)
+    x, y = downsample_focused(steps, loss, focus)
     curves = []
     for j, (run, other) in enumerate((overlays or {}).items()):
-        osteps, oloss = np.asarray(other["step"], dtype=float), ema(other["loss"], smoothing)
+        osteps = np.asarray(other.get("mean_step", other["step"]), dtype=float)
+        oloss = ema(other.get("mean", other["loss"]), smoothing)
         if steps_shown is not None:
             cut = _cut(osteps, steps_shown)
             osteps, oloss = osteps[cut], oloss[cut]
-        ox, oy = downsample(osteps, oloss)
+        ox, oy = downsample_focused(osteps, oloss, focus)
         curves.append(oy)
         fig.add_trace(_line(ox, oy, f"{run} (EMA)", OVERLAY_COLORS[j % len(OVERLAY_COLORS)],
                             width=1.5, line={"dash": "dot"}, uid=f"overlay {run}",
@@ -242,15 +268,18 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     fig.add_trace(_line(x, y, "train loss", LOSS_COLOR, width=1, opacity=RAW_OPACITY,
                         uid="loss", hovertemplate=LOSS_HOVER), row=1, col=1)
     if smooth is not None:
-        sx, sy = downsample(steps, smooth)
+        sx, sy = downsample_focused(mean_steps, smooth, focus)
         fig.add_trace(_line(sx, sy, f"train loss (EMA {smoothing:g})", LOSS_COLOR,
                             uid="loss ema", hovertemplate=LOSS_HOVER), row=1, col=1)
-    metric_values = []
+    metric_values = [np.empty(0)]
     for i, (name, (vsteps, values)) in enumerate(sorted(validation.items())):
         is_loss = name == "loss"
         color = VAL_COLOR if is_loss else METRIC_COLORS[i % len(METRIC_COLORS)]
+        # Arrays, not lists: plotly validates a list element by element (10,000 evaluations
+        # of a long run cost ~0.1 s a refresh).
+        vsteps, values = np.asarray(vsteps, dtype=float), np.asarray(values, dtype=float)
         if not is_loss:
-            metric_values.extend(values)
+            metric_values.append(values)
         fig.add_trace(go.Scatter(x=vsteps, y=values, name=f"val {name}", uid=f"val {name}",
                                  mode="lines+markers", marker={"size": 5},
                                  hovertemplate=LOSS_HOVER + " (step %{x})",
@@ -263,15 +292,15 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     if shows_user_schedule(lr, user_lr):
         # The user's own schedule, which Panda's factor multiplies (trainer.composition).
         keep = run_edges(user_lr)
-        ux, uy = downsample(steps[keep], user_lr[keep])
+        ux, uy = downsample_focused(lr_steps[keep], user_lr[keep], focus)
         fig.add_trace(_line(ux, uy, "your schedule", USER_LR_COLOR, width=1.5,
                             line={"shape": "hv", "dash": "dash"}, uid="user lr",
                             hovertemplate="%{y:.3g}"), row=2, col=1)
     keep = run_edges(lr)  # LR is piecewise constant under most schedules: a point per change
-    lx, ly = downsample(steps[keep], lr[keep])
+    lx, ly = downsample_focused(lr_steps[keep], lr[keep], focus)
     fig.add_trace(_line(lx, ly, "learning rate", LR_COLOR, line={"shape": "hv"}, uid="lr",
                         hovertemplate="%{y:.3g}"), row=2, col=1)
-    shapes, events_trace = _event_layer(events, steps, lr)
+    shapes, events_trace = _event_layer(events, lr_steps, lr)
     if events_trace is not None:
         fig.add_trace(events_trace, row=2, col=1)
     fig.update_layout(shapes=shapes, height=height, margin=MARGIN, hovermode="x unified",
@@ -285,8 +314,9 @@ def training_figure(metrics: dict[str, np.ndarray], validation: dict[str, tuple]
     fig.update_yaxes(title_text="loss" + (" (log)" if log_y else ""), row=1, col=1,
                      secondary_y=False, **loss_axis)
     if any(name != "loss" for name in validation):
+        metric_axis = linear_axis(padded(np.concatenate(metric_values)), loss_px)
         fig.update_yaxes(title_text="val metric", row=1, col=1, secondary_y=True,
-                         showgrid=False, **linear_axis(padded(metric_values), loss_px))
+                         showgrid=False, **metric_axis)
     lr_values = np.concatenate([lr, user_lr[np.isfinite(user_lr)]])
     fig.update_yaxes(title_text="lr (log)", row=2, col=1, **log_axis(lr_values, lr_px))
     fig.update_xaxes(title_text="step", row=2, col=1)

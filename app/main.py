@@ -33,10 +33,11 @@ from app.controls import (
     supported_knobs,
     widgets_behind,
 )
-from app.data import early_stop_hint, fetch, steps_per_second
+from app.data import chart_view, early_stop_hint, fetch, steps_per_second, visible_range
 from app.lr_panel import render_lr_panel
 from app.panels import decay_controls, export_block, new_run_form, sample_panel
 from app.stream_chart import stream_chart
+from app.study import open_clicked_trial, study_section
 from trainer.knobs import format_sci
 from trainer.store import RUNNING_STATES, RunStore, StoreError
 from trainer.store.address import (
@@ -187,7 +188,7 @@ def _overlays(root: str, names: list[str]) -> dict[str, dict[str, Any]]:
                 cache = _curves(other)
         except (StoreError, ValueError):
             continue
-        overlays[name] = {"step": cache["step"], "loss": cache["loss"]}
+        overlays[name] = {k: cache[k] for k in ("step", "loss", "mean_step", "mean")}
     return overlays
 
 
@@ -204,11 +205,15 @@ def _figure(address: str, store: RunStore, compare: list[str]):
     cache = _curves(store)
     parent = meta.get("parent") or {}
     names = [*compare, *([parent["run"]] if parent.get("run") else [])]
-    return training_figure(cache, cache["val"], cache["events"],
+    # While zoomed (the chart's value, from its previous render), the zoomed steps in detail.
+    series, focus = chart_view(store, cache, visible_range(state.get("training_chart")),
+                               follow=state.get("follow", False))
+    return training_figure(series, cache["val"], cache["events"],
                            smoothing=state.get("smoothing", DEFAULT_SMOOTHING),
                            log_y=state.get("log_y", False),
                            overlays=_overlays(root_of(address), names),
-                           steps_shown=_steps_shown(cache["last_step"]), height=CHART_HEIGHT)
+                           steps_shown=_steps_shown(cache["last_step"]), focus=focus,
+                           height=CHART_HEIGHT)
 
 
 def chart_settings() -> None:
@@ -330,6 +335,7 @@ def main() -> None:
         st.info(f"No runs in `{shown(root)}` yet: start one from the sidebar, or run "
                 "`panda train --task digits --run-dir runs/first`.")
         return
+    open_clicked_trial()  # a trial clicked in a study's table (app/study.py)
     run = pick_run(runs)
     compare = st.sidebar.multiselect("Compare with", [r["run"] for r in runs if r["run"] != run],
                                      key="compare")
@@ -353,6 +359,7 @@ def main() -> None:
             decay(address, allowed)
         with st.sidebar:
             export_block(store)
+        study_section(root, meta)  # a trial of a search: its study below (app/study.py)
 
 
 if __name__ == "__main__":

@@ -112,15 +112,22 @@ def throughput(rounds: int, steps: int, store: str | None = None, loop: str = "f
     Panda and TensorBoard the median of the per-round ratios to bare, with quartiles."""
     task = make_task("digits", seed=0)
     results: dict[str, list[float]] = {"bare": [], "panda": [], "tensorboard": []}
+    # CPU µs a step, every thread of this process (the loggers' background threads included):
+    # what babysitting costs in work, which a loaded machine inflates far less than wall time.
+    cpu: dict[str, list[float]] = {"bare": [], "panda": [], "tensorboard": []}
 
     def run(kind: str, i: int, tmp: str, writer_factory) -> None:
         model = _model(loop)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def train(bs=None, log=None) -> float:
+            start = time.process_time()
             if loop == "fast":
-                return _fast_loop(model, opt, steps, bs, log=log)
-            return _loop(task, model, opt, steps, bs, log=log)
+                rate = _fast_loop(model, opt, steps, bs, log=log)
+            else:
+                rate = _loop(task, model, opt, steps, bs, log=log)
+            cpu[kind].append(1e6 * (time.process_time() - start) / steps)
+            return rate
         if kind == "bare":
             results["bare"].append(train())
         elif kind == "panda":
@@ -146,11 +153,14 @@ def throughput(rounds: int, steps: int, store: str | None = None, loop: str = "f
     for kind, rates in results.items():
         if not rates:
             continue
-        entry = {"steps_per_s": statistics.median(rates)}
+        entry = {"steps_per_s": statistics.median(rates),
+                 "cpu_us": statistics.median(cpu[kind])}
         if kind != "bare":
             ratios = sorted(r / b for b, r in zip(results["bare"], rates))
             quartiles = statistics.quantiles(ratios, n=4)
-            entry.update(ratio=statistics.median(ratios), q1=quartiles[0], q3=quartiles[2])
+            entry.update(ratio=statistics.median(ratios), q1=quartiles[0], q3=quartiles[2],
+                         cpu_ratio=statistics.median(c / b for b, c in zip(cpu["bare"],
+                                                                             cpu[kind])))
         out[kind] = entry
     return out
 
@@ -211,15 +221,17 @@ def main() -> None:
         t = throughput(args.rounds, args.steps, args.store, args.loop)
         print(f"{args.loop} loop, {args.rounds} rounds of {args.steps} steps, "
               f"{'PostgreSQL' if args.store else 'SQLite'}:")
-        print("| loop | median steps/s | median ratio to bare (quartiles) | overhead |")
-        print("|---|---:|---:|---:|")
+        print("| loop | median steps/s | median ratio to bare (quartiles) | overhead | "
+              "CPU µs a step (all threads) | CPU ratio to bare |")
+        print("|---|---:|---:|---:|---:|---:|")
         for kind, row in t.items():
             if kind == "bare":
-                print(f"| bare | {row['steps_per_s']:.0f} | 1 | – |")
+                print(f"| bare | {row['steps_per_s']:.0f} | 1 | – | {row['cpu_us']:.1f} | 1 |")
             else:
                 print(f"| {kind} | {row['steps_per_s']:.0f} | {row['ratio']:.3f} "
                       f"({row['q1']:.3f} … {row['q3']:.3f}) | "
-                      f"{100 * (1 - row['ratio']):.1f} % |")
+                      f"{100 * (1 - row['ratio']):.1f} % | {row['cpu_us']:.1f} | "
+                      f"{row['cpu_ratio']:.3f} |")
         print()
     if args.commands > 0:
         lat = command_latency(args.commands, args.store)

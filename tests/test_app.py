@@ -6,6 +6,7 @@ Babysitter's, but no trainer runs, so a test plays the trainer's part where it n
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import time
@@ -18,7 +19,15 @@ from streamlit.testing.v1 import AppTest
 
 from app.charts import MAX_POINTS, downsample, ema, training_figure
 from app.controls import key
-from app.data import empty_cache, fetch, steps_per_second
+from app.data import (
+    RAW_TAIL,
+    chart_view,
+    empty_cache,
+    fetch,
+    steps_per_second,
+    view_series,
+    visible_range,
+)
 from app.main import runs_dir
 from trainer.store import SqliteStore
 
@@ -283,6 +292,152 @@ def test_fetch_starts_over_after_a_restart_event(make_run):
         store.add_events([(5, time.time(), "restart", None, None, None, None, "resumed")])
         assert fetch(store, caches)["step"].tolist() == [0, 1, 2, 3, 4]
     assert steps_per_second(empty_cache()) is None
+
+
+# --- level-of-detail reads ----------------------------------------------------------------------
+
+LONG = 60_000  # steps of the long run below: 50,000 of history (level 1: 32 a bucket), then raw
+
+
+@pytest.fixture
+def long_run(tmp_path):
+    """A run of LONG steps with a NaN, an inf and a finite spike in its history, and an LR
+    change at a step that is no bucket's edge (20,003): (store, loss)."""
+    loss = [1.0 + (s * 7919 % 101) / 100 for s in range(LONG)]
+    loss[5_000], loss[7_001], loss[12_345] = math.nan, math.inf, 1e6
+    lr = [0.01 if s < 20_003 else 0.005 for s in range(LONG)]
+    with SqliteStore(tmp_path / "runs" / "long", create=True) as store:
+        store.append_metrics([(s, 0, 1000.0 + s, loss[s], lr[s], 0.9, 0.0, 0.01)
+                              for s in range(LONG)])
+        yield store, loss
+
+
+def _at(cache, step_name, names, step):
+    """The values of series ``names`` at ``step`` (the step must be a point of the series)."""
+    index = int(np.searchsorted(cache[step_name], step))
+    assert cache[step_name][index] == step, f"no point at step {step}"
+    return tuple(float(cache[name][index]) for name in names)
+
+
+def test_a_long_run_opens_from_its_levels_and_its_last_steps_raw(long_run):
+    store, loss = long_run
+    cache = fetch(store, {})
+    # History: the whole 32-step buckets before the last RAW_TAIL steps; then raw rows.
+    raw_from = (LONG - 1 - RAW_TAIL + 1) // 32 * 32
+    assert (cache["raw_from"], cache["raw_rows"]) == (raw_from, LONG - raw_from)
+    tail = slice(-(LONG - raw_from), None)
+    assert cache["step"][tail].tolist() == list(range(raw_from, LONG))
+    assert cache["loss"][tail].tolist() == loss[raw_from:]
+    assert cache["step"].size < raw_from // 32 * 5 + LONG - raw_from  # ≤ 5 points a bucket
+    assert np.all(np.diff(cache["step"]) > 0) and np.all(np.diff(cache["lr_step"]) > 0)
+    # Spikes keep their own steps; the LR change its own step.
+    assert math.isnan(_at(cache, "step", ["loss"], 5_000)[0])
+    assert math.isnan(_at(cache, "step", ["loss"], 7_001)[0])
+    assert _at(cache, "step", ["loss"], 12_345) == (1e6,)
+    assert _at(cache, "lr_step", ["lr"], 20_000) == (0.01,)  # drawn hv: until 20,003
+    assert _at(cache, "lr_step", ["lr"], 20_003) == (0.005,)
+    assert _at(cache, "mean_step", ["mean"], 15.5) == pytest.approx((np.mean(loss[:32]),))
+    # Refreshes append raw rows, as before.
+    store.append_metrics([(s, 0, 1000.0 + s, 0.5, 0.005, 0.9, 0.0, 0.01)
+                          for s in range(LONG, LONG + 100)])
+    cache = fetch(store, {store.address: cache})
+    assert cache["step"][-101:].tolist() == list(range(LONG - 1, LONG + 100))
+    assert cache["mean"][-1] == 0.5 and cache["last_step"] == LONG + 99
+
+
+def test_a_zoom_into_the_history_reads_it_in_full_detail(long_run):
+    store, loss = long_run
+    cache = fetch(store, {})
+    series, focus = chart_view(store, cache, (12_000, 12_400))
+    assert focus == (11_900, 12_500)  # the zoom and a quarter of its width either side
+    inside = (series["step"] >= 11_900) & (series["step"] <= 12_500)
+    assert series["step"][inside].tolist() == list(range(11_900, 12_501))
+    assert series["loss"][inside].tolist() == loss[11_900:12_501]
+    assert cache["detail"]["level"] == 0 and cache["step"].size < series["step"].size
+    assert np.all(np.diff(series["step"]) > 0)
+    assert series["step"][0] == 0 and series["step"][-1] == LONG - 1  # the rest stays
+    # The same zoom again: read once, kept (a store that cannot be read would fail).
+    again, _ = chart_view(None, cache, (12_000, 12_400))
+    assert again["step"].tolist() == series["step"].tolist()
+    # Inside the raw tail there is nothing more to read.
+    assert chart_view(None, cache, (55_100, 55_000)) == (cache, (54_975, 55_125))
+    assert chart_view(None, cache, None) == (cache, None)
+    # Following the newest step: the zoom's width, ending there.
+    assert chart_view(None, cache, (100, 200), follow=True)[1] == (
+        LONG - 1 - 100 - 25, LONG - 1 + 25)
+    assert visible_range({"x_range": [3, 1.5]}) == (3.0, 1.5)
+    assert visible_range({"x_range": None}) is None and visible_range(None) is None
+
+
+def test_a_wide_zoom_reads_a_finer_level_than_the_first_view(tmp_path):
+    with SqliteStore(tmp_path / "runs" / "wide", create=True) as store:
+        with store.transaction() as tx:  # 400,000 steps, written with SQL
+            tx.execute("INSERT INTO metrics(step, epoch, wall, loss, lr) WITH RECURSIVE "
+                       "t(s) AS (SELECT 0 UNION ALL SELECT s + 1 FROM t WHERE s < 399999) "
+                       "SELECT s, 0, s, 1.0 + (s % 7), 0.01 FROM t")
+            store._build_levels(tx)
+        cache = fetch(store, {})
+        assert cache["step"].size < 20_000 + RAW_TAIL
+        series, focus = chart_view(store, cache, (100_000, 200_000))
+        assert cache["detail"]["level"] == 1  # 150,000 steps at 32 a bucket
+        inside = (series["step"] >= focus[0]) & (series["step"] <= focus[1])
+        for extreme in (1.0, 7.0):  # every bucket's min and max (each bucket holds both)
+            assert (series["loss"][inside] == extreme).sum() >= 150_000 // 32
+
+
+def test_the_history_is_read_coarse_again_once_raw_rows_pile_up(long_run, monkeypatch):
+    store, _ = long_run
+    monkeypatch.setattr("app.data.RAW_LIMIT", 15_000)
+    cache = fetch(store, {})
+    caches = {store.address: cache}
+    store.append_metrics([(s, 0, 1000.0 + s, 0.5, 0.005, 0.9, 0.0, 0.01)
+                          for s in range(LONG, LONG + 6_000)])
+    cache = fetch(store, caches)
+    assert cache["raw_rows"] == LONG + 6_000 - cache["raw_from"]  # > RAW_LIMIT: next time …
+    cache = fetch(store, caches)
+    assert cache["raw_rows"] < RAW_TAIL + 32 and cache["raw_from"] > LONG - RAW_TAIL
+    assert cache["step"][-1] == LONG + 5_999 and np.all(np.diff(cache["step"]) > 0)
+
+
+def test_view_series_of_hand_made_buckets():
+    """Two 32-step buckets: the loss points (first, min, max, first non-finite, last at their
+    steps), the knob points (exact change step) and the means, exactly."""
+    nan = math.nan
+    view = {"level": 1, "size": 32, "first_step": [0, 32], "last_step": [31, 63],
+            "steps": [32, 32], "nonfinite": [1, 2], "nonfinite_step": [12, 32],
+            "first_loss": [3.0, nan], "last_loss": [2.0, 4.0], "min_loss": [1.0, 4.0],
+            "min_loss_step": [7, 40], "max_loss": [5.0, 4.0], "max_loss_step": [20, 40],
+            "loss_sum": [93.0, 120.0], "lr_first": [0.1, 0.05], "lr_last": [0.05, 0.05],
+            "lr_since": [17, 32], "user_lr_first": [0.2, 0.2], "user_lr_last": [0.2, 0.3],
+            "user_lr_since": [0, 50], "wall": [10.0, 20.0]}
+    series = view_series(view)
+    assert series["step"].tolist() == [0, 7, 12, 20, 31, 32, 40, 63]
+    assert np.array_equal(series["loss"], [3, 1, nan, 5, 2, nan, 4, 4], equal_nan=True)
+    assert series["wall"].tolist() == [10.0] * 5 + [20.0] * 3
+    assert series["lr_step"].tolist() == [0, 17, 31, 32, 50, 63]
+    assert series["lr"].tolist() == [0.1, 0.05, 0.05, 0.05, 0.05, 0.05]
+    assert series["user_lr"].tolist() == [0.2, 0.2, 0.2, 0.2, 0.3, 0.3]
+    assert series["mean_step"].tolist() == [15.5, 47.5]
+    assert series["mean"].tolist() == [93.0 / 31, 120.0 / 30]
+
+
+def test_zooming_the_chart_draws_the_zoomed_steps_in_full_detail(page):
+    """The chart's value (its zoom) reaches the next render: every step of it is drawn."""
+    at, _ = page(steps=50_000)
+
+    def drawn(name):
+        trace = next(t for t in _charts(at)["training_chart"]["figure"]["data"]
+                     if t["name"] == name)
+        return np.frombuffer(base64.b64decode(trace["x"]["bdata"]), dtype=trace["x"]["dtype"])
+
+    x = drawn("train loss")
+    assert ((x >= 1_000) & (x <= 1_200)).sum() < 100  # the first view: the run's buckets
+    at.session_state["training_chart"] = {"x_range": [1_000, 1_200]}
+    at.run()
+    assert not at.exception
+    x = drawn("train loss")
+    assert x[(x >= 950) & (x <= 1_250)].tolist() == list(range(950, 1_251))
+    assert x[0] == 0 and x[-1] == 49_999  # and the whole curve, for a pan or a reset
 
 
 # --- chart numerics ---------------------------------------------------------------------------

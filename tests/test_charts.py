@@ -299,3 +299,36 @@ def test_the_users_own_schedule_is_drawn_beside_the_effective_lr():
             "user_lr": np.full(100, 0.01)}
     assert "your schedule" not in [t.name for t in training_figure(flat, {}, []).data]
     assert not shows_user_schedule(np.full(3, 0.1), np.full(3, np.nan))
+
+
+def test_a_level_of_detail_read_gives_the_knobs_and_the_smoothing_their_own_steps():
+    """Buckets (app.data.view_series): the LR drawn through its own points, its change at the
+    exact step; the smoothed curve through the bucket means; a cut keeps each series' steps
+    in range."""
+    metrics = {"step": np.array([0.0, 7, 12, 31, 32, 63]),
+               "loss": np.array([3.0, 1.0, math.nan, 2.0, 4.0, 4.0]),
+               "lr_step": np.array([0.0, 17, 31, 32, 63]),
+               "lr": np.array([0.1, 0.05, 0.05, 0.05, 0.05]),
+               "user_lr": np.full(5, 0.1),
+               "mean_step": np.array([15.5, 47.5]), "mean": np.array([3.0, 4.0])}
+    fig = training_figure(metrics, {}, [{"step": 20, "kind": "set", "message": "lr"}],
+                          smoothing=0.5)
+    assert list(_trace(fig, "lr").x) == [0, 17, 63] and list(_trace(fig, "lr").y) == [
+        0.1, 0.05, 0.05]
+    assert list(_trace(fig, "user lr").x) == [0, 63]  # the factor changed: drawn beside
+    assert list(_trace(fig, "loss ema").x) == [15.5, 47.5]
+    assert list(_trace(fig, "loss ema").y) == pytest.approx([3.0, (0.25 * 3 + 0.5 * 4) / 0.75])
+    assert list(_trace(fig, "interventions").y) == [0.05]  # the LR in force at step 20
+    cut = training_figure(metrics, {}, [], steps_shown=(10, 40))
+    assert list(_trace(cut, "lr").x) == [17, 32] and list(_trace(cut, "loss ema").x) == [15.5]
+
+
+def test_a_focus_is_drawn_in_full_detail_and_the_rest_coarse():
+    n = 100_000
+    fig = training_figure(_metrics(n), {}, [], focus=(40_000, 41_999))
+    x = np.asarray(_trace(fig, "loss").x)
+    inside = (x >= 40_000) & (x <= 41_999)
+    assert x[inside].tolist() == list(range(40_000, 42_000))  # 2,000 steps ≤ MAX_POINTS
+    assert x[0] == 0 and x[-1] > n - 100 and x.size <= 2_000 + 2 * 500  # the rest: coarse
+    ema_x = np.asarray(_trace(fig, "loss ema").x)
+    assert ((ema_x >= 40_000) & (ema_x <= 41_999)).sum() == 2_000

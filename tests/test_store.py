@@ -400,3 +400,191 @@ def test_a_run_written_by_schema_1_opens_and_is_migrated(store_root):
         store.add_events([], batch="b")
         assert store.metrics_since(-1, columns=("step", "user_lr")) == {
             "step": [0, 1], "user_lr": [None, 0.02]}
+
+
+# --- levels of detail ---------------------------------------------------------------------------
+
+def _reference_buckets(steps, loss, lr, user_lr, size: int) -> list[dict]:
+    """The buckets of ``size`` steps of a series, computed in plain Python (the specification
+    of the ``levels`` table: trainer.store.schema.LEVELS)."""
+    buckets: dict[int, list[int]] = {}
+    for i, s in enumerate(steps):
+        buckets.setdefault(s // size, []).append(i)
+    out = []
+    for _, rows in sorted(buckets.items()):
+        finite = [i for i in rows if math.isfinite(loss[i])]
+        low = min((loss[i] for i in finite), default=None)
+        high = max((loss[i] for i in finite), default=None)
+        bad = [steps[i] for i in rows if not math.isfinite(loss[i])]
+
+        def since(values, rows=rows):  # where the last value's run began inside the bucket
+            start = rows[-1]
+            while start > rows[0] and values[start - 1] == values[rows[-1]]:
+                start -= 1
+            return steps[start]
+
+        out.append({
+            "first_step": steps[rows[0]], "last_step": steps[rows[-1]], "steps": len(rows),
+            "nonfinite": len(bad), "nonfinite_step": min(bad, default=None),
+            "min_loss": low, "max_loss": high,
+            "min_loss_step": min((steps[i] for i in finite if loss[i] == low), default=None),
+            "max_loss_step": min((steps[i] for i in finite if loss[i] == high), default=None),
+            "first_loss": loss[rows[0]] if math.isfinite(loss[rows[0]]) else None,
+            "last_loss": loss[rows[-1]] if math.isfinite(loss[rows[-1]]) else None,
+            "lr_first": lr[rows[0]], "lr_last": lr[rows[-1]], "lr_since": since(lr),
+            "user_lr_first": user_lr[rows[0]], "user_lr_last": user_lr[rows[-1]],
+            "user_lr_since": since(user_lr), "wall": 1000.0 + steps[rows[-1]]})
+    return out
+
+
+def _view_buckets(view: dict) -> list[dict]:
+    keys = [k for k in view if k not in ("level", "size", "loss_sum")]
+    rows = [dict(zip(keys, values)) for values in zip(*(view[k] for k in keys))]
+    for row in rows:  # the view reads NULL losses back as NaN; the reference says None
+        for key in ("first_loss", "last_loss", "min_loss", "max_loss"):
+            if isinstance(row[key], float) and math.isnan(row[key]):
+                row[key] = None
+    return rows
+
+
+def _series(n: int) -> tuple[list[int], list[float], list[float], list[float]]:
+    """A known series: a sawtooth loss with a NaN, an inf, a finite spike and a NaN at a bucket's
+    first step; an LR that changes at steps that are no bucket's edge (and back), a user LR
+    that changes every step for a while (a schedule)."""
+    steps = list(range(n))
+    loss = [1.0 + (s * 7919 % 101) / 100 for s in steps]
+    loss[1234], loss[20_000], loss[47_777], loss[32 * 900] = math.nan, math.inf, 1e9, math.nan
+    lr = [0.1 if s < 5_003 else 0.05 if s < 40_001 else 0.1 for s in steps]
+    user_lr = [1e-3 * (1 + min(s, 3000) / 3000) for s in steps]
+    return steps, loss, lr, user_lr
+
+
+@pytest.mark.parametrize("batch", [997, 60_000])
+def test_every_level_equals_a_reference_computed_in_python(store, batch):
+    """Written in flusher-sized batches (each recomputes the buckets it touches) or at once,
+    every level holds exactly the reference buckets, spikes and LR change points included."""
+    from trainer.store.schema import LEVEL_SIZES
+
+    steps, loss, lr, user_lr = _series(60_000)
+    for start in range(0, len(steps), batch):
+        store.append_metrics([(s, 0, 1000.0 + s, loss[s], lr[s], 0.9, 0.0, user_lr[s])
+                              for s in steps[start:start + batch]])
+    for level, size in enumerate(LEVEL_SIZES, start=1):
+        view = store.metrics_view(level=level)
+        assert view["size"] == size
+        assert _view_buckets(view) == _reference_buckets(steps, loss, lr, user_lr, size)
+        finite = [v for v in loss if math.isfinite(v)]
+        assert sum(view["loss_sum"]) == pytest.approx(sum(finite), rel=1e-12)
+
+
+def test_spikes_survive_every_level(store):
+    """NaN, inf and one bad finite step among 300,000 flat steps: every level shows each at
+    its own step (hand-made data, exact assertions)."""
+    from trainer.store.schema import LEVEL_SIZES
+
+    n = 300_007
+    # A flat run, written with SQL (fast), its levels built once, then the three bad steps
+    # written the way the flusher writes them.
+    with store.transaction() as tx:
+        tx.execute("INSERT INTO metrics(step, epoch, wall, loss, lr, momentum, weight_decay) "
+                   "SELECT s, 0, s, 0.5, 0.01, 0.9, 0.0 FROM (" + _numbers(n) + ") t")
+        store._build_levels(tx)
+    store.append_metrics([(123_457, 0, 1.0, math.nan, 0.01, 0.9, 0.0)])
+    store.append_metrics([(254_321, 0, 1.0, math.inf, 0.01, 0.9, 0.0),
+                          (299_999, 0, 1.0, 1e6, 0.01, 0.9, 0.0)])
+    for level, size in enumerate(LEVEL_SIZES, start=1):
+        view = store.metrics_view(level=level)
+        assert view["size"] == size and sum(view["steps"]) == n
+        bad = [(s, k) for s, k in zip(view["nonfinite_step"], view["nonfinite"]) if k]
+        if 123_457 // size != 254_321 // size:
+            assert bad == [(123_457, 1), (254_321, 1)]
+        else:  # both in one bucket: counted, the first one's step kept
+            assert bad == [(123_457, 2)]
+        spike = max(range(len(view["max_loss"])), key=view["max_loss"].__getitem__)
+        assert (view["max_loss"][spike], view["max_loss_step"][spike]) == (1e6, 299_999)
+        assert set(view["min_loss"]) == {0.5}
+    coarse = store.metrics_view()  # what the chart reads first: a few thousand buckets
+    assert (coarse["size"], len(coarse["first_step"])) == (256, 1172)
+    assert sum(coarse["nonfinite"]) == 2 and max(coarse["max_loss"]) == 1e6
+
+
+def _numbers(n: int) -> str:
+    """SQL for the rows 0 … n − 1 of one column ``s`` (a recursive CTE, in both dialects)."""
+    return (f"WITH RECURSIVE t(s) AS (SELECT 0 UNION ALL SELECT s + 1 FROM t WHERE s < {n - 1})"
+            " SELECT s FROM t")
+
+
+def test_a_view_reads_raw_rows_for_a_short_range_and_the_finest_level_that_fits(store):
+    steps, loss, lr, user_lr = _series(60_000)
+    store.append_metrics([(s, 0, 1000.0 + s, loss[s], lr[s], 0.9, 0.0, user_lr[s])
+                          for s in steps])
+    zoom = store.metrics_view(20_000 - 100, 20_000 + 100)  # full detail: one row a step
+    assert zoom["level"] == 0 and zoom["step"] == list(range(19_900, 20_101))
+    assert zoom["loss"][:100] == loss[19_900:20_000] and math.isnan(zoom["loss"][100])
+    assert zoom["lr"] == lr[19_900:20_101] and zoom["user_lr"] == user_lr[19_900:20_101]
+    assert zoom["wall"] == [1000.0 + s for s in range(19_900, 20_101)]
+    wide = store.metrics_view(10_000, 50_000)  # 40,001 steps: too many raw, 32 a bucket
+    assert (wide["level"], wide["size"]) == (1, 32)
+    assert wide["first_step"][0] == 9_984 and wide["last_step"][-1] == 50_015
+    assert store.metrics_view()["size"] == 32  # 60,000 steps: 1,875 buckets
+    assert store.metrics_view(max_buckets=1000)["size"] == 256
+    assert store.metrics_view(max_buckets=1)["size"] == 131_072  # the coarsest that fits
+    assert store.metrics_view(200_000, 300_000) == store.metrics_view(5, 4) == {
+        "level": 0, "size": 1, "step": [], "wall": [], "loss": [], "lr": [], "user_lr": []}
+
+
+def test_levels_follow_rewrites_and_truncation(store):
+    """An upsert that rewrites steps, and a resume that forgets steps: each bucket is
+    recomputed from the rows that remain."""
+    from trainer.store.schema import LEVEL_SIZES
+
+    def write(steps, loss):
+        store.append_metrics([(s, 0, 1000.0 + s, loss, 0.01, 0.9, 0.0) for s in steps])
+
+    def reference():
+        rows = store.metrics_since()
+        return [_reference_buckets(rows["step"], rows["loss"], rows["lr"], rows["user_lr"],
+                                   size) for size in LEVEL_SIZES]
+
+    def levels():
+        return [_view_buckets(store.metrics_view(level=k))
+                for k in range(1, len(LEVEL_SIZES) + 1)]
+
+    write(range(5_000), 1.0)
+    write([70, 71, 4_000], 9.0)             # rewritten steps: a retry, an upsert
+    write([4_999, 2_500], math.nan)         # out of order
+    assert levels() == reference()
+    store.truncate_after(2_050)             # cuts level-1, -2 and -3 buckets in two
+    assert levels() == reference()
+    assert store.metrics_view(level=len(LEVEL_SIZES))["last_step"] == [2_049]
+    write(range(2_050, 2_100), 0.5)         # the resumed run goes on
+    assert levels() == reference()
+    store.truncate_after(0)
+    assert store.metrics_extent() is None
+    assert store._conn().execute("SELECT COUNT(*) FROM levels").fetchone()[0] == 0
+
+
+def test_a_schema_1_run_gets_its_levels_built_when_opened(store_root):
+    address = run_address(store_root, "old")
+    with open_store(address, create=True) as store:
+        store.append_metrics([(s, 0, 1000.0 + s, 1.0 / (s + 1), 0.01, 0.9, 0.0)
+                              for s in range(20_000)])
+    _make_version_1(store_root, "old")
+    with open_store(address) as store:
+        view = store.metrics_view(level=1)
+        assert view["size"] == 32 and sum(view["steps"]) == 20_000
+        assert view["max_loss"][0] == 1.0 and view["min_loss"][-1] == 1.0 / 20_000
+
+
+def test_a_run_without_levels_at_this_schema_gets_them_when_opened(store_root):
+    """Development builds of schema 2 wrote runs without the levels table."""
+    address = run_address(store_root, "dev")
+    with open_store(address, create=True) as store:
+        store.append_metrics([(s, 0, 1000.0 + s, 2.0, 0.01, 0.9, 0.0) for s in range(20_000)])
+        with store.transaction() as tx:
+            tx.execute("DROP TABLE levels")
+    with open_store(address) as store:
+        view = store.metrics_view(level=2)
+        assert view["size"] == 256 and sum(view["steps"]) == 20_000
+        store.append_metrics([(20_000, 0, 1.0, math.nan, 0.01, 0.9, 0.0)])
+        assert sum(store.metrics_view(level=2)["nonfinite"]) == 1

@@ -26,6 +26,7 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,9 @@ class Babysitter:
             recorded session, re-enacted.
         on_diverge: what the divergence guard does when the loss turns NaN/inf or blows up:
             ``pause`` (mark the run diverged and wait for a person), ``rollback`` (restore the
-            last good checkpoint, halve the LR, go on), or ``ignore``.
+            last good checkpoint, halve the LR, go on), ``stop`` (end the run as ``stopped``,
+            the cause in its meta ``diverged``: a search trial's divergence is its result, and a
+            person can still resume the run from its checkpoints), or ``ignore``.
         guard: a :class:`~trainer.guard.DivergenceGuard` with custom thresholds.
         early_stop: stop when the validation loss has not improved for this many evaluations
             (the best model is kept as a pinned checkpoint).
@@ -158,6 +161,9 @@ class Babysitter:
         store_timeout: seconds the store may stay unreachable before the run fails; a failure
             of Panda's background threads is raised by the next ``step()``
             (:class:`~trainer.workers.WorkerError`).
+        on_validation: called as ``on_validation(babysitter, metrics)`` at every
+            :meth:`log_validation`, on the training thread, with the metrics as floats (one
+            sync per evaluation); it may call :meth:`stop` (a search prunes a trial this way).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, run_dir: str | os.PathLike = "runs/run",
@@ -171,13 +177,14 @@ class Babysitter:
                  poll_interval: float = POLL_INTERVAL_S,
                  sync_every: int = DEFAULT_SYNC_EVERY, store: str | None = None,
                  coordinator: Coordinator | None = None, row_limit: int = ROW_LIMIT,
-                 store_timeout: float = STORE_GIVE_UP_S, checkpoint_knobs: bool = False):
+                 store_timeout: float = STORE_GIVE_UP_S, checkpoint_knobs: bool = False,
+                 on_validation: Callable[[Babysitter, dict[str, float]], None] | None = None):
         self.run_dir = Path(run_dir)
         sanitize_run_name(self.run_dir.name)
         if checkpoint_every is not None and (model is None or checkpoint_every < 1):
             raise ValueError("checkpoint_every needs a model and a positive step count")
         self.on_diverge = ON_DIVERGE.check("on_diverge", on_diverge)
-        self.early_stop = early_stop
+        self.early_stop, self.on_validation = early_stop, on_validation
         self.keep_checkpoints = keep_checkpoints
         self.optimizer, self.model = optimizer, model
         self.knobs = OptimizerKnobs(optimizer)
@@ -313,6 +320,8 @@ class Babysitter:
         self.channels.outbox.append(WriteValidation(rows))
         if self._early_stopping and loss is not None:
             self._check_early_stop(float(loss))
+        if self.on_validation is not None:
+            self.on_validation(self, {name: float(v) for name, v in values.items()})
         if end_epoch:
             self.epoch += 1
             if self.composition.decaying:
@@ -331,6 +340,13 @@ class Babysitter:
         payload = validate_command("set", knobs)
         self.knobs.check(payload)
         self.apply_command(ValidCommand(None, "set", payload, source="api"))
+
+    def stop(self, reason: str | None = None) -> None:
+        """Stop the run from code at this step boundary, like a ``stop`` command (recorded,
+        with ``reason`` in its event); the loop sees :attr:`should_stop`, the run ends
+        ``stopped``."""
+        self.apply_command(ValidCommand(None, "stop", validate_command(
+            "stop", {} if reason is None else {"reason": reason}), source="api"))
 
     def rollback(self, step: int | None = None) -> None:
         """Roll back now, from code: to the newest checkpoint at or before ``step``, or without
@@ -427,8 +443,9 @@ class Babysitter:
                 self._workers.arm_guard(self.step_count)
             self.channels.outbox.append(WriteMeta({"status": "paused" if self.paused
                                                    else "running"}))
+            note = f": {payload['reason']}" if payload.get("reason") else ""
             events.append(Event(step, wall, kind, command_id=command_id,
-                                message=f"{kind} at step {step}"))
+                                message=f"{kind} at step {step}{note}"))
         elif kind == "checkpoint":
             self.checkpoint("manual", pin=True)
             events.append(Event(step, wall, "checkpoint", command_id=command_id,
@@ -606,6 +623,9 @@ class Babysitter:
             self.composition.request({"lr": new_lr})
             outbox.append(WriteMeta({"status": "running"}))
             self._workers.arm_guard(self.step_count)
+        elif self.on_diverge == "stop":  # a result, not a wait (search trials): end the run
+            self.should_stop = self._stopped_by_command = True
+            outbox.append(WriteMeta({"diverged": payload}))
         else:
             self.paused, self._paused_at = True, step
             self.diverged_at = payload["first_bad_step"]

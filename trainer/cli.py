@@ -36,6 +36,7 @@ from trainer.knobs import KNOBS, format_sci, validate_knobs
 from trainer.lr_range.options import MEASURES, PURPOSES
 from trainer.lr_range.options import OPTIONS as LR_FIND_OPTIONS
 from trainer.ranges import NON_NEGATIVE, STEP, KnobError, Range
+from trainer.search.cli import add_search_parser
 from trainer.store.address import child_env, list_runs, open_run, shown, store_for, store_url
 from trainer.store.base import FINAL_STATES, RunStore, StoreError, first_line
 
@@ -536,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "to continue the run with from its checkpoint (default with RUN) or to "
                    "start training with (default with --task)")
     p.add_argument("--job-id", type=int, help=argparse.SUPPRESS)
+    add_search_parser(add)  # trainer/search/cli.py: caviar mode on Optuna
     for name, func, text in (("dashboard", cmd_dashboard, "open the dashboard on --runs-dir"),
                              ("demo", cmd_demo, "start a charlm run in the background and "
                               "open the dashboard on it")):

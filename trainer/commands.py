@@ -60,6 +60,11 @@ def validate_command(kind: Any, payload: Any) -> dict:
         return validate_schedule(payload)
     if kind == "rollback":
         return _validate_rollback(payload)
+    if kind == "stop" and set(payload) <= {"reason"}:  # why, for the record (a search's pruning)
+        reason = payload.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise KnobError(f"stop reason must be text, got {type(reason).__name__}")
+        return {"reason": reason[:500]} if reason else {}
     if payload:
         raise KnobError(f"{kind} takes no arguments, got {sorted(payload)}")
     return {}

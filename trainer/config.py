@@ -32,8 +32,9 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "schedule": {"shape": "cosine", "rate": 0.1, "warmup_epochs": 0.25},
     },
 }
+TASKS_WITH_HIDDEN = ("digits", "spirals")   # tasks whose MLP width TrainConfig.hidden sets
 OPTIMIZERS = Choice(("sgd", "adam", "adamw"))         # see trainer.optim.make_optimizer
-ON_DIVERGE = Choice(("pause", "rollback", "ignore"))  # see trainer.babysitter.Babysitter
+ON_DIVERGE = Choice(("pause", "rollback", "ignore", "stop"))  # see babysitter.Babysitter
 
 
 @dataclass
@@ -46,12 +47,13 @@ class TrainConfig:
     momentum: float = 0.9       # β (β1 for Adam): averages over ~1/(1−β) = 10 steps
     weight_decay: float = 0.0   # regularization comes after LR and momentum in priority
     batch_size: int = 32        # small batches generalize well (Masters & Luschi 2018)
+    hidden: int = 64            # units per hidden layer (digits, spirals; others ignore it)
     epochs: int = 20
     seed: int = 0
     checkpoint_every: int = 200   # steps between rolling checkpoints
     step_delay: float = 0.0     # seconds slept per step: slows a demo to watching speed
     schedule: dict | None = None  # LR decay, see trainer.schedules.Schedule
-    on_diverge: str = "pause"   # pause | rollback | ignore (see Babysitter)
+    on_diverge: str = "pause"   # pause | rollback | ignore | stop (see Babysitter)
     early_stop: int | None = None  # stop after this many epochs without a better val loss
 
     def validate(self) -> TrainConfig:
@@ -84,7 +86,7 @@ class TrainConfig:
 CHECKS: dict[str, Range | Choice] = {
     "task": TASKS, "optimizer": OPTIMIZERS,
     **{name: knob.range for name, knob in KNOBS.items()},
-    "batch_size": COUNT, "epochs": COUNT, "seed": Range(0, integer=True),
+    "batch_size": COUNT, "hidden": COUNT, "epochs": COUNT, "seed": Range(0, integer=True),
     "checkpoint_every": COUNT, "step_delay": Range(0.0, 10.0),
     "on_diverge": ON_DIVERGE, "early_stop": Range(1, integer=True, optional=True),
 }

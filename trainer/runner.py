@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 
 import torch
@@ -32,7 +33,7 @@ def build(cfg: TrainConfig) -> tuple[Task, torch.optim.Optimizer]:
     """The seeded task and its optimizer, as a run of ``cfg`` starts them (the runner, resume,
     branches and LR range tests all build them here)."""
     torch.manual_seed(cfg.seed)
-    task = make_task(cfg.task, seed=cfg.seed)
+    task = make_task(cfg.task, seed=cfg.seed, hidden=cfg.hidden)
     if task.threads:
         torch.set_num_threads(task.threads)
     optimizer = make_optimizer(cfg.optimizer, task.optim_params(), lr=cfg.lr,
@@ -50,7 +51,8 @@ def _raise_terminated(signum, frame):
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
           replay: list[TimedCommand] | None = None, store: str | None = None,
-          checkpoint_knobs: bool = False) -> str:
+          checkpoint_knobs: bool = False,
+          on_validation: Callable[[Babysitter, dict[str, float]], None] | None = None) -> str:
     """Train ``cfg`` into ``run_dir`` and return the final status.
 
     ``replay`` re-enacts a recorded timeline (see :mod:`trainer.export`) at its exact steps.
@@ -62,7 +64,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading_is_main() else None
     try:
         return _train(cfg, run_dir, resume=resume, replay=replay, store=store,
-                      checkpoint_knobs=checkpoint_knobs)
+                      checkpoint_knobs=checkpoint_knobs, on_validation=on_validation)
     except Terminated:  # a clean stop, not a crash: the Babysitter already closed the run
         log.info("SIGTERM: run %s stopped", run_dir)
         return "stopped"
@@ -73,7 +75,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
 def _train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool,
            replay: list[TimedCommand] | None, store: str | None,
-           checkpoint_knobs: bool = False) -> str:
+           checkpoint_knobs: bool = False,
+           on_validation: Callable[[Babysitter, dict[str, float]], None] | None = None) -> str:
     if replay is not None:
         # A replay re-enacts the recorded rescues at their steps; its own guard must not act
         # again (it could notice the same blow-up a step earlier or later, or pause forever).
@@ -89,7 +92,7 @@ def _train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool,
                     task=task.info["description"], steps_per_epoch=steps_per_epoch,
                     checkpoint_every=cfg.checkpoint_every, resume=resume, replay=replay,
                     on_diverge=cfg.on_diverge, early_stop=cfg.early_stop, store=store,
-                    checkpoint_knobs=checkpoint_knobs) as bs:
+                    checkpoint_knobs=checkpoint_knobs, on_validation=on_validation) as bs:
         start_epoch, first_batch = divmod(bs.step_count, steps_per_epoch)
         for epoch in range(start_epoch, cfg.epochs):
             bs.epoch = epoch

@@ -33,17 +33,20 @@ SPIRAL_NOISE = 0.08
 QUADRATIC_SAMPLES = 512
 QUADRATIC_FEATURES = 16
 QUADRATIC_NOISE = 0.1
+DEFAULT_HIDDEN = 64  # units per hidden layer of the digits and spirals MLPs
 
 
-def make_task(name: str, *, seed: int = 0, condition: float = 10.0) -> Task:
-    """Build a built-in task. ``condition`` (quadratic only) is λmax/λmin of XᵀX/n."""
-    builders = {"digits": _digits, "spirals": _spirals, "quadratic": _quadratic,
-                "charlm": _charlm}
+def make_task(name: str, *, seed: int = 0, condition: float = 10.0,
+              hidden: int = DEFAULT_HIDDEN) -> Task:
+    """Build a built-in task. ``condition`` (quadratic only) is λmax/λmin of XᵀX/n;
+    ``hidden`` (digits, spirals) is the width of each hidden layer."""
     TASKS.check("task", name)
     generator = torch.Generator().manual_seed(seed)
     if name == "quadratic":
         return _quadratic(generator, condition)
-    return builders[name](generator)
+    if name == "charlm":
+        return _charlm(generator)
+    return {"digits": _digits, "spirals": _spirals}[name](generator, hidden)
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
@@ -68,7 +71,7 @@ def _mlp(sizes: list[int], generator: torch.Generator) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _digits(generator: torch.Generator) -> Task:
+def _digits(generator: torch.Generator, hidden: int) -> Task:
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
     data = load_digits()
@@ -82,12 +85,12 @@ def _digits(generator: torch.Generator) -> Task:
     # set by a few such images, not by how well the model had learned.
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1.0)
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
-    model = _mlp([64, 64, 10], generator)
+    model = _mlp([64, hidden, 10], generator)
     return Task("digits", model, nn.CrossEntropyLoss(), train_x, train_y, val_x, val_y,
-                info={"description": "MLP 64-64-10 on scikit-learn digits (8x8)"})
+                info={"description": f"MLP 64-{hidden}-10 on scikit-learn digits (8x8)"})
 
 
-def _spirals(generator: torch.Generator) -> Task:
+def _spirals(generator: torch.Generator, hidden: int) -> Task:
     n = SPIRAL_POINTS_PER_CLASS
     t = torch.rand(n, generator=generator) * 3 * math.pi + 0.5
     xs, ys = [], []
@@ -97,9 +100,9 @@ def _spirals(generator: torch.Generator) -> Task:
         xs.append(points + SPIRAL_NOISE * torch.randn(n, 2, generator=generator))
         ys.append(torch.full((n,), label, dtype=torch.long))
     train_x, train_y, val_x, val_y = _split(torch.cat(xs), torch.cat(ys), generator)
-    model = _mlp([2, 64, 64, 2], generator)
+    model = _mlp([2, hidden, hidden, 2], generator)
     return Task("spirals", model, nn.CrossEntropyLoss(), train_x, train_y, val_x, val_y,
-                info={"description": "MLP 2-64-64-2 on two generated spirals"})
+                info={"description": f"MLP 2-{hidden}-{hidden}-2 on two generated spirals"})
 
 
 def _quadratic(generator: torch.Generator, condition: float) -> Task:

@@ -11,8 +11,9 @@ returns its id and how a batch of metric rows is sent:
 * :class:`~trainer.store.postgres.PostgresStore`: runs in a PostgreSQL database, shared by
   trainers and dashboards on different machines.
 
-Every read method is incremental ("everything after X"), so a dashboard fetches only new rows.
-Rows are the named types of :mod:`trainer.store.records`.
+Every read method is incremental ("everything after X"), so a dashboard fetches only new rows;
+a long run's history is read at a level of detail the store keeps up to date
+(:meth:`RunStore.metrics_view`). Rows are the named types of :mod:`trainer.store.records`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from trainer.store.records import Event, MetricRow, ValidationRow, Verdict
-from trainer.store.schema import METRIC_COLUMNS, upsert_metrics_tail
+from trainer.store.schema import (
+    LEVEL_COLUMNS,
+    LEVEL_FANOUT,
+    LEVEL_SIZES,
+    LEVELS,
+    LEVELS_SINCE,
+    METRIC_COLUMNS,
+    table_statements,
+    upsert_metrics_tail,
+)
 
 HEARTBEAT_STALE_S = 3.0   # a live trainer updates its heartbeat every flush (~0.1 s)
 
@@ -48,6 +58,112 @@ UPSERT_METRICS = (f"INSERT INTO metrics({', '.join(METRIC_COLUMNS)}) "
 _LOSS = MetricRow._fields.index("loss")
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+# --- levels of detail (the ``levels`` table, see trainer.store.schema) ---------------------------
+#
+# One statement per level recomputes the buckets covering a range of steps from their children
+# (level 1 from the raw rows, level k from level k − 1), inside the write transaction that
+# changed the rows: SQL does the aggregation, Python only sends one statement per level. A
+# bucket is recomputed, never merged, so rewritten steps (upserts, retried batches) and
+# truncations stay exact. Steps are non-negative, so ``/`` (integer division, truncating in
+# both dialects) is floor division.
+VIEW_BUCKETS = 8192        # a view reads at most this many buckets (so at least 1,024: about
+                           # one per pixel column of a chart, see LEVEL_SIZES) …
+RAW_VIEW_STEPS = 32_768    # … and raw rows when its range spans at most this many steps
+LOSS_SUM_CAP = 1e300       # losses are clipped to ±this in loss_sum: a sum of 10^8 of them
+                           # stays finite (PostgreSQL raises on a float8 overflow)
+UNSET = -1.0               # stands for NULL in knob comparisons (knob values are ≥ 0)
+
+# A child of a level-1 bucket is a raw row: its summary columns, from the metrics columns
+# ({a} is the table alias and its dot, or nothing).
+_RAW_CHILD = {
+    "key": "{a}step", "first_step": "{a}step", "last_step": "{a}step", "steps": "1",
+    "nonfinite": "CASE WHEN {a}loss IS NULL THEN 1 ELSE 0 END",
+    "nonfinite_step": "CASE WHEN {a}loss IS NULL THEN {a}step END",
+    "first_loss": "{a}loss", "last_loss": "{a}loss", "min_loss": "{a}loss",
+    "min_loss_step": "{a}step", "max_loss": "{a}loss", "max_loss_step": "{a}step",
+    "loss_sum": (f"CASE WHEN {{a}}loss > {LOSS_SUM_CAP!r} THEN {LOSS_SUM_CAP!r} "
+                 f"WHEN {{a}}loss < {-LOSS_SUM_CAP!r} THEN {-LOSS_SUM_CAP!r} ELSE {{a}}loss END"),
+    "lr_first": "{a}lr", "lr_last": "{a}lr", "lr_since": "{a}step",
+    "user_lr_first": "{a}user_lr", "user_lr_last": "{a}user_lr", "user_lr_since": "{a}step",
+    "wall": "{a}wall"}
+_LEVEL_CHILD = {"key": "{a}bucket", **{c: "{a}" + c for c in LEVEL_COLUMNS[2:]}}
+
+
+def _since(knob: str, child, last, children: str) -> str:
+    """The step where the bucket's last ``knob`` value began: after the latest child that
+    ends on another value, or at the latest child's own ``since`` where the value changed
+    inside it; the bucket's first step when the value never changed in it. (Skipping this
+    lookup for buckets whose knob held still, via MIN = MAX aggregates, saved nothing at a
+    constant LR and cost 10 % under a per-step schedule: measured, not kept.)"""
+    value = f"COALESCE({last(knob + '_last')}, {UNSET!r})"
+    return (f"COALESCE((SELECT MAX(CASE WHEN COALESCE({child(knob + '_last')}, {UNSET!r}) "
+            f"<> {value} THEN {child('last_step')} + 1 "
+            f"WHEN COALESCE({child(knob + '_first')}, {UNSET!r}) <> {value} "
+            f"OR {child(knob + '_since')} > {child('first_step')} "
+            f"THEN {child(knob + '_since')} END) {children}), g.first_step)")
+
+
+def _level_sql(level: int) -> str:
+    """The statement that recomputes level ``level``'s buckets from their children whose key
+    (step, or bucket of the level below) lies in [?, ?): an upsert of one row per bucket.
+
+    Per bucket: aggregates of the children (first/last step, counts, min, max, sums), the first
+    and the last child (joined by key: first/last loss, knob values, wall), and four lookups
+    among the bucket's children (the steps of the min and of the max, where each knob's last
+    value began). Every lookup is a range of the children's primary key."""
+    raw = level == 1
+    table = "metrics" if raw else "levels"
+    exprs = _RAW_CHILD if raw else _LEVEL_CHILD
+    where = "" if raw else f"{{a}}level = {level - 1} AND "
+    divisor = LEVEL_SIZES[0] if raw else LEVEL_FANOUT
+
+    def col(alias: str):
+        return lambda name: exprs[name].format(a=alias)
+
+    g, c, f, last = col(""), col("c."), col("f."), col("l.")
+    children = (f"FROM {table} c WHERE {where.format(a='c.')}{c('key')} "
+                "BETWEEN g.k0 AND g.k1")
+    group = (f"SELECT {g('key')} / {divisor} AS bucket, MIN({g('key')}) AS k0, "
+             f"MAX({g('key')}) AS k1, MIN({g('first_step')}) AS first_step, "
+             f"MAX({g('last_step')}) AS last_step, SUM({g('steps')}) AS steps, "
+             f"SUM({g('nonfinite')}) AS nonfinite, MIN({g('nonfinite_step')}) AS nonfinite_step, "
+             f"MIN({g('min_loss')}) AS min_loss, MAX({g('max_loss')}) AS max_loss, "
+             f"SUM({g('loss_sum')}) AS loss_sum FROM {table} "
+             f"WHERE {where.format(a='')}{g('key')} >= ? AND {g('key')} < ? "
+             f"GROUP BY {g('key')} / {divisor}")
+    values = {
+        "level": str(level), "bucket": "g.bucket", "first_step": "g.first_step",
+        "last_step": "g.last_step", "steps": "g.steps", "nonfinite": "g.nonfinite",
+        "nonfinite_step": "g.nonfinite_step", "first_loss": f("first_loss"),
+        "last_loss": last("last_loss"), "min_loss": "g.min_loss",
+        "min_loss_step": f"(SELECT MIN({c('min_loss_step')}) {children} "
+                         f"AND {c('min_loss')} = g.min_loss)",
+        "max_loss": "g.max_loss",
+        "max_loss_step": f"(SELECT MIN({c('max_loss_step')}) {children} "
+                         f"AND {c('max_loss')} = g.max_loss)",
+        "loss_sum": "g.loss_sum", "wall": last("wall"),
+        **{f"{knob}_{part}": expr for knob in ("lr", "user_lr") for part, expr in (
+            ("first", f(f"{knob}_first")), ("last", last(f"{knob}_last")),
+            ("since", _since(knob, c, last, children)))},
+    }
+    join = "" if raw else f"f.level = {level - 1} AND "
+    updates = ", ".join(f"{n} = excluded.{n}" for n in LEVEL_COLUMNS[2:])
+    # "WHERE true": SQLite's parser needs a WHERE before ON CONFLICT after a join
+    # (https://sqlite.org/lang_upsert.html, "Parsing Ambiguity").
+    return (f"INSERT INTO levels({', '.join(LEVEL_COLUMNS)}) "
+            f"SELECT {', '.join(values[n] for n in LEVEL_COLUMNS)} FROM ({group}) g "
+            f"JOIN {table} f ON {join}{f('key')} = g.k0 "
+            f"JOIN {table} l ON {join.replace('f.', 'l.')}{last('key')} = g.k1 "
+            f"WHERE true ON CONFLICT(level, bucket) DO UPDATE SET {updates}")
+
+
+LEVEL_UPSERTS = tuple(_level_sql(k) for k in range(1, len(LEVEL_SIZES) + 1))
+RAW_VIEW_COLUMNS = ("step", "wall", "loss", "lr", "user_lr")
+LOSS_COLUMNS = frozenset({"loss", "first_loss", "last_loss", "min_loss", "max_loss", "loss_sum"})
+# Two subqueries, not MIN and MAX in one: SQLite reads a lone MIN or MAX off the index, but
+# both in one SELECT scan the table (https://sqlite.org/optoverview.html#minmax).
+EXTENT = "SELECT (SELECT MIN(step) FROM metrics), (SELECT MAX(step) FROM metrics)"
 
 
 class StoreError(RuntimeError):
@@ -202,6 +318,8 @@ class RunStore(abc.ABC):
         with self.transaction() as tx:
             if columns and columns[0]:
                 self._insert_metrics(tx, columns)
+                # The levels of the steps written: their range by min and max, in C.
+                self._refresh_levels(tx, min(columns[0]), max(columns[0]))
             if meta:
                 tx.executemany(UPSERT_META, [(k, json.dumps(v)) for k, v in meta.items()])
 
@@ -214,10 +332,7 @@ class RunStore(abc.ABC):
         rows = self._conn().execute(
             f"SELECT {', '.join(cols)} FROM metrics WHERE step > ? ORDER BY step",
             (after_step,)).fetchall()
-        out: dict[str, list] = {c: [r[i] for r in rows] for i, c in enumerate(cols)}
-        if "loss" in out:
-            out["loss"] = [math.nan if v is None else v for v in out["loss"]]
-        return out
+        return _columns(rows, cols)
 
     def last_metric(self) -> dict[str, Any] | None:
         """The newest metrics row, or None before the first step."""
@@ -233,6 +348,87 @@ class RunStore(abc.ABC):
             tx.execute("DELETE FROM metrics WHERE step >= ?", (step,))
             tx.execute("DELETE FROM validation WHERE step >= ?", (step,))
             tx.execute("DELETE FROM events WHERE step >= ?", (step,))
+            # Every bucket holding a forgotten step goes (a range of the primary key per
+            # level); the one cut in two is rebuilt from the steps it keeps.
+            tx.executemany("DELETE FROM levels WHERE level = ? AND bucket >= ?",
+                           [(level, step // size)
+                            for level, size in enumerate(LEVEL_SIZES, start=1)])
+            if step > 0:
+                self._refresh_levels(tx, step - 1, step - 1)
+
+    # --- levels of detail ------------------------------------------------------------------------
+
+    @staticmethod
+    def _refresh_levels(tx: Any, first: int, last: int) -> None:
+        """Inside a write transaction: recompute, level by level, every bucket that holds a
+        step in [first, last] (see LEVEL_UPSERTS)."""
+        for level, (size, sql) in enumerate(zip(LEVEL_SIZES, LEVEL_UPSERTS), start=1):
+            per_bucket = size if level == 1 else LEVEL_FANOUT  # children's keys per bucket
+            tx.execute(sql, ((first // size) * per_bucket, (last // size + 1) * per_bucket))
+
+    def _migrated(self, tx: Any, version: int) -> None:
+        """Inside the transaction that brought a store from ``version`` to the current schema:
+        build what the new tables hold (the levels of a run that had none)."""
+        if version < LEVELS_SINCE:
+            self._build_levels(tx)
+
+    def _add_levels(self, tx: Any) -> None:
+        """Inside a write transaction: create and fill the levels of a run written by a
+        development build of schema 2 that had no levels yet."""
+        for statement in table_statements(LEVELS, self.backend):
+            tx.execute(statement)
+        self._build_levels(tx)
+
+    @classmethod
+    def _build_levels(cls, tx: Any) -> None:
+        """Inside a write transaction: (re)build every level from the raw rows (a run written
+        before the levels existed; benchmarks that fill a store with SQL)."""
+        tx.execute("DELETE FROM levels")
+        first, last = tx.execute(EXTENT).fetchone()
+        if first is not None:
+            cls._refresh_levels(tx, first, last)
+
+    def metrics_extent(self) -> tuple[int, int] | None:
+        """The first and the last step logged, or None before the first."""
+        first, last = self._conn().execute(EXTENT).fetchone()
+        return None if first is None else (first, last)
+
+    def metrics_view(self, first: int | None = None, last: int | None = None, *,
+                     max_buckets: int = VIEW_BUCKETS, raw_steps: int = RAW_VIEW_STEPS,
+                     level: int | None = None) -> dict[str, Any]:
+        """The metrics of steps ``first`` … ``last`` (inclusive; None: the run's own ends) at
+        the finest level of detail that fits: ``{"level": k, "size": steps per bucket, column:
+        list, …}``.
+
+        A range of at most ``raw_steps`` steps is read raw (level 0, size 1: the columns
+        ``step``, ``wall``, ``loss``, ``lr``, ``user_lr``, one row per step); a longer one from
+        the finest level with at most ``max_buckets`` buckets over it (the columns of
+        :data:`~trainer.store.schema.LEVELS` but ``level`` and ``bucket``, one row per bucket,
+        in step order; the buckets at the ends may reach outside the range). ``level`` reads
+        that level (0: raw) whatever the range. Non-finite losses read back as NaN, and a
+        bucket counts them in ``nonfinite``, first at ``nonfinite_step``.
+        """
+        extent = self.metrics_extent()
+        low = extent and max(extent[0], extent[0] if first is None else first)
+        high = extent and min(extent[1], extent[1] if last is None else last)
+        if extent is None or high < low:
+            return {"level": 0, "size": 1, **{c: [] for c in RAW_VIEW_COLUMNS}}
+        span = high - low + 1
+        if level is None:
+            level = 0 if span <= raw_steps else next(
+                (k for k, size in enumerate(LEVEL_SIZES, start=1)
+                 if -(-span // size) <= max_buckets), len(LEVEL_SIZES))
+        if level == 0:
+            rows = self._conn().execute(
+                f"SELECT {', '.join(RAW_VIEW_COLUMNS)} FROM metrics WHERE step >= ? AND "
+                "step <= ? ORDER BY step", (low, high)).fetchall()
+            size, columns = 1, RAW_VIEW_COLUMNS
+        else:
+            size, columns = LEVEL_SIZES[level - 1], LEVEL_COLUMNS[2:]
+            rows = self._conn().execute(
+                f"SELECT {', '.join(columns)} FROM levels WHERE level = ? AND bucket >= ? "
+                "AND bucket <= ? ORDER BY bucket", (level, low // size, high // size)).fetchall()
+        return {"level": level, "size": size, **_columns(rows, columns)}
 
     # --- validation ----------------------------------------------------------------------------
 
@@ -434,6 +630,13 @@ class RunStore(abc.ABC):
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
+
+
+def _columns(rows: list[tuple], names: Sequence[str]) -> dict[str, list]:
+    """Rows as ``{column: list}`` (transposed by ``zip``, in C); NULL losses become NaN."""
+    columns = list(zip(*rows)) if rows else [()] * len(names)
+    return {name: ([math.nan if v is None else v for v in values] if name in LOSS_COLUMNS
+                   else list(values)) for name, values in zip(names, columns)}
 
 
 def _trainer_gone(heartbeat: float, pid: Any, host: Any) -> bool:

@@ -1,6 +1,6 @@
 """The run store's tables, defined once and rendered for SQLite and PostgreSQL.
 
-A run holds six tables (the same in both backends, so every query in
+A run holds these tables (the same in both backends, so every query in
 :class:`~trainer.store.base.RunStore` runs unchanged on either):
 
 * ``meta``       key → JSON value: name, task, optimizer, config, created, status, heartbeat …
@@ -10,6 +10,10 @@ A run holds six tables (the same in both backends, so every query in
 * ``commands``   id, created, kind, payload (JSON), status, applied_step, error, source
 * ``events``     intervention events, drawn as chart markers: step, wall, kind, knob, old, new
 * ``results``    JSON results attached to the run (e.g. LR range tests)
+* ``batches``    ids of write batches already applied (idempotent retries)
+* ``levels``     the metrics' levels of detail: a pyramid of per-bucket summaries (see
+  :data:`LEVEL_SIZES`), kept up to date by every metrics write, so a chart of a long run reads
+  thousands of rows instead of millions
 
 Column types are abstract (``int``, ``real``, ``text``, ``id``) and each backend maps them to
 its own: SQLite's REAL is 8 bytes while PostgreSQL's is 4, so ``real`` is DOUBLE PRECISION
@@ -20,7 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 2   # 2: metrics.user_lr (the user's own LR), batches (idempotent retries)
+SCHEMA_VERSION = 2   # 2: metrics.user_lr (the user's own LR), batches (idempotent retries),
+                     #    levels (the metrics' levels of detail)
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,10 @@ class Table:
     name: str
     columns: tuple[Column, ...]
     indexes: tuple[tuple[str, str], ...] = ()   # (index name, column list)
+    primary_key: tuple[str, ...] = ()           # a key of several columns
+    # SQLite only: store the rows in the primary key's B-tree (no rowid), so a range of the key
+    # is read from adjacent pages (https://sqlite.org/withoutrowid.html).
+    without_rowid: bool = False
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -71,8 +80,41 @@ RESULTS = Table("results", (
 # commit may have landed before the error) is recognised and not written twice.
 BATCHES = Table("batches", (_c("id", "text", "PRIMARY KEY"), _c("wall", "real", "NOT NULL")))
 
-TABLES = (META, METRICS, VALIDATION, COMMANDS, EVENTS, RESULTS, BATCHES)
+# Levels of detail of the metrics (a pyramid, as in image mip-maps: Williams, "Pyramidal
+# parametrics", SIGGRAPH 1983). Level k cuts the steps into buckets of LEVEL_SIZES[k - 1] steps
+# (bucket b holds steps b·size … (b+1)·size − 1); a level-1 bucket summarizes 32 raw rows, a
+# level-k bucket LEVEL_FANOUT buckets of level k − 1. A chart reads the finest level with at
+# most VIEW_BUCKETS (8,192) buckets over its range (trainer.store.base), so between 1/8 of that
+# budget and all of it. Level 1 is what every logged row pays for (benchmarks/append_cost.py):
+# with 32 rows a bucket the levels cost 1.1 ms of SQLite time per 1,000 rows, with 8 rows
+# 1.7 ms (measured side by side while choosing); a range just too long to read raw
+# (RAW_VIEW_STEPS = 32 × 1,024) still gets 1,024 buckets.
+LEVEL_FANOUT = 8
+LEVEL_SIZES = tuple(32 * LEVEL_FANOUT ** k for k in range(6))  # 32 … 1,048,576 steps a bucket
+# What a bucket holds: the M4 summary (first, last, min and max of the loss, with the steps of
+# the extremes: Jugel et al., "M4: A Visualization-Oriented Time Series Data Aggregation",
+# VLDB 2014, which draws a line chart without error from these four per pixel column), the
+# count and first step of non-finite losses (stored NULL: they stay visible as spikes at every
+# level), the sum of the finite losses (for the mean the smoothed curve is drawn from), and
+# the lr and user_lr at the bucket's first and last step with the step where the last value
+# began (``*_since``), so a change of LR is drawn at its own step, not at a bucket's edge.
+LEVELS = Table("levels", (
+    _c("level", "int", "NOT NULL"), _c("bucket", "int", "NOT NULL"),
+    _c("first_step", "int", "NOT NULL"), _c("last_step", "int", "NOT NULL"),
+    _c("steps", "int", "NOT NULL"), _c("nonfinite", "int", "NOT NULL"),
+    _c("nonfinite_step", "int"), _c("first_loss", "real"), _c("last_loss", "real"),
+    _c("min_loss", "real"), _c("min_loss_step", "int"), _c("max_loss", "real"),
+    _c("max_loss_step", "int"), _c("loss_sum", "real"),
+    _c("lr_first", "real"), _c("lr_last", "real"), _c("lr_since", "int"),
+    _c("user_lr_first", "real"), _c("user_lr_last", "real"), _c("user_lr_since", "int"),
+    _c("wall", "real")),
+    primary_key=("level", "bucket"), without_rowid=True)
+
+LEVELS_SINCE = 2          # the schema version that added LEVELS
+
+TABLES = (META, METRICS, VALIDATION, COMMANDS, EVENTS, RESULTS, BATCHES, LEVELS)
 METRIC_COLUMNS = METRICS.column_names
+LEVEL_COLUMNS = LEVELS.column_names
 
 TYPES = {
     "sqlite": {"int": "INTEGER", "real": "REAL", "text": "TEXT",
@@ -82,30 +124,38 @@ TYPES = {
 }
 
 
+def table_statements(table: Table, dialect: str) -> list[str]:
+    """``CREATE TABLE`` / ``CREATE INDEX`` statements for ``table``, in ``dialect``."""
+    types = TYPES[dialect]
+    columns = [f"{c.name} {types[c.type]} {c.constraint}".rstrip() for c in table.columns]
+    if table.primary_key:
+        columns.append(f"PRIMARY KEY ({', '.join(table.primary_key)})")
+    options = " WITHOUT ROWID" if table.without_rowid and dialect == "sqlite" else ""
+    return [f"CREATE TABLE IF NOT EXISTS {table.name} ({', '.join(columns)}){options}",
+            *(f"CREATE INDEX IF NOT EXISTS {name} ON {table.name}({cols})"
+              for name, cols in table.indexes)]
+
+
 def create_statements(dialect: str) -> list[str]:
     """``CREATE TABLE`` / ``CREATE INDEX`` statements for every table, in ``dialect``."""
-    types = TYPES[dialect]
-    statements = []
-    for table in TABLES:
-        columns = ", ".join(f"{c.name} {types[c.type]} {c.constraint}".rstrip()
-                            for c in table.columns)
-        statements.append(f"CREATE TABLE IF NOT EXISTS {table.name} ({columns})")
-        statements += [f"CREATE INDEX IF NOT EXISTS {name} ON {table.name}({cols})"
-                       for name, cols in table.indexes]
-    return statements
+    return [sql for table in TABLES for sql in table_statements(table, dialect)]
 
 
-# Statements that bring a store from version v − 1 to v (older runs still open).
-MIGRATIONS = {2: ["ALTER TABLE metrics ADD COLUMN user_lr {real}",
-                 "CREATE TABLE IF NOT EXISTS batches (id {text} PRIMARY KEY, wall {real} "
-                 "NOT NULL)"]}
+# Statements that bring a store from version v − 1 to v (older runs still open): SQL with the
+# abstract types as {placeholders}, or a Table to create. A migrated store's levels are then
+# built from its rows (RunStore._migrated).
+MIGRATIONS: dict[int, list[str | Table]] = {
+    2: ["ALTER TABLE metrics ADD COLUMN user_lr {real}",
+        "CREATE TABLE IF NOT EXISTS batches (id {text} PRIMARY KEY, wall {real} NOT NULL)",
+        LEVELS]}
 
 
 def migration_statements(version: int, dialect: str) -> list[str]:
     """Statements that bring a store at ``version`` to :data:`SCHEMA_VERSION`."""
     types = TYPES[dialect]
-    return [sql.format(**types) for v in range(version + 1, SCHEMA_VERSION + 1)
-            for sql in MIGRATIONS.get(v, [])]
+    return [sql for v in range(version + 1, SCHEMA_VERSION + 1) for step in MIGRATIONS.get(v, [])
+            for sql in (table_statements(step, dialect) if isinstance(step, Table)
+                        else [step.format(**types)])]
 
 
 def upsert_metrics_tail() -> str:

@@ -84,7 +84,12 @@ class SqliteStore(RunStore):
                 if tx.execute("PRAGMA user_version").fetchone()[0] == version:
                     for statement in migration_statements(version, "sqlite"):
                         tx.execute(statement)
+                    self._migrated(tx, version)
                     tx.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        elif version == SCHEMA_VERSION and not self._has_levels(conn):
+            with self.transaction() as tx:  # checked again under the write lock
+                if not self._has_levels(tx):
+                    self._add_levels(tx)
         if version == 0:
             if not create:
                 raise StoreError(f"{self.path} is not a Panda run store (no schema)")
@@ -95,6 +100,11 @@ class SqliteStore(RunStore):
                 for statement in create_statements("sqlite"):
                     tx.execute(statement)
                 tx.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @staticmethod
+    def _has_levels(conn: sqlite3.Connection) -> bool:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                            "name = 'levels'").fetchone() is not None
 
     def lock_trainer(self) -> int | None:
         """An exclusive ``flock`` on ``run_dir/trainer.lock``, held while this process trains
