@@ -289,10 +289,10 @@ def test_lr_find_beside_a_live_run(live_run):
     assert _run_files(run_dir) <= files_before | {"run.db-shm", "run.db-wal"}
 
 
-def test_background_job_reports_progress_and_result(live_run):
-    run_dir, _ = live_run
+def _background_result(run_dir, *args: str) -> dict:
+    """Start ``panda lr-find RUN --background`` and return its finished result's payload."""
     out = panda("lr-find", run_dir, "--background", "--json", "--num-iter", "40",
-                "--no-refine")
+                "--no-refine", *args)
     assert out.returncode == 0, out.stderr
     result_id = json.loads(out.stdout)["id"]
 
@@ -303,7 +303,12 @@ def test_background_job_reports_progress_and_result(live_run):
 
     row = wait_until(finished, what="the background LR range test")
     assert row["status"] == "done", row["payload"].get("error")
-    payload = row["payload"]
+    return row["payload"]
+
+
+def test_background_job_reports_progress_and_result(live_run):
+    run_dir, _ = live_run
+    payload = _background_result(run_dir)
     assert payload["options"]["refine"] is False and payload["refine_probes"] == []
     assert len(payload["lrs"]) <= 40 and payload["progress"] == 1.0
     with SqliteStore(run_dir) as store:
@@ -313,19 +318,7 @@ def test_background_job_reports_progress_and_result(live_run):
 def test_a_background_job_asked_what_to_start_with_says_so(live_run):
     """`--purpose start` beside a run reaches the detached job (its default is "continue")."""
     run_dir, _ = live_run
-    out = panda("lr-find", run_dir, "--background", "--json", "--num-iter", "40",
-                "--no-refine", "--purpose", "start")
-    assert out.returncode == 0, out.stderr
-    result_id = json.loads(out.stdout)["id"]
-
-    def finished():
-        with SqliteStore(run_dir) as store:
-            row = lr_job.latest_lr_find(store)
-        return row if row["id"] == result_id and row["status"] != "running" else None
-
-    row = wait_until(finished, what="the background LR range test")
-    assert row["status"] == "done", row["payload"].get("error")
-    payload = row["payload"]
+    payload = _background_result(run_dir, "--purpose", "start")
     assert payload["options"]["purpose"] == "start" and payload["purpose"] == "start"
     # Without refinement there are no probes: the ramp's own rule, named.
     assert payload["suggestion_probes"] == [] and payload["suggestion_rule"] in RULES
