@@ -14,6 +14,7 @@ chart show its effect (the trainer writes the new knobs before its verdict).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,14 +103,15 @@ def apply_suggested_lr(address: str, run: str, lr: float) -> None:
     send(address, run, "set", {"lr": lr}, f"suggested learning rate {format_sci(lr)}")
 
 
-def start_range_test(address: str, run: str) -> None:
-    """An LR range test on a copy of the run's newest checkpoint, in its own process."""
-    from trainer.lr_range.job import LRJobError, start_lr_find_job
+def start_range_test(address: str, run: str, start: Callable[[str], int]) -> None:
+    """An LR range test on a copy of the run's newest checkpoint, in its own process
+    (``start``: :func:`trainer.lr_range.job.start_lr_find_job`, as the panel names it)."""
+    from trainer.lr_range.job import LRJobError
 
     if not permitted(run):
         return
     try:
-        result_id = start_lr_find_job(address)
+        result_id = start(address)
     except (LRJobError, OSError) as err:
         say(run, "error", f"Could not start the LR range test: {err}")
         return

@@ -575,3 +575,149 @@ def test_the_lr_composition_is_said_in_words():
                            "user_schedule": True}) == "LR: your schedule × 0.25 → 1.6e-04 now"
     assert lr_composition({"user_lr": 0.01, "lr": 0.005, "factor": 0.5,
                            "user_schedule": False}) == "LR: your 1e-02 × 0.5 → 5e-03 now"
+
+
+# --- the LR range test panel: flat curves, big jumps, stale results -------------------------------
+
+def _lr_result(run_dir: Path, **payload) -> int:
+    """A finished range test in the run's store, as a job beside it would leave it."""
+    lrs = np.geomspace(1e-6, 10.0, 40).tolist()
+    losses = np.linspace(2.3, 0.4, 40).tolist()
+    base = {"lrs": lrs, "losses": losses, "smoothed_losses": losses, "stop_reason": "completed",
+            "suggested_lr": 0.015, "suggestion_range": [0.01, 0.02], "max_stable_lr": 0.1,
+            "suggestion_rule": "continue_probes", "purpose": "continue", "current_lr": 0.01,
+            "flat": False, "checkpoint_step": 10, "options": {"measure": "train"}}
+    with SqliteStore(run_dir) as store:
+        return store.add_result("lr_find", {**base, **payload})
+
+
+def _warnings(at: AppTest) -> list[str]:
+    return [w.value for w in at.warning]
+
+
+def test_a_flat_curve_jump_takes_a_second_click_that_names_the_factor(page):
+    """The issue's converged run: a flat curve, no limit, 8.3 suggested at LR 0.1."""
+    at, run_dir = page(knobs={"lr": 0.1})
+    flat = [1.8e-5] * 40
+    result = _lr_result(run_dir, losses=flat, smoothed_losses=flat, suggested_lr=8.3,
+                        suggestion_range=[4.751, 10.0], suggestion_rule="steepest",
+                        max_stable_lr=None, flat=True)
+    at.run()
+    notes = _warnings(at)
+    assert any(n.startswith("Flat curve") for n in notes), notes
+    assert any(n.startswith("No stability limit") for n in notes), notes
+    at.button(key=f"lrfind_apply_live_{result}").click().run()
+    assert commands(run_dir) == []                       # the first click only asks
+    assert "Apply 8.3e+00 (83× the current LR)?" in _warnings(at)
+    at.button(key=f"lrfind_yes_live_{result}").click().run()
+    sent = commands(run_dir)
+    assert [(c.kind, json.loads(c.payload)) for c in sent] == [("set", {"lr": 8.3})]
+    assert not any(n.startswith("Apply 8.3e+00") for n in _warnings(at))
+
+
+def test_a_big_jump_can_be_cancelled(page):
+    at, run_dir = page()                                 # the run's LR: 0.01
+    result = _lr_result(run_dir, suggested_lr=0.05, suggestion_range=[0.03, 0.1])
+    at.run()
+    at.button(key=f"lrfind_apply_live_{result}").click().run()
+    assert "Apply 5e-02 (5× the current LR)?" in _warnings(at)
+    at.button(key=f"lrfind_no_live_{result}").click().run()
+    assert commands(run_dir) == []
+    assert not any(n.startswith("Apply") for n in _warnings(at))
+
+
+def test_a_small_step_is_one_click_and_a_fresh_result_has_no_cautions(page):
+    at, run_dir = page()
+    result = _lr_result(run_dir, suggested_lr=0.015)     # 1.5× the run's LR
+    at.run()
+    assert _warnings(at) == []
+    assert at.button(key="lrfind_start_live").label == "Run LR range test"
+    at.button(key=f"lrfind_apply_live_{result}").click().run()
+    assert [json.loads(c.payload) for c in commands(run_dir)] == [{"lr": 0.015}]
+
+
+def test_a_stale_result_says_its_age_and_re_running_is_one_click(page):
+    at, run_dir = page()
+    with SqliteStore(run_dir) as store:
+        store.set_meta(step=52_000)                      # the run trained on meanwhile
+    _lr_result(run_dir, checkpoint_step=26_800)
+    at.run()
+    assert ("Stale: measured from the checkpoint at step 26,800; the run is at step 52,000 "
+            "now, 25,200 steps later. Re-run the test for a current answer.") in _warnings(at)
+    button = at.button(key="lrfind_start_live")
+    assert button.label == "Re-run LR range test"
+    # This run was not started by `panda train`: the button says why it cannot run here (a
+    # real run's re-run is the start job's one click, tested in test_lr_job and the browser).
+    assert button.disabled
+
+
+# Hand-made curves (as torch-lr-finder's tests pin its suggestion on made-up losses): a range
+# test's loss against 60 LRs from 1e-6 to 10.
+CURVE_LRS = np.geomspace(1e-6, 10.0, 60).tolist()
+# A real descent: level, falling by 80 % between 1e-4 and 1e-2, then blowing up.
+DESCENT = [2.3 - 1.9 / (1 + math.exp(-(math.log10(lr) + 3) * 3)) + 8 * max(0, lr - 1) for lr in
+           CURVE_LRS]
+# The issue's converged run: 2.8e-5 with noise of 1e-7 and no trend, over 7 decades.
+CONVERGED = (2.8e-5 + 1e-7 * np.random.default_rng(0).standard_normal(60)).tolist()
+
+
+@pytest.mark.parametrize(("losses", "flat"), [(CONVERGED, True), (DESCENT, False)])
+def test_a_result_stored_without_its_flatness_is_judged_from_its_curve(page, losses, flat):
+    at, run_dir = page()
+    _lr_result(run_dir, lrs=CURVE_LRS, losses=losses, smoothed_losses=losses, flat=None)
+    at.run()
+    assert not at.exception, at.exception
+    said = any(n.startswith("Flat curve") for n in _warnings(at))
+    assert said == flat, _warnings(at)
+
+
+def test_no_limit_is_said_and_a_big_jump_still_asks(page):
+    """A real descent that never blew up: not flat, but nothing bounds the suggestion."""
+    at, run_dir = page()                                 # the run's LR: 0.01
+    result = _lr_result(run_dir, lrs=CURVE_LRS, losses=DESCENT, smoothed_losses=DESCENT,
+                        max_stable_lr=None, flat=None, suggested_lr=0.1,
+                        suggestion_range=[0.05, 0.2])
+    at.run()
+    notes = _warnings(at)
+    assert [n.split(":")[0].split(" was")[0] for n in notes] == ["No stability limit"], notes
+    at.button(key=f"lrfind_apply_live_{result}").click().run()
+    assert commands(run_dir) == []
+    assert "Apply 1e-01 (10× the current LR)?" in _warnings(at)
+
+
+def test_the_summary_says_the_rule_and_what_the_suggestion_is_for(page):
+    at, run_dir = page()
+    _lr_result(run_dir)
+    at.run()
+    text = "\n".join(m.value for m in at.markdown)
+    assert ("**rule** continue_probes: lowest loss after short constant-LR probes around the "
+            "current LR") in text
+    assert "**for** continuing the run from its checkpoint, compared with its LR 1e-02" in text
+
+
+@pytest.mark.parametrize(("run_step", "age"), [(3_000, None), (3_001, 1_001)])
+def test_a_result_turns_stale_after_stale_steps_and_re_running_is_one_click(
+        page, monkeypatch, run_step, age):
+    """At the checkpoint of step 2,000, staleness starts past STALE_STEPS (1,000) steps."""
+    import app.lr_panel as panel
+
+    started = []
+    monkeypatch.setattr(panel, "readiness", lambda store: None)   # as a `panda train` run
+    monkeypatch.setattr(panel, "start_lr_find_job", lambda address: started.append(address) or 7)
+    at, run_dir = page()
+    with SqliteStore(run_dir) as store:
+        store.set_meta(step=run_step)
+    _lr_result(run_dir, checkpoint_step=2_000)
+    at.run()
+    stale = [n for n in _warnings(at) if n.startswith("Stale")]
+    button = at.button(key="lrfind_start_live")
+    if age is None:
+        assert stale == [] and button.label == "Run LR range test"
+    else:
+        assert stale == [f"Stale: measured from the checkpoint at step 2,000; the run is at step "
+                         f"{run_step:,} now, {age:,} steps later. Re-run the test for a current "
+                         "answer."]
+        assert button.label == "Re-run LR range test"
+    assert not button.disabled
+    button.click().run()
+    assert started == [str(run_dir)]                     # one click, one job

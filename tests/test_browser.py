@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from helpers import screenshot, wait_until
 
+from app.lr_panel import format_factor, lr_factor, needs_confirmation
 from trainer.store import StoreError
 from trainer.store.address import open_store, run_address
 
@@ -448,12 +449,23 @@ def test_lr_range_test_beside_the_live_run_and_applying_its_suggestion(page, ser
     assert store.summary()["state"] == "running"  # the live run went on training meanwhile
     _wait(lambda: _range_test_plotted(page), "the loss-vs-LR plot")
     suggested = result["suggested_lr"]
+    assert result["purpose"] == "continue"  # beside a live run: what to continue with
+    page.get_by_text(f"{result['suggestion_rule']}: ", exact=False).first.wait_for()
+    sent_before, current = len(store.commands()), store.summary()["lr"]
     apply = page.get_by_role("button", name=re.compile(r"Apply suggested LR"))
     apply.click()
+    if needs_confirmation(suggested, current):
+        # More than CONFIRM_FACTOR × the run's LR: a second click that names the factor.
+        factor = format_factor(lr_factor(suggested, current))
+        page.get_by_text(f"({factor} the current LR)?", exact=False).wait_for()
+        assert len(store.commands()) == sent_before
+        page.get_by_role("button", name="Yes, apply").click()
+    _wait(lambda: len(store.commands()) > sent_before, "the suggested LR to be sent")
     _wait(lambda: math.isclose(store.summary()["lr"], suggested, rel_tol=1e-9),
           "the live run to take the suggested LR")
     command = store.commands()[-1]
     assert command.kind == "set" and command.source == "dashboard"
+    assert json.loads(command.payload) == {"lr": suggested}
     assert page.locator(".js-plotly-plot").count() == 0  # both charts are components
     _screenshot(page, tmp_path / "lr-range-test.png")
 

@@ -16,9 +16,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from trainer.lr_range.finder import exp_ramp, lr_find, momentum_find, weight_decay_find
+from trainer.lr_range.finder import (
+    PLANNED_SUGGESTION_PROBES,
+    PROBE_WINDOW,
+    exp_ramp,
+    lr_find,
+    momentum_find,
+    weight_decay_find,
+)
 from trainer.lr_range.results import LRFindResult, Probe, SweepResult
-from trainer.lr_range.suggestions import steepest, suggest, valley
+from trainer.lr_range.suggestions import (
+    RULES,
+    Suggestion,
+    continue_suggestion,
+    is_flat,
+    noise_level,
+    probe_best,
+    probe_vertex,
+    start_suggestion,
+    steepest,
+    suggest,
+    valley,
+)
 from trainer.tasks import make_task
 
 torch.set_num_threads(1)
@@ -151,9 +170,12 @@ def test_model_optimizer_and_rng_are_bitwise_unchanged_and_no_files_written(
 
     result = lr_find(model, optimizer, task.loss_fn, batches, start_lr=1e-5, end_lr=100.0,
                      num_iter=30, probe_steps=10)
+    again = lr_find(model, optimizer, task.loss_fn, batches, start_lr=1e-5, end_lr=100.0,
+                    num_iter=30, probe_steps=10, purpose="continue")
     momentum_find(model, optimizer, task.loss_fn, batches, lr=1e-2, num_iter=5)
 
-    assert result.lrs and not model.training
+    assert result.lrs and result.suggestion_probes and again.suggestion_probes
+    assert not model.training
     assert_bitwise_equal(before, snapshot(model, optimizer))
     assert os.listdir(tmp_path) == []
 
@@ -379,3 +401,189 @@ def test_a_flat_curve_never_yields_a_suggestion_near_the_stability_limit():
     assert result.suggested_lr <= result.max_stable_lr / 3 * (1 + 1e-12)
     low, high = result.suggestion_range
     assert low <= result.suggested_lr <= high < result.max_stable_lr
+
+
+# --- suggestion rules on constant-LR probes (pinned numbers) --------------------------------------
+
+PROBE_LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+PROBE_LOSSES = [2.0, 1.2, 0.4, 0.25, 0.9]     # after k steps from a snapshot at loss 2.3
+
+
+def test_probe_best_is_the_lowest_finite_final_loss():
+    assert probe_best(PROBE_LRS, PROBE_LOSSES) == (3e-2, 3)
+    assert probe_best([1e-3, 1e-2, 1e-1], [1.0, math.inf, math.nan]) == (1e-3, 0)
+    assert probe_best([1e-3, 1e-2], [math.inf, math.nan]) == (None, None)
+
+
+def test_probe_vertex_finds_the_lowest_point_between_probes():
+    # A parabola in log LR with its vertex at 10^-1.5 is found exactly from three probes.
+    lrs = [1e-3, 1e-2, 1e-1, 1.0]
+    losses = [(math.log10(lr) + 1.5) ** 2 + 1 for lr in lrs]
+    assert probe_vertex(lrs, losses) == (pytest.approx(10 ** -1.5), 1)
+    # Pinned: the parabola through (ln 1e-2, 0.4), (ln 3e-2, 0.25), (ln 1e-1, 0.9) (np.polyfit).
+    assert probe_vertex(PROBE_LRS, PROBE_LOSSES) == (pytest.approx(2.1852e-2, rel=1e-4), 3)
+    # Kept between the neighbours; the best probe itself at an end, beside a diverged probe,
+    # or when all three ended alike.
+    assert probe_vertex(lrs, [3.0, 2.0, 1.0, 0.5]) == (1.0, 3)
+    assert probe_vertex(lrs, [3.0, 1.0, math.inf, 2.0]) == (1e-2, 1)
+    assert probe_vertex(lrs, [3.0, 1.0, 1.0, 1.0])[0] == pytest.approx(10 ** -1.5)  # flat bottom
+    assert probe_vertex([1e-3, 1e-2, 1e-1], [1.0, 1.0, 1.0]) == (1e-3, 0)
+    assert probe_vertex([1e-3, 1e-2], [math.inf, math.nan]) == (None, None)
+
+
+def test_start_suggestion_is_the_best_probe_halved_with_the_range_between_its_neighbours():
+    curve = Suggestion(0.05, 40, "steepest", 0.01, 0.08)
+    s = start_suggestion(curve, PROBE_LRS, PROBE_LOSSES, snapshot_loss=2.3)
+    # The probes' lowest point 2.18e-2 (between 1e-2 and 1e-1, near the best probe 3e-2); only
+    # 3e-2 ends within 10 % of 0.25, so the range runs from its neighbours 1e-2 to 1e-1, all
+    # halved (PROBE_BACKOFF = 2).
+    assert (s.lr, s.method) == (pytest.approx(2.1852e-2 / 2, rel=1e-4), "probes")
+    assert (s.low, s.high) == (pytest.approx(5e-3), pytest.approx(5e-2))
+    assert s.reason is None
+
+
+def test_start_suggestion_keeps_the_curves_when_that_is_lower():
+    curve = Suggestion(4e-3, 30, "steepest", 1e-3, 6e-3)
+    s = start_suggestion(curve, PROBE_LRS, PROBE_LOSSES, snapshot_loss=2.3)
+    assert (s.lr, s.method, s.low, s.high) == (4e-3, "steepest", 1e-3, 6e-3)
+    assert "below the probes' best LR ÷ 2 (0.0109)" in s.reason
+
+
+def test_start_suggestion_keeps_the_curves_when_the_probes_cannot_tell():
+    # A plateau: every probe ends within a few % of the loss before training (0.69).
+    curve = Suggestion(0.2, 50, "steepest", 0.03, 0.2)
+    s = start_suggestion(curve, PROBE_LRS, [0.69, 0.68, 0.66, 0.65, 0.67], snapshot_loss=0.69)
+    assert (s.lr, s.method) == (0.2, "steepest")
+    assert "cannot tell" in s.reason and "0.65" in s.reason
+    none = start_suggestion(curve, PROBE_LRS, [math.inf] * 5, snapshot_loss=0.69)
+    assert none.lr == 0.2 and "no probe finished" in none.reason
+
+
+def test_continue_suggestion_keeps_the_current_lr_unless_another_is_clearly_better():
+    current = 2                                   # PROBE_LRS[2] = 1e-2 is the run's LR now
+    flat = [1.00, 0.995, 1.00, 0.99, math.inf]    # 1 % better at 3e-2: within KEEP_MARGIN
+    s = continue_suggestion(PROBE_LRS, flat, current)
+    assert (s.lr, s.method) == (1e-2, "keep_current")
+    assert s.low <= s.lr <= s.high
+    better = [1.00, 0.95, 1.00, 0.90, math.inf]   # 10 % better at 3e-2
+    s = continue_suggestion(PROBE_LRS, better, current)
+    assert (s.lr, s.method) == (3e-2, "continue_probes")
+    # 0.90 and 0.95 end within 10 % of the best: the range runs between their neighbours.
+    assert (s.low, s.high) == (1e-3, 1e-1)
+    assert continue_suggestion(PROBE_LRS, [math.inf] * 5, current).lr is None
+
+
+CONVERGED = [2.828e-5] * 80 + list(np.linspace(2.828e-5, 2.757e-5, 20))  # -2.5 %, measured shape
+
+
+def test_flat_curves_are_recognised():
+    lrs = list(np.logspace(-7, 1, 100))
+    assert is_flat(lrs, CONVERGED)                                     # converged checkpoint
+    assert not is_flat(lrs, list(np.linspace(2.3, 0.5, 100)))          # a real descent
+    assert is_flat(lrs, list(np.linspace(1.0, 3.0, 100)))              # only rises
+    assert is_flat(lrs[:4], [3.0, 2.0, 1.0, 0.5])                      # too few points
+    noisy = 1.0 + 0.05 * np.random.default_rng(0).standard_normal(100)
+    # 5 % below the start, but only 1σ of the noise: flat; a 50 % fall (10σ) is not.
+    assert is_flat(lrs, list(noisy - np.linspace(0, 0.05, 100)))
+    assert not is_flat(lrs, list(noisy - np.linspace(0, 0.5, 100)))
+    # A descent cut short by divergence: only the finite prefix counts.
+    assert not is_flat(lrs, [*np.linspace(2.3, 1.0, 60), math.inf, *[math.nan] * 39])
+
+
+def test_noise_level_of_white_noise_and_of_a_trend():
+    rng = np.random.default_rng(1)
+    assert noise_level(0.1 * rng.standard_normal(2000)) == pytest.approx(0.1, rel=0.1)
+    assert noise_level(np.linspace(5, 1, 100)) == pytest.approx(0.0, abs=1e-12)
+
+
+# --- lr_find's suggestion, by purpose -------------------------------------------------------------
+
+def test_start_suggestion_comes_from_probes_below_the_limit():
+    task, optimizer = quadratic_sgd(10.0, 0.9)
+    result = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), start_lr=1e-5,
+                     num_iter=80)
+    assert result.purpose == "start" and result.suggestion_rule in RULES
+    probes = result.suggestion_probes
+    assert len(probes) == PLANNED_SUGGESTION_PROBES
+    assert [p.lr for p in probes] == sorted(p.lr for p in probes)
+    assert all(p.lr < result.max_stable_lr for p in probes)
+    assert result.suggested_lr <= result.max_stable_lr / 2
+    low, high = result.suggestion_range
+    assert low <= result.suggested_lr <= high
+    assert result.flat is False
+
+
+def test_continue_from_a_converged_model_keeps_the_current_lr():
+    """The issue's live-run case: from a solved model every LR ends alike over the probes, and
+    the ramp's "steepest" point is noise; the answer is the LR the run already has."""
+    task = make_task("quadratic", condition=10.0)
+    with torch.no_grad():
+        task.model.weight.copy_(torch.linalg.lstsq(task.train_x, task.train_y).solution.T)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
+    result = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), num_iter=80,
+                     purpose="continue")
+    assert (result.purpose, result.current_lr) == ("continue", 0.01)
+    assert (result.suggested_lr, result.suggestion_rule) == (0.01, "keep_current")
+    assert result.flat
+    # Candidates: ÷10 … ×10 around the current LR (and a quarter decade either side of the
+    # best). (Its max_stable_lr is noise here: at the minimum, any step changes the loss only
+    # by rounding, so "ended above where it began" is a coin toss.)
+    assert min(p.lr for p in result.suggestion_probes) >= 1e-3 / 10 ** 0.25 * (1 - 1e-9)
+    assert max(p.lr for p in result.suggestion_probes) <= 1e-1 * 10 ** 0.25 * (1 + 1e-9)
+
+
+def test_continue_from_far_away_prefers_a_higher_lr():
+    task, optimizer = quadratic_sgd(10.0, 0.0)
+    result = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), num_iter=60,
+                     purpose="continue", current_lr=1e-4)
+    assert result.current_lr == 1e-4
+    assert result.suggestion_rule == "continue_probes" and result.suggested_lr > 1e-4
+
+
+def test_without_refinement_the_suggestion_is_the_curves():
+    task, optimizer = quadratic_sgd()
+    result = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), num_iter=60,
+                     refine=False)
+    assert result.suggestion_probes == [] and result.refine_probes == []
+    assert result.suggestion_rule in ("steepest", "valley")
+
+
+def test_suggestion_probes_measure_only_their_last_steps():
+    """Why the suggestion costs less than the refinement: a refinement probe measures the fixed
+    set after every step, a suggestion probe only over its last PROBE_WINDOW steps."""
+    task = make_task("spirals", seed=0)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01, momentum=0.9)
+    val_x = task.train_x[:256]
+    measured = []
+
+    def loss_fn(output, target):
+        if output.shape[0] == val_x.shape[0] and not torch.is_grad_enabled():
+            measured.append(1)
+        return task.loss_fn(output, target)
+
+    result = lr_find(task.model, optimizer, loss_fn, list(task.batches(64, seed=0, epoch=0)),
+                     val_batches=[(val_x, task.train_y[:256])], num_iter=40, probe_steps=20)
+    refine_steps = sum(p.steps for p in result.refine_probes)
+    suggestion = sum(min(p.steps, PROBE_WINDOW) for p in result.suggestion_probes)
+    assert result.suggestion_probes
+    assert len(measured) == len(result.lrs) + refine_steps + suggestion
+
+
+def test_bad_purpose_and_current_lr_are_refused():
+    task, optimizer = quadratic_sgd()
+    with pytest.raises(ValueError, match="unknown purpose 'finish'"):
+        lr_find(task.model, optimizer, task.loss_fn, full_batch(task), purpose="finish")
+    with pytest.raises(ValueError, match="current_lr must be > 0"):
+        lr_find(task.model, optimizer, task.loss_fn, full_batch(task), current_lr=0.0)
+
+
+def test_results_stored_before_the_suggestion_rule_existed_still_load():
+    old = {"lrs": [1e-3, 1e-2], "losses": [1.0, 0.5], "smoothed_losses": [1.0, 0.6],
+           "stop_reason": "completed 2 steps", "suggested_lr": 1e-3,
+           "suggestion_method": "steepest", "suggestion_range": [1e-3, 1e-2],
+           "refine_probes": [{"lr": 0.1, "stable": True, "first_loss": 1.0,
+                              "final_loss": 0.5, "steps": 40}]}
+    result = LRFindResult.from_dict(old)
+    assert result.suggestion_rule == "steepest" and result.purpose == "start"
+    assert result.flat is None and result.suggestion_probes == []
+    assert result.suggestion_range == (1e-3, 1e-2)

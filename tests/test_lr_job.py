@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,7 @@ from trainer.cli import main as cli_main
 from trainer.lr_range import job as lr_job
 from trainer.lr_range.finder import CHECK_EVERY, lr_find
 from trainer.lr_range.results import LRFindResult
+from trainer.lr_range.suggestions import RULES
 from trainer.store import SqliteStore
 from trainer.tasks import make_task
 
@@ -44,11 +46,47 @@ def test_standalone_quadratic_matches_closed_form():
 def test_lr_find_for_task_api_and_text_output(capsys):
     result = lr_job.lr_find_for_task("quadratic", num_iter=30, refine=False)
     assert isinstance(result, LRFindResult) and len(result.lrs) <= 30
+    assert result.purpose == "start"   # a fresh model: the LR to start training with
     with pytest.raises(lr_job.LRJobError, match="unknown task"):
         lr_job.lr_find_for_task("imagenet")
     assert cli_main(["lr-find", "--task", "quadratic", "--num-iter", "30", "--no-refine"]) == 0
     text = capsys.readouterr().out
     assert "suggested LR" in text and "max stable LR" in text and "stopped" in text
+
+
+def test_purpose_defaults_to_continue_beside_a_run_and_is_checked():
+    assert lr_job.check_options()["purpose"] == "continue"
+    assert lr_job.check_options(purpose="start")["purpose"] == "start"
+    with pytest.raises(lr_job.LRJobError, match="unknown purpose"):
+        lr_job.check_options(purpose="later")
+    assert cli_main(["lr-find", "--task", "quadratic", "--purpose", "sometime"]) == 2
+
+
+def test_json_output_says_the_rule_and_the_purpose(capsys):
+    """`panda lr-find --task … --json`: a fresh model's suggestion is for starting, made by a
+    named rule from probes that are in the output; asked to continue, it compares with the
+    task's LR and says so."""
+    assert cli_main(["lr-find", "--task", "quadratic", "--num-iter", "60", "--json"]) == 0
+    start = json.loads(capsys.readouterr().out)
+    assert start["purpose"] == "start"
+    assert start["suggestion_rule"] in RULES
+    assert start["suggestion_probes"]
+    assert cli_main(["lr-find", "--task", "quadratic", "--num-iter", "60", "--json",
+                     "--purpose", "continue"]) == 0
+    more = json.loads(capsys.readouterr().out)
+    assert more["purpose"] == "continue"
+    assert more["suggestion_rule"] in ("keep_current", "continue_probes")
+    assert more["current_lr"] == pytest.approx(0.01)        # `panda train`'s default LR
+    assert more["current_lr"] in [p["lr"] for p in more["suggestion_probes"]]
+
+
+def test_text_output_names_the_rule_and_what_the_suggestion_is_for(capsys):
+    assert cli_main(["lr-find", "--task", "quadratic", "--num-iter", "60"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rule = next(line.split(None, 1)[1] for line in lines if line.strip().startswith("rule "))
+    assert rule.split(":")[0] in RULES
+    assert any(line.split() == ["for", "starting", "training", "from", "these", "weights"]
+               for line in lines), lines
 
 
 # --- the progress callback ------------------------------------------------------------------------
@@ -59,12 +97,14 @@ def test_progress_is_reported_per_chunk_and_ends_at_one():
     calls: list[float] = []
     result = lr_find(task.model, optimizer, task.loss_fn, [(task.train_x, task.train_y)],
                      num_iter=50, progress=calls.append)
-    steps = len(result.lrs) + sum(p.steps for p in result.refine_probes)
+    probes = result.refine_probes + result.suggestion_probes
+    assert result.suggestion_probes
+    steps = len(result.lrs) + sum(p.steps for p in probes)
     assert calls[-1] == 1.0
     assert all(0 <= a <= b <= 1 for a, b in itertools.pairwise(calls))
     # Once per chunk of CHECK_EVERY steps (each probe ends with a short chunk), never per step.
     chunks = math.ceil(len(result.lrs) / CHECK_EVERY) + sum(
-        math.ceil(p.steps / CHECK_EVERY) for p in result.refine_probes)
+        math.ceil(p.steps / CHECK_EVERY) for p in probes)
     assert len(calls) == chunks + 1 < steps
 
 
@@ -92,8 +132,13 @@ def test_figure_draws_curves_band_marker_and_limit(stored_payload):
     assert list(traces["raw loss"].x) == p["lrs"]
     assert traces["raw loss"].opacity < 1 and traces["smoothed loss"].opacity in (None, 1)
     assert list(traces["suggested lr"].x) == [p["suggested_lr"]]
-    k = p["lrs"].index(p["suggested_lr"])
-    assert traces["suggested lr"].y[0] == pytest.approx(p["smoothed_losses"][k])
+    # On the smoothed curve, interpolated in log LR (a suggestion from probes is between the
+    # ramp's LRs).
+    k = int(np.searchsorted(p["lrs"], p["suggested_lr"]))
+    (x0, x1), (y0, y1) = p["lrs"][k - 1:k + 1], p["smoothed_losses"][k - 1:k + 1]
+    t = math.log(p["suggested_lr"] / x0) / math.log(x1 / x0)
+    assert 0 <= t <= 1
+    assert traces["suggested lr"].y[0] == pytest.approx(y0 + t * (y1 - y0))
     low, high = p["suggestion_range"]
     assert min(traces["suggested range"].x) == low and max(traces["suggested range"].x) == high
     assert set(traces["max stable lr"].x) == {p["max_stable_lr"]}
@@ -101,6 +146,58 @@ def test_figure_draws_curves_band_marker_and_limit(stored_payload):
     assert tuple(traces["max stable lr"].y) == (y0, y1)
     finite = [v for v in p["smoothed_losses"] if isinstance(v, float)]
     assert y0 < min(finite) and max(finite) < y1
+
+
+def test_summary_names_the_rule_the_purpose_and_a_flat_curve(stored_payload):
+    from app.lr_panel import lr_find_summary
+
+    text = lr_find_summary(stored_payload)
+    rule = stored_payload["suggestion_rule"]
+    assert f"**rule** {rule}: {RULES[rule]}" in text
+    assert "**for** starting training" in text
+    flat = {**stored_payload, "purpose": "continue", "current_lr": 0.1, "flat": True}
+    text = lr_find_summary(flat)
+    assert "**for** continuing the run from its checkpoint, compared with its LR 1e-01" in text
+    assert "**curve** flat" in text
+
+
+def test_results_stored_before_rules_and_purposes_are_still_described():
+    old = {"lrs": list(np.geomspace(1e-6, 1.0, 40)), "losses": [1.0] * 40,
+           "smoothed_losses": [1.0] * 40, "stop_reason": "completed 40 steps",
+           "suggested_lr": 1e-3, "suggestion_method": "steepest",
+           "suggestion_range": [3e-4, 3e-3], "max_stable_lr": None, "diverged_at": None}
+    lines = dict(lr_job.describe_result(old))
+    assert lines["suggested LR"].startswith("1e-03 (steepest; range")
+    assert lines["rule"].startswith("steepest: steepest descent")
+    assert "for" not in lines                       # nobody asked it for a purpose then
+    assert lines["curve"].startswith("flat")        # computed from the stored curve
+    assert lr_job.curve_is_flat(old) and not lr_job.curve_is_flat({**old, "flat": False})
+
+
+def test_panel_policy_stale_confirm_and_factor():
+    from app.lr_panel import (
+        CONFIRM_FACTOR,
+        STALE_STEPS,
+        format_factor,
+        lr_factor,
+        needs_confirmation,
+        stale_age,
+    )
+
+    # The issue's case: measured at step 26,800, still offered at 52,000.
+    assert stale_age(26_800, 52_000) == 25_200
+    assert stale_age(26_800, 26_800 + STALE_STEPS) is None      # fresh: not STALE_STEPS yet
+    assert stale_age(40_000, 48_000) is None                    # < a quarter more training
+    assert stale_age(200, 1_500) == 1_300                       # early on, 1,300 steps matter
+    assert stale_age(None, 5_000) is None and stale_age(100, None) is None
+    assert lr_factor(8.3, 0.1) == pytest.approx(83) and lr_factor(1.0, None) is None
+    assert needs_confirmation(8.3, 0.1)                         # 83×
+    assert not needs_confirmation(CONFIRM_FACTOR * 0.1, 0.1)    # exactly the factor: one click
+    assert not needs_confirmation(0.01, 0.1)                    # lowering never asks
+    assert needs_confirmation(0.01, None)                       # factor unknown: ask
+    assert (format_factor(83.0), format_factor(2.5), format_factor(0.25)) == \
+        ("83×", "2.5×", "0.25×")
+    assert format_factor(1234.0) == "1,234×"
 
 
 def test_figure_and_summary_without_suggestion_or_limit():
@@ -185,13 +282,17 @@ def test_lr_find_beside_a_live_run(live_run):
     assert row["payload"]["progress"] == 1.0
     # By default the curve is the loss on fixed training samples, not mini-batch noise.
     assert row["payload"]["options"]["measure"] == "train" and row["payload"]["validation"]
+    # Beside a live run the suggestion is what to continue with, compared with its LR now.
+    assert result["purpose"] == "continue" and result["current_lr"] == 0.01
+    assert result["suggestion_rule"] in ("keep_current", "continue_probes")
+    assert result["suggestion_probes"] and stored.suggestion_probes
     assert _run_files(run_dir) <= files_before | {"run.db-shm", "run.db-wal"}
 
 
-def test_background_job_reports_progress_and_result(live_run):
-    run_dir, _ = live_run
+def _background_result(run_dir, *args: str) -> dict:
+    """Start ``panda lr-find RUN --background`` and return its finished result's payload."""
     out = panda("lr-find", run_dir, "--background", "--json", "--num-iter", "40",
-                "--no-refine")
+                "--no-refine", *args)
     assert out.returncode == 0, out.stderr
     result_id = json.loads(out.stdout)["id"]
 
@@ -202,11 +303,27 @@ def test_background_job_reports_progress_and_result(live_run):
 
     row = wait_until(finished, what="the background LR range test")
     assert row["status"] == "done", row["payload"].get("error")
-    payload = row["payload"]
+    return row["payload"]
+
+
+def test_background_job_reports_progress_and_result(live_run):
+    run_dir, _ = live_run
+    payload = _background_result(run_dir)
     assert payload["options"]["refine"] is False and payload["refine_probes"] == []
     assert len(payload["lrs"]) <= 40 and payload["progress"] == 1.0
     with SqliteStore(run_dir) as store:
         assert store.summary()["state"] == "running"
+
+
+def test_a_background_job_asked_what_to_start_with_says_so(live_run):
+    """`--purpose start` beside a run reaches the detached job (its default is "continue")."""
+    run_dir, _ = live_run
+    payload = _background_result(run_dir, "--purpose", "start")
+    assert payload["options"]["purpose"] == "start" and payload["purpose"] == "start"
+    # Without refinement there are no probes: the ramp's own rule, named.
+    assert payload["suggestion_probes"] == [] and payload["suggestion_rule"] in RULES
+    lines = dict(lr_job.describe_result(payload))
+    assert lines["for"] == "starting training from these weights"
 
 
 def test_second_job_refused_while_one_runs(live_run, capsys):

@@ -33,7 +33,7 @@ from trainer.config import (
 )
 from trainer.export import FORMATS
 from trainer.knobs import KNOBS, format_sci, validate_knobs
-from trainer.lr_range.options import MEASURES
+from trainer.lr_range.options import MEASURES, PURPOSES
 from trainer.lr_range.options import OPTIONS as LR_FIND_OPTIONS
 from trainer.ranges import NON_NEGATIVE, STEP, KnobError, Range
 from trainer.search.cli import add_search_parser
@@ -299,7 +299,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     from trainer.lr_range.job import LRJobError
 
     options = {"num_iter": args.num_iter, "start_lr": args.start_lr, "end_lr": args.end_lr,
-               "refine": not args.no_refine, "measure": args.measure}
+               "refine": not args.no_refine, "measure": args.measure, "purpose": args.purpose}
     if (args.run is None) == (args.task is None):
         raise CliError("give either RUN (a run started by `panda train`) or --task TASK")
     if args.task is not None and (args.background or args.job_id is not None):
@@ -552,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", choices=MEASURES.options, help="loss recorded after each "
                    "step: on a fixed set of training samples (default; robust mid-training) or "
                    "of the mini-batch just trained on (cheaper, noisy)")
+    p.add_argument("--purpose", choices=PURPOSES.options, help="what the suggested LR is for: "
+                   "to continue the run with from its checkpoint (default with RUN) or to "
+                   "start training with (default with --task)")
     p.add_argument("--job-id", type=int, help=argparse.SUPPRESS)
     add_search_parser(add)  # trainer/search/cli.py: caviar mode on Optuna
     for name, func, text in (("dashboard", cmd_dashboard, "open the dashboard on --runs-dir"),

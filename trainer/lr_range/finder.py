@@ -1,10 +1,22 @@
 """Range tests: learning rate (Smith 2017, "Cyclical Learning Rates", §3.3), momentum, weight decay.
 
-:func:`lr_find` ramps the LR exponentially over ``num_iter`` steps and records the loss; the
-suggestion is the steepest descent of the smoothed curve (:mod:`~trainer.lr_range.suggestions`;
-results are the dataclasses of :mod:`~trainer.lr_range.results`). Because a ramp overshoots the true
+:func:`lr_find` ramps the LR exponentially over ``num_iter`` steps and records the loss (results
+are the dataclasses of :mod:`~trainer.lr_range.results`). Because a ramp overshoots the true
 stability limit (the loss needs a few steps to blow up, and the smoothed loss lags further), the
 limit is then refined coarse-to-fine with short constant-LR probes bisected on a log scale.
+The suggestion then comes from a second, cheaper set of constant-LR probes from the same
+snapshot, below the limit, chosen by what it is for (``purpose``; the rules are in
+:mod:`~trainer.lr_range.suggestions`):
+
+* ``"start"``, the LR to start training with: a coarse-to-fine search over a few decades below
+  the limit for the LR where the probes' loss ends lowest (interpolated between probes), halved
+  (README, "LR suggestions");
+* ``"continue"``, the LR to continue a run with from its checkpoint: probes around the current
+  LR, which is kept unless another ends clearly lower.
+
+These probes measure the loss only over their last few steps, so they cost less than the
+refinement's (``benchmarks/lr_suggestion.py timing``). Without ``refine`` there are no probes
+and the suggestion is the curve's steepest descent.
 :func:`momentum_find` and :func:`weight_decay_find` run the same constant-LR probe per value.
 
 Everything runs on deep copies of ``(model, optimizer)``: the caller's parameters, buffers,
@@ -31,7 +43,13 @@ import torch
 from trainer.knobs import MOMENTUM, WEIGHT_DECAY
 from trainer.lr_range import options
 from trainer.lr_range.results import LRFindResult, Probe, SweepResult
-from trainer.lr_range.suggestions import Suggestion, suggest
+from trainer.lr_range.suggestions import (
+    Suggestion,
+    continue_suggestion,
+    is_flat,
+    start_suggestion,
+    suggest,
+)
 from trainer.optim import OptimizerKnobs
 from trainer.ranges import COUNT, POSITIVE
 
@@ -51,6 +69,14 @@ BISECTIONS = 7                # log-scale bisections: a 10× bracket shrinks to 
 ONE_MINUS_BETA = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)   # momentum grid on a 1-β log scale
 WEIGHT_DECAYS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 PLANNED_PROBES = 1 + 1 + BISECTIONS   # typical refinement: upper probe, one bracket, bisections
+# Suggestion probes, on a log scale (half a decade coarse, a quarter fine). "start": COARSE_STEPS
+# probes from the ceiling down (3 decades), then one either side of the best. "continue": the
+# current LR and CONTINUE_STEPS half-decades either side of it (÷10 … ×10), then one either side
+# of the best.
+COARSE_STEP, FINE_STEP = 10 ** 0.5, 10 ** 0.25
+COARSE_STEPS = 6
+CONTINUE_STEPS = 2
+PLANNED_SUGGESTION_PROBES = COARSE_STEPS + 2
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -150,8 +176,11 @@ class _Session:
         model.train()
         return model, optimizer
 
-    def chunks(self, model, optimizer, lrs: Sequence[float], overrides=None):
-        """Train one step per LR; yield (first index, losses) per chunk of check_every steps."""
+    def chunks(self, model, optimizer, lrs: Sequence[float], overrides=None,
+               measure_from: int = 0):
+        """Train one step per LR; yield (first index, losses) per chunk of check_every steps.
+        With a measurement set, steps before ``measure_from`` record their training loss
+        instead (enough to see a blow-up, at no extra cost)."""
         knobs = OptimizerKnobs(optimizer)
         knobs.check(overrides or {})
         for name, value in (overrides or {}).items():
@@ -163,7 +192,8 @@ class _Session:
         for i, (lr, batch) in enumerate(zip(lrs, self.train.cycle(len(lrs)))):
             knobs.write_lrs([lr * r for r in ratios])
             loss = _train_step(model, optimizer, self.loss_fn, batch, device)
-            pending.append(loss if self.val is None else self._val_loss(model, device))
+            measured = self.val is not None and i >= measure_from
+            pending.append(self._val_loss(model, device) if measured else loss)
             if len(pending) == self.check_every or i == len(lrs) - 1:
                 values = torch.stack([p.float() for p in pending]).cpu().tolist()
                 self.progress.advance(len(values))   # after the chunk's one host sync
@@ -196,12 +226,13 @@ def _train_step(model, optimizer, loss_fn, batch: Batch, device) -> torch.Tensor
     return loss.detach()
 
 
-def _constant_run(session: _Session, lr: float, steps: int, overrides=None) -> list[float]:
+def _constant_run(session: _Session, lr: float, steps: int, overrides=None,
+                  measure_from: int = 0) -> list[float]:
     """Losses of ``steps`` constant-LR steps from the snapshot; stops at the first non-finite
     chunk (the list is then shorter and ends with the non-finite value)."""
     model, optimizer = session.fresh()
     losses: list[float] = []
-    for _, values in session.chunks(model, optimizer, [lr] * steps, overrides):
+    for _, values in session.chunks(model, optimizer, [lr] * steps, overrides, measure_from):
         losses.extend(values)
         if not all(math.isfinite(v) for v in values):
             break
@@ -216,6 +247,16 @@ def _probe(session: _Session, lr: float, steps: int) -> Probe:
     return Probe(lr, bool(stable), losses[0], final, len(losses))
 
 
+def _scored_probe(session: _Session, lr: float, steps: int, before: float) -> Probe:
+    """Where does ``steps`` steps at ``lr`` end? The mean of the last PROBE_WINDOW measured
+    losses (only those steps are measured); inf when the run blew up. ``before`` is the loss at
+    the snapshot (the ramp's first point), the probe's ``first_loss``."""
+    losses = _constant_run(session, lr, steps, measure_from=max(0, steps - PROBE_WINDOW))
+    final = float(np.mean(losses[-PROBE_WINDOW:])) if len(losses) == steps else math.inf
+    final = final if math.isfinite(final) else math.inf
+    return Probe(lr, bool(final <= PROBE_GROWTH * before), before, final, len(losses))
+
+
 # --- public API -----------------------------------------------------------------------------------
 
 def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -225,33 +266,43 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             start_lr: float = 1e-7, end_lr: float = 10.0, num_iter: int = 100,
             smooth: float = 0.98, diverge: float = 4.0, refine: bool = True,
             probe_steps: int = PROBE_STEPS, check_every: int = CHECK_EVERY,
+            purpose: str = "start", current_lr: float | None = None,
             progress: Callable[[float], None] | None = None) -> LRFindResult:
-    """LR range test: ramp the LR from ``start_lr`` to ``end_lr``, suggest one, find the limit.
+    """LR range test: ramp the LR from ``start_lr`` to ``end_lr``, find the limit, suggest one.
 
     The ramp stops early when the smoothed loss exceeds ``diverge`` × its best, or a loss is
     non-finite (checked every ``check_every`` steps). With ``val_batches`` the curve is the
     validation loss after each step. With ``refine`` the largest stable LR is bisected with
     ``probe_steps``-step constant-LR probes; without it, it is the ramp's last LR before the stop.
     It is None when no LR up to ``end_lr`` proved unstable (raise ``end_lr``) or none stable.
+    ``purpose``: ``"start"`` (the LR to start training with) or ``"continue"`` (the LR to go on
+    with from here, compared with ``current_lr``, by default the optimizer's LR now); the
+    result's ``suggestion_rule`` names the rule that produced the number.
     ``progress``, if given, is called with the fraction done (0..1, non-decreasing) once per
     ``check_every`` steps, right after the chunk's host sync, and with 1.0 at the end.
     The caller's model, optimizer and RNG state are left bitwise unchanged.
     """
     options.check({"start_lr": start_lr, "end_lr": end_lr, "num_iter": num_iter,
                    "smooth": smooth, "diverge": diverge, "probe_steps": probe_steps,
-                   "check_every": check_every})
+                   "check_every": check_every, "purpose": purpose})
+    if current_lr is None:
+        current_lr = float(optimizer.param_groups[0]["lr"])
+    POSITIVE.check("current_lr", current_lr)
     session = _Session(model, optimizer, loss_fn, train_batches, val_batches, check_every)
-    session.progress = _Progress(progress, num_iter + (PLANNED_PROBES * probe_steps
-                                                       if refine else 0))
+    planned = (PLANNED_PROBES + PLANNED_SUGGESTION_PROBES) * probe_steps if refine else 0
+    session.progress = _Progress(progress, num_iter + planned)
+    probes: list[Probe] = []
     try:
         result = _ramp(session, start_lr, end_lr, num_iter, smooth, diverge)
+        result.purpose, result.current_lr = purpose, float(current_lr)
         session.progress.skip_to(num_iter)   # an early stop skips the rest of the ramp
         if refine and any(math.isfinite(v) for v in result.losses):
             upper = result.diverged_at if result.diverged_at is not None else end_lr
             _refine(session, result, upper, probe_steps)
+            probes = _suggestion_probes(session, result, probe_steps)
     finally:
         session.restore_rng()
-    _attach_suggestion(result)
+    _attach_suggestion(result, probes)
     session.progress.finish()
     return result
 
@@ -313,7 +364,48 @@ def _refine(session: _Session, result: LRFindResult, upper: float, steps: int) -
     result.max_stable_lr = lo
 
 
-def _attach_suggestion(result: LRFindResult) -> None:
+def _probe_ceiling(result: LRFindResult) -> float | None:
+    """Where the start probes begin: the lower of the largest stable LR and the LR of the
+    ramp's lowest smoothed loss (past it, a higher LR only did worse), or None."""
+    finite = [(v, lr) for v, lr in zip(result.smoothed_losses, result.lrs) if math.isfinite(v)]
+    if not finite:
+        return None
+    lowest = min(finite)[1]
+    limit = result.max_stable_lr
+    return lowest if limit is None else min(limit, lowest)
+
+
+def _suggestion_probes(session: _Session, result: LRFindResult, steps: int) -> list[Probe]:
+    """Coarse-to-fine constant-LR probes for the suggestion (see the module docstring); every
+    one starts from the snapshot, as the refinement's do."""
+    before = next((v for v in result.losses if math.isfinite(v)), math.inf)
+    limit = result.max_stable_lr
+    done: dict[float, Probe] = {}
+
+    def run(lrs) -> None:
+        for lr in lrs:
+            if lr not in done:
+                done[lr] = _scored_probe(session, lr, steps, before)
+
+    if result.purpose == "continue":
+        now = result.current_lr
+        run([now * COARSE_STEP ** j for j in range(-CONTINUE_STEPS, CONTINUE_STEPS + 1)
+             if j <= 0 or limit is None or now * COARSE_STEP ** j < limit])
+    else:
+        ceiling = _probe_ceiling(result)
+        if ceiling is None:
+            return []
+        run([ceiling / COARSE_STEP ** j for j in range(1, COARSE_STEPS + 1)])
+    best = min(done.values(), key=lambda p: p.final_loss)
+    if math.isfinite(best.final_loss):
+        top = limit if result.purpose == "continue" else _probe_ceiling(result)
+        run([lr for lr in (best.lr * FINE_STEP, best.lr / FINE_STEP)
+             if top is None or lr < top])
+    return sorted(done.values(), key=lambda p: p.lr)
+
+
+def curve_suggestion(result: LRFindResult) -> Suggestion:
+    """The ramp's own suggestion: steepest descent (or valley), capped by the limit."""
     s = suggest(result.lrs, result.smoothed_losses)
     limit = result.max_stable_lr
     if limit is not None and (s.lr is None or s.lr > limit / STABLE_FRACTION):
@@ -327,7 +419,19 @@ def _attach_suggestion(result: LRFindResult) -> None:
         # The suggestion is safe, but a steep stretch can run on towards the blow-up: the range
         # of good LRs ends where the suggestions' own cap does.
         s = replace(s, high=limit / STABLE_FRACTION)
-    result.suggested_lr, result.suggestion_method = s.lr, s.method
+    return s
+
+
+def _attach_suggestion(result: LRFindResult, probes: list[Probe]) -> None:
+    result.flat = is_flat(result.lrs, result.losses)
+    result.suggestion_probes = probes
+    s = curve_suggestion(result)
+    lrs, finals = [p.lr for p in probes], [p.final_loss for p in probes]
+    if probes and result.purpose == "continue":
+        s = continue_suggestion(lrs, finals, lrs.index(result.current_lr))
+    elif probes:
+        s = start_suggestion(s, lrs, finals, probes[0].first_loss)
+    result.suggested_lr, result.suggestion_rule = s.lr, s.method
     result.suggestion_reason = s.reason
     result.suggestion_range = (s.low, s.high) if s.lr is not None else None
     if s.lr is None:

@@ -36,13 +36,15 @@ from typing import Any
 from trainer.config import TrainConfig, config_values
 from trainer.knobs import format_sci
 from trainer.lr_range import options
+from trainer.lr_range.suggestions import RULES, is_flat
 from trainer.ranges import KnobError
 from trainer.store.address import child_env, is_server_url, open_store
 from trainer.store.base import RunStore, pid_alive
 
 RESULT_KIND = "lr_find"
+# Beside a live run the question is what to continue with; on a fresh task, what to start with.
 DEFAULT_OPTIONS = {"num_iter": 100, "start_lr": 1e-7, "end_lr": 10.0, "refine": True,
-                   "measure": "train"}
+                   "measure": "train", "purpose": "continue"}
 MEASURE_MAX_SAMPLES = 2048  # the fixed measurement set: the training set, or a seeded subset
 PROGRESS_EVERY_S = 0.5      # at most this often a running job writes its progress
 START_GRACE_S = 60.0        # a running row without a pid older than this: the job never started
@@ -56,7 +58,8 @@ class LRJobError(ValueError):
 # --- options and run checks -----------------------------------------------------------------------
 
 def check_options(num_iter: Any = None, start_lr: Any = None, end_lr: Any = None,
-                  refine: Any = None, measure: Any = None) -> dict[str, Any]:
+                  refine: Any = None, measure: Any = None,
+                  purpose: Any = None) -> dict[str, Any]:
     """Fill defaults and validate; return the options dict or raise :class:`LRJobError`.
 
     ``measure``: what the curve records after each training step. ``"train"`` (default): the
@@ -64,10 +67,13 @@ def check_options(num_iter: Any = None, start_lr: Any = None, end_lr: Any = None
     the loss of the mini-batch just trained on (Smith's original), which is cheaper but, once
     a run is past its first steeps, is dominated by batch-to-batch noise: the probes then cannot
     tell stable from unstable and the steepest-descent suggestion lands on noise.
+
+    ``purpose``: what the suggestion is for, ``"continue"`` (default: the LR to go on with from
+    the run's checkpoint) or ``"start"`` (the LR to start training with); see ``lr_find``.
     """
     opts = dict(DEFAULT_OPTIONS)
     given = {"num_iter": num_iter, "start_lr": start_lr, "end_lr": end_lr, "refine": refine,
-             "measure": measure}
+             "measure": measure, "purpose": purpose}
     opts.update({k: v for k, v in given.items() if v is not None})
     try:
         opts = options.check(opts)
@@ -215,10 +221,11 @@ def lr_find_for_task(task_name: str, *, seed: int = 0, batch_size: int | None = 
                      weight_decay: float | None = None,
                      num_iter: int | None = None, start_lr: float | None = None,
                      end_lr: float | None = None, refine: bool | None = None,
-                     measure: str | None = None,
+                     measure: str | None = None, purpose: str | None = None,
                      progress: Callable[[float], None] | None = None):
     """Range test on a fresh built-in task (no run), with ``panda train``'s defaults for that
-    task (optimizer, momentum, weight decay, batch size; see ``tasks.TASK_DEFAULTS``).
+    task (optimizer, momentum, weight decay, batch size; see ``tasks.TASK_DEFAULTS``). The
+    suggestion is for starting training (``purpose="start"``) unless asked otherwise.
 
     ``batch_size`` defaults to ``panda train``'s (32), except for ``quadratic``, whose default is
     the full batch: the setting its closed-form limit ``Task.max_stable_lr(momentum)`` describes.
@@ -226,7 +233,7 @@ def lr_find_for_task(task_name: str, *, seed: int = 0, batch_size: int | None = 
     """
     from trainer.lr_range.finder import lr_find
 
-    opts = check_options(num_iter, start_lr, end_lr, refine, measure)
+    opts = check_options(num_iter, start_lr, end_lr, refine, measure, purpose or "start")
     try:
         cfg = TrainConfig(**config_values(task_name, optimizer=optimizer, momentum=momentum,
                                           weight_decay=weight_decay, seed=seed,
@@ -239,7 +246,7 @@ def lr_find_for_task(task_name: str, *, seed: int = 0, batch_size: int | None = 
                    lambda: task.batches(size, seed=seed, epoch=0),
                    val_batches=_measurement_set(task, opts, seed), start_lr=opts["start_lr"],
                    end_lr=opts["end_lr"], num_iter=opts["num_iter"], refine=opts["refine"],
-                   progress=progress)
+                   purpose=opts["purpose"], progress=progress)
 
 
 def run_lr_find_for_run(address: str | os.PathLike, result_id: int | None = None,
@@ -286,6 +293,9 @@ def _run(store: RunStore, opts: dict, base: dict, reporter: _Reporter) -> dict[s
         state = checkpoint.load(copy)
     epoch = int(state["babysitter"].get("epoch", 0))
     task, optimizer = _build(cfg, state["model"], state["optimizer"])
+    # The live run's LR now (knob factors and schedule included), what "continue" compares
+    # with; the checkpointed optimizer holds the user's own value, without Panda's factor.
+    current = store.summary().get("lr")
     base.update(checkpoint_step=found.step, checkpoint_epoch=epoch, batch_size=cfg.batch_size)
     reporter.write(0.0)
     started = time.monotonic()
@@ -293,7 +303,10 @@ def _run(store: RunStore, opts: dict, base: dict, reporter: _Reporter) -> dict[s
                      lambda: task.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch),
                      val_batches=_measurement_set(task, opts, cfg.seed),
                      start_lr=opts["start_lr"], end_lr=opts["end_lr"],
-                     num_iter=opts["num_iter"], refine=opts["refine"], progress=reporter)
+                     num_iter=opts["num_iter"], refine=opts["refine"],
+                     purpose=opts["purpose"],
+                     current_lr=float(current) if current is not None else None,
+                     progress=reporter)
     return {**result.to_dict(), **{k: v for k, v in base.items() if k != "pid"},
             "progress": 1.0, "elapsed_s": round(time.monotonic() - started, 3)}
 
@@ -322,7 +335,7 @@ def start_lr_find_job(address: str | os.PathLike, **options: Any) -> int:
            "--start-lr", repr(opts["start_lr"]), "--end-lr", repr(opts["end_lr"])]
     if not opts["refine"]:
         cmd.append("--no-refine")
-    cmd += ["--measure", opts["measure"]]
+    cmd += ["--measure", opts["measure"], "--purpose", opts["purpose"]]
     try:
         # No preexec_fn (unsafe in threaded callers such as Streamlit): the job lowers its own
         # priority in run_job.
@@ -350,22 +363,53 @@ def run_job(address: str | os.PathLike, result_id: int, **options: Any) -> dict[
     return run_lr_find_for_run(address, result_id=result_id, **options)
 
 
-__all__ = ["RESULT_KIND", "LRJobError", "check_options", "effective_status", "latest_lr_find",
-           "lr_find_for_task", "readiness", "run_config", "run_job", "run_lr_find_for_run",
-           "start_lr_find_job"]
+__all__ = ["RESULT_KIND", "LRJobError", "check_options", "curve_is_flat", "describe_result",
+           "effective_status", "latest_lr_find", "lr_find_for_task", "readiness", "run_config",
+           "run_job", "run_lr_find_for_run", "start_lr_find_job"]
+
+
+def _float(value: Any) -> float:
+    return float(value)  # stored numbers: floats, or "nan"/"inf" strings (results.py)
+
+
+def curve_is_flat(payload: dict[str, Any]) -> bool:
+    """Did the ramp say nothing about the LR? Stored with the result; computed from the curve
+    for results stored before it was."""
+    if payload.get("flat") is not None:
+        return bool(payload["flat"])
+    lrs, losses = payload.get("lrs") or [], payload.get("losses") or []
+    try:
+        return is_flat([_float(v) for v in lrs], [_float(v) for v in losses])
+    except ValueError:
+        return True
 
 
 def describe_result(payload: dict[str, Any]) -> list[tuple[str, str]]:
-    """A finished test's numbers as ``(label, text)`` lines, for the CLI and the dashboard."""
+    """A finished test's numbers as ``(label, text)`` lines, for the CLI and the dashboard:
+    the suggestion, the rule that produced it and what it is for, the limit, the stop."""
+    rule = payload.get("suggestion_rule") or payload.get("suggestion_method")
     if payload.get("suggested_lr") is not None:
         low, high = payload["suggestion_range"]
-        suggestion = (f"{format_sci(float(payload['suggested_lr']))} "
-                      f"({payload.get('suggestion_method')}; range {format_sci(float(low))} – "
-                      f"{format_sci(float(high))})")
+        suggestion = (f"{format_sci(_float(payload['suggested_lr']))} "
+                      f"({rule}; range {format_sci(_float(low))} – "
+                      f"{format_sci(_float(high))})")
     else:
         suggestion = f"none: {payload.get('suggestion_reason')}"
+    lines = [("suggested LR", suggestion)]
+    if rule in RULES:
+        why = payload.get("suggestion_reason")
+        lines.append(("rule", f"{rule}: {RULES[rule]}" + (f" ({why})" if why else "")))
+    current = payload.get("current_lr")
+    if payload.get("purpose") == "continue":
+        lines.append(("for", "continuing the run from its checkpoint" + (
+            f", compared with its LR {format_sci(_float(current))}" if current else "")))
+    elif payload.get("purpose") == "start":
+        lines.append(("for", "starting training from these weights"))
+    if curve_is_flat(payload):
+        lines.append(("curve", "flat: the loss barely changed over the ramp, so the curve "
+                               "says little about the LR"))
     if payload.get("max_stable_lr") is not None:
-        limit = format_sci(float(payload["max_stable_lr"]))
+        limit = format_sci(_float(payload["max_stable_lr"]))
     elif payload.get("diverged_at") is None:
         limit = "not found: no LR in the range was unstable (raise the end LR)"
     else:
@@ -373,4 +417,4 @@ def describe_result(payload: dict[str, Any]) -> list[tuple[str, str]]:
     where = payload.get("checkpoint_step")
     stopped = str(payload.get("stop_reason")) + (
         f" · from the checkpoint at step {where}" if where is not None else "")
-    return [("suggested LR", suggestion), ("max stable LR", limit), ("stopped", stopped)]
+    return [*lines, ("max stable LR", limit), ("stopped", stopped)]

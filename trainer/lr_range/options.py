@@ -9,6 +9,7 @@ from typing import Any
 from trainer.ranges import COUNT, FRACTION, POSITIVE, Choice, KnobError, Range, check_fields
 
 MEASURES = Choice(("train", "batch"))   # what the curve records after each step (see job.py)
+PURPOSES = Choice(("start", "continue"))  # what the suggestion is for (see finder.lr_find)
 
 OPTIONS = {
     "start_lr": POSITIVE,                      # first LR of the ramp
@@ -19,6 +20,7 @@ OPTIONS = {
     "probe_steps": COUNT,                      # steps of each constant-LR probe
     "check_every": COUNT,                      # steps between host syncs of the losses
     "measure": MEASURES,
+    "purpose": PURPOSES,
 }
 
 

@@ -60,18 +60,28 @@ class LRFindResult(_JsonMixin):
     smoothed_losses: list[float]
     stop_reason: str
     suggested_lr: float | None = None
-    suggestion_method: str | None = None
+    suggestion_rule: str | None = None    # which rule produced it (suggestions.RULES)
     suggestion_range: tuple[float, float] | None = None
     suggestion_reason: str | None = None
     max_stable_lr: float | None = None
     diverged_at: float | None = None
     refine_probes: list[Probe] = field(default_factory=list)
     validation: bool = False
+    purpose: str = "start"                # "start" or "continue" (see lr_find)
+    current_lr: float | None = None       # the LR a "continue" suggestion is compared with
+    flat: bool | None = None              # the ramp said nothing about the LR (is_flat)
+    suggestion_probes: list[Probe] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict) -> LRFindResult:
+        """Inverse of :meth:`to_dict`; results stored before a field existed load with its
+        default (``suggestion_method`` was the name of ``suggestion_rule``)."""
         result = super().from_dict(data)
+        if "suggestion_rule" not in data:
+            result.suggestion_rule = data.get("suggestion_method")
         result.refine_probes = [Probe.from_dict(p) for p in data.get("refine_probes", [])]
+        result.suggestion_probes = [Probe.from_dict(p)
+                                    for p in data.get("suggestion_probes", [])]
         if result.suggestion_range is not None:
             result.suggestion_range = tuple(result.suggestion_range)
         return result
