@@ -16,6 +16,7 @@ from typing import Any
 import plotly.graph_objects as go
 import streamlit as st
 
+from app.stream_chart import stream_chart
 from trainer.store import StoreError
 from trainer.store.address import open_store, run_address
 
@@ -121,11 +122,11 @@ def study_view(root: str, name: str, current: str) -> None:
     with table:
         _trial_table(records, current)
     with versus_lr:
-        st.plotly_chart(loss_vs_lr_figure(records, data["rounds"]), key="study_lr")
+        stream_chart(loss_vs_lr_figure(records, data["rounds"]), key="study_lr")
     with coordinates:
-        st.plotly_chart(coordinates_figure(records, data["searched"]), key="study_coords")
+        stream_chart(coordinates_figure(records, data["searched"]), key="study_coords")
     with curves:
-        st.plotly_chart(curves_figure(records, data["best"]), key="study_curves")
+        stream_chart(curves_figure(records, data["best"]), key="study_curves")
 
 
 def _round_lines(data: dict[str, Any]) -> list[str]:

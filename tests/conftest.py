@@ -11,6 +11,7 @@ from typing import Any
 
 import pgserver
 import pytest
+from helpers import APP, APP_TIMEOUT_S
 
 from trainer.store import SqliteStore
 
@@ -40,6 +41,23 @@ def make_run(tmp_path: Path) -> Callable[..., Path]:
         return run_dir
 
     return make
+
+
+@pytest.fixture
+def open_page(make_run, tmp_path, monkeypatch):
+    """Factory: prepare a run (``make_run``'s arguments), open the dashboard (Streamlit's
+    AppTest) on its runs directory without a token; returns (AppTest, run_dir)."""
+    from streamlit.testing.v1 import AppTest
+
+    def open_(**run_args):
+        run_dir = make_run(**run_args)
+        monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path / "runs"))
+        monkeypatch.delenv("PANDA_TOKEN", raising=False)
+        at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
+        assert not at.exception, at.exception
+        return at, run_dir
+
+    return open_
 
 
 @pytest.fixture(autouse=True)

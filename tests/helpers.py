@@ -20,6 +20,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 HELPERS = Path(__file__).resolve()
+APP = str(REPO / "app" / "main.py")   # the dashboard, for Streamlit's AppTest
+APP_TIMEOUT_S = 60  # a safety net for a slow CI machine, not a performance assertion
 
 
 def subprocess_env() -> dict[str, str]:
@@ -66,6 +68,17 @@ def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
 def train_log(run_dir: Path, log_name: str = "test-train.log") -> str:
     path = run_dir.parent / f"{run_dir.name}-{log_name}"
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+def stream_charts(at) -> dict[str, dict]:
+    """The stream_chart components on an AppTest page: key → their arguments (figure parsed)."""
+    charts = {}
+    for element in at.get("component_instance"):
+        if element.proto.component_name != "app.stream_chart.stream_chart":
+            continue
+        args = json.loads(element.proto.json_args)
+        charts[args["key"]] = {**args, "figure": json.loads(args["figure"])}
+    return charts
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.02,

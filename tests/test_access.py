@@ -12,14 +12,13 @@ import hmac
 from pathlib import Path
 
 import pytest
-from helpers import knob_widget
+from helpers import APP, knob_widget
 from streamlit.testing.v1 import AppTest
 
 from app import access
 from app.controls import key
 from trainer.store import SqliteStore
 
-APP = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
 APP_TIMEOUT_S = 60
 TOKEN = "s3cret-token"
 ACTION_BUTTONS = ("apply", "half", "double", "pause", "resume", "rollback", "stop",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import knob_widget, wait_until
+from helpers import APP, APP_TIMEOUT_S, knob_widget, stream_charts, wait_until
 from streamlit.testing.v1 import AppTest
 
 from app.charts import MAX_POINTS, downsample, ema, training_figure
@@ -31,22 +31,10 @@ from app.data import (
 from app.main import runs_dir
 from trainer.store import SqliteStore
 
-APP = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
-APP_TIMEOUT_S = 60  # a safety net for a slow CI machine, not a performance assertion
-
 
 @pytest.fixture
-def page(make_run, tmp_path, monkeypatch):
+def page(open_page):
     """Factory: prepare a run, open the dashboard on its runs dir, return (AppTest, run_dir)."""
-
-    def open_page(**run_args):
-        run_dir = make_run(**run_args)
-        monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path / "runs"))
-        monkeypatch.delenv("PANDA_TOKEN", raising=False)
-        at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
-        assert not at.exception, at.exception
-        return at, run_dir
-
     return open_page
 
 
@@ -426,7 +414,7 @@ def test_zooming_the_chart_draws_the_zoomed_steps_in_full_detail(page):
     at, _ = page(steps=50_000)
 
     def drawn(name):
-        trace = next(t for t in _charts(at)["training_chart"]["figure"]["data"]
+        trace = next(t for t in stream_charts(at)["training_chart"]["figure"]["data"]
                      if t["name"] == name)
         return np.frombuffer(base64.b64decode(trace["x"]["bdata"]), dtype=trace["x"]["dtype"])
 
@@ -514,20 +502,9 @@ def test_figure_window_keeps_only_recent_steps():
     assert [s.x0 for s in fig.layout.shapes] == [80]
 
 
-def _charts(at: AppTest) -> dict[str, dict]:
-    """The stream_chart components on the page: key → their arguments (figure parsed)."""
-    charts = {}
-    for element in at.get("component_instance"):
-        if element.proto.component_name != "app.stream_chart.stream_chart":
-            continue
-        args = json.loads(element.proto.json_args)
-        charts[args["key"]] = {**args, "figure": json.loads(args["figure"])}
-    return charts
-
-
 def test_the_training_chart_is_the_stream_chart_component(page):
     at, _ = page()
-    chart = _charts(at)["training_chart"]
+    chart = stream_charts(at)["training_chart"]
     names = [t["name"] for t in chart["figure"]["data"]]
     assert names[:2] == ["train loss", "train loss (EMA 0.6)"] and "learning rate" in names
     assert chart["follow"] is False and chart["latest"] == 19.0
@@ -547,7 +524,7 @@ def test_a_finished_lr_range_test_is_drawn_by_the_stream_chart_component(page):
                                               "max_stable_lr": 0.1})
     at.run()
     assert not at.exception, at.exception
-    chart = _charts(at)[f"lrfind_chart_live_{result}"]
+    chart = stream_charts(at)[f"lrfind_chart_live_{result}"]
     names = [t["name"] for t in chart["figure"]["data"]]
     assert "smoothed loss" in names and "suggested lr" in names
     assert chart["figure"]["layout"]["xaxis"]["type"] == "log"
@@ -555,12 +532,12 @@ def test_a_finished_lr_range_test_is_drawn_by_the_stream_chart_component(page):
 
 def test_window_log_scale_and_follow_settings_reach_the_chart(page):
     at, _ = page()
-    before = _charts(at)["training_chart"]["revision"]
+    before = stream_charts(at)["training_chart"]["revision"]
     at.selectbox(key="window").select("last 500")
     at.toggle(key="follow").set_value(True)
     at.toggle(key="log_y").set_value(True).run()
     assert not at.exception
-    chart = _charts(at)["training_chart"]
+    chart = stream_charts(at)["training_chart"]
     assert chart["follow"] is True
     assert chart["revision"] != before  # a log axis is another view: the zoom starts over
     assert chart["figure"]["layout"]["yaxis"]["type"] == "log"

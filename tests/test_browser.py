@@ -9,20 +9,31 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import screenshot, wait_until
+from browsing import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    REPO,
+    TIMEOUT_S,
+    VIEWPORT,
+    answers,
+    chart_frames,
+    child_env,
+    free_port,
+    metric,
+    plot,
+    sync_api,
+    wait,
+)
+from helpers import screenshot
 
 from app.lr_panel import format_factor, lr_factor, needs_confirmation
 from trainer.store import StoreError
@@ -30,44 +41,17 @@ from trainer.store.address import open_store, run_address
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = shutil.which("chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-REPO = Path(__file__).resolve().parent.parent
-CHART_IFRAME = 'iframe[title="app.stream_chart.stream_chart"]'
-VIEWPORT = {"width": 1280, "height": 800}
-TIMEOUT_S = 90      # safety nets against a hung test, never performance assertions
 REFRESHES_S = 2.5   # a few of the page's ~1 s refreshes
 RUN = "live"
 
-if CHROMIUM is None:
-    pytest.skip("Debian's chromium is not installed (`make chromium` installs it); "
-                "Playwright's own browser download is never used", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-def _wait(predicate, what: str, timeout: float = TIMEOUT_S):
-    return wait_until(predicate, timeout=timeout, interval=0.1, what=what)
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
-def _env() -> dict[str, str]:
-    # One BLAS thread each: trainer, dashboard and browser share two cores on CI.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1"}
 
 
 @contextmanager
@@ -75,24 +59,25 @@ def _serve(root: Path, store: str | None = None):
     """A digits run training slowly and the dashboard, both on ``root/runs`` (or, with a
     PostgreSQL ``store``, both on that database: the run's directory then only holds its
     checkpoints, and the dashboard is given an empty runs directory of its own)."""
-    runs, port = root / "runs", _free_port()
+    runs, port = root / "runs", free_port()
     panda = [sys.executable, "-m", "trainer.cli"]
     where = [] if store is None else ["--store", store]
     dashboard_runs = runs if store is None else root / "dashboard-runs"
     logs = [open(root / name, "w") for name in ("train.log", "dashboard.log")]  # noqa: SIM115
     trainer = subprocess.Popen([*panda, "train", "--task", "digits", "--run-dir",
                                 str(runs / RUN), "--epochs", "200", "--step-delay", "0.01",
-                                *where], stdout=logs[0], stderr=subprocess.STDOUT, env=_env(),
+                                *where], stdout=logs[0], stderr=subprocess.STDOUT, env=child_env(),
                                cwd=REPO)
     dashboard = subprocess.Popen([*panda, "dashboard", "--runs-dir", str(dashboard_runs),
                                   "--host", "127.0.0.1", "--port", str(port), *where],
-                                 stdout=logs[1], stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+                                 stdout=logs[1], stderr=subprocess.STDOUT, env=child_env(),
+                                 cwd=REPO)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait(lambda: _answers(url + "/_stcore/health"), "the dashboard to answer")
+        wait(lambda: answers(url + "/_stcore/health"), "the dashboard to answer")
         address = run_address(store or runs, RUN)
-        store_ = _wait(lambda: _opened(address), "the trainer to create its store")
-        _wait(lambda: store_.summary()["state"] == "running", "the trainer to run")
+        store_ = wait(lambda: _opened(address), "the trainer to create its store")
+        wait(lambda: store_.summary()["state"] == "running", "the trainer to run")
         yield url, store_, root / "dashboard.log"
         store_.close()
     finally:
@@ -147,60 +132,32 @@ def page(browser, servers):
         yield tab
 
 
-def _metric(page, label: str) -> str:
-    """The value of the status row's ``st.metric`` called ``label`` ('' before it shows)."""
-    return page.evaluate("""(label) => {
-        for (const m of document.querySelectorAll('[data-testid="stMetric"]')) {
-            const l = m.querySelector('[data-testid="stMetricLabel"]');
-            const v = m.querySelector('[data-testid="stMetricValue"]');
-            if (l && v && l.innerText.trim() === label) return v.innerText.trim();
-        }
-        return ''; }""", label)
 
 
 def _shown_step(page) -> int:
-    text = _metric(page, "step").replace(",", "")
+    text = metric(page, "step").replace(",", "")
     return int(text) if text.isdigit() else -1
 
 
-def _chart_frames(page) -> list:
-    """The frames of the stream_chart components on the page (each chart is an iframe)."""
-    frames = [handle.content_frame() for handle in page.query_selector_all(CHART_IFRAME)]
-    return [frame for frame in frames if frame is not None]
 
 
-def _plot(page, script: str, trace: str = "train loss"):
-    """Evaluate ``script`` (a function of the plotly div) in the chart that draws ``trace``;
-    None while there is none."""
-    for frame in _chart_frames(page):
-        try:
-            found = frame.evaluate(f"""() => {{
-                const plot = document.querySelector('.js-plotly-plot');
-                if (!plot || !plot._fullData
-                    || !plot._fullData.some(t => t.name === {json.dumps(trace)})) return null;
-                return {{value: ({script})(plot)}}; }}""")
-        except sync_api.Error:  # the frame is still loading
-            continue
-        if found is not None:
-            return found["value"]
-    return None
 
 
 def _loss_points(page) -> int:
     # _fullData holds the decoded arrays (the component sends typed arrays, base64-encoded).
-    return _plot(page, "p => { const t = p._fullData.find(t => t.name === 'train loss');"
+    return plot(page, "p => { const t = p._fullData.find(t => t.name === 'train loss');"
                        " return t ? t._length : 0; }") or 0
 
 
 def _markers(page) -> list[str]:
-    return _plot(page, "p => { const t = p._fullData.find(t => t.name === 'interventions');"
+    return plot(page, "p => { const t = p._fullData.find(t => t.name === 'interventions');"
                        " return t ? Array.from(t.text) : []; }") or []
 
 
 def _view(page) -> dict:
     """The training chart as the user sees it: axis ranges, draws done, the newest step drawn,
     hidden traces, and whether the component holds a zoom."""
-    return _plot(page, """p => {
+    return plot(page, """p => {
         const L = p._fullLayout, chart = window.streamChart;
         const loss = p._fullData.find(t => t.name === 'train loss');
         return {renders: chart.status.renders, latest: chart.status.latest,
@@ -212,31 +169,31 @@ def _view(page) -> dict:
 
 def _refreshes(page, count: int = 5) -> dict:
     """Wait until the chart has been redrawn ``count`` more times (new data each time)."""
-    start = _wait(lambda: _view(page).get("renders"), "the chart to be drawn")
-    return _wait(lambda: _view(page)["renders"] >= start + count and _view(page),
+    start = wait(lambda: _view(page).get("renders"), "the chart to be drawn")
+    return wait(lambda: _view(page)["renders"] >= start + count and _view(page),
                  f"{count} refreshes of the chart")
 
 
 def _screenshot(page, path: Path, target=None) -> None:
     """Screenshot once the chart is drawn (the component redraws in place: no blank frames);
     ``make screenshots`` keeps it for the README (helpers.screenshot)."""
-    _wait(lambda: _loss_points(page), "the chart to be drawn")
+    wait(lambda: _loss_points(page), "the chart to be drawn")
     screenshot(target or page, path)
 
 
 def test_the_chart_shows_new_points_over_time(page):
-    first_step = _wait(lambda: _shown_step(page) > 0 and _shown_step(page), "a first step")
-    first_points = _wait(lambda: _loss_points(page), "points on the chart")
-    _wait(lambda: _shown_step(page) > first_step + 20, "the step counter to move")
-    _wait(lambda: _loss_points(page) > first_points, "the chart to grow")
-    assert _metric(page, "state").endswith("running")
+    first_step = wait(lambda: _shown_step(page) > 0 and _shown_step(page), "a first step")
+    first_points = wait(lambda: _loss_points(page), "points on the chart")
+    wait(lambda: _shown_step(page) > first_step + 20, "the step counter to move")
+    wait(lambda: _loss_points(page) > first_points, "the chart to grow")
+    assert metric(page, "state").endswith("running")
 
 
 def _plot_area(page) -> dict:
     """The loss panel's drag layer, in page coordinates."""
-    frame = _wait(lambda: next((f for f in _chart_frames(page) if f.query_selector(".nsewdrag")),
+    frame = wait(lambda: next((f for f in chart_frames(page) if f.query_selector(".nsewdrag")),
                                None), "the chart's drag layer")
-    return _wait(frame.locator(".nsewdrag").first.bounding_box, "the chart's drag layer")
+    return wait(frame.locator(".nsewdrag").first.bounding_box, "the chart's drag layer")
 
 
 def _drag_box(page, start: tuple[float, float], end: tuple[float, float]) -> None:
@@ -256,7 +213,7 @@ def _double_click(page) -> None:
 
 
 def test_the_training_chart_is_the_stream_chart_component(page):
-    _wait(lambda: _loss_points(page), "the chart to be drawn")
+    wait(lambda: _loss_points(page), "the chart to be drawn")
     assert _view(page)["renders"] >= 1
     assert page.locator(".js-plotly-plot").count() == 0  # no st.plotly_chart on the page
     assert page.get_by_text("freeze chart").count() == 0
@@ -266,7 +223,7 @@ def test_plotly_js_is_downloaded_once_per_browser(page):
     """The first chart stores the 4.8 MB bundle in the browser's Cache API; after a reload
     (as for another tab, or the LR range test's chart) the chart draws without downloading it
     again."""
-    _wait(lambda: _loss_points(page), "the chart to be drawn")
+    wait(lambda: _loss_points(page), "the chart to be drawn")
     fetched = []
 
     def record(request):
@@ -275,7 +232,7 @@ def test_plotly_js_is_downloaded_once_per_browser(page):
     page.on("request", record)
     page.reload()
     page.get_by_text("Learning rate (log scale)").wait_for()
-    _wait(lambda: _loss_points(page), "the chart to be drawn again")
+    wait(lambda: _loss_points(page), "the chart to be drawn again")
     page.remove_listener("request", record)
     assert [url for url in fetched if "stream_chart.js" in url]  # the frame did load …
     assert not [url for url in fetched if "plotly.min.js" in url]  # … plotly.js: cached
@@ -285,7 +242,7 @@ def test_a_zoom_survives_refreshes_while_points_keep_arriving(page):
     """The issue's "zoom is thrown away every second": zoom into a box of a live run; five
     refreshes later the ranges are exactly the same while new steps keep arriving, and
     neither plotly.js nor the chart's page was fetched again. Double-click goes back."""
-    _wait(lambda: _loss_points(page) > 200, "a curve to zoom into")
+    wait(lambda: _loss_points(page) > 200, "a curve to zoom into")
     fetched = []
 
     def record(request):
@@ -293,14 +250,14 @@ def test_a_zoom_survives_refreshes_while_points_keep_arriving(page):
 
     page.on("request", record)
     _drag_box(page, (0.3, 0.3), (0.6, 0.8))
-    zoomed = _wait(lambda: _view(page).get("zoomed") and _view(page), "the zoom to take")
+    zoomed = wait(lambda: _view(page).get("zoomed") and _view(page), "the zoom to take")
     after = _refreshes(page, 5)
     page.remove_listener("request", record)
     assert after["x"] == zoomed["x"] and after["y"] == zoomed["y"]
     assert after["last"] > zoomed["last"] > after["x"][1]  # appended, right of the zoomed view
     assert not [r.url for r in fetched if "plotly.min.js" in r.url or "index.html" in r.url]
     _double_click(page)
-    reset = _wait(lambda: not _view(page)["zoomed"] and _view(page), "the view to reset")
+    reset = wait(lambda: not _view(page)["zoomed"] and _view(page), "the view to reset")
     assert reset["x"][0] == 0 and reset["x"][1] >= after["last"]
 
 
@@ -308,7 +265,7 @@ def test_follow_latest_keeps_the_right_edge_at_the_newest_step(page):
     follow = page.get_by_text("follow latest")
     follow.click()
     _drag_box(page, (0.5, 0.2), (0.8, 0.7))
-    zoomed = _wait(lambda: _view(page).get("zoomed") and _view(page), "the zoom to take")
+    zoomed = wait(lambda: _view(page).get("zoomed") and _view(page), "the zoom to take")
     after = _refreshes(page, 5)
     width = zoomed["x"][1] - zoomed["x"][0]
     assert after["x"][1] == pytest.approx(after["latest"]) and after["latest"] > zoomed["last"]
@@ -316,18 +273,18 @@ def test_follow_latest_keeps_the_right_edge_at_the_newest_step(page):
     assert after["y"] == zoomed["y"]  # the loss zoom stays
     follow.click()
     _double_click(page)
-    _wait(lambda: not _view(page)["zoomed"], "the view to reset")
+    wait(lambda: not _view(page)["zoomed"], "the view to reset")
 
 
 def test_a_hidden_legend_entry_stays_hidden(page):
-    frame = next(f for f in _chart_frames(page) if f.query_selector(".legend"))
+    frame = next(f for f in chart_frames(page) if f.query_selector(".legend"))
     entry = frame.locator(".legend .traces").filter(
         has=frame.locator(".legendtext", has_text=re.compile(r"^train loss$")))
     entry.locator(".legendtoggle").click()
-    _wait(lambda: _view(page)["hidden"] == ["train loss"], "the raw loss to be hidden")
+    wait(lambda: _view(page)["hidden"] == ["train loss"], "the raw loss to be hidden")
     assert _refreshes(page, 5)["hidden"] == ["train loss"]
     entry.locator(".legendtoggle").click()
-    _wait(lambda: _view(page)["hidden"] == [], "the raw loss to be shown again")
+    wait(lambda: _view(page)["hidden"] == [], "the raw loss to be shown again")
 
 
 def _is_125(step: float) -> bool:
@@ -338,7 +295,7 @@ def _is_125(step: float) -> bool:
 def _axes(page) -> dict:
     """The training chart's drawn axes: type, range, length (px), tick values, positions (px)
     and labels."""
-    return _plot(page, """p => {
+    return plot(page, """p => {
         const L = p._fullLayout, out = {};
         for (const name of ['xaxis2', 'yaxis', 'yaxis2', 'yaxis3']) {
             const a = L[name];
@@ -363,7 +320,7 @@ def _assert_round_ticks(axes: dict) -> None:
 def test_the_axes_are_readable(page):
     """Round ticks on every linear axis, also zoomed in; an LR panel tall enough for its
     labels; an LR axis spanning at least a decade around a constant LR."""
-    _wait(lambda: "yaxis2" in (_axes(page) or {}), "a validation metric's axis")
+    wait(lambda: "yaxis2" in (_axes(page) or {}), "a validation metric's axis")
     axes = _axes(page)
     _assert_round_ticks(axes)
     lr = axes["yaxis3"]
@@ -372,11 +329,11 @@ def test_the_axes_are_readable(page):
     assert min(np.diff(sorted(lr["pixels"]))) >= 12, lr  # labels do not overlap
     assert {"2", "5"} <= set(lr["text"]), lr["text"]
     _drag_box(page, (0.35, 0.1), (0.55, 0.9))
-    _wait(lambda: _view(page).get("zoomed"), "the zoom to take")
+    wait(lambda: _view(page).get("zoomed"), "the zoom to take")
     _refreshes(page, 1)
     _assert_round_ticks(_axes(page))
     _double_click(page)
-    _wait(lambda: not _view(page)["zoomed"], "the view to reset")
+    wait(lambda: not _view(page)["zoomed"], "the view to reset")
 
 
 def test_a_bad_typed_lr_shows_an_error_and_sends_nothing(page, servers):
@@ -402,11 +359,11 @@ def test_halving_the_lr_and_apply_changes_the_trainer_and_draws_a_marker(page, s
     page.get_by_role("button", name="×½").click()
     page.locator("td strong", has_text="5e-03").wait_for()  # pending, in the knobs table
     page.get_by_role("button", name="Apply", exact=True).click()
-    _wait(lambda: store.summary()["lr"] == 0.005, "the trainer to apply lr 0.005")
+    wait(lambda: store.summary()["lr"] == 0.005, "the trainer to apply lr 0.005")
     page.get_by_text(re.compile(r"learning rate 5e-03: applied at step \d+")).wait_for()
-    markers = _wait(lambda: _markers(page), "an intervention marker on the chart")
+    markers = wait(lambda: _markers(page), "an intervention marker on the chart")
     assert re.search(r"lr 1e-02 → 5e-03", markers[-1]), markers
-    _wait(lambda: _metric(page, "learning rate") == "5e-03", "the status row to follow")
+    wait(lambda: metric(page, "learning rate") == "5e-03", "the status row to follow")
     time.sleep(REFRESHES_S)  # let the curve run on past the marker for the screenshot
     _screenshot(page, tmp_path / "dashboard.png")
 
@@ -414,14 +371,14 @@ def test_halving_the_lr_and_apply_changes_the_trainer_and_draws_a_marker(page, s
 def test_pause_stops_the_step_counter_and_resume_restarts_it(page, servers):
     _, store, _ = servers
     page.get_by_role("button", name="Pause").click()
-    _wait(lambda: store.summary()["state"] == "paused", "the trainer to pause")
-    _wait(lambda: _metric(page, "state").endswith("paused"), "the page to show the pause")
+    wait(lambda: store.summary()["state"] == "paused", "the trainer to pause")
+    wait(lambda: metric(page, "state").endswith("paused"), "the page to show the pause")
     paused_at = _shown_step(page)
     time.sleep(REFRESHES_S)
     assert _shown_step(page) == paused_at == store.summary()["step"]
     page.get_by_role("button", name="Resume").click()
-    _wait(lambda: store.summary()["state"] == "running", "the trainer to resume")
-    _wait(lambda: _shown_step(page) > paused_at, "the step counter to move again")
+    wait(lambda: store.summary()["state"] == "running", "the trainer to resume")
+    wait(lambda: _shown_step(page) > paused_at, "the step counter to move again")
 
 
 def test_the_knobs_panel_screenshot(page, tmp_path):
@@ -436,7 +393,7 @@ def test_the_knobs_panel_screenshot(page, tmp_path):
 
 def _range_test_plotted(page) -> bool:
     """The loss-vs-LR plot is drawn, by the stream_chart component."""
-    return bool(_plot(page, "p => p._fullData.length", trace="smoothed loss"))
+    return bool(plot(page, "p => p._fullData.length", trace="smoothed loss"))
 
 
 def test_lr_range_test_beside_the_live_run_and_applying_its_suggestion(page, servers,
@@ -444,10 +401,10 @@ def test_lr_range_test_beside_the_live_run_and_applying_its_suggestion(page, ser
     _, store, _ = servers
     page.locator("summary", has_text="LR range test").click()  # open the panel
     page.get_by_role("button", name="Run LR range test").click()
-    result = _wait(lambda: [r for r in store.results("lr_find") if r["status"] == "done"],
+    result = wait(lambda: [r for r in store.results("lr_find") if r["status"] == "done"],
                    "the range test to finish")[-1]["payload"]
     assert store.summary()["state"] == "running"  # the live run went on training meanwhile
-    _wait(lambda: _range_test_plotted(page), "the loss-vs-LR plot")
+    wait(lambda: _range_test_plotted(page), "the loss-vs-LR plot")
     suggested = result["suggested_lr"]
     assert result["purpose"] == "continue"  # beside a live run: what to continue with
     page.get_by_text(f"{result['suggestion_rule']}: ", exact=False).first.wait_for()
@@ -460,8 +417,8 @@ def test_lr_range_test_beside_the_live_run_and_applying_its_suggestion(page, ser
         page.get_by_text(f"({factor} the current LR)?", exact=False).wait_for()
         assert len(store.commands()) == sent_before
         page.get_by_role("button", name="Yes, apply").click()
-    _wait(lambda: len(store.commands()) > sent_before, "the suggested LR to be sent")
-    _wait(lambda: math.isclose(store.summary()["lr"], suggested, rel_tol=1e-9),
+    wait(lambda: len(store.commands()) > sent_before, "the suggested LR to be sent")
+    wait(lambda: math.isclose(store.summary()["lr"], suggested, rel_tol=1e-9),
           "the live run to take the suggested LR")
     command = store.commands()[-1]
     assert command.kind == "set" and command.source == "dashboard"
@@ -473,9 +430,9 @@ def test_lr_range_test_beside_the_live_run_and_applying_its_suggestion(page, ser
 def test_stop_ends_the_run_and_locks_the_knobs(page, servers):
     _, store, _ = servers
     page.get_by_role("button", name="Stop").click()
-    _wait(lambda: store.summary()["state"] == "stopped", "the trainer to stop")
+    wait(lambda: store.summary()["state"] == "stopped", "the trainer to stop")
     apply = page.get_by_role("button", name="Apply", exact=True)
-    _wait(apply.is_disabled, "the knobs to lock")
+    wait(apply.is_disabled, "the knobs to lock")
     page.get_by_text("The run is stopped: knobs are read-only.").wait_for()
     assert page.get_by_role("button", name="Pause").is_disabled()
 
@@ -496,13 +453,13 @@ def test_a_dashboard_on_postgresql_watches_and_steers_a_trainer_writing_there(br
             _browse(browser, url) as tab:
         assert store.backend == "postgresql"
         tab.get_by_text(re.compile(r"runs in postgresql://panda@127\.0\.0\.1")).wait_for()
-        first = _wait(lambda: _loss_points(tab), "points on the chart")
-        _wait(lambda: _loss_points(tab) > first, "the chart to grow")
+        first = wait(lambda: _loss_points(tab), "points on the chart")
+        wait(lambda: _loss_points(tab) > first, "the chart to grow")
         tab.get_by_role("button", name="×½").click()
         tab.locator("td strong", has_text="5e-03").wait_for()
         tab.get_by_role("button", name="Apply", exact=True).click()
-        _wait(lambda: store.summary()["lr"] == 0.005, "the trainer to apply lr 0.005")
-        markers = _wait(lambda: _markers(tab), "an intervention marker on the chart")
+        wait(lambda: store.summary()["lr"] == 0.005, "the trainer to apply lr 0.005")
+        markers = wait(lambda: _markers(tab), "an intervention marker on the chart")
         assert re.search(r"lr 1e-02 → 5e-03", markers[-1]), markers
         time.sleep(REFRESHES_S)
         _screenshot(tab, tmp_path / "dashboard-postgres.png")

@@ -10,18 +10,28 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import holds_for, wait_until
+from browsing import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    REPO,
+    TIMEOUT_S,
+    VIEWPORT,
+    answers,
+    child_env,
+    free_port,
+    metric,
+    plot,
+    sync_api,
+    wait,
+)
+from helpers import holds_for
 
 from trainer.knobs import format_sci
 from trainer.store import StoreError
@@ -29,13 +39,6 @@ from trainer.store.address import open_store
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = shutil.which("chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-REPO = Path(__file__).resolve().parent.parent
-CHART_IFRAME = 'iframe[title="app.stream_chart.stream_chart"]'
-VIEWPORT = {"width": 1280, "height": 800}
-TIMEOUT_S = 120    # safety nets against a hung test, never performance assertions
 QUIET_S = 3.0      # how long "nothing reaches the store" is watched
 TOKEN = "s3cret-7d1e"
 # Controls that may stay enabled without the token, because they change nothing: the token
@@ -55,33 +58,14 @@ HARMLESS = re.compile("|".join([
 ACTIONS = ("Apply", "Pause", "Resume", "Undo", "Stop", "×½", "×2", "Run LR range test",
            "Start training", "Apply decay")
 
-if CHROMIUM is None:
-    pytest.skip("Debian's chromium is not installed; Playwright's own browser download is "
-                "never used", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-def _wait(predicate, what: str, timeout: float = TIMEOUT_S):
-    return wait_until(predicate, timeout=timeout, interval=0.1, what=what)
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1"}
 
 
 def _opened(run_dir: Path):
@@ -95,21 +79,21 @@ def _opened(run_dir: Path):
 def _serve(root: Path, train: list[str], dashboard: list[str] = ()):
     """``panda train ARGS`` on ``root/runs/<name>`` and ``panda dashboard`` on ``root/runs``;
     yields (url, the run's store, the dashboard's log)."""
-    runs, port = root / "runs", _free_port()
+    runs, port = root / "runs", free_port()
     run_dir = runs / train[0]
     panda = [sys.executable, "-m", "trainer.cli"]
     logs = [open(root / name, "w") for name in ("train.log", "dashboard.log")]  # noqa: SIM115
     procs = [subprocess.Popen([*panda, "train", "--run-dir", str(run_dir), *train[1:]],
-                              stdout=logs[0], stderr=subprocess.STDOUT, env=_env(), cwd=REPO),
+                              stdout=logs[0], stderr=subprocess.STDOUT, env=child_env(), cwd=REPO),
              subprocess.Popen([*panda, "dashboard", "--runs-dir", str(runs), "--port",
                                str(port), *dashboard], stdout=logs[1],
-                              stderr=subprocess.STDOUT, env=_env(), cwd=REPO)]
+                              stderr=subprocess.STDOUT, env=child_env(), cwd=REPO)]
     store = None
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait(lambda: _answers(url + "/_stcore/health"), "the dashboard to answer")
-        store = _wait(lambda: _opened(run_dir), "the trainer to create its store")
-        _wait(lambda: store.summary()["state"] == "running", "the trainer to run")
+        wait(lambda: answers(url + "/_stcore/health"), "the dashboard to answer")
+        store = wait(lambda: _opened(run_dir), "the trainer to create its store")
+        wait(lambda: store.summary()["state"] == "running", "the trainer to run")
         yield url, store, root / "dashboard.log"
     finally:
         if store is not None:
@@ -154,33 +138,8 @@ def _tab(context, url: str):
         tab.close()
 
 
-def _metric(page, label: str) -> str:
-    return page.evaluate("""(label) => {
-        for (const m of document.querySelectorAll('[data-testid="stMetric"]')) {
-            const l = m.querySelector('[data-testid="stMetricLabel"]');
-            const v = m.querySelector('[data-testid="stMetricValue"]');
-            if (l && v && l.innerText.trim() === label) return v.innerText.trim();
-        }
-        return ''; }""", label)
 
 
-def _plot(page, script: str, trace: str):
-    """Evaluate ``script`` (a function of the plotly div) in the chart that draws ``trace``."""
-    for handle in page.query_selector_all(CHART_IFRAME):
-        frame = handle.content_frame()
-        if frame is None:
-            continue
-        try:
-            found = frame.evaluate(f"""() => {{
-                const plot = document.querySelector('.js-plotly-plot');
-                if (!plot || !plot._fullData
-                    || !plot._fullData.some(t => t.name === {json.dumps(trace)})) return null;
-                return {{value: ({script})(plot)}}; }}""")
-        except sync_api.Error:
-            continue
-        if found is not None:
-            return found["value"]
-    return None
 
 
 # --- the access token --------------------------------------------------------------------------
@@ -245,15 +204,15 @@ def test_with_a_token_nothing_acts_until_it_is_given(context, tmp_path):
             field.fill(TOKEN)
             field.press("Enter")
             apply = page.get_by_role("button", name="Apply", exact=True)
-            _wait(apply.is_enabled, "the knobs to unlock")
+            wait(apply.is_enabled, "the knobs to unlock")
             page.get_by_role("button", name="×½").click()
             apply.click()
-            _wait(lambda: store.summary()["lr"] == 0.005, "the trainer to apply lr 0.005")
+            wait(lambda: store.summary()["lr"] == 0.005, "the trainer to apply lr 0.005")
             assert TOKEN not in page.url
 
             page.reload()  # the same tab: unlocked again from its sessionStorage
             page.get_by_text("Learning rate (log scale)").wait_for()
-            _wait(page.get_by_role("button", name="Apply", exact=True).is_enabled,
+            wait(page.get_by_role("button", name="Apply", exact=True).is_enabled,
                   "the reloaded tab to unlock itself")
             assert TOKEN not in page.url
         with _tab(context, url) as other:  # another tab holds no token
@@ -301,7 +260,7 @@ def _choose(page, label: str, option: str) -> None:
             box.click()
         return page.get_by_role("option", name=option).is_visible()
 
-    _wait(menu_open, f"the {label} menu to open")
+    wait(menu_open, f"the {label} menu to open")
     page.get_by_role("option", name=option).click()
 
 
@@ -360,7 +319,7 @@ def test_the_runs_table_filters_and_a_click_opens_a_run(context, tmp_path, make_
     make_run("other", status="paused", knobs={"lr": 0.003})
     with _serve(tmp_path, ["live", "--task", "digits", "--epochs", "200", "--step-delay",
                            "0.01"]) as (url, _, _log), _tab(context, url) as page:
-        _wait(lambda: _title(page).startswith("live ·"), "the live run on show")
+        wait(lambda: _title(page).startswith("live ·"), "the live run on show")
         page.locator("summary").filter(has_text=re.compile(r"Runs$")).click()
         page.get_by_text("2 of 2 runs").wait_for()
         words = page.get_by_placeholder(re.compile("^filter: words"))
@@ -371,9 +330,9 @@ def test_the_runs_table_filters_and_a_click_opens_a_run(context, tmp_path, make_
         table.scroll_into_view_if_needed()
         box = table.bounding_box()
         page.mouse.click(box["x"] + 18, box["y"] + ROW_PX * 1.5)  # the row's selection box
-        _wait(lambda: _title(page).startswith("other ·"), "the clicked run to open")
-        _wait(lambda: _metric(page, "state") == "paused"
-              and _metric(page, "learning rate") == "3e-03", "its status row")
+        wait(lambda: _title(page).startswith("other ·"), "the clicked run to open")
+        wait(lambda: metric(page, "state") == "paused"
+              and metric(page, "learning rate") == "3e-03", "its status row")
         picker = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').filter(
             has=page.get_by_text("Run", exact=True))
         assert picker.locator("input").input_value() == "other · paused"
@@ -395,10 +354,10 @@ def test_a_charlm_run_shows_its_schedule_and_a_change_lands_and_is_marked(contex
     with _serve(tmp_path, ["lm", "--task", "charlm", "--epochs", "1"]) as (url, store, _), \
             _tab(context, url) as page:
         def lr_traces():
-            return _plot(page, "p => p._fullData.filter(t => t.uid === 'lr' || "
+            return plot(page, "p => p._fullData.filter(t => t.uid === 'lr' || "
                                "t.uid === 'user lr').map(t => t.uid).sort()", "learning rate")
 
-        _wait(lambda: lr_traces() == ["lr", "user lr"], "the schedule and the LR drawn")
+        wait(lambda: lr_traces() == ["lr", "user lr"], "the schedule and the LR drawn")
         page.get_by_role("button", name="×½").click()
         page.get_by_role("button", name="Apply", exact=True).click()
         page.get_by_text(re.compile(r"learning rate [0-9.e+-]+: applied at step \d+")).wait_for()
@@ -410,12 +369,12 @@ def test_a_charlm_run_shows_its_schedule_and_a_change_lands_and_is_marked(contex
             return [lr for step, lr in zip(used["step"], used["lr"])
                     if step < landed and math.isclose(sent, lr / 2, rel_tol=1e-5)]
 
-        _wait(halved_from, "the LR that was halved among those used before the landing")
+        wait(halved_from, "the LR that was halved among those used before the landing")
         factor = store.meta()["lr_composition"]["factor"]
         assert 0.25 < factor < 1.0, factor
         page.get_by_text(re.compile(
             rf"LR: your schedule × {re.escape(f'{factor:.3g}')} → [0-9.e+-]+ now")).wait_for()
-        markers = _wait(lambda: _plot(page, "p => { const t = p._fullData.find("
+        markers = wait(lambda: plot(page, "p => { const t = p._fullData.find("
                                       "t => t.name === 'interventions'); return t ? "
                                       "Array.from(t.text) : null; }", "learning rate"),
                         "an intervention marker")
@@ -423,7 +382,7 @@ def test_a_charlm_run_shows_its_schedule_and_a_change_lands_and_is_marked(contex
                          markers[-1]), (markers, sent, landed)
 
         def newest_lrs():  # (LR in force, the user's own) at the newest step drawn
-            return _plot(page, """p => {
+            return plot(page, """p => {
                 const lr = p._fullData.find(t => t.uid === 'lr');
                 const user = p._fullData.find(t => t.uid === 'user lr');
                 const at = (t) => t.y[t._length - 1];
@@ -433,4 +392,4 @@ def test_a_charlm_run_shows_its_schedule_and_a_change_lands_and_is_marked(contex
             lr, user = newest_lrs()
             return math.isclose(lr, user * factor, rel_tol=1e-3)
 
-        _wait(on_the_schedule_times_the_factor, "the chart's LR at the factor × the schedule's")
+        wait(on_the_schedule_times_the_factor, "the chart's LR at the factor × the schedule's")

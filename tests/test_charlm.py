@@ -5,10 +5,10 @@ is a few dozen steps)."""
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import APP
 from streamlit.testing.v1 import AppTest
 
 from trainer import charlm
@@ -22,7 +22,6 @@ from trainer.tasks import make_task
 
 torch.set_num_threads(1)
 
-APP = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
 APP_TIMEOUT_S = 60     # a safety net for a slow CI machine, not a performance assertion
 TINY_CORPUS = 120_000  # bytes: ~1,800 training windows, 56 steps of 32 per epoch
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import knob_widget
+from helpers import APP, APP_TIMEOUT_S, knob_widget
 from streamlit.testing.v1 import AppTest
 
 import app.charts
@@ -19,20 +19,10 @@ from app.controls import key
 from app.runs_table import matches
 from trainer.store import SqliteStore
 
-APP = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
-APP_TIMEOUT_S = 60
-
 
 @pytest.fixture
-def page(make_run, tmp_path, monkeypatch):
-    def open_page(**run_args):
-        run_dir = make_run(**run_args)
-        monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path / "runs"))
-        monkeypatch.delenv("PANDA_TOKEN", raising=False)
-        at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
-        assert not at.exception, at.exception
-        return at, run_dir
-
+def page(open_page):
+    """Factory: prepare a run, open the dashboard on its runs dir, return (AppTest, run_dir)."""
     return open_page
 
 

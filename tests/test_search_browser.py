@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 import pytest
+from browsing import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    REPO,
+    TIMEOUT_S,
+    answers,
+    child_env,
+    free_port,
+    sync_api,
+    wait,
+)
 from helpers import screenshot, wait_until
 
 from trainer.search import study as studies
@@ -28,42 +36,18 @@ from trainer.store import SqliteStore, StoreError
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = shutil.which("chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-REPO = Path(__file__).resolve().parent.parent
-TIMEOUT_S = 120  # safety nets against a hung test, never performance assertions
 STUDY = "web"
 ROW_PX = 35      # st.dataframe's row height (and its header's)
 OPEN_TRY_S = 6   # a click that opened nothing by then is tried again
 
-if CHROMIUM is None:
-    pytest.skip("Debian's chromium is not installed (`make chromium` installs it); "
-                "Playwright's own browser download is never used", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-def _wait(predicate, what: str, timeout: float = TIMEOUT_S):
-    return wait_until(predicate, timeout=timeout, interval=0.1, what=what)
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
 
 
 def _trials(runs: Path) -> list[optuna.trial.FrozenTrial]:
@@ -82,7 +66,7 @@ def _running(runs: Path) -> list[optuna.trial.FrozenTrial]:
 @contextmanager
 def _serve(root: Path):
     """A slow search (two workers, three trials) and the dashboard on its runs directory."""
-    runs, port = root / "runs", _free_port()
+    runs, port = root / "runs", free_port()
     panda = [sys.executable, "-m", "trainer.cli"]
     logs = [open(root / name, "w") for name in ("search.log", "dashboard.log")]  # noqa: SIM115
     search = subprocess.Popen(
@@ -91,15 +75,15 @@ def _serve(root: Path):
          "--beta", "0.9",
          "--batch-size", "32", "--decay", "constant",
          "--study", STUDY, "--runs-dir", str(runs)],
-        stdout=logs[0], stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
+        stdout=logs[0], stderr=subprocess.STDOUT, env=child_env(), cwd=REPO,
         start_new_session=True)
     dashboard = subprocess.Popen([*panda, "dashboard", "--runs-dir", str(runs), "--port",
                                   str(port)], stdout=logs[1], stderr=subprocess.STDOUT,
-                                 env=_env(), cwd=REPO)
+                                 env=child_env(), cwd=REPO)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait(lambda: _answers(url + "/_stcore/health"), "the dashboard to answer")
-        _wait(lambda: len(_running(runs)) == 2, "two trials to train")
+        wait(lambda: answers(url + "/_stcore/health"), "the dashboard to answer")
+        wait(lambda: len(_running(runs)) == 2, "two trials to train")
         yield url, runs, root / "dashboard.log"
     finally:
         for proc in (search, dashboard):
@@ -172,16 +156,16 @@ def _browse(url: str, shots: Path):
 def test_open_a_trial_from_the_study_table_and_change_its_lr(tmp_path):
     with _serve(tmp_path) as (url, runs, dashboard_log), _browse(url, tmp_path) as page:
         page.get_by_text(f"Study {STUDY}", exact=True).wait_for()
-        shown = _wait(lambda: re.match(rf"({STUDY}-\d+) ·", _title(page)), "a trial's run")[1]
+        shown = wait(lambda: re.match(rf"({STUDY}-\d+) ·", _title(page)), "a trial's run")[1]
         # The table lists trials newest first: trial 2 (waiting), 1, 0. Open the running
         # trial that is not shown, by clicking its row's selection box.
         other = next(t for t in _running(runs) if t.user_attrs["run"] != shown)
         name = other.user_attrs["run"]
         _click_row(page, 2 - other.number, name, shown)
         # While the page switches runs, the last run's faded widgets stay until replaced.
-        _wait(lambda: page.get_by_text("Learning rate (log scale)").count() == 1,
+        wait(lambda: page.get_by_text("Learning rate (log scale)").count() == 1,
               "the trial's knobs alone")
-        _wait(lambda: _pending_equals_applied(page), "the knobs to show the trial's values")
+        wait(lambda: _pending_equals_applied(page), "the knobs to show the trial's values")
         before = _lr_of(runs, name)
         # One stop down the LR slider, from the keyboard, as a person would.
         page.locator('[data-testid="stSlider"]').filter(
@@ -191,10 +175,10 @@ def test_open_a_trial_from_the_study_table_and_change_its_lr(tmp_path):
         wanted = float(pending.inner_text())
         assert wanted < before
         page.get_by_role("button", name="Apply", exact=True).click()
-        _wait(lambda: _lr_of(runs, name) == pytest.approx(wanted), "the trial to take it")
+        wait(lambda: _lr_of(runs, name) == pytest.approx(wanted), "the trial to take it")
         page.get_by_text(re.compile(r"learning rate \S+: applied at step \d+")).wait_for()
         # The change is on the Optuna trial too: its result is marked as babysat.
-        trial = _wait(lambda: next((t for t in _trials(runs) if t.number == other.number
+        trial = wait(lambda: next((t for t in _trials(runs) if t.number == other.number
                                     and t.user_attrs.get("manual")), None),
                       "the trial to record the change")
         (change,) = trial.user_attrs["interventions"]
