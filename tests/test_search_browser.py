@@ -24,6 +24,7 @@ from browsing import (
     REPO,
     TIMEOUT_S,
     answers,
+    chart_frames,
     child_env,
     free_port,
     sync_api,
@@ -129,6 +130,21 @@ def _click_row(page, row: int, run: str, shown: str) -> None:
             continue
 
 
+def _log_lr_chart_width(page) -> int:
+    """The drawn width of the chart whose x axis is logarithmic (the study's loss vs LR)."""
+    for frame in chart_frames(page):
+        try:
+            width = frame.evaluate("""() => {
+                const p = document.querySelector('.js-plotly-plot');
+                return p && p._fullLayout && p._fullLayout.xaxis.type === 'log'
+                    && p.getBoundingClientRect().width; }""")
+        except sync_api.Error:  # the frame is still loading
+            continue
+        if width:
+            return width
+    return 0
+
+
 def _pending_equals_applied(page) -> bool:
     """The knobs table shows nothing pending (the widgets sit on the run's values)."""
     text = page.locator("table").filter(has_text="pending").first.inner_text()
@@ -183,6 +199,11 @@ def test_open_a_trial_from_the_study_table_and_change_its_lr(tmp_path):
                       "the trial to record the change")
         (change,) = trial.user_attrs["interventions"]
         assert change["kind"] == "set" and change["source"] == "dashboard"
+        # The study's charts are the chart component too, drawn at full width once their tab
+        # is opened (plotly.js sizes a plot drawn while its tab was hidden when it shows).
+        page.get_by_role("tab", name="Loss vs LR").click()
+        wait(lambda: _log_lr_chart_width(page) > 400, "the loss-vs-LR chart at full width")
+        page.get_by_role("tab", name="Trials").click()
         time.sleep(2.5)  # a few refreshes, so the screenshot shows the curve past the marker
         # The README's picture (`make screenshots`, helpers.screenshot).
         screenshot(page.locator('[data-testid="stMainBlockContainer"]'),
