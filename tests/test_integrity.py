@@ -524,7 +524,10 @@ def test_json_piped_into_a_closed_reader_is_no_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_panda_demo_stops_its_trainer_and_says_so(tmp_path):
+@pytest.mark.parametrize("how", ["ctrl-c", "kill", "hangup"])
+def test_ctrl_c_on_panda_demo_stops_its_trainer_and_says_so(tmp_path, how):
+    """Ctrl-C (SIGINT to the terminal's process group), `kill` (SIGTERM to the demo alone) and
+    a closed terminal (SIGHUP to the group) each stop the trainer and the dashboard."""
     runs = tmp_path / "runs"
     port = _free_port()
     demo = subprocess.Popen(panda_cmd("demo", "--runs-dir", runs, "--port", str(port),
@@ -539,11 +542,16 @@ def test_ctrl_c_on_panda_demo_stops_its_trainer_and_says_so(tmp_path):
         run_dir = wait_until(trainer_started, timeout=120, what="the demo's training run")
         with SqliteStore(run_dir) as store:
             trainer_pid = store.meta()["pid"]
-        os.killpg(demo.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        if how == "kill":
+            os.kill(demo.pid, signal.SIGTERM)
+        else:
+            os.killpg(demo.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGHUP)
         out, _ = demo.communicate(timeout=120)
     assert f"stopped the demo's training run {run_dir.name} (stop command)" in out, out
     assert summary_of(run_dir)["state"] == "stopped"
     assert not pid_alive(trainer_pid)
+    with socket.socket() as sock:  # the dashboard is gone too: nothing answers on its port
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
 
 
 def _free_port() -> int:

@@ -372,10 +372,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """A training run in the background and the dashboard on it, opened in the browser where
     there is one (the URL is printed either way); Ctrl-C stops both (the run cleanly, with its
     final checkpoint) and says so."""
+    import signal
     import subprocess
     import threading
 
     from trainer.launch import start_demo_run, stop_run
+    from trainer.runner import Terminated, raise_terminated
 
     run_dir, proc = start_demo_run(args.runs_dir, store=_store(args))
     url = f"http://{_browsable(args.host)}:{args.port}"
@@ -389,8 +391,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # Beside the wait below, so Ctrl-C is never held up by a slow start.
         threading.Thread(target=_open_browser, args=(args, url, dashboard),
                          daemon=True).start()
+    # `kill` and a closed terminal stop the demo as Ctrl-C does, never leaving the trainer
+    # and the dashboard behind.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, raise_terminated)
     try:
         return dashboard.wait()
+    except Terminated:  # sent to this process alone: the dashboard is stopped from here
+        dashboard.terminate()
+        dashboard.wait()
+        return 0
     except KeyboardInterrupt:  # the dashboard got the terminal's Ctrl-C as well
         dashboard.wait()
         return 0

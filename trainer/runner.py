@@ -42,10 +42,12 @@ def build(cfg: TrainConfig) -> tuple[Task, torch.optim.Optimizer]:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception: the Babysitter closes the run as ``stopped``."""
+    """SIGTERM (or SIGHUP), turned into an exception: the Babysitter closes the run as
+    ``stopped``; ``panda demo`` stops what it started."""
 
 
-def _raise_terminated(signum, frame):
+def raise_terminated(signum, frame):
+    """A signal handler: the signal becomes :class:`Terminated` in the main thread."""
     raise Terminated(f"signal {signum}")
 
 
@@ -61,7 +63,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     SIGTERM stops the run cleanly (status ``stopped``, final checkpoint written).
     """
     cfg.validate()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading_is_main() else None
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if threading_is_main() else None
     try:
         return _train(cfg, run_dir, resume=resume, replay=replay, store=store,
                       checkpoint_knobs=checkpoint_knobs, on_validation=on_validation)
