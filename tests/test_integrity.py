@@ -530,8 +530,9 @@ def test_ctrl_c_on_panda_demo_stops_its_trainer_and_says_so(tmp_path, how):
     a closed terminal (SIGHUP to the group) each stop the trainer and the dashboard."""
     runs = tmp_path / "runs"
     port = _free_port()
+    json_out = ["--json"] if how == "kill" else []  # every line a JSON object with --json
     demo = subprocess.Popen(panda_cmd("demo", "--runs-dir", runs, "--port", str(port),
-                                      "--no-browser"),
+                                      "--no-browser", *json_out),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=subprocess_env(), cwd=REPO, start_new_session=True)
     with reaped(demo):
@@ -547,7 +548,11 @@ def test_ctrl_c_on_panda_demo_stops_its_trainer_and_says_so(tmp_path, how):
         else:
             os.killpg(demo.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGHUP)
         out, _ = demo.communicate(timeout=120)
-    assert f"stopped the demo's training run {run_dir.name} (stop command)" in out, out
+    if json_out:
+        said = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert {"stopped": run_dir.name, "how": "stop command"} in said, out
+    else:
+        assert f"stopped the demo's training run {run_dir.name} (stop command)" in out, out
     assert summary_of(run_dir)["state"] == "stopped"
     assert not pid_alive(trainer_pid)
     with socket.socket() as sock:  # the dashboard is gone too: nothing answers on its port

@@ -406,7 +406,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     finally:
         how = stop_run(run_dir, proc, store=_store(args), wait_s=DEMO_STOP_WAIT_S)
-        print(f"stopped the demo's training run {run_dir.name} ({how})", flush=True)
+        _emit(args, {"stopped": run_dir.name, "how": how},
+              f"stopped the demo's training run {run_dir.name} ({how})")
+        sys.stdout.flush()
 
 
 def _browsable(host: str) -> str:
