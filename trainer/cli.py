@@ -365,7 +365,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
-DEMO_STOP_WAIT_S = 15.0  # the demo's trainer gets this long to stop cleanly on Ctrl-C
+DEMO_STOP_WAIT_S = 15.0  # the demo's trainer (and dashboard) get this long to stop cleanly
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -399,7 +399,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return dashboard.wait()
     except Terminated:  # sent to this process alone: the dashboard is stopped from here
         dashboard.terminate()
-        dashboard.wait()
+        try:
+            dashboard.wait(DEMO_STOP_WAIT_S)
+        except subprocess.TimeoutExpired:  # a server that does not stop is not left behind
+            dashboard.kill()
+            dashboard.wait()
         return 0
     except KeyboardInterrupt:  # the dashboard got the terminal's Ctrl-C as well
         dashboard.wait()
