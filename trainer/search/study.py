@@ -43,16 +43,18 @@ from trainer.search.config import SearchConfig
 from trainer.search.rounds import Scored, first_plan, plan, split_budget
 from trainer.search.space import LOG_PARAMS
 from trainer.store.address import is_server_url, list_runs, shown
-from trainer.store.base import first_line, pid_alive
+from trainer.store.base import StoreError, first_line, pid_alive
 
 log = logging.getLogger(__name__)
 
 CONFIG_ATTR = "panda_search"   # study user attribute: the SearchConfig, as a dict
 LR_RANGE_ATTR = "lr_range"     # study user attribute: where the LR range came from
 ROUND_ATTR = "round_{}"        # study user attribute per round: box, from_trials, why
-WORKER_ATTR = "worker:{host}:{pid}"  # study user attribute per worker process that ever ran
+WORKER_PREFIX = "worker:"   # study user attributes, one per worker process that ever ran:
+WORKER_ATTR = WORKER_PREFIX + "{host}:{pid}"
 STUDY_FILE = "{}.optuna.db"
 OPTUNA_SCHEMA = "panda_optuna"
+OPTUNA_SETUP_LOCK = -1  # second key of the advisory lock on setting up OPTUNA_SCHEMA (runs: ≥ 0)
 HEARTBEAT_S = 5       # Optuna records a running trial's heartbeat this often
 GRACE_S = 30          # ... and fails it (then re-runs it) when the heartbeat is this old
 SQLITE_TIMEOUT_S = 60  # a worker waits this long for SQLite's write lock before failing
@@ -91,8 +93,9 @@ def open_storage(root: str | os.PathLike, study: str, *, create: bool = False,
     worker, not the dashboard) takes SQLite's write lock at the start of every transaction
     (:func:`_immediate_transactions`)."""
     url = storage_url(root, study)
+    setup: contextlib.AbstractContextManager = contextlib.nullcontext()
     if is_server_url(root):
-        _ensure_schema(str(root))
+        setup = _schema_setup(str(root))
         engine = {"pool_pre_ping": True,
                   "connect_args": {"options": f"-c search_path={OPTUNA_SCHEMA}"}}
     else:
@@ -103,7 +106,7 @@ def open_storage(root: str | os.PathLike, study: str, *, create: bool = False,
             _new_sqlite_file(path)
         engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     try:
-        with warnings.catch_warnings():
+        with setup, warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # Only the creator makes tables: a reader racing it would insert them twice.
             storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
@@ -152,12 +155,28 @@ def _immediate_transactions(engine) -> None:
     engine.dispose()  # pooled connections opened before the hooks: closed, reopened with them
 
 
-def _ensure_schema(url: str) -> None:
-    from trainer.store.postgres import connect
+@contextlib.contextmanager
+def _schema_setup(url: str):
+    """Hold Panda's advisory lock for Optuna's schema while a storage is opened: Optuna creates
+    its tables (the creator) and stamps its schema version (``alembic_version``, every opener
+    when it is missing), and two processes doing either at once fail on PostgreSQL's catalog
+    (``duplicate key value violates unique constraint "pg_type_typname_nsp_index"``, seen here
+    when a search started while a reader polled for its study). The lock ends with the
+    connection (session-level)."""
+    from trainer.store.postgres import LOCK_CLASS, connect
 
-    with contextlib.closing(connect(url)) as conn, contextlib.suppress(Exception):
-        # Two processes creating it at once: the loser's error is harmless.
-        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {OPTUNA_SCHEMA}")
+    try:
+        conn = connect(url)
+    except StoreError as err:
+        raise StudyError(str(err)) from None
+    with contextlib.closing(conn):
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, OPTUNA_SETUP_LOCK))
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {OPTUNA_SCHEMA}")
+        except Exception as err:  # e.g. no right to create a schema: one line, not a traceback
+            raise StudyError(f"cannot set up the study storage's schema {OPTUNA_SCHEMA}: "
+                             f"{first_line(err)}") from None
+        yield
 
 
 def study_names(root: str | os.PathLike) -> list[str]:
@@ -351,7 +370,7 @@ def every_other_worker_dead(study: optuna.Study) -> bool:
     this host (one elsewhere may be alive: its trials are left to Optuna's heartbeat)."""
     here, me = socket.gethostname(), os.getpid()
     workers = [value for key, value in study.user_attrs.items()
-               if key.startswith(WORKER_ATTR.split("{")[0])]
+               if key.startswith(WORKER_PREFIX)]
     return all(w.get("host") == here and (w.get("pid") == me or not pid_alive(w.get("pid")))
                for w in workers)
 
