@@ -169,12 +169,22 @@ class Spy(torch.Tensor):
         return super().__torch_function__(func, types, args, kwargs or {})
 
 
+class DeviceSpy(Spy):
+    """A Spy that says it lives on an accelerator: reading its value would wait for the
+    device (``is_cpu`` is a plain property here, not a torch operation)."""
+
+    @property
+    def is_cpu(self) -> bool:
+        return False
+
+
 def test_step_never_syncs_on_the_training_thread(tmp_path):
-    """``step`` and ``log_validation`` may check the tensor's size and detach it, nothing more:
-    no .item(), .tolist(), float() or .cpu() on the training thread; the flusher converts."""
+    """``step`` and ``log_validation`` may check a device tensor's size and detach it, nothing
+    more: no .item(), .tolist(), float() or .cpu() on the training thread; the flusher
+    converts."""
     values = [0.5 + i / 64 for i in range(64)]
-    losses = [torch.tensor(v).as_subclass(Spy) for v in values]
-    val = torch.tensor(0.25).as_subclass(Spy)
+    losses = [torch.tensor(v).as_subclass(DeviceSpy) for v in values]
+    val = torch.tensor(0.25).as_subclass(DeviceSpy)
     _, opt = make()
     main = threading.get_ident()
     with Babysitter(opt, tmp_path / "run", **FAST) as bs:
@@ -192,6 +202,19 @@ def test_step_never_syncs_on_the_training_thread(tmp_path):
     with SqliteStore(tmp_path / "run") as store:
         assert store.metrics_since()["loss"] == pytest.approx(values)
         assert store.validation_since()[0]["value"] == 0.25
+
+
+def test_a_cpu_loss_is_read_at_once_and_not_kept(tmp_path):
+    """A CPU loss is a number by the time ``step`` returns (reading it waits for nothing): the
+    queue holds no tensor, whose keeping would slow the training loop (see Babysitter.step)."""
+    _, opt = make()
+    with Babysitter(opt, tmp_path / "run", flush_interval=60, poll_interval=60) as bs:
+        for i in range(8):
+            bs.step(torch.tensor(1.0 + i / 8, requires_grad=True) * 2)
+        queued = [row.loss for row in bs.channels.rows]
+        assert len(queued) == 8 and all(type(v) is float for v in queued)
+    with SqliteStore(tmp_path / "run") as store:
+        assert store.metrics_since()["loss"] == [2 * (1.0 + i / 8) for i in range(8)]
 
 
 def test_non_finite_losses_are_logged_not_raised(tmp_path):

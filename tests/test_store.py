@@ -152,6 +152,42 @@ def test_metric_values_round_trip_exactly(store):
     assert rows["wall"] == [1.7e9 + i / 7 for i in range(len(awkward))]
 
 
+@pytest.mark.parametrize("size", [1, 7, 255, 256, 257, 1000])
+def test_a_batch_of_any_size_is_written_whole_and_exactly(store, size):
+    """SQLite writes a batch as multi-row statements (256 rows, then powers of two): every
+    size ends up with every row, in order, bit for bit."""
+    store.append_metrics([row(s, loss=1 / (s + 3)) for s in range(size)])
+    store.append_metrics([row(size + s, loss=1 / (size + s + 3)) for s in range(size)])
+    rows = store.metrics_since(columns=("step", "loss"))
+    assert rows == {"step": list(range(2 * size)), "loss": [1 / (s + 3) for s in range(2 * size)]}
+
+
+def test_sqlite_batches_fit_an_old_library_limit_and_a_repeated_step_keeps_the_last_row(
+        tmp_path):
+    """Where the sqlite3 module cannot tell SQLite's parameter limit (Python 3.10), statements
+    stay under the 999 of SQLite before 3.32; a step repeated within one batch ends up as its
+    last row, as one upsert per row would leave it."""
+
+    class OldConnection:  # a connection without Connection.getlimit
+        def __init__(self, conn):
+            self.conn, self.parameters = conn, []
+
+        def execute(self, sql, params=()):
+            self.parameters.append(len(params))
+            return self.conn.execute(sql, params)
+
+    with SqliteStore(tmp_path / "r", create=True) as s:
+        rows = [row(i % 600, loss=float(i)) for i in range(1000)]
+        with s.transaction() as tx:
+            old = OldConnection(tx)
+            SqliteStore._insert_metrics(old, list(zip(*[(*r, None) for r in rows])))
+        assert max(old.parameters) <= store_mod.VARIABLE_LIMIT
+        assert sum(old.parameters) == 1000 * 8
+        got = s.metrics_since(columns=("step", "loss"))
+        assert got["step"] == list(range(600))
+        assert got["loss"] == [float(i + 600) if i < 400 else float(i) for i in range(600)]
+
+
 def test_metrics_refuses_unknown_columns(store):
     with pytest.raises(ValueError, match="unknown metric column"):
         store.metrics_since(columns=("step", "loss; DROP TABLE metrics"))

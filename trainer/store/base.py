@@ -40,7 +40,6 @@ from trainer.store.schema import (
     LEVELS_SINCE,
     METRIC_COLUMNS,
     table_statements,
-    upsert_metrics_tail,
 )
 
 HEARTBEAT_STALE_S = 3.0   # a live trainer updates its heartbeat every flush (~0.1 s)
@@ -52,9 +51,6 @@ FINAL_STATES = ("stopped", "finished", "failed")
 # Upserts in the SQL both backends speak (SQLite ≥ 3.24 and PostgreSQL ≥ 9.5).
 UPSERT_META = ("INSERT INTO meta(key, value) VALUES (?, ?) "
                "ON CONFLICT(key) DO UPDATE SET value = excluded.value")
-UPSERT_METRICS = (f"INSERT INTO metrics({', '.join(METRIC_COLUMNS)}) "
-                  f"VALUES ({', '.join('?' for _ in METRIC_COLUMNS)}) " + upsert_metrics_tail())
-
 _LOSS = MetricRow._fields.index("loss")
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -252,10 +248,11 @@ class RunStore(abc.ABC):
         """Close every connection this store opened (from any thread)."""
 
     @staticmethod
+    @abc.abstractmethod
     def _insert_metrics(tx: Any, columns: Sequence[Sequence[Any]]) -> None:
-        """Upsert a batch of metric rows given as columns (a backend may send the batch its
-        own way; here one parameter tuple per row, transposed in C)."""
-        tx.executemany(UPSERT_METRICS, zip(*columns))
+        """Upsert a batch of metric rows given as columns (one sequence per ``MetricRow``
+        field), in as few statements as the backend allows: each statement is a hand-over of
+        the GIL to the training thread (see :func:`trainer.workers.to_floats`)."""
 
     def lock_trainer(self) -> Any:
         """A lock only one trainer process can hold (released with the returned handle, see

@@ -15,17 +15,39 @@ try:
     import fcntl
 except ImportError:  # not on Windows
     fcntl = None
+import functools
+import itertools
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from trainer.store.base import RunBusy, RunStore, StoreError
-from trainer.store.schema import SCHEMA_VERSION, create_statements, migration_statements
+from trainer.store.schema import (
+    METRIC_COLUMNS,
+    SCHEMA_VERSION,
+    create_statements,
+    migration_statements,
+    upsert_metrics_tail,
+)
 
 DB_NAME = "run.db"
 LOCK_NAME = "trainer.lock"  # held (flock) by the one process training the run
 BUSY_TIMEOUT_MS = 10_000  # writers wait this long for the lock instead of failing
 SCHEMA_WAIT_S = 2.0       # how long a reader waits for a store that is being created
+ROWS_PER_INSERT = 256     # metric rows per INSERT statement, at most (see _insert_metrics)
+VARIABLE_LIMIT = 999      # parameters a statement may bind where the library cannot tell
+# (SQLITE_MAX_VARIABLE_NUMBER: 999 before SQLite 3.32, 32,766 since; Connection.getlimit
+# needs Python 3.11)
+
+
+@functools.cache
+def _upsert_rows(rows: int) -> str:
+    """``INSERT INTO metrics … VALUES (…), (…) … ON CONFLICT …`` for ``rows`` rows (each row
+    in turn: a step repeated within the statement updates the row inserted before it)."""
+    row = "(" + ", ".join("?" for _ in METRIC_COLUMNS) + ")"
+    return (f"INSERT INTO metrics({', '.join(METRIC_COLUMNS)}) VALUES "
+            + ", ".join([row] * rows) + " " + upsert_metrics_tail())
 
 
 class SqliteStore(RunStore):
@@ -128,6 +150,27 @@ class SqliteStore(RunStore):
     def transaction(self) -> _Transaction:
         """One IMMEDIATE transaction on this thread's connection."""
         return _Transaction(self._conn())
+
+    @staticmethod
+    def _insert_metrics(tx: sqlite3.Connection, columns: Sequence[Sequence]) -> None:
+        """Multi-row ``INSERT … VALUES`` statements rather than ``executemany``: the sqlite3
+        module releases the GIL around every row's ``sqlite3_step``, so ``executemany`` hands
+        the GIL to the training thread and takes it back once per row (a futex wake and a
+        context switch each), where a statement of 256 rows binds them in one C loop and
+        releases it once. Chunks are 256 rows, then powers of two, so at most nine
+        statements are ever prepared (the module caches them by text)."""
+        rows = list(zip(*columns))
+        getlimit = getattr(tx, "getlimit", None)
+        limit = VARIABLE_LIMIT if getlimit is None else \
+            getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        most = max(1, min(ROWS_PER_INSERT, limit // len(METRIC_COLUMNS)))
+        start = 0
+        while start < len(rows):
+            left = len(rows) - start
+            count = most if left >= most else 1 << (left.bit_length() - 1)
+            tx.execute(_upsert_rows(count),
+                       list(itertools.chain.from_iterable(rows[start:start + count])))
+            start += count
 
     @staticmethod
     def _insert_id(tx: sqlite3.Connection, sql: str, params: tuple) -> int:
