@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 
+import app.stream_chart as stream_chart
 from app.axes import (
     LR_PANEL_MIN_PX,
     linear_axis,
@@ -332,3 +333,39 @@ def test_a_focus_is_drawn_in_full_detail_and_the_rest_coarse():
     assert x[0] == 0 and x[-1] > n - 100 and x.size <= 2_000 + 2 * 500  # the rest: coarse
     ema_x = np.asarray(_trace(fig, "loss ema").x)
     assert ((ema_x >= 40_000) & (ema_x <= 41_999)).sum() == 2_000
+
+
+@pytest.fixture
+def static_dir(tmp_path, monkeypatch):
+    """A fresh app/static/ for the chart's plotly.js, with the server's static serving on."""
+    monkeypatch.setattr(stream_chart, "STATIC_DIR", tmp_path / "static")
+    monkeypatch.setattr(stream_chart, "_static_ready", None)
+    monkeypatch.setattr(stream_chart.st, "get_option",
+                        lambda name: name == "server.enableStaticServing")
+    return tmp_path / "static"
+
+
+def test_plotly_js_is_placed_among_the_static_files_by_version(static_dir):
+    """With static serving on (``panda dashboard``), the chart loads plotly.js as a static file
+    named by its version, the package's own bytes; an older version's file goes."""
+    static_dir.mkdir()
+    (static_dir / "plotly-0.1.0.min.js").write_text("old")
+    url, cacheable = stream_chart.plotly_js_source()
+    name = f"plotly-{stream_chart.plotly.__version__}.min.js"
+    assert (url, cacheable) == (f"../../app/static/{name}", True)
+    placed = static_dir / name
+    assert placed.read_bytes() == (stream_chart.PLOTLY_JS_DIR / "plotly.min.js").read_bytes()
+    assert sorted(p.name for p in static_dir.iterdir()) == [name]  # no temp file, no old one
+
+
+def test_plotly_js_falls_back_to_the_component_route(static_dir, monkeypatch, caplog):
+    """Without static serving (a plain ``streamlit run``), or where app/static/ cannot be
+    written, the chart loads plotly.js from the package through the component route (and
+    keeps it in the Cache API), saying why in the log."""
+    monkeypatch.setattr(stream_chart.st, "get_option", lambda name: False)
+    assert stream_chart.plotly_js_source() == (stream_chart.PLOTLY_JS_URL, False)
+    assert not static_dir.exists()
+    monkeypatch.setattr(stream_chart.st, "get_option", lambda name: True)
+    static_dir.write_text("a file where the directory should be")
+    assert stream_chart.plotly_js_source() == (stream_chart.PLOTLY_JS_URL, False)
+    assert "cannot write" in caplog.text

@@ -149,6 +149,9 @@ def dashboard_command(runs_dir: str | os.PathLike, *, host: str = "127.0.0.1",
             "--server.address", host, "--server.port", str(port),
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
             "--runner.postScriptGC", "false",
+            # app/static/: plotly.js as a file the browser caches with its compiled code (see
+            # app.stream_chart); nothing else is there.
+            "--server.enableStaticServing", "true",
             "--", "--runs-dir", str(Path(runs_dir).resolve())]
 
 
