@@ -11,6 +11,7 @@ restore the model bitwise.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import deque
@@ -23,6 +24,7 @@ from helpers import holds_for, wait_until
 from trainer import Babysitter, KnobError
 from trainer.checkpoint import list_checkpoints
 from trainer.store import RunStore, SqliteStore
+from trainer.workers import to_floats
 
 torch.set_num_threads(1)
 
@@ -215,6 +217,61 @@ def test_a_cpu_loss_is_read_at_once_and_not_kept(tmp_path):
         assert len(queued) == 8 and all(type(v) is float for v in queued)
     with SqliteStore(tmp_path / "run") as store:
         assert store.metrics_since()["loss"] == [2 * (1.0 + i / 8) for i in range(8)]
+
+
+class PinnedSpy(Spy):
+    """A CPU tensor that says it is pinned: the target of a non_blocking copy from a device,
+    whose value may not have landed yet (pinned memory itself needs an accelerator)."""
+
+    def is_pinned(self, *args) -> bool:
+        return True
+
+
+def test_a_pinned_cpu_loss_is_not_read_on_the_training_thread(tmp_path):
+    _, opt = make()
+    main = threading.get_ident()
+    with Babysitter(opt, tmp_path / "run", flush_interval=60, poll_interval=60) as bs:
+        Spy.calls.clear()
+        bs.step(torch.tensor(0.75).as_subclass(PinnedSpy))
+        assert isinstance(bs.channels.rows[0].loss, torch.Tensor)
+        assert not {name for name, t in Spy.calls if t == main} & {"item", "tolist", "__float__"}
+    with SqliteStore(tmp_path / "run") as store:
+        assert store.metrics_since()["loss"] == [0.75]
+
+
+def test_folded_half_precision_losses_do_not_overflow(tmp_path):
+    """Rows folded while the store lags (see Babysitter._fold) are summed in float32: 10 fp16
+    device losses of 60,000 add up past fp16's largest value (65,504)."""
+    _, opt = make()
+    with Babysitter(opt, tmp_path / "run", flush_interval=60, poll_interval=60,
+                    on_diverge="ignore", row_limit=2) as bs:
+        for _ in range(12):
+            bs.step(torch.tensor(60_000.0, dtype=torch.float16).as_subclass(DeviceSpy))
+    with SqliteStore(tmp_path / "run") as store:
+        losses = store.metrics_since()["loss"]
+        assert bs.folded_steps == 9 and losses == [60_000.0, 60_000.0, 60_000.0]
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ([torch.tensor(0.5), torch.tensor([0.25]), torch.tensor([[2.0]])], [0.5, 0.25, 2.0]),
+    ([torch.tensor(0.5, dtype=torch.bfloat16), torch.tensor(3.0, dtype=torch.float16)],
+     [0.5, 3.0]),
+    ([torch.tensor(1.5), 2.5, 7], [1.5, 2.5, 7.0]),
+    ([0.1, torch.tensor(0.2, dtype=torch.float64)], [0.1, 0.2]),
+    ([float("nan"), torch.tensor(float("inf"))], [float("nan"), float("inf")]),
+])
+def test_to_floats_reads_any_mix_of_scalar_tensors_and_numbers(values, expected):
+    got = to_floats(values)
+    assert len(got) == len(expected) and all(type(v) is float for v in got)
+    assert got[:-1] == expected[:-1] or math.isnan(got[0])
+    assert got[-1] == expected[-1]
+
+
+def test_to_floats_refuses_a_tensor_of_several_values():
+    """A metric of two values never spreads over two rows: the stack cannot be reshaped to one
+    value per row, and float() names the problem."""
+    with pytest.raises((ValueError, RuntimeError), match=r"element|scalar|convert"):
+        to_floats([torch.tensor(1.0), torch.tensor([2.0, 3.0])])
 
 
 def test_non_finite_losses_are_logged_not_raised(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -347,15 +348,22 @@ def static_dir(tmp_path, monkeypatch):
 
 def test_plotly_js_is_placed_among_the_static_files_by_version(static_dir):
     """With static serving on (``panda dashboard``), the chart loads plotly.js as a static file
-    named by its version, the package's own bytes; an older version's file goes."""
+    named by its version: the package's own bytes, dated 1970 (so a browser keeps it fresh
+    for years: its Last-Modified is all Streamlit sends); a half-written copy is replaced; an
+    older version's file and a dead process's temporary copy go."""
+    name = f"plotly-{stream_chart.plotly.__version__}.min.js"
     static_dir.mkdir()
     (static_dir / "plotly-0.1.0.min.js").write_text("old")
+    (static_dir / name).write_text("half a copy")
+    dead = static_dir / f".{name}.0123.tmp"
+    dead.write_text("left by a crash")
+    os.utime(dead, (1e9, 1e9))
     url, cacheable = stream_chart.plotly_js_source()
-    name = f"plotly-{stream_chart.plotly.__version__}.min.js"
     assert (url, cacheable) == (f"../../app/static/{name}", True)
     placed = static_dir / name
     assert placed.read_bytes() == (stream_chart.PLOTLY_JS_DIR / "plotly.min.js").read_bytes()
-    assert sorted(p.name for p in static_dir.iterdir()) == [name]  # no temp file, no old one
+    assert placed.stat().st_mtime == 0
+    assert sorted(p.name for p in static_dir.iterdir()) == [name]
 
 
 def test_plotly_js_falls_back_to_the_component_route(static_dir, monkeypatch, caplog):

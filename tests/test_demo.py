@@ -87,3 +87,21 @@ def test_demo_has_no_browser_flag_and_a_url_a_browser_reaches():
     assert args.no_browser is True
     assert cli._browsable(args.host) == "127.0.0.1"
     assert cli._browsable("127.0.0.1") == "127.0.0.1"
+
+
+def test_the_dashboard_serves_app_static_on_a_starlette_streamlit(tmp_path, monkeypatch):
+    """``panda dashboard`` turns on Streamlit's static files (where the chart's plotly.js lies,
+    see app.stream_chart) and creates app/static/ first; a Streamlit without its Starlette
+    server (older ones serve .js there as text/plain) is started without them."""
+    main = tmp_path / "app" / "main.py"
+    main.parent.mkdir()
+    main.write_text("")
+    command = launch.dashboard_command(tmp_path / "runs")
+    flag = command.index("--server.enableStaticServing")
+    assert command[flag + 1] == "true" and command.index("--") > flag
+    assert launch._static_dir_ready(str(main)) and (main.parent / "static").is_dir()
+    fake = tmp_path / "old_streamlit"
+    (fake / "web" / "server").mkdir(parents=True)
+    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: type(
+        "Spec", (), {"submodule_search_locations": [str(fake)]})())
+    assert not launch._static_dir_ready(str(main))

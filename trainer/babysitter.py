@@ -8,13 +8,14 @@
                 if bs.should_stop: break
             bs.log_validation(val_loss, accuracy=acc)
 
-The hot path (:meth:`Babysitter.step`) never waits on I/O or the GPU: it appends the detached
-loss tensor to a deque and reads one attribute for pending commands. Two daemon threads do the
-rest (see :mod:`trainer.workers`): a flusher turns buffered tensors into numbers and writes them in
-batches about every 100 ms, and a poller reads new commands about every 50 ms, validates them
-and hands them over. Knob changes are taken by the training thread between two steps and land
-at the next optimizer update, as factors on whatever the user's own code or scheduler sets
-(:mod:`trainer.composition`); their verdict comes from the update that used them. Under DDP a
+The hot path (:meth:`Babysitter.step`) never waits on I/O or the GPU: it appends the loss (a
+device loss as its detached tensor, a CPU loss read at once) to a deque and reads one attribute
+for pending commands. Two daemon threads do the rest (see :mod:`trainer.workers`): a flusher
+turns buffered tensors into numbers and writes them in batches about every 250 ms, and a poller
+reads new commands about every 50 ms, validates them and hands them over. Knob changes are
+taken by the training thread between two steps and land at the next optimizer update, as
+factors on whatever the user's own code or scheduler sets (:mod:`trainer.composition`); their
+verdict comes from the update that used them. Under DDP a
 :class:`~trainer.distributed.DistributedCoordinator` keeps the ranks in lockstep
 (:mod:`trainer.coordinator` says what it may do here).
 """
@@ -260,8 +261,10 @@ class Babysitter:
             # hot memory; measured with the fast loop of benchmarks/overhead.py, the training
             # thread's CPU a step: +0.8 µs keeping a row of floats, +11 µs keeping a row
             # holding loss.data). A device loss stays a tensor (reading it would wait for the
-            # device); .data is it without its autograd graph, like detach() at half the cost.
-            value = loss.item() if loss.is_cpu else loss.data
+            # device), and so does a pinned CPU one: the target of a non_blocking copy, which
+            # may not have landed yet. .data is the tensor without its autograd graph, like
+            # detach() at half the cost.
+            value = loss.item() if loss.is_cpu and not loss.is_pinned() else loss.data
         else:
             value = _number(loss)
         row = _new_row(MetricRow, (self.step_count, self.epoch, time.time(), value,
@@ -287,14 +290,17 @@ class Babysitter:
 
     def _fold(self, row: MetricRow) -> None:
         """Keep memory bounded while the store is slower than training: rows beyond
-        ``row_limit`` waiting for the flusher are folded into one row (the mean loss, as a lazy
-        tensor op: no sync) until the queue drains; the folded steps are counted in the run's
-        meta and marked by an event, so a gap is never silent."""
+        ``row_limit`` waiting for the flusher are folded into one row (the mean loss: a lazy
+        tensor op for a device loss, no sync) until the queue drains; the folded steps are
+        counted in the run's meta and marked by an event, so a gap is never silent."""
+        loss = row.loss
+        if isinstance(loss, torch.Tensor):  # a half-precision sum of 10^4 losses overflows
+            loss = loss.float()
         folded = self._folded
         if folded is None:
-            self._folded = [row, row.loss, 1]  # first row, loss sum, count
+            self._folded = [row, loss, 1]  # first row, loss sum, count
         else:
-            folded[1], folded[2] = folded[1] + row.loss, folded[2] + 1
+            folded[1], folded[2] = folded[1] + loss, folded[2] + 1
         if len(self._rows) < self._row_limit // 2:  # the store caught up
             self._unfold()
 

@@ -142,17 +142,33 @@ def dashboard_command(runs_dir: str | os.PathLike, *, host: str = "127.0.0.1",
     spec = importlib.util.find_spec("app.main")
     if spec is None or spec.origin is None:
         raise RuntimeError("the dashboard (package 'app') is not installed")
+    static = ["--server.enableStaticServing", "true"] if _static_dir_ready(spec.origin) else []
     # runner.postScriptGC: Streamlit runs a full gc.collect() after every script run, also after
     # each refresh of a fragment: 0.1-0.4 s of CPU each time with plotly and numpy loaded, most
     # of an idle page's cost. Python's own generational GC still runs.
     return [sys.executable, "-m", "streamlit", "run", spec.origin,
             "--server.address", host, "--server.port", str(port),
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
-            "--runner.postScriptGC", "false",
-            # app/static/: plotly.js as a file the browser caches with its compiled code (see
-            # app.stream_chart); nothing else is there.
-            "--server.enableStaticServing", "true",
+            "--runner.postScriptGC", "false", *static,
             "--", "--runs-dir", str(Path(runs_dir).resolve())]
+
+
+def _static_dir_ready(main_script: str) -> bool:
+    """Whether the dashboard can serve app/static/: plotly.js as a file the browser caches
+    with its compiled code (see app.stream_chart; nothing else is there). It needs Streamlit's
+    Starlette server (older Tornado ones serve a static .js file as text/plain, which a
+    browser refuses to run) and the directory (created here, else Streamlit warns that it is
+    missing). Checked on the file system: importing Streamlit here would cost this process
+    a second."""
+    streamlit = importlib.util.find_spec("streamlit")
+    locations = streamlit.submodule_search_locations if streamlit is not None else None
+    if not locations or not (Path(locations[0]) / "web" / "server" / "starlette").is_dir():
+        return False
+    try:
+        (Path(main_script).parent / "static").mkdir(exist_ok=True)
+    except OSError:
+        return False
+    return True
 
 
 SERVE_WAIT_S = 60.0        # a dashboard starting on a busy machine answers within this

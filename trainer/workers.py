@@ -52,15 +52,17 @@ class WorkerError(RuntimeError):
 def to_floats(values: Sequence[Any]) -> list[float]:
     """Turn a batch of scalar tensors / numbers into floats with one device sync at most.
 
-    Tensors are stacked and read in one go, on CPU as on a device (where the copy is the one
-    sync of a flush). Not ``item()`` per value on CPU, although that is the cheaper loop on
-    its own: torch's bindings release the GIL around every op, ``item()`` included, and the
-    training thread, which runs torch ops all the time, takes it at each release; the flusher
-    then waits for it back. Measured on the fast loop of ``benchmarks/overhead.py``: 4,459
-    futex calls per 5,000 steps with ``item()`` per value and ``executemany`` (which releases
-    the GIL per row), 2,001 with one stack and multi-row inserts (``strace -f -c``). The kind
-    of batch is told by its first value: ``isinstance`` on every value of a batch costs more
-    than reading them (``torch.Tensor``'s metaclass makes it slow).
+    Tensors (device losses, DDP's averaged losses, validation metrics) are stacked and read in
+    one go (on a device, the copy is the one sync of a flush). Not ``item()`` per value,
+    although on CPU that is the cheaper loop on its own: torch's bindings release the GIL
+    around every op, ``item()`` included, and the training thread, which runs torch ops all the
+    time, takes it at each release; the flusher then waits for it back. (Measured on the fast
+    loop of ``benchmarks/overhead.py``, with the rows then holding CPU tensors: 4,459 futex
+    calls per 5,000 steps with ``item()`` per value and ``executemany``, which releases the GIL
+    per row; 2,001 with one stack and multi-row inserts; ``strace -f -c``.) A value that is
+    not one number fails the stack's ``reshape`` and then ``float()``, with torch's message.
+    The kind of batch is told by its first value: ``isinstance`` on every value of a batch
+    costs more than reading them (``torch.Tensor``'s metaclass makes it slow).
     """
     if not values:
         return []
@@ -68,7 +70,7 @@ def to_floats(values: Sequence[Any]) -> list[float]:
     if isinstance(first, torch.Tensor):
         try:
             if first.device.type == "cpu":
-                return torch.stack(list(values)).double().reshape(-1).tolist()
+                return torch.stack(list(values)).double().reshape(len(values)).tolist()
             return torch.stack([t.reshape(()).to(first.device) for t in values]
                                ).double().cpu().tolist()
         except (RuntimeError, TypeError, AttributeError):
@@ -249,7 +251,8 @@ class Flusher(_Worker):
 
     def _write_validation(self, item: WriteValidation) -> None:
         values = to_floats([r.value for r in item.rows])
-        self.store.append_validation([r._replace(value=v) for r, v in zip(item.rows, values)],
+        self.store.append_validation([r._replace(value=v) for r, v in zip(item.rows, values,
+                                                                            strict=True)],
                                      batch=item.batch)
 
     def _write_checkpoint(self, item: WriteCheckpoint) -> None:

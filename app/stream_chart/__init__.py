@@ -22,14 +22,16 @@ virtual environment's copy of the project, not the checkout being run.
 plotly.js is the bundle that ships inside the ``plotly`` Python package
 (``plotly/package_data/plotly.min.js``); nothing comes from the network. Where the server
 serves the app's static files (``server.enableStaticServing``, which ``panda dashboard`` turns
-on) a copy named by its version lies in ``app/static/`` (a hard link where the file system
-allows): a static file carries an ETag, so the browser revalidates it and V8 reuses the code
-it compiled, and plotly.js evaluates in ~0.1 s instead of ~1 s from the third page load on
-(measured in Chromium with a profile; a component file has no validator and a ``blob:`` URL is
-never code-cached). Otherwise it is served from the package by a second declared component
-that is never drawn (Streamlit refuses symlinks leading out of a component's directory), and
-the frame keeps it in the browser's Cache API under its version. Refreshes only send the
-figure.
+on) a copy named by its version lies in ``app/static/``, dated 1970: Streamlit sends a static
+file with its Last-Modified and no cache lifetime, so the browser keeps it fresh for a tenth
+of its age (heuristic freshness, RFC 9111 §4.2.2), years here, which is right for content
+that never changes under its versioned name; a cached script keeps the code V8 compiled, and
+plotly.js evaluates in ~0.1 s instead of ~1 s from the third page load on (measured in
+Chromium with a profile; a component file has no Last-Modified and a ``blob:`` URL is never
+code-cached). Otherwise, or when the static file fails to load, it is served from the package
+by a second declared component that is never drawn (Streamlit refuses symlinks leading out of
+a component's directory), and the frame keeps it in the browser's Cache API under its
+version. Refreshes only send the figure.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -48,7 +52,6 @@ import plotly
 import streamlit as st
 from plotly.basedatatypes import BaseFigure
 from plotly.utils import PlotlyJSONEncoder
-from streamlit import url_util
 from streamlit.components import v1 as components
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,8 @@ PLOTLY_JS_URL = f"../{__name__}.plotly_js/{PLOTLY_JS}?v={plotly.__version__}"
 # /component/<name>/index.html, so two levels up).
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 STATIC_PLOTLY_JS = f"plotly-{plotly.__version__}.min.js"
-STATIC_PLOTLY_JS_URL = f"../..{url_util.STATIC_SERVING_ENDPOINT}{STATIC_PLOTLY_JS}"
+STATIC_PLOTLY_JS_URL = f"../../app/static/{STATIC_PLOTLY_JS}"
+STALE_TEMP_S = 600.0  # a temporary copy this old was left by a process that died writing it
 _chart = None
 _static_ready: bool | None = None  # the static copy is in place (None: not looked at yet)
 
@@ -94,32 +98,33 @@ def _declared():
 
 
 def _place_static_plotly_js() -> bool:
-    """Put this plotly version's bundle in :data:`STATIC_DIR` (once per process): a hard link
-    to the package's file, else a copy, written atomically; older versions' files go. False
-    (and the component route is used) where the directory cannot be written."""
-    target = STATIC_DIR / STATIC_PLOTLY_JS
-    if target.is_file():
-        return True
-    source = PLOTLY_JS_DIR / PLOTLY_JS
+    """Put this plotly version's bundle in :data:`STATIC_DIR` (once per process): a copy,
+    dated 1970 (see the module docstring), written under a temporary name and renamed, so a
+    page never reads half a file and dashboards starting together do not collide. Older
+    versions' files and dead processes' temporary copies go. False (and the component route
+    is used) where the directory cannot be written."""
+    target, source = STATIC_DIR / STATIC_PLOTLY_JS, PLOTLY_JS_DIR / PLOTLY_JS
     try:
+        if target.is_file() and target.stat().st_size == source.stat().st_size:
+            return True
         STATIC_DIR.mkdir(exist_ok=True)
         temp = STATIC_DIR / f".{STATIC_PLOTLY_JS}.{uuid.uuid4().hex}.tmp"
         try:
-            try:
-                os.link(source, temp)
-            except OSError:  # another file system, or no hard links here
-                with open(source, "rb") as src, open(temp, "wb") as dst:
-                    dst.write(src.read())
+            shutil.copyfile(source, temp)
+            os.utime(temp, (0, 0))
             os.replace(temp, target)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
-        for old in STATIC_DIR.glob("plotly-*.min.js"):
-            if old.name != STATIC_PLOTLY_JS:
-                with contextlib.suppress(OSError):
+        for old in [*STATIC_DIR.glob("plotly-*.min.js"), *STATIC_DIR.glob(".plotly-*.tmp")]:
+            with contextlib.suppress(OSError):
+                if old.name.endswith(".tmp"):
+                    if time.time() - old.stat().st_mtime > STALE_TEMP_S:
+                        old.unlink()
+                elif old.name != STATIC_PLOTLY_JS:
                     old.unlink()
     except OSError as err:
-        log.warning("plotly.js served without a cache validator: cannot write %s: %s",
+        log.warning("plotly.js served through the component route: cannot write %s: %s",
                     STATIC_DIR, err)
         return False
     return True
@@ -217,4 +222,5 @@ def stream_chart(figure: BaseFigure | dict[str, Any] | str, *, key: str,
     plotly_js, cacheable = plotly_js_source()
     return _declared()(figure=text, height=int(height), follow=bool(follow),
                   latest=latest, revision=str(revision), config={**CONFIG, **(config or {})},
-                  plotly_js=plotly_js, plotly_js_cacheable=cacheable, key=key, default=None)
+                  plotly_js=plotly_js, plotly_js_cacheable=cacheable,
+                  plotly_js_fallback=PLOTLY_JS_URL, key=key, default=None)

@@ -202,6 +202,16 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _all_finite(values: Sequence[float]) -> bool:
+    """Whether every value is finite, in C: ``fsum`` propagates a NaN or an inf, and raises on
+    +inf with -inf or on finite values whose sum overflows (a diverging run's 1e308s), which
+    are read value by value like the rest."""
+    try:
+        return math.isfinite(math.fsum(values))
+    except (ValueError, OverflowError):
+        return False
+
+
 def _finite_or_none(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
@@ -308,9 +318,7 @@ class RunStore(abc.ABC):
         values (e.g. the heartbeat) are written in the same transaction.
         """
         columns = list(columns)
-        if columns and not math.isfinite(math.fsum(columns[_LOSS])):
-            # Only a batch with a NaN or inf in it (fsum propagates them) is read value by
-            # value; fsum itself never overflows on finite values.
+        if columns and not _all_finite(columns[_LOSS]):
             columns[_LOSS] = [_finite_or_none(v) for v in columns[_LOSS]]
         with self.transaction() as tx:
             if columns and columns[0]:

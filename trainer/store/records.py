@@ -10,9 +10,10 @@ from typing import Any, NamedTuple
 
 
 class MetricRow(NamedTuple):
-    """One optimizer step: its loss and the knob values its update used. ``loss`` is a
-    detached tensor on the training thread and becomes a float in the flusher (see
-    :func:`trainer.workers.to_floats`); ``user_lr`` is the LR the user's own code had set, which
+    """One optimizer step: its loss and the knob values its update used. ``loss`` is a float,
+    or a device loss's detached tensor, which becomes a float in the flusher (see
+    :meth:`trainer.babysitter.Babysitter.step` and :func:`trainer.workers.to_floats`);
+    ``user_lr`` is the LR the user's own code had set, which
     Panda's factor multiplied (see :mod:`trainer.composition`)."""
 
     step: int

@@ -50,18 +50,23 @@
   }
 
   // plotly.js (4.8 MB). Served by `panda dashboard` as a static file (`cacheable`): a plain
-  // script URL, which the browser revalidates (the file has an ETag) and whose compiled code
-  // V8 keeps, so from the third page load on it evaluates in ~0.1 s instead of ~1 s. Otherwise
-  // (a page served by a plain `streamlit run`) from the Cache API when an earlier frame or
-  // page load stored it there: Streamlit serves component files as "Cache-Control: public"
-  // with no lifetime and no validator, so the HTTP cache would download it again for every
-  // chart frame and page load (a blob: URL is never code-cached, hence the static file).
-  // The URL carries the plotly version: a new version is a new entry (older ones are dropped).
-  // Where the Cache API is missing (a page served over plain http to another host is not a
-  // secure context) the plain URL is used.
+  // script URL, which the browser keeps (the file is dated 1970, so its heuristic freshness is
+  // years: see app/stream_chart/__init__.py) with the code V8 compiled, so from the third page
+  // load on it evaluates in ~0.1 s instead of ~1 s. Otherwise (a page served by a plain
+  // `streamlit run`, or a static file that failed to load) from the Cache API when an earlier
+  // frame or page load stored it there: Streamlit serves component files as
+  // "Cache-Control: public" with no lifetime and no validator, so the HTTP cache would
+  // download it again for every chart frame and page load (a blob: URL is never code-cached,
+  // hence the static file). The URL carries the plotly version: a new version is a new entry
+  // (older ones are dropped). Where the Cache API is missing (a page served over plain http to
+  // another host is not a secure context) the plain URL is used.
   async function plotlySource(src, cacheable) {
     const url = new URL(src, document.baseURI).href;
-    if (cacheable || !window.caches) return url;
+    if (cacheable) {  // the Cache API's copy, from before there was a static file, can go
+      if (window.caches) window.caches.delete(CACHE_NAME).catch(() => {});
+      return url;
+    }
+    if (!window.caches) return url;
     try {
       const cache = await window.caches.open(CACHE_NAME);
       let response = await cache.match(url);
@@ -78,15 +83,35 @@
     }
   }
 
-  function loadPlotly(src, cacheable) {
+  function loadScript(source, src) {
+    return new Promise((resolve, reject) => {
+      const script = document.createElement("script");
+      script.src = source;
+      script.onload = () => resolve(window.Plotly);
+      script.onerror = () => {
+        script.remove();
+        reject(new Error(`could not load plotly.js from ${src}`));
+      };
+      document.head.appendChild(script);
+    });
+  }
+
+  // The static file first when there is one, else (or when it fails: removed, a proxy that
+  // does not pass /app/static/) the component route. A failed load is forgotten, so the next
+  // render tries again.
+  function loadPlotly(a) {
     if (!plotly) {
-      plotly = plotlySource(src, cacheable).then((source) => new Promise((resolve, reject) => {
-        const script = document.createElement("script");
-        script.src = source;
-        script.onload = () => resolve(window.Plotly);
-        script.onerror = () => reject(new Error(`could not load plotly.js from ${src}`));
-        document.head.appendChild(script);
-      }));
+      const viaRoute = () => plotlySource(a.plotly_js_fallback || a.plotly_js, false)
+        .then((source) => loadScript(source, a.plotly_js_fallback || a.plotly_js));
+      plotly = (a.plotly_js_cacheable
+        ? plotlySource(a.plotly_js, true).then((source) => loadScript(source, a.plotly_js))
+          .catch((error) => {
+            console.warn("stream_chart: static plotly.js failed, using the component route:",
+                         error);
+            return viaRoute();
+          })
+        : viaRoute())
+        .catch((error) => { plotly = null; throw error; });
     }
     return plotly;
   }
@@ -318,7 +343,7 @@
       frameHeight = args.height;
       post("streamlit:setFrameHeight", {height: frameHeight});
     }
-    if (!same) loadPlotly(args.plotly_js, args.plotly_js_cacheable).then(schedule, fail);
+    if (!same) loadPlotly(args).then(schedule, fail);
   });
   post("streamlit:componentReady", {apiVersion: 1});
 })();
