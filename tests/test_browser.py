@@ -234,6 +234,24 @@ def test_plotly_js_is_a_static_file_the_browser_keeps(page):
     assert all(size < 100_000 for _, size in loaded), loaded  # headers at most: not the bundle
 
 
+def test_the_chart_draws_when_the_static_plotly_js_cannot_be_loaded(browser, servers):
+    """A proxy that does not pass /app/static/, or the file removed under a running
+    dashboard: the chart's frame loads plotly.js through the component route instead."""
+    tab = browser.new_page(viewport=VIEWPORT)
+    try:
+        tab.set_default_timeout(TIMEOUT_S * 1000)
+        refused = []
+        tab.route("**/app/static/**", lambda route: (refused.append(route.request.url),
+                                                      route.abort()))
+        tab.goto(servers[0])
+        tab.get_by_text("Learning rate (log scale)").wait_for()
+        wait(lambda: _loss_points(tab), "the chart to be drawn through the component route")
+        assert refused  # the static file was asked for first
+        assert _view(tab)["renders"] >= 1
+    finally:
+        tab.close()
+
+
 def test_a_zoom_survives_refreshes_while_points_keep_arriving(page):
     """The issue's "zoom is thrown away every second": zoom into a box of a live run; five
     refreshes later the ranges are exactly the same while new steps keep arriving, and

@@ -394,7 +394,9 @@ def test_kill_9_then_resume_keeps_finished_trials_and_reruns_the_cut_ones(tmp_pa
     assert sorted(reruns) == sorted(cut)
     for number, rerun in reruns.items():
         assert rerun.state == optuna.trial.TrialState.COMPLETE
-        assert rerun.params == after[number].params or not after[number].params
+        # The rerun keeps what the cut trial had drawn; a kill between two of its draws left
+        # only some (the rest are drawn anew).
+        assert after[number].params.items() <= rerun.params.items()
     summary = json.loads(resumed.stdout)
     assert summary["done"] and summary["outcomes"] == {"complete": 4, "cut": len(cut)}
 
