@@ -178,8 +178,12 @@ class DistributedCoordinator(Coordinator):
         return self._broadcast_count(count)
 
     def _hand_to_flusher(self, rows: list, loss_sums: torch.Tensor) -> None:
-        means = (loss_sums / self.world_size).unbind()
-        self._flush_rows.extend(r._replace(loss=loss) for r, loss in zip(rows, means))
+        means = loss_sums / self.world_size
+        # CPU means are read now (the gather has finished: a memory read), as Babysitter.step
+        # reads a CPU loss: tensors kept for the flusher slow the training loop. A device's
+        # stay tensors (reading them would wait for the device).
+        losses = means.tolist() if means.device.type == "cpu" else means.unbind()
+        self._flush_rows.extend(r._replace(loss=loss) for r, loss in zip(rows, losses))
 
     def _device(self, values: list) -> torch.device:
         """Where to reduce: the losses' CUDA device under NCCL (no host sync), else the CPU."""
