@@ -42,7 +42,7 @@ from trainer.store.schema import (
     table_statements,
 )
 
-HEARTBEAT_STALE_S = 3.0   # a live trainer updates its heartbeat every flush (~0.1 s)
+HEARTBEAT_STALE_S = 3.0   # a live trainer updates its heartbeat every flush (0.25 s)
 
 # A diverged run is alive: its trainer waits (paused) for a rollback or a resume.
 RUNNING_STATES = ("starting", "running", "paused", "diverged")
