@@ -338,12 +338,14 @@ def test_a_focus_is_drawn_in_full_detail_and_the_rest_coarse():
 
 @pytest.fixture
 def static_dir(tmp_path, monkeypatch):
-    """A fresh app/static/ for the chart's plotly.js, with the server's static serving on."""
+    """A fresh app/static/ for the chart's plotly.js, with the server's static serving on (the
+    source is decided afresh, as by a new process, and forgotten after the test)."""
     monkeypatch.setattr(stream_chart, "STATIC_DIR", tmp_path / "static")
-    monkeypatch.setattr(stream_chart, "_static_ready", None)
+    stream_chart.plotly_js_source.cache_clear()
     monkeypatch.setattr(stream_chart.st, "get_option",
                         lambda name: name == "server.enableStaticServing")
-    return tmp_path / "static"
+    yield tmp_path / "static"
+    stream_chart.plotly_js_source.cache_clear()
 
 
 def test_plotly_js_is_placed_among_the_static_files_by_version(static_dir):
@@ -375,5 +377,6 @@ def test_plotly_js_falls_back_to_the_component_route(static_dir, monkeypatch, ca
     assert not static_dir.exists()
     monkeypatch.setattr(stream_chart.st, "get_option", lambda name: True)
     static_dir.write_text("a file where the directory should be")
+    stream_chart.plotly_js_source.cache_clear()  # another dashboard process
     assert stream_chart.plotly_js_source() == (stream_chart.PLOTLY_JS_URL, False)
     assert "cannot write" in caplog.text

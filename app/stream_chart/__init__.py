@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -83,7 +84,6 @@ STATIC_PLOTLY_JS = f"plotly-{plotly.__version__}.min.js"
 STATIC_PLOTLY_JS_URL = f"../../app/static/{STATIC_PLOTLY_JS}"
 STALE_TEMP_S = 600.0  # a temporary copy this old was left by a process that died writing it
 _chart = None
-_static_ready: bool | None = None  # the static copy is in place (None: not looked at yet)
 
 
 def _declared():
@@ -130,15 +130,14 @@ def _place_static_plotly_js() -> bool:
     return True
 
 
+@functools.cache
 def plotly_js_source() -> tuple[str, bool]:
     """The URL the chart frame loads plotly.js from, and whether it is the static copy (which
-    the browser caches with its compiled code) rather than the component route."""
-    global _static_ready
-    if not st.get_option("server.enableStaticServing"):
-        return PLOTLY_JS_URL, False
-    if _static_ready is None:
-        _static_ready = _place_static_plotly_js()
-    return (STATIC_PLOTLY_JS_URL, True) if _static_ready else (PLOTLY_JS_URL, False)
+    the browser caches with its compiled code) rather than the component route. Decided once
+    per process: the server's options do not change while it runs."""
+    if st.get_option("server.enableStaticServing") and _place_static_plotly_js():
+        return STATIC_PLOTLY_JS_URL, True
+    return PLOTLY_JS_URL, False
 
 
 def _packed(values: Any, key: str) -> Any:
