@@ -21,6 +21,7 @@ import pytest
 import torch
 from helpers import holds_for, wait_until
 
+import trainer.babysitter as babysitter_module
 from trainer import Babysitter, KnobError
 from trainer.checkpoint import list_checkpoints
 from trainer.store import RunStore, SqliteStore
@@ -227,7 +228,8 @@ class PinnedSpy(Spy):
         return True
 
 
-def test_a_pinned_cpu_loss_is_not_read_on_the_training_thread(tmp_path):
+def test_a_pinned_cpu_loss_is_not_read_on_the_training_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(babysitter_module, "pinned_memory_possible", lambda: True)  # a GPU box
     _, opt = make()
     main = threading.get_ident()
     with Babysitter(opt, tmp_path / "run", flush_interval=60, poll_interval=60) as bs:
@@ -237,6 +239,24 @@ def test_a_pinned_cpu_loss_is_not_read_on_the_training_thread(tmp_path):
         assert not {name for name, t in Spy.calls if t == main} & {"item", "tolist", "__float__"}
     with SqliteStore(tmp_path / "run") as store:
         assert store.metrics_since()["loss"] == [0.75]
+
+
+def test_without_an_accelerator_a_cpu_loss_costs_no_pinning_check(tmp_path, monkeypatch):
+    """No accelerator, no pinned memory: ``is_pinned()`` (a dispatcher call, ~2 µs a step in
+    the fast loop) is not asked, and the loss is read at once; with one, it is asked."""
+    for accelerator in (False, True):
+        monkeypatch.setattr(babysitter_module, "pinned_memory_possible", lambda a=accelerator: a)
+        _, opt = make()
+        main = threading.get_ident()
+        run = tmp_path / f"run{accelerator}"
+        with Babysitter(opt, run, flush_interval=60, poll_interval=60) as bs:
+            Spy.calls.clear()
+            bs.step(torch.tensor(0.5).as_subclass(Spy))
+            asked = {name for name, t in Spy.calls if t == main}
+            assert type(bs.channels.rows[0].loss) is float
+        assert ("is_pinned" in asked) is accelerator, asked
+        with SqliteStore(run) as store:
+            assert store.metrics_since()["loss"] == [0.5]
 
 
 def test_folded_half_precision_losses_do_not_overflow(tmp_path):
