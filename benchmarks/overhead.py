@@ -100,8 +100,8 @@ def _tensorboard(tmp: str) -> Callable[[], object] | None:
     return lambda: SummaryWriter(log_dir=str(Path(tmp) / f"tb-{time.time_ns()}"))
 
 
-def throughput(rounds: int, steps: int, store: str | None = None, loop: str = "fast"
-               ) -> dict[str, dict[str, float]]:
+def throughput(rounds: int, steps: int, store: str | None = None, loop: str = "fast",
+               warmup: int = 0) -> dict[str, dict[str, float]]:
     """Rounds of the three loops, rotating which goes first, so a machine that speeds up or
     slows down during the run favours none of them. Returns per loop: median steps/s, and for
     Panda and TensorBoard the median of the per-round ratios to bare, with quartiles."""
@@ -116,6 +116,8 @@ def throughput(rounds: int, steps: int, store: str | None = None, loop: str = "f
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def train(bs=None, log=None) -> float:
+            if warmup:  # same for every loop: what a long run pays every step, not its start
+                _loop(task, model, opt, warmup, bs, log=log)
             start = time.process_time()
             rate = _loop(task, model, opt, steps, bs, log=log)
             cpu[kind].append(1e6 * (time.process_time() - start) / steps)
@@ -205,12 +207,14 @@ def main() -> None:
     parser.add_argument("--loop", choices=LOOPS, default="fast")
     parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--warmup", type=int, default=0, metavar="STEPS",
+                        help="steps every loop runs, untimed, before its timed steps")
     parser.add_argument("--commands", type=int, default=40)
     parser.add_argument("--store", metavar="URL", help="a PostgreSQL store to babysit into")
     args = parser.parse_args()
     torch.set_num_threads(1)  # steadier on a shared 2-core machine; every loop alike
     if args.rounds > 0:  # --rounds 0: the latency test alone
-        t = throughput(args.rounds, args.steps, args.store, args.loop)
+        t = throughput(args.rounds, args.steps, args.store, args.loop, args.warmup)
         print(f"{args.loop} loop, {args.rounds} rounds of {args.steps} steps, "
               f"{'PostgreSQL' if args.store else 'SQLite'}:")
         print("| loop | median steps/s | median ratio to bare (quartiles) | overhead | "

@@ -97,7 +97,7 @@ def pinned_memory_possible() -> bool:
     """Whether a CPU tensor can be pinned (page-locked) here: pinning needs an accelerator's
     host allocator (CUDA, MPS, XPU, ...), so on a machine without one no loss is pinned."""
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    if accelerator is not None:
+    if accelerator is not None and hasattr(accelerator, "is_available"):
         return accelerator.is_available()
     xpu = getattr(torch, "xpu", None)
     return (torch.cuda.is_available() or torch.backends.mps.is_available()
@@ -281,8 +281,10 @@ class Babysitter:
             if loss.is_cpu and not (self._pinned_possible and loss.is_pinned()):
                 try:
                     value = loss.item()
-                except RuntimeError:  # not one element: item()'s own check, no extra call
-                    value = _number(loss)
+                except RuntimeError:  # item() checks the size itself: no call beforehand
+                    if loss.numel() == 1:
+                        raise
+                    value = _number(loss)  # raises the one-line error of a missing reduction
             elif loss.numel() == 1:  # metadata, no sync
                 value = loss.data
             else:
