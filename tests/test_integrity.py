@@ -189,6 +189,51 @@ def test_a_store_ten_times_slower_than_training_keeps_memory_bounded(tmp_path):
     assert len(steps) + meta["folded_steps"] == 80_000 and events
 
 
+_LEFT_OPEN = textwrap.dedent("""
+    import sys, torch
+    from trainer import Babysitter
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    bs = Babysitter(opt, sys.argv[1], model=model, flush_interval=3600)  # nothing flushed early
+    x = torch.randn(8, 4)
+    for _ in range(int(sys.argv[2])):
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bs.step(loss)
+    if sys.argv[3] == "raise":
+        raise RuntimeError("boom")
+    if sys.argv[3] == "ctrl-c":
+        raise KeyboardInterrupt
+""")
+
+
+@pytest.mark.parametrize("ending, status, error", [
+    ("return", "finished", None),
+    ("raise", "failed", "RuntimeError: boom"),
+    ("ctrl-c", "stopped", None)])
+def test_a_babysitter_left_open_is_closed_at_exit_with_every_row(tmp_path, ending, status,
+                                                                error):
+    """A loop without ``with`` or ``bs.close()``: the program's exit closes the run, every
+    buffered row is written (the flusher is a daemon thread: without the exit handler the
+    last flush interval was lost and the run read "interrupted"), and the status says how
+    the program ended; the log says close() was missing."""
+    run_dir = tmp_path / "open"
+    out = subprocess.run([sys.executable, "-c", _LEFT_OPEN, str(run_dir), "300", ending],
+                         capture_output=True, text=True, timeout=120, env=subprocess_env(),
+                         cwd=REPO)
+    assert (out.returncode == 0) is (ending == "return"), out.stderr
+    assert f"closed at exit as {status} (the program did not call bs.close())" in out.stderr
+    assert stored_steps(run_dir) == list(range(300))
+    with SqliteStore(run_dir) as store:
+        meta = store.meta()
+    assert meta["status"] == status and meta.get("error") == error
+    finals = [c for c in checkpoint.list_checkpoints(run_dir) if c.reason == "final"]
+    assert len(finals) == (0 if status == "failed" else 1)
+
+
 # --- 2. one trainer per run ----------------------------------------------------------------
 
 def test_a_second_babysitter_on_a_live_run_is_refused_and_the_first_is_untouched(tmp_path):

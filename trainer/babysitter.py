@@ -22,10 +22,13 @@ verdict comes from the update that used them. Under DDP a
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
+import sys
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,6 +94,36 @@ def _release(lock: Any) -> None:
     """Release a trainer lock from ``RunStore.lock_trainer`` (a file descriptor, or None)."""
     if lock is not None:
         os.close(lock)
+
+
+# Babysitters started and not closed yet: what the program leaves open is closed at its exit.
+_OPEN: weakref.WeakSet[Babysitter] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_left_open() -> None:
+    """Close every Babysitter the program did not close (a loop without ``with`` or
+    ``bs.close()``, a script whose ``Trainer.train()`` raised): its flusher is a daemon thread,
+    and without this the rows of the last flush interval were lost and the run read
+    "interrupted". Exit handlers run before daemon threads are stopped (Py_FinalizeEx), so the
+    flusher still drains. The status says how the program ended: an unhandled exception (which
+    the interpreter keeps as ``sys.last_exc`` / ``sys.last_value``) is "failed" with its
+    message, Ctrl-C "stopped"; otherwise as ``close()`` would say. Never a collective under DDP:
+    another rank may already be gone."""
+    exc = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    for bs in list(_OPEN):
+        if exc is None:
+            status, error = "stopped" if bs._stopped_by_command else "finished", None
+        elif isinstance(exc, KeyboardInterrupt):
+            status, error = "stopped", None
+        else:
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+        log.warning("%s: closed at exit as %s (the program did not call bs.close())",
+                    bs.run_dir.name, status)
+        try:
+            bs.close(status, error)
+        except Exception:  # the others are still closed
+            log.exception("%s: could not close at exit", bs.run_dir.name)
 
 
 def pinned_memory_possible() -> bool:
@@ -253,6 +286,7 @@ class Babysitter:
                             give_up_s=store_timeout)
             self._workers = Workers(flusher, poller)
             self._workers.start()
+        _OPEN.add(self)
         branch_knobs = self.coordinator.share(self._take_branch_knobs) \
             if resumed_from is not None else None
         if branch_knobs:  # a "what if" branch: its different knobs apply before its first step
@@ -825,6 +859,7 @@ class Babysitter:
         if self._closed:
             return
         self._closed = True
+        _OPEN.discard(self)
         self.channels.wake.set()
         # The last, not yet averaged losses under DDP (a normal end: every rank at this step).
         self.coordinator.close(self, collective=status is None)
