@@ -548,6 +548,18 @@ def test_without_refinement_the_suggestion_is_the_curves():
     assert result.suggestion_rule in ("steepest", "valley")
 
 
+def test_the_limit_alone_runs_no_suggestion_probes_and_finds_the_same_limit():
+    """``suggest=False`` (``panda search`` wants only ``max_stable_lr``): the same refinement,
+    so the same limit to the bit, without the suggestion probes' cost."""
+    task, optimizer = quadratic_sgd()
+    both = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), num_iter=60)
+    limit_only = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), num_iter=60,
+                         suggest=False)
+    assert both.suggestion_probes and limit_only.suggestion_probes == []
+    assert limit_only.refine_probes and limit_only.max_stable_lr == both.max_stable_lr
+    assert limit_only.suggestion_rule in ("steepest", "valley", "max_stable/3")
+
+
 def test_suggestion_probes_measure_only_their_last_steps():
     """Why the suggestion costs less than the refinement: a refinement probe measures the fixed
     set after every step, a suggestion probe only over its last PROBE_WINDOW steps."""

@@ -175,6 +175,21 @@ def test_an_unknown_parameter_in_the_api_is_refused():
 
 # --- coarse to fine ------------------------------------------------------------------------------
 
+def test_the_lr_range_from_a_range_test_runs_no_suggestion_probes(monkeypatch):
+    """A search seeds its LR range from ``max_stable_lr`` alone: the range test's suggestion
+    probes (a third of the refinement's time again) are not run for it."""
+    import trainer.lr_range.finder as finder
+    from trainer.search.api import lr_range_from_test
+    from trainer.search.config import SearchConfig
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("suggestion probes run for a search's LR range")
+    monkeypatch.setattr(finder, "_suggestion_probes", refuse)
+    lr, note = lr_range_from_test(SearchConfig(task="quadratic").validate())
+    assert note["max_stable_lr"] and lr[1] == pytest.approx(note["max_stable_lr"], rel=1e-3)
+    assert lr[0] == pytest.approx(lr[1] / 100, rel=1e-3)
+
+
 def test_coarse_to_fine_narrows_the_box_around_the_best():
     outer = {"lr": (1e-4, 1.0), "one_minus_beta": (1e-3, 1e-1)}
     scored = [Scored(i, True, loss, {"lr": lr, "one_minus_beta": omb}) for i, (loss, lr, omb) in

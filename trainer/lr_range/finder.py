@@ -266,7 +266,7 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             start_lr: float = 1e-7, end_lr: float = 10.0, num_iter: int = 100,
             smooth: float = 0.98, diverge: float = 4.0, refine: bool = True,
             probe_steps: int = PROBE_STEPS, check_every: int = CHECK_EVERY,
-            purpose: str = "start", current_lr: float | None = None,
+            purpose: str = "start", current_lr: float | None = None, suggest: bool = True,
             progress: Callable[[float], None] | None = None) -> LRFindResult:
     """LR range test: ramp the LR from ``start_lr`` to ``end_lr``, find the limit, suggest one.
 
@@ -277,7 +277,9 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     It is None when no LR up to ``end_lr`` proved unstable (raise ``end_lr``) or none stable.
     ``purpose``: ``"start"`` (the LR to start training with) or ``"continue"`` (the LR to go on
     with from here, compared with ``current_lr``, by default the optimizer's LR now); the
-    result's ``suggestion_rule`` names the rule that produced the number.
+    result's ``suggestion_rule`` names the rule that produced the number. ``suggest=False``:
+    only the limit is wanted (``panda search`` seeding its LR range from it), so no suggestion
+    probes are run and the suggestion is the ramp's own (:func:`curve_suggestion`).
     ``progress``, if given, is called with the fraction done (0..1, non-decreasing) once per
     ``check_every`` steps, right after the chunk's host sync, and with 1.0 at the end.
     The caller's model, optimizer and RNG state are left bitwise unchanged.
@@ -289,7 +291,8 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         current_lr = float(optimizer.param_groups[0]["lr"])
     POSITIVE.check("current_lr", current_lr)
     session = _Session(model, optimizer, loss_fn, train_batches, val_batches, check_every)
-    planned = (PLANNED_PROBES + PLANNED_SUGGESTION_PROBES) * probe_steps if refine else 0
+    planned = (PLANNED_PROBES + PLANNED_SUGGESTION_PROBES * suggest) * probe_steps \
+        if refine else 0
     session.progress = _Progress(progress, num_iter + planned)
     probes: list[Probe] = []
     try:
@@ -299,7 +302,8 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         if refine and any(math.isfinite(v) for v in result.losses):
             upper = result.diverged_at if result.diverged_at is not None else end_lr
             _refine(session, result, upper, probe_steps)
-            probes = _suggestion_probes(session, result, probe_steps)
+            if suggest:
+                probes = _suggestion_probes(session, result, probe_steps)
     finally:
         session.restore_rng()
     _attach_suggestion(result, probes)

@@ -222,10 +222,11 @@ def lr_find_for_task(task_name: str, *, seed: int = 0, batch_size: int | None = 
                      num_iter: int | None = None, start_lr: float | None = None,
                      end_lr: float | None = None, refine: bool | None = None,
                      measure: str | None = None, purpose: str | None = None,
-                     progress: Callable[[float], None] | None = None):
+                     suggest: bool = True, progress: Callable[[float], None] | None = None):
     """Range test on a fresh built-in task (no run), with ``panda train``'s defaults for that
     task (optimizer, momentum, weight decay, batch size; see ``tasks.TASK_DEFAULTS``). The
-    suggestion is for starting training (``purpose="start"``) unless asked otherwise.
+    suggestion is for starting training (``purpose="start"``) unless asked otherwise;
+    ``suggest=False`` wants the limit only (see :func:`~trainer.lr_range.finder.lr_find`).
 
     ``batch_size`` defaults to ``panda train``'s (32), except for ``quadratic``, whose default is
     the full batch: the setting its closed-form limit ``Task.max_stable_lr(momentum)`` describes.
@@ -246,7 +247,7 @@ def lr_find_for_task(task_name: str, *, seed: int = 0, batch_size: int | None = 
                    lambda: task.batches(size, seed=seed, epoch=0),
                    val_batches=_measurement_set(task, opts, seed), start_lr=opts["start_lr"],
                    end_lr=opts["end_lr"], num_iter=opts["num_iter"], refine=opts["refine"],
-                   purpose=opts["purpose"], progress=progress)
+                   purpose=opts["purpose"], suggest=suggest, progress=progress)
 
 
 def run_lr_find_for_run(address: str | os.PathLike, result_id: int | None = None,

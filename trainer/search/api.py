@@ -57,7 +57,7 @@ def lr_range_from_test(cfg: SearchConfig) -> tuple[tuple[float, float], dict[str
     momentum = 1.0 - box["one_minus_beta"][1] if "one_minus_beta" in box else float(space.beta)
     batch = sorted(space.batch_size)[(len(space.batch_size) - 1) // 2]
     result = lr_find_for_task(cfg.task, seed=cfg.seed, optimizer=cfg.optimizer,
-                              momentum=momentum, batch_size=batch)
+                              momentum=momentum, batch_size=batch, suggest=False)
     limit = result.max_stable_lr
     where = f"LR range test on {cfg.task} (β {momentum:.4g}, batch {batch})"
     if limit is None or not math.isfinite(limit):
