@@ -569,10 +569,12 @@ def test_json_piped_into_a_closed_reader_is_no_traceback(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["ctrl-c", "kill", "hangup"])
+@pytest.mark.parametrize("how", ["ctrl-c", "kill", "hangup", "interrupt-alone"])
 def test_ctrl_c_on_panda_demo_stops_its_trainer_and_says_so(tmp_path, how):
-    """Ctrl-C (SIGINT to the terminal's process group), `kill` (SIGTERM to the demo alone) and
-    a closed terminal (SIGHUP to the group) each stop the trainer and the dashboard."""
+    """Ctrl-C (SIGINT to the terminal's process group), `kill` (SIGTERM to the demo alone), a
+    closed terminal (SIGHUP to the group) and `kill -INT` (SIGINT to the demo alone, as an
+    IDE's stop button sends it; the demo used to wait for a dashboard that never got it) each
+    stop the trainer and the dashboard."""
     runs = tmp_path / "runs"
     port = _free_port()
     json_out = ["--json"] if how == "kill" else []  # every line a JSON object with --json
@@ -588,8 +590,8 @@ def test_ctrl_c_on_panda_demo_stops_its_trainer_and_says_so(tmp_path, how):
         run_dir = wait_until(trainer_started, timeout=120, what="the demo's training run")
         with SqliteStore(run_dir) as store:
             trainer_pid = store.meta()["pid"]
-        if how == "kill":
-            os.kill(demo.pid, signal.SIGTERM)
+        if how in ("kill", "interrupt-alone"):
+            os.kill(demo.pid, signal.SIGTERM if how == "kill" else signal.SIGINT)
         else:
             os.killpg(demo.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGHUP)
         out, _ = demo.communicate(timeout=120)

@@ -397,16 +397,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         signal.signal(signum, raise_terminated)
     try:
         return dashboard.wait()
-    except Terminated:  # sent to this process alone: the dashboard is stopped from here
+    except (Terminated, KeyboardInterrupt):
+        # A terminal's Ctrl-C reaches the dashboard too (the whole process group), but a
+        # signal sent to this process alone (kill, kill -INT, an IDE's stop button) does not:
+        # the dashboard is stopped from here either way (a second SIGTERM to a server already
+        # shutting down changes nothing).
         dashboard.terminate()
         try:
             dashboard.wait(DEMO_STOP_WAIT_S)
         except subprocess.TimeoutExpired:  # a server that does not stop is not left behind
             dashboard.kill()
             dashboard.wait()
-        return 0
-    except KeyboardInterrupt:  # the dashboard got the terminal's Ctrl-C as well
-        dashboard.wait()
         return 0
     finally:
         how = stop_run(run_dir, proc, store=_store(args), wait_s=DEMO_STOP_WAIT_S)
