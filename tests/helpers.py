@@ -7,9 +7,11 @@ separate processes rather than threads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -56,13 +58,35 @@ def start_train(run_dir: Path, *args: str | os.PathLike, log_name: str = "test-t
 
 @contextmanager
 def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
-    """Kill and reap ``proc`` on the way out if the test left it running."""
+    """Kill and reap ``proc`` on the way out if the test left it running, and every process
+    it started (a demo's trainer and dashboard), so a failed test leaves nothing behind."""
     try:
         yield proc
     finally:
         if proc.poll() is None:
+            children = descendants(proc.pid)
             proc.kill()
             proc.wait()
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs (from /proc: Linux, as the suite is)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a process that ended meanwhile
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def train_log(run_dir: Path, log_name: str = "test-train.log") -> str:
