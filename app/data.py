@@ -27,6 +27,7 @@ For raw rows the three series are the rows themselves.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -42,6 +43,11 @@ RAW_LIMIT = 100_000        # raw rows held before the history is read coarse aga
 ZOOM_MARGIN = 0.25         # a zoom reads this share of its width more on each side (panning)
 RATE_WINDOW = 50           # steps/s is measured over the last this many steps
 PATIENCE_HINT = 5          # evaluations without a better val loss before the page suggests stopping
+# A live trainer (heartbeat fresh) whose newest step is older than both of these is said to have
+# stopped stepping: the heartbeat alone would keep showing "running" for a loop stuck in a data
+# loader or a debugger, or one that ended without closing the run (a notebook cell that raised).
+STALL_MIN_S = 30.0         # seconds without a new step, at least
+STALL_INTERVALS = 20       # ... and at least this many of its recent step intervals (slow steps)
 RESTART_EVENT = "restart"  # a resumed run rewrote rows after its checkpoint: start over
 
 
@@ -246,6 +252,22 @@ def steps_per_second(cache: dict[str, Any]) -> float | None:
     if steps.size < 2 or wall[-1] <= wall[0]:
         return None
     return float((steps[-1] - steps[0]) / (wall[-1] - wall[0]))
+
+
+def stall_note(cache: dict[str, Any], now: float) -> str | None:
+    """For a running trainer: "No training step for 00:02:10 …" when its newest logged step is
+    older than :data:`STALL_MIN_S` and than :data:`STALL_INTERVALS` of its recent step interval
+    (from :func:`steps_per_second`), else None."""
+    wall = cache["wall"]
+    if len(wall) == 0:
+        return None
+    rate = steps_per_second(cache)
+    idle = now - float(wall[-1])
+    if idle < max(STALL_MIN_S, STALL_INTERVALS / rate if rate else 0.0):
+        return None
+    return (f"No training step for {time.strftime('%H:%M:%S', time.gmtime(idle))} although the "
+            "trainer is alive: an evaluation, a slow data loader, a debugger, or a loop that "
+            "ended without closing the run.")
 
 
 def early_stop_hint(val: dict[str, tuple]) -> str | None:

@@ -32,7 +32,7 @@ import streamlit as st
 from app import access, actions
 from app.charts import training_figure
 from app.controls import is_locked, knob_widgets, pending_table, run_buttons, show_outcome
-from app.data import chart_view, early_stop_hint, steps_per_second, visible_range
+from app.data import chart_view, early_stop_hint, stall_note, steps_per_second, visible_range
 from app.lr_panel import render_lr_panel
 from app.panels import decay_controls, export_block, new_run_form, sample_panel
 from app.runs_table import open_clicked_run, runs_table
@@ -164,7 +164,8 @@ def _header(snap: Snapshot, allowed: bool) -> None:
 
 def _status_row(snap: Snapshot) -> None:
     summary, meta, state = snap.summary, snap.meta, snap.state
-    rate = steps_per_second(snap.curves) if state == "running" else None
+    stalled = stall_note(snap.curves, time.time()) if state == "running" else None
+    rate = None if state != "running" else 0.0 if stalled else steps_per_second(snap.curves)
     elapsed = (meta.get("ended") or time.time()) - (meta.get("created") or time.time())
     cells = [("state", state), ("step", f"{summary['step']:,}"),
              ("epoch", str(summary["epoch"])),
@@ -177,15 +178,18 @@ def _status_row(snap: Snapshot) -> None:
     for column, (label, value) in zip(st.columns(len(cells)), cells):
         column.metric(label, value)
     with st.container():  # a fixed slot for what comes and goes (see run_view)
-        _notes(snap)
+        _notes(snap, stalled)
 
 
-def _notes(snap: Snapshot) -> None:
-    """Under the status row: what the LR is made of, an early-stop hint, a divergence."""
+def _notes(snap: Snapshot, stalled: str | None) -> None:
+    """Under the status row: what the LR is made of, a trainer that stopped stepping, an
+    early-stop hint, a divergence."""
     meta, state = snap.meta, snap.state
     composition = lr_composition(meta.get("lr_composition"))
     if composition:
         st.caption(composition)
+    if stalled:
+        st.markdown(f":orange[{stalled}]")
     hint = early_stop_hint(snap.curves["val"])
     if hint:
         st.markdown(f":orange[{hint}]")

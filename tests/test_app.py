@@ -24,6 +24,7 @@ from app.data import (
     chart_view,
     empty_cache,
     fetch,
+    stall_note,
     steps_per_second,
     view_series,
     visible_range,
@@ -209,6 +210,36 @@ def test_status_row_and_preselected_live_run(make_run, tmp_path, monkeypatch):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["step"] == "20" and metrics["learning rate"] == "1e-02"
     assert metrics["decay"] == "constant" and float(metrics["steps/s"]) > 0
+
+
+def test_stall_note_on_hand_made_walls():
+    """Said once the newest step is older than 30 s and than 20 recent step intervals."""
+    def cache(interval: float, last: float) -> dict:
+        walls = last - interval * np.arange(60)[::-1]
+        return {"step": np.arange(60), "wall": walls}
+    now = 1_000_000.0
+    assert stall_note(cache(0.01, now - 29), now) is None           # 29 s: not yet
+    assert "00:00:31" in stall_note(cache(0.01, now - 31), now)     # fast steps: 30 s
+    assert stall_note(cache(2.0, now - 39), now) is None            # 2 s steps: 40 s
+    assert "00:00:41" in stall_note(cache(2.0, now - 41), now)
+    assert stall_note(empty_cache(), now) is None                   # no step yet: nothing to say
+
+
+@pytest.mark.parametrize("status, age, said", [
+    ("running", 120.0, True), ("running", 1.0, False), ("paused", 120.0, False)])
+def test_a_live_trainer_that_stopped_stepping_is_said_so(open_page, status, age, said):
+    """A trainer alive (heartbeat fresh) whose newest step is two minutes old: the page says
+    so under the status row and shows 0 steps/s instead of the rate it had; a paused run, or
+    one stepping, gets no such note."""
+    at, _ = open_page(status=status, last_step_age=age)
+    notes = [m.value for m in at.markdown if "No training step for" in m.value]
+    metrics = {m.label: m.value for m in at.metric}
+    assert bool(notes) is said, notes
+    if said:
+        assert "No training step for 00:02:" in notes[0] and "trainer is alive" in notes[0]
+        assert metrics["steps/s"] == "0.0"
+    elif status == "running":
+        assert float(metrics["steps/s"]) > 0
 
 
 def test_new_run_form_refuses_bad_and_existing_names(page):
