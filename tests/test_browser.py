@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -36,7 +38,7 @@ from browsing import (
 from helpers import screenshot
 
 from app.lr_panel import format_factor, lr_factor, needs_confirmation
-from trainer.store import StoreError
+from trainer.store import SqliteStore, StoreError
 from trainer.store.address import open_store, run_address
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -449,6 +451,31 @@ def test_stop_ends_the_run_and_locks_the_knobs(page, servers):
     wait(apply.is_disabled, "the knobs to lock")
     page.get_by_text("The run is stopped: knobs are read-only.").wait_for()
     assert page.get_by_role("button", name="Pause").is_disabled()
+
+
+def test_a_trainer_that_stopped_stepping_is_said_so(browser, servers):
+    """A run whose trainer is alive (this process) but whose newest step is two minutes old,
+    picked in the sidebar as a person would: the page says it has stopped stepping and shows
+    0 steps/s, not the rate it last had."""
+    url, store, _ = servers
+    runs = Path(store.address).parent
+    now = time.time()
+    with SqliteStore(runs / "stuck", create=True) as stuck:
+        stuck.set_meta(name="stuck", created=now - 600, status="running", heartbeat=now,
+                       pid=os.getpid(), host=socket.gethostname(), task="digits",
+                       optimizer="SGD", supported_knobs=["lr"], knobs={"lr": 0.01},
+                       step=200, epoch=0, schedule={"shape": "constant"})
+        stuck.append_metrics([(s, 0, now - 120 - (199 - s) * 0.5, 1.0, 0.01, 0.9, 0.0)
+                              for s in range(200)])
+    with _browse(browser, url) as tab:
+        picker = tab.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').filter(
+            has=tab.get_by_text("Run", exact=True))
+        picker.click()
+        tab.get_by_role("option", name=re.compile(r"^stuck")).click()
+        note = tab.get_by_text(re.compile(r"^No training step for 00:0[23]:"))
+        note.wait_for()
+        assert "although the trainer is alive" in note.inner_text()
+        assert metric(tab, "steps/s") == "0.0" and metric(tab, "state").endswith("running")
 
 
 def test_the_server_log_has_no_warnings(servers):
