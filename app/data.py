@@ -254,15 +254,17 @@ def steps_per_second(cache: dict[str, Any]) -> float | None:
     return float((steps[-1] - steps[0]) / (wall[-1] - wall[0]))
 
 
-def stall_note(cache: dict[str, Any], now: float) -> str | None:
-    """For a running trainer: "No training step for 00:02:10 …" when its newest logged step is
-    older than :data:`STALL_MIN_S` and than :data:`STALL_INTERVALS` of its recent step interval
-    (from :func:`steps_per_second`), else None."""
+def stall_note(cache: dict[str, Any], now: float, started: float | None = None) -> str | None:
+    """For a running trainer: "No training step for 00:02:10 …" when its newest logged step, or
+    ``started`` (when the trainer took the run, its meta ``trainer_started``: a resumed run's
+    last rows are older than its trainer) if later, is older than :data:`STALL_MIN_S` and than
+    :data:`STALL_INTERVALS` of its recent step interval (:func:`steps_per_second`); else None."""
     wall = cache["wall"]
-    if len(wall) == 0:
+    since = [t for t in (float(wall[-1]) if len(wall) else None, started) if t is not None]
+    if not since:
         return None
     rate = steps_per_second(cache)
-    idle = now - float(wall[-1])
+    idle = now - max(since)
     if idle < max(STALL_MIN_S, STALL_INTERVALS / rate if rate else 0.0):
         return None
     return (f"No training step for {time.strftime('%H:%M:%S', time.gmtime(idle))} although the "

@@ -222,7 +222,11 @@ def test_stall_note_on_hand_made_walls():
     assert "00:00:31" in stall_note(cache(0.01, now - 31), now)     # fast steps: 30 s
     assert stall_note(cache(2.0, now - 39), now) is None            # 2 s steps: 40 s
     assert "00:00:41" in stall_note(cache(2.0, now - 41), now)
-    assert stall_note(empty_cache(), now) is None                   # no step yet: nothing to say
+    assert stall_note(empty_cache(), now) is None                   # no step, no start: silent
+    # A resumed run: its rows predate its trainer, whose silence counts from its start.
+    assert stall_note(cache(0.01, now - 3600), now, started=now - 10) is None
+    assert "00:00:40" in stall_note(cache(0.01, now - 3600), now, started=now - 40)
+    assert "00:00:40" in stall_note(empty_cache(), now, started=now - 40)  # no step at all yet
 
 
 @pytest.mark.parametrize("status, age, said", [

@@ -650,6 +650,9 @@ def test_checkpoint_round_trip_restores_model_and_optimizer_bitwise(tmp_path):
         # The 7 steps after the checkpoint are forgotten: they will be trained again.
         assert store.metrics_since()["step"] == list(range(10))
         assert store.events_since()[-1]["kind"] == "restart"
+        # The resumed trainer says when it took the run: its rows all predate it (the page
+        # counts a trainer's silence from there, not from the last row before the crash).
+        assert store.meta()["trainer_started"] > max(store.metrics_since()["wall"])
         train_steps(bs, model=fresh, opt=fresh_opt, n=2)
     assert store.metrics_since()["step"] == list(range(12))
     assert store.meta()["status"] == "finished"

@@ -766,7 +766,7 @@ class Babysitter:
         now = time.time()
         values: dict[str, Any] = {
             "status": "running", "pid": os.getpid(), "host": socket.gethostname(),
-            "heartbeat": now,
+            "heartbeat": now, "trainer_started": now,  # a resumed run's silence counts from here
             "optimizer": self.knobs.name, "supported_knobs": list(self.knobs.supported),
             "knobs": self._knobs_now(), "schedule": self.schedule.to_dict(),
             "lr_composition": self.composition.describe(),
