@@ -171,12 +171,21 @@ _SLOW_STORE = textwrap.dedent("""
 def test_a_store_ten_times_slower_than_training_keeps_memory_bounded(tmp_path):
     """The issue asked for 200k steps; 80k against 20k shows the same bound in a third of the
     time (the bound is the row limit, not the run's length)."""
-    def run(steps: int) -> dict:
-        out = subprocess.run([sys.executable, "-c", _SLOW_STORE, str(steps),
-                              str(tmp_path / f"slow-{steps}")], capture_output=True, text=True,
-                             timeout=600, env=subprocess_env(), cwd=REPO, check=True)
-        return json.loads(out.stdout.splitlines()[-1])
-    short, long = run(20_000), run(80_000)
+    def start(steps: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", _SLOW_STORE, str(steps),
+                                 str(tmp_path / f"slow-{steps}")], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                                cwd=REPO)
+
+    def result(proc: subprocess.Popen) -> dict:
+        with reaped(proc):
+            out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        return json.loads(out.splitlines()[-1])
+    # Both at once: each measures its own pace, memory and queue, and the pair takes the
+    # long one's time.
+    running = start(20_000), start(80_000)
+    short, long = (result(proc) for proc in running)
     assert long["most_waiting"] <= 5_000 + 1000    # the bound, whatever the store's pace
     assert long["folded"] > 0                        # it did have to fold
     # Four times the steps, not four times the memory (unbounded: +~30 MB of rows).
@@ -210,28 +219,33 @@ _LEFT_OPEN = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("ending, status, error", [
-    ("return", "finished", None),
-    ("raise", "failed", "RuntimeError: boom"),
-    ("ctrl-c", "stopped", None)])
-def test_a_babysitter_left_open_is_closed_at_exit_with_every_row(tmp_path, ending, status,
-                                                                error):
+ENDINGS = {"return": ("finished", None), "raise": ("failed", "RuntimeError: boom"),
+           "ctrl-c": ("stopped", None)}   # how the program ends → the run's status and error
+
+
+def test_a_babysitter_left_open_is_closed_at_exit_with_every_row(tmp_path):
     """A loop without ``with`` or ``bs.close()``: the program's exit closes the run, every
     buffered row is written (the flusher is a daemon thread: without the exit handler the
     last flush interval was lost and the run read "interrupted"), and the status says how
-    the program ended; the log says close() was missing."""
-    run_dir = tmp_path / "open"
-    out = subprocess.run([sys.executable, "-c", _LEFT_OPEN, str(run_dir), "300", ending],
-                         capture_output=True, text=True, timeout=120, env=subprocess_env(),
-                         cwd=REPO)
-    assert (out.returncode == 0) is (ending == "return"), out.stderr
-    assert f"closed at exit as {status} (the program did not call bs.close())" in out.stderr
-    assert stored_steps(run_dir) == list(range(300))
-    with SqliteStore(run_dir) as store:
-        meta = store.meta()
-    assert meta["status"] == status and meta.get("error") == error
-    finals = [c for c in checkpoint.list_checkpoints(run_dir) if c.reason == "final"]
-    assert len(finals) == (0 if status == "failed" else 1)
+    the program ended; the log says close() was missing. The three programs run at once."""
+    procs = {ending: subprocess.Popen([sys.executable, "-c", _LEFT_OPEN,
+                                       str(tmp_path / ending), "300", ending],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=subprocess_env(), cwd=REPO)
+             for ending in ENDINGS}
+    for ending, proc in procs.items():
+        with reaped(proc):
+            _, stderr = proc.communicate(timeout=120)
+        status, error = ENDINGS[ending]
+        assert (proc.returncode == 0) is (ending == "return"), stderr
+        assert f"closed at exit as {status} (the program did not call bs.close())" in stderr
+        assert stored_steps(tmp_path / ending) == list(range(300))
+        with SqliteStore(tmp_path / ending) as store:
+            meta = store.meta()
+        assert meta["status"] == status and meta.get("error") == error, (ending, meta)
+        finals = [c for c in checkpoint.list_checkpoints(tmp_path / ending)
+                  if c.reason == "final"]
+        assert len(finals) == (0 if status == "failed" else 1), ending
 
 
 # --- 2. one trainer per run ----------------------------------------------------------------
