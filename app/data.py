@@ -260,11 +260,12 @@ def stall_note(cache: dict[str, Any], now: float, started: float | None = None) 
     last rows are older than its trainer) if later, is older than :data:`STALL_MIN_S` and than
     :data:`STALL_INTERVALS` of its recent step interval (:func:`steps_per_second`); else None."""
     wall = cache["wall"]
-    since = [t for t in (float(wall[-1]) if len(wall) else None, started) if t is not None]
-    if not since:
+    last = float(wall[-1]) if len(wall) else None
+    since = max((t for t in (last, started) if t is not None), default=None)
+    if since is None:
         return None
     rate = steps_per_second(cache)
-    idle = now - max(since)
+    idle = now - since
     if idle < max(STALL_MIN_S, STALL_INTERVALS / rate if rate else 0.0):
         return None
     return (f"No training step for {time.strftime('%H:%M:%S', time.gmtime(idle))} although the "

@@ -164,9 +164,10 @@ def _header(snap: Snapshot, allowed: bool) -> None:
 
 def _status_row(snap: Snapshot) -> None:
     summary, meta, state = snap.summary, snap.meta, snap.state
-    stalled = stall_note(snap.curves, time.time(), meta.get("trainer_started")) \
-        if state == "running" else None
-    rate = None if state != "running" else 0.0 if stalled else steps_per_second(snap.curves)
+    stalled = rate = None
+    if state == "running":
+        stalled = stall_note(snap.curves, time.time(), meta.get("trainer_started"))
+        rate = 0.0 if stalled else steps_per_second(snap.curves)
     elapsed = (meta.get("ended") or time.time()) - (meta.get("created") or time.time())
     cells = [("state", state), ("step", f"{summary['step']:,}"),
              ("epoch", str(summary["epoch"])),

@@ -112,18 +112,22 @@ def _close_left_open() -> None:
     another rank may already be gone."""
     exc = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
     for bs in list(_OPEN):
-        if exc is None:
-            status, error = "stopped" if bs._stopped_by_command else "finished", None
-        elif isinstance(exc, KeyboardInterrupt):
-            status, error = "stopped", None
-        else:
-            status, error = "failed", f"{type(exc).__name__}: {exc}"
+        status, error = ("stopped" if bs._stopped_by_command else "finished", None) \
+            if exc is None else ended_by(exc)
         log.warning("%s: closed at exit as %s (the program did not call bs.close())",
                     bs.run_dir.name, status)
         try:
             bs.close(status, error)
         except Exception:  # the others are still closed
             log.exception("%s: could not close at exit", bs.run_dir.name)
+
+
+def ended_by(exc: BaseException) -> tuple[str, str | None]:
+    """The status (and error) an exception ends a run with: Ctrl-C "stopped", anything else
+    "failed" with its one-line message."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "stopped", None
+    return "failed", f"{type(exc).__name__}: {exc}"
 
 
 def pinned_memory_possible() -> bool:
@@ -888,12 +892,10 @@ class Babysitter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
+        if exc is None:
             self.close()
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.close("stopped")
         else:
-            self.close("failed", error=f"{exc_type.__name__}: {exc}")
+            self.close(*ended_by(exc))
         return False
 
 

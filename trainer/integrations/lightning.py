@@ -61,7 +61,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from trainer.babysitter import Babysitter
+from trainer.babysitter import Babysitter, ended_by
 from trainer.schedules import Schedule
 
 log = logging.getLogger(__name__)
@@ -180,10 +180,7 @@ class PandaCallback(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
-            self._close("stopped")
-        else:
-            self._close("failed", error=f"{type(exception).__name__}: {exception}")
+        self._close(*ended_by(exception))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close()  # a safety net: normally closed by on_train_end or on_exception
