@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
-from scipy.signal import lfilter
 
 from app.axes import (
     Range,
@@ -26,6 +25,7 @@ from app.axes import (
     robust_range,
     run_edges,
 )
+from trainer.ema import exponential_moving_average
 
 MAX_POINTS = 3000          # per trace after downsampling: ~2 points per pixel column at 1280 px
 AROUND_POINTS = 500        # while zoomed: per trace on each side of the zoom (it gets MAX_POINTS)
@@ -63,7 +63,7 @@ def ema(values: Sequence[float], weight: float) -> np.ndarray:
     compact = x if all_finite else x[finite]
     if compact.size == 0:
         return np.full(x.size, np.nan)
-    smoothed = lfilter([1.0 - weight], [1.0, -weight], compact)
+    smoothed = exponential_moving_average(compact, weight)
     # Only the first few hundred terms need debiasing: after that β^t underflows past 1e-17.
     horizon = min(compact.size, math.ceil(math.log(DEBIAS_FLOOR) / math.log(weight)))
     smoothed[:horizon] /= 1.0 - weight ** np.arange(1, horizon + 1)

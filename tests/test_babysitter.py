@@ -23,7 +23,7 @@ from helpers import holds_for, wait_until
 
 import trainer.babysitter as babysitter_module
 from trainer import Babysitter, KnobError
-from trainer.checkpoint import list_checkpoints
+from trainer.checkpoint_files import list_checkpoints
 from trainer.store import RunStore, SqliteStore
 from trainer.workers import to_floats
 

@@ -17,8 +17,9 @@ import pytest
 import torch
 from helpers import holds_for, wait_until
 
-from trainer import checkpoint
+from trainer import checkpoint, checkpoint_files
 from trainer.babysitter import Babysitter
+from trainer.ema import exponential_moving_average
 from trainer.guard import DivergenceGuard, EarlyStopping
 from trainer.store import RunStore, SqliteStore
 from trainer.tasks import make_task
@@ -34,6 +35,21 @@ def _until(predicate, what: str, timeout: float = TIMEOUT_S):
 
 
 # --- the detector on its own -----------------------------------------------------------------
+
+def test_the_shared_ema_runs_its_recurrence_from_the_given_state():
+    """s_t = β·s_{t−1} + (1−β)·x_t, worked by hand: from 0, from a carried state, and β = 0."""
+    x = np.array([1.0, 2.0, 3.0])
+    assert exponential_moving_average(x, 0.5).tolist() == [0.5, 1.25, 2.125]
+    assert exponential_moving_average(x, 0.5, start=4.0).tolist() == [2.5, 2.25, 2.625]
+    assert exponential_moving_average(x, 0.0, start=9.0).tolist() == [1.0, 2.0, 3.0]
+    assert exponential_moving_average(np.array([]), 0.9).size == 0
+    # Two batches with the state carried are one batch (the guard feeds it flush by flush).
+    y = np.random.default_rng(0).random(300)
+    first = exponential_moving_average(y[:120], 0.9)
+    rest = exponential_moving_average(y[120:], 0.9, start=first[-1])
+    whole = exponential_moving_average(y, 0.9)
+    np.testing.assert_allclose(np.concatenate([first, rest]), whole, rtol=1e-14)
+
 
 def test_guard_fires_on_nan_at_once():
     guard = DivergenceGuard(warmup=0)
@@ -194,7 +210,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     time.sleep(delay)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    found = checkpoint.list_checkpoints(tmp_path)
+    found = checkpoint_files.list_checkpoints(tmp_path)
     assert found, "the ring must still hold checkpoints"
     for info in found:  # every listed checkpoint is whole: temp files are never listed
         state = checkpoint.load(info.path)
@@ -207,11 +223,11 @@ def test_checkpoint_ring_is_bounded_and_pins_are_kept(tmp_path):
         checkpoint.save(tmp_path, {"babysitter": {"step": step}}, keep=3)
     checkpoint.save(tmp_path, {"babysitter": {"step": 2}}, reason="manual", pinned=True, keep=3)
     checkpoint.save(tmp_path, {"babysitter": {"step": 8}}, keep=3)
-    found = [(c.step, c.pinned) for c in checkpoint.list_checkpoints(tmp_path)]
+    found = [(c.step, c.pinned) for c in checkpoint_files.list_checkpoints(tmp_path)]
     assert found == [(2, True), (6, False), (7, False), (8, False)]
-    assert checkpoint.find(tmp_path, at_or_before=5).step == 2
-    assert checkpoint.find(tmp_path, before=7).step == 6
-    assert checkpoint.find(tmp_path, before=2) is None
+    assert checkpoint_files.find(tmp_path, at_or_before=5).step == 2
+    assert checkpoint_files.find(tmp_path, before=7).step == 6
+    assert checkpoint_files.find(tmp_path, before=2) is None
     with pytest.raises(ValueError, match="reason"):
         checkpoint.save(tmp_path, {"babysitter": {"step": 9}}, reason="whenever")
 

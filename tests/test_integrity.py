@@ -29,7 +29,7 @@ from helpers import (
     wait_until,
 )
 
-from trainer import Babysitter, checkpoint
+from trainer import Babysitter, checkpoint, checkpoint_files
 from trainer.store import SqliteStore
 from trainer.store.base import RunBusy, pid_alive
 from trainer.tasks import make_task
@@ -243,7 +243,7 @@ def test_a_babysitter_left_open_is_closed_at_exit_with_every_row(tmp_path):
         with SqliteStore(tmp_path / ending) as store:
             meta = store.meta()
         assert meta["status"] == status and meta.get("error") == error, (ending, meta)
-        finals = [c for c in checkpoint.list_checkpoints(tmp_path / ending)
+        finals = [c for c in checkpoint_files.list_checkpoints(tmp_path / ending)
                   if c.reason == "final"]
         assert len(finals) == (0 if status == "failed" else 1), ending
 
@@ -320,7 +320,7 @@ def test_a_non_finite_state_is_never_checkpointed(tmp_path):
             model.weight.fill_(float("nan"))
         bs.checkpoint("manual")
         bs.checkpoint("manual")  # said once
-    files = checkpoint.list_checkpoints(tmp_path / "nan")
+    files = checkpoint_files.list_checkpoints(tmp_path / "nan")
     assert files and all(checkpoint.finite(checkpoint.load(f.path)) for f in files)
     with SqliteStore(tmp_path / "nan") as store:
         skipped = [e for e in store.events_since(0) if e["kind"] == "checkpoint_skipped"]
@@ -365,7 +365,7 @@ def test_after_a_divergence_knobs_wait_for_a_rollback_which_restores_finite_para
         # Still paused (blocked in step()), so the model can be read safely here.
         assert all(torch.isfinite(p).all() for p in task.model.parameters())
         assert bs.lr == pytest.approx(0.01) and bs.diverged_at is None
-        for f in checkpoint.list_checkpoints(run_dir):
+        for f in checkpoint_files.list_checkpoints(run_dir):
             assert checkpoint.finite(checkpoint.load(f.path)), f.path
         resume = store.submit_command("resume", {}, source="test")
         wait_until(lambda: store.command(resume).status == "applied", what="the resume")
@@ -414,7 +414,7 @@ def test_kill_9_after_a_live_change_then_resume_continues_at_the_changed_lr(tmp_
         at = json.loads(changed.stdout)["applied_step"]
         first.kill()  # kill -9: the newest checkpoint is the one taken just before the change
         first.wait()
-    newest = checkpoint.find(run_dir)
+    newest = checkpoint_files.find(run_dir)
     assert newest.step <= at
     extra = ("--checkpoint-knobs",) if checkpoint_knobs else ()
     with reaped(start_train(run_dir, "--resume", *extra, log_name="resume.log")) as second:

@@ -1,10 +1,13 @@
 """The shape of the code: no import cycles in ``trainer/``, and ``trainer`` never imports
 Streamlit. Read with ``ast`` (nothing is imported), function-level imports included:
-an import hidden in a function is still a cycle, it only fails later."""
+an import hidden in a function is still a cycle, it only fails later. And the dashboard and
+the CLI load neither torch nor SciPy (imported for real, in a fresh interpreter)."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +116,14 @@ def test_trainer_never_imports_streamlit(name):
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom)}
     assert "streamlit" not in imported, f"{name} imports streamlit"
+
+
+def test_the_dashboard_and_the_cli_load_neither_torch_nor_scipy():
+    """The dashboard's first page imports ``app.main``; every CLI command ``trainer.cli``.
+    torch (~1.3 s) and ``scipy.signal`` (~0.7 s) made that first page ~2.5 s slower to come
+    and each store-only command (``panda status``, ``set`` …) slower to answer."""
+    code = ("import sys, app.main, trainer.cli; "
+            "print([m for m in ('torch', 'scipy') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], cwd=TRAINER.parent, capture_output=True,
+                          text=True, check=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

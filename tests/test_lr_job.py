@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.helpers import panda, panda_cmd, start_train, subprocess_env, train_log, wait_until
-from trainer import checkpoint
+from trainer import checkpoint_files
 from trainer.cli import main as cli_main
 from trainer.lr_range import job as lr_job
 from trainer.lr_range.finder import CHECK_EVERY, lr_find
@@ -231,7 +231,7 @@ def live_run(tmp_path_factory):
     proc = start_train(run_dir, "--task", "digits", "--epochs", "200", "--step-delay", "0.01",
                        "--checkpoint-every", "20")
     try:
-        wait_until(lambda: checkpoint.find(run_dir) is not None or proc.poll() is not None,
+        wait_until(lambda: checkpoint_files.find(run_dir) is not None or proc.poll() is not None,
                    what="the first checkpoint")
         assert proc.poll() is None, train_log(run_dir)
         yield run_dir, proc

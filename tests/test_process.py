@@ -30,7 +30,7 @@ from helpers import (
     wait_until,
 )
 
-from trainer.checkpoint import list_checkpoints
+from trainer.checkpoint_files import list_checkpoints
 from trainer.store import SqliteStore
 from trainer.store.sqlite import DB_NAME
 

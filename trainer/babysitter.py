@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from trainer import checkpoint
+from trainer import checkpoint, checkpoint_files
 from trainer.channels import (
     RecordCommand,
     WriteCheckpoint,
@@ -653,7 +653,7 @@ class Babysitter:
         if self.model is None:
             raise ValueError("resume needs the model: Babysitter(..., model=model, resume=True)")
         def newest() -> dict | None:
-            found = checkpoint.find(self.run_dir)
+            found = checkpoint_files.find(self.run_dir)
             return None if found is None else checkpoint.load(found.path)
 
         state = self.coordinator.share(newest)  # under DDP: rank 0's, on every rank

@@ -6,46 +6,22 @@ to a temporary name, fsynced and renamed (POSIX ``rename`` is atomic), so a kill
 write leaves the previous checkpoints intact. Loading uses ``torch.load(weights_only=True)``:
 a checkpoint can never execute code.
 
-Files live in ``run_dir/checkpoints/``: automatic ones (``ckpt-<step>-<reason>.pt``) form a
-bounded ring, newest kept; pinned ones (``pin-<step>-<reason>.pt``) are never pruned.
+Where the files lie, their names, and finding one: :mod:`trainer.checkpoint_files` (no torch).
 """
 
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trainer import atomic
+from trainer.checkpoint_files import checkpoint_dir, checkpoint_path, list_checkpoints
 
-CHECKPOINT_DIR = "checkpoints"
 DEFAULT_KEEP = 10  # automatic checkpoints kept in the ring
 REASONS = ("periodic", "epoch", "intervention", "final", "manual", "best", "branch")
-_NAME = re.compile(r"^(ckpt|pin)-(\d{9})-([a-z]+)\.pt$")
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """One checkpoint file: the step it was taken at (steps completed), why, and where."""
-
-    step: int
-    reason: str
-    pinned: bool
-    path: Path
-    size: int
-    mtime: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "reason": self.reason, "pinned": self.pinned,
-                "path": str(self.path), "size": self.size, "mtime": self.mtime}
-
-
-def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR
 
 
 def _cpu_copy(value: Any) -> Any:
@@ -94,10 +70,8 @@ def save(run_dir: str | os.PathLike, state: dict[str, Any], *, reason: str = "pe
     """Write a checkpoint of ``state`` into the run's ring (or pin it), then prune the ring."""
     if reason not in REASONS:
         raise ValueError(f"unknown checkpoint reason {reason!r}")
-    folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    step = int(state["babysitter"]["step"])
-    path = folder / f"{'pin' if pinned else 'ckpt'}-{step:09d}-{reason}.pt"
+    checkpoint_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(run_dir, int(state["babysitter"]["step"]), reason, pinned=pinned)
     write_atomic(path, state)
     if pinned and reason == "best":  # only one best model is worth keeping
         for old in list_checkpoints(run_dir):
@@ -107,33 +81,6 @@ def save(run_dir: str | os.PathLike, state: dict[str, Any], *, reason: str = "pe
     for old in ring[:-keep] if keep > 0 else ring:
         old.path.unlink(missing_ok=True)
     return path
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[CheckpointInfo]:
-    """Every checkpoint of a run, oldest first (by step, then time)."""
-    folder = checkpoint_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        match = _NAME.match(path.name)
-        if match:
-            stat = path.stat()
-            found.append(CheckpointInfo(int(match[2]), match[3], match[1] == "pin", path,
-                                        stat.st_size, stat.st_mtime))
-    return sorted(found, key=lambda c: (c.step, c.mtime))
-
-
-def find(run_dir: str | os.PathLike, *, before: int | None = None,
-         at_or_before: int | None = None) -> CheckpointInfo | None:
-    """The newest checkpoint with step < ``before`` / step <= ``at_or_before`` (or newest)."""
-    for info in reversed(list_checkpoints(run_dir)):
-        if before is not None and info.step >= before:
-            continue
-        if at_or_before is not None and info.step > at_or_before:
-            continue
-        return info
-    return None
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint_files import list_checkpoints
 from trainer.commands import validate_command
 from trainer.config import (
     CHECKS,
@@ -33,6 +34,15 @@ from trainer.config import (
 )
 from trainer.export import FORMATS
 from trainer.knobs import KNOBS, format_sci, validate_knobs
+from trainer.launch import (
+    branch_run,
+    dashboard_command,
+    dashboard_cwd,
+    open_when_serving,
+    start_demo_run,
+    stop_run,
+    stored_config,
+)
 from trainer.lr_range.options import MEASURES, PURPOSES
 from trainer.lr_range.options import OPTIONS as LR_FIND_OPTIONS
 from trainer.ranges import NON_NEGATIVE, STEP, KnobError, Range
@@ -132,7 +142,7 @@ def _wait_for(args, store: RunStore, command_id: int, before: dict) -> int:
 # --- commands -------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from trainer.runner import stored_config, train  # torch: only when training
+    from trainer.runner import train  # torch: only when training
 
     run_dir, store = Path(args.run_dir), _store(args)
     replay = None
@@ -221,8 +231,6 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
-    from trainer.checkpoint import list_checkpoints
-
     with _open_run(args) as store:
         found = [c.to_dict() for c in list_checkpoints(store.run_dir)]
     lines = [f"step {c['step']:>8}  {c['reason']:<12} {'pinned' if c['pinned'] else 'ring':<6} "
@@ -233,7 +241,6 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 
 
 def cmd_branch(args: argparse.Namespace) -> int:
-    from trainer.launch import branch_run
 
     knobs = {name: getattr(args, name) for name in ("lr", "momentum", "weight_decay")
              if getattr(args, name) is not None}
@@ -344,7 +351,6 @@ def _lr_find_text(where: str, r: dict) -> str:
 def _dashboard(args: argparse.Namespace) -> tuple[list[str], dict[str, str], str | None]:
     """The dashboard's command line, environment and working directory (where
     ``.streamlit/config.toml``, the theme, lives)."""
-    from trainer.launch import dashboard_command, dashboard_cwd
 
     cmd = dashboard_command(args.runs_dir, host=args.host, port=args.port)
     env = child_env(_store(args))
@@ -376,7 +382,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import subprocess
     import threading
 
-    from trainer.launch import start_demo_run, stop_run
     from trainer.runner import Terminated, raise_terminated
 
     run_dir, proc = start_demo_run(args.runs_dir, store=_store(args))
@@ -422,7 +427,6 @@ def _browsable(host: str) -> str:
 
 
 def _open_browser(args: argparse.Namespace, url: str, server) -> None:
-    from trainer.launch import open_when_serving
 
     if open_when_serving(url, server):
         _emit(args, {"opened": url}, f"opened {url} in your browser")

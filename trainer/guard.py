@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.signal import lfilter
+
+from trainer.ema import exponential_moving_average
 
 DEFAULT_FACTOR = 4.0      # smoothed loss above this multiple of its best counts as blow-up
 DEFAULT_PATIENCE = 10     # consecutive blown-up steps before the guard fires
@@ -57,8 +58,8 @@ class DivergenceGuard:
         """Feed a batch; the divergence it reveals, if any (then the guard's state is spent:
         :meth:`reset` before feeding it again).
 
-        Vectorized (NumPy, and SciPy's ``lfilter`` for the EMA): the flusher runs this on every
-        batch while the training thread waits for the GIL, so no Python loop per row.
+        Vectorized (NumPy, and the EMA of :mod:`trainer.ema` in C): the flusher runs this on
+        every batch while the training thread waits for the GIL, so no Python loop per row.
         """
         x = np.asarray(losses, dtype=float)
         bad = ~np.isfinite(x)
@@ -77,10 +78,10 @@ class DivergenceGuard:
         beta = self.smoothing
         # Debiased EMA (Kingma & Ba 2015, §3), unbiased from the first step:
         # avg_t = β·avg_{t−1} + (1−β)·x_t as a first-order IIR filter, carried across batches.
-        ema, _ = lfilter([1.0 - beta], [1.0, -beta], x, zi=[beta * self._avg])
+        averaged = exponential_moving_average(x, beta, start=self._avg)
         counts = self._count + np.arange(1, n + 1)
-        smoothed = ema / (1.0 - beta ** counts)
-        self._avg, self._count = float(ema[-1]), self._count + n
+        smoothed = averaged / (1.0 - beta ** counts)
+        self._avg, self._count = float(averaged[-1]), self._count + n
         warm = counts <= max(self.warmup, 1)
         if warm.any():  # the level the run started at: its smoothed loss at the end of warm-up
             self._start_level = float(smoothed[np.flatnonzero(warm)[-1]])

@@ -20,10 +20,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from trainer import checkpoint
+from trainer import checkpoint_files
 from trainer.config import TrainConfig, config_values
 from trainer.knobs import validate_knobs
-from trainer.runner import stored_config
 from trainer.store.address import child_env, run_exists, store_for
 from trainer.store.base import StoreError, sanitize_run_name
 
@@ -95,6 +94,16 @@ def start_demo_run(runs_dir: str | os.PathLike, store: str | None = None
     return run_dir, launch_training(DEMO_CONFIG, run_dir, store=store)
 
 
+def stored_config(run_dir: str | os.PathLike, store: str | None = None) -> TrainConfig:
+    """The TrainConfig a run was started with (for ``--resume``); ``store`` as in train()."""
+    with store_for(run_dir, store) as run_store:
+        meta = run_store.meta()
+    try:
+        return TrainConfig.of_run(meta)
+    except ValueError as err:
+        raise ValueError(f"cannot resume {run_dir} here: {err}") from None
+
+
 def branch_run(parent_dir: str | os.PathLike, from_step: int, knobs: dict[str, float], *,
                name: str | None = None, store: str | None = None
                ) -> tuple[Path, subprocess.Popen]:
@@ -108,14 +117,14 @@ def branch_run(parent_dir: str | os.PathLike, from_step: int, knobs: dict[str, f
     parent_dir = Path(parent_dir)
     knobs = validate_knobs(knobs)
     cfg = stored_config(parent_dir, store)
-    found = checkpoint.find(parent_dir, at_or_before=from_step)
+    found = checkpoint_files.find(parent_dir, at_or_before=from_step)
     if found is None:
         raise ValueError(f"{parent_dir.name} has no checkpoint at or before step {from_step}")
     child = parent_dir.parent / sanitize_run_name(name or new_run_name(
         f"{parent_dir.name}-b{found.step}"))
-    if run_exists(store or child.parent, child.name) or checkpoint.checkpoint_dir(child).exists():
+    folder = checkpoint_files.checkpoint_dir(child)
+    if run_exists(store or child.parent, child.name) or folder.exists():
         raise ValueError(f"run {child.name} already exists; choose another --name")
-    folder = checkpoint.checkpoint_dir(child)
     folder.mkdir(parents=True)
     shutil.copyfile(found.path, folder / f"ckpt-{found.step:09d}-branch.pt")
     parent = {"run": parent_dir.name, "run_dir": str(parent_dir.resolve()), "step": found.step}

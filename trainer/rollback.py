@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from trainer import checkpoint
+from trainer import checkpoint, checkpoint_files
 
 
 def _step(state: dict[str, Any]) -> int:
@@ -54,7 +54,7 @@ class RollbackPoints:
                 (before is None or _step(memory) < before) and
                 (at_or_before is None or _step(memory) <= at_or_before)):
             memory = None
-        on_disk = checkpoint.find(self.run_dir, before=before, at_or_before=at_or_before)
+        on_disk = checkpoint_files.find(self.run_dir, before=before, at_or_before=at_or_before)
         if on_disk is None or (memory is not None and _step(memory) >= on_disk.step):
             return memory
         try:

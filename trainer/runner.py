@@ -22,7 +22,6 @@ from trainer.config import TrainConfig
 from trainer.export import TimedCommand
 from trainer.optim import make_optimizer
 from trainer.schedules import schedule_from
-from trainer.store.address import store_for
 from trainer.task import Task
 from trainer.tasks import make_task
 
@@ -141,13 +140,3 @@ def _record_samples(task: Task, bs: Babysitter) -> None:
 
 def threading_is_main() -> bool:
     return threading.current_thread() is threading.main_thread()
-
-
-def stored_config(run_dir: str | os.PathLike, store: str | None = None) -> TrainConfig:
-    """The TrainConfig a run was started with (for ``--resume``); ``store`` as in train()."""
-    with store_for(run_dir, store) as run_store:
-        meta = run_store.meta()
-    try:
-        return TrainConfig.of_run(meta)
-    except ValueError as err:
-        raise ValueError(f"cannot resume {run_dir} here: {err}") from None

@@ -1,7 +1,7 @@
 """LR range tests beside a live run, or on a built-in task alone.
 
 A range test on a run never touches the run's training process or files: it copies the run's
-newest checkpoint (``checkpoint.find``) to a temporary directory, rebuilds the model and the
+newest checkpoint (``checkpoint_files.find``) to a temporary directory, rebuilds the model and the
 optimizer from the run's stored :class:`~trainer.config.TrainConfig`, loads the copy into them
 and runs :func:`trainer.lr_range.finder.lr_find` on the task's training batches (same batch size) in
 its own process, while the run goes on training. By default the curve is the loss on a fixed
@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainer import checkpoint_files
 from trainer.config import TrainConfig, config_values
 from trainer.knobs import format_sci
 from trainer.lr_range import options
@@ -118,13 +119,11 @@ def readiness(store: RunStore) -> str | None:
         cfg = run_config(store)
     except LRJobError as err:
         return str(err)
-    from trainer import checkpoint
-
     host = store.meta().get("host")
     if not store.run_dir.is_dir() and host not in (None, socket.gethostname()):
         return (f"run {store.name} trains on {host}, which holds its checkpoints: start the "
                 f"range test there (panda lr-find {store.name})")
-    if checkpoint.find(store.run_dir) is None:
+    if checkpoint_files.find(store.run_dir) is None:
         return (f"run {store.name} has no checkpoint yet (it writes one every "
                 f"{cfg.checkpoint_every} steps and at each epoch end)")
     running = latest_lr_find(store)
@@ -179,10 +178,8 @@ def _build(cfg, model_state=None, optimizer_state=None):
 
 def _copy_newest_checkpoint(run_dir: Path, into: Path):
     """Copy the run's newest checkpoint into ``into``; return (info, copy path)."""
-    from trainer import checkpoint
-
     for _ in range(COPY_ATTEMPTS):
-        found = checkpoint.find(run_dir)
+        found = checkpoint_files.find(run_dir)
         if found is None:
             raise LRJobError(f"run {run_dir.name} has no checkpoint yet; try again once it "
                              "has trained a little")
