@@ -10,7 +10,10 @@ this checkout's, and measures both in interleaved rounds (ABBA), one tab at a ti
   the moment the training chart has drawn the run's loss and the status row shows its step.
   ``warm``: a browser with a profile on disk, as a person's browser has, that opened the
   page twice before (its HTTP cache, V8's code cache of the scripts, the Cache API);
-  ``cold``: a fresh in-memory browser context (every script downloaded and compiled).
+  ``cold``: a fresh in-memory browser context (every script downloaded and compiled);
+  ``started``: the warm browser on a third and fourth dashboard, started just before (on the
+  same port every round), whose first page pays for importing the app: what a person sees
+  first after ``make demo`` or ``panda dashboard``.
 * **Apply → confirmation**: an exact LR typed and Apply pressed; the time from the click, and
   from the trainer applying it (its intervention event's wall time), to "applied at step" on
   the page (a MutationObserver stamps the moment).
@@ -171,10 +174,11 @@ def set_state(run_dir: Path, kind: str) -> None:
 
 
 @contextlib.contextmanager
-def dashboard(tree: Path, runs: Path, log_path: Path) -> Iterator[tuple[str, int]]:
+def dashboard(tree: Path, runs: Path, log_path: Path,
+              port: int | None = None) -> Iterator[tuple[str, int]]:
     """``panda dashboard`` from source tree ``tree``: (its URL, the server's pid)."""
-    port = _free_port()
-    with open(log_path, "w") as log_file:
+    port = port or _free_port()
+    with open(log_path, "a") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "dashboard",
                                  "--runs-dir", str(runs), "--port", str(port)],
                                 stdout=log_file, stderr=subprocess.STDOUT, env=_env(tree),
@@ -253,8 +257,9 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
 
     trees = {"before": Path(args.before).resolve(), "after": REPO}
     results: dict[str, dict[str, list[float]]] = {
-        name: {"warm": [], "cold": [], "click": [], "applied": [], "verdict": [], "cpu": []}
-        for name in trees}
+        name: {"started": [], "warm": [], "cold": [], "click": [], "applied": [], "verdict": [],
+               "cpu": []} for name in trees}
+    ports = {name: _free_port() for name in trees}  # "started": one origin, so one cache
     lrs = _lr_values()
     with tempfile.TemporaryDirectory(prefix="panda-page-bench-") as tmp, \
             paused_runs(Path(tmp), args.runs, args.steps) as run_dirs, \
@@ -263,6 +268,11 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
         servers = {name: stack.enter_context(dashboard(tree, root / "runs",
                                                        root / f"dashboard-{name}.log"))
                    for name, tree in trees.items()}
+
+        def start(name: str) -> contextlib.AbstractContextManager[tuple[str, int]]:
+            """A dashboard of its own, started now, on the same port every time."""
+            return dashboard(trees[name], root / "runs", root / f"started-{name}.log",
+                             ports[name])
         newest = run_dirs[-1]  # the page preselects the newest run
         step = _summary(newest)["step"]
         browser = playwright.chromium.launch(executable_path=shutil.which("chromium"),
@@ -274,11 +284,16 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
         for _ in range(2):
             for name, (url, _) in servers.items():
                 first_view(warm_contexts[name], url, step)
+                with start(name) as (started_url, _):
+                    first_view(warm_contexts[name], started_url, step)
         for round_ in range(args.rounds):
             order = list(trees) if round_ % 2 == 0 else list(reversed(trees))
             for name in order:
-                url, pid = servers[name]
                 step = _summary(newest)["step"]
+                with start(name) as (started_url, _):  # its first page imports the app
+                    results[name]["started"].append(
+                        first_view(warm_contexts[name], started_url, step))
+                url, pid = servers[name]
                 cold = browser.new_context(viewport=VIEWPORT)
                 results[name]["cold"].append(first_view(cold, url, step))
                 cold.close()
@@ -310,7 +325,8 @@ def _cell(values: list[float], unit: str, scale: float = 1.0) -> str:
 
 
 def report(results: dict[str, dict[str, list[float]]]) -> str:
-    rows = [("first view, warm browser", "warm", "ms", 1000), ("first view, fresh browser",
+    rows = [("first view of a dashboard just started, warm browser", "started", "ms", 1000),
+            ("first view, warm browser", "warm", "ms", 1000), ("first view, fresh browser",
              "cold", "ms", 1000), ("Apply click → confirmed on the page", "click", "ms", 1000),
             ("trainer applied → confirmed on the page", "applied", "ms", 1000),
             ("verdict in the store → confirmed on the page", "verdict", "ms", 1000),

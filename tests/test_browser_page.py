@@ -59,15 +59,6 @@ ACTIONS = ("Apply", "Pause", "Resume", "Undo", "Stop", "×½", "×2", "Run LR ra
            "Start training", "Apply decay")
 
 
-
-
-
-
-
-
-
-
-
 def _opened(run_dir: Path):
     try:
         return open_store(run_dir)
@@ -136,10 +127,6 @@ def _tab(context, url: str):
         yield tab
     finally:
         tab.close()
-
-
-
-
 
 
 # --- the access token --------------------------------------------------------------------------
