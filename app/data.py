@@ -27,7 +27,6 @@ For raw rows the three series are the rows themselves.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -254,6 +253,14 @@ def steps_per_second(cache: dict[str, Any]) -> float | None:
     return float((steps[-1] - steps[0]) / (wall[-1] - wall[0]))
 
 
+def duration(seconds: float) -> str:
+    """``HH:MM:SS`` with the hours not wrapped at a day (a 30-hour run reads 30:00:00, where
+    ``time.strftime`` on ``gmtime`` reads 06:00:00); negative reads as zero."""
+    minutes, secs = divmod(int(max(0.0, seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
 def stall_note(cache: dict[str, Any], now: float, started: float | None = None) -> str | None:
     """For a running trainer: "No training step for 00:02:10 …" when its newest logged step, or
     ``started`` (when the trainer took the run, its meta ``trainer_started``: a resumed run's
@@ -268,7 +275,7 @@ def stall_note(cache: dict[str, Any], now: float, started: float | None = None) 
     idle = now - since
     if idle < max(STALL_MIN_S, STALL_INTERVALS / rate if rate else 0.0):
         return None
-    return (f"No training step for {time.strftime('%H:%M:%S', time.gmtime(idle))} although the "
+    return (f"No training step for {duration(idle)} although the "
             "trainer is alive: an evaluation, a slow data loader, a debugger, or a loop that "
             "ended without closing the run.")
 

@@ -32,7 +32,14 @@ import streamlit as st
 from app import access, actions
 from app.charts import training_figure
 from app.controls import is_locked, knob_widgets, pending_table, run_buttons, show_outcome
-from app.data import chart_view, early_stop_hint, stall_note, steps_per_second, visible_range
+from app.data import (
+    chart_view,
+    duration,
+    early_stop_hint,
+    stall_note,
+    steps_per_second,
+    visible_range,
+)
 from app.lr_panel import render_lr_panel
 from app.panels import decay_controls, export_block, new_run_form, sample_panel
 from app.runs_table import open_clicked_run, runs_table
@@ -172,7 +179,7 @@ def _status_row(snap: Snapshot) -> None:
     cells = [("state", state), ("step", f"{summary['step']:,}"),
              ("epoch", str(summary["epoch"])),
              ("steps/s", "–" if rate is None else f"{rate:,.1f}"),
-             ("elapsed", time.strftime("%H:%M:%S", time.gmtime(max(0.0, elapsed)))),
+             ("elapsed", duration(elapsed)),
              ("learning rate", _fmt(summary["lr"])),
              ("momentum β", _fmt(summary["momentum"], lambda v: f"{v:.4g}")),
              ("weight decay", _fmt(summary["weight_decay"])),

@@ -22,6 +22,7 @@ from app.controls import key
 from app.data import (
     RAW_TAIL,
     chart_view,
+    duration,
     empty_cache,
     fetch,
     stall_note,
@@ -227,6 +228,16 @@ def test_stall_note_on_hand_made_walls():
     assert stall_note(cache(0.01, now - 3600), now, started=now - 10) is None
     assert "00:00:40" in stall_note(cache(0.01, now - 3600), now, started=now - 40)
     assert "00:00:40" in stall_note(empty_cache(), now, started=now - 40)  # no step at all yet
+    # A trainer stuck since yesterday: the hours go on past a day.
+    assert "No training step for 30:00:00 " in stall_note(cache(0.01, now - 30 * 3600), now)
+
+
+def test_durations_count_hours_past_a_day():
+    """Elapsed time and silences read HH:MM:SS with the hours not wrapped at 24."""
+    assert duration(0) == "00:00:00" and duration(59.9) == "00:00:59"
+    assert duration(3661) == "01:01:01" and duration(-5) == "00:00:00"
+    assert duration(30 * 3600 + 61) == "30:01:01"
+    assert duration(125 * 3600) == "125:00:00"
 
 
 @pytest.mark.parametrize("status, age, said", [
