@@ -192,8 +192,10 @@ def _status_row(snap: Snapshot) -> None:
 
 def _notes(snap: Snapshot, stalled: str | None) -> None:
     """Under the status row: what the LR is made of, a trainer that stopped stepping, an
-    early-stop hint, a divergence."""
+    early-stop hint, a divergence, why the run failed."""
     meta, state = snap.meta, snap.state
+    if snap.summary.get("failure"):
+        st.error(f"The run failed: {snap.summary['failure']}")
     composition = lr_composition(meta.get("lr_composition"))
     if composition:
         st.caption(composition)

@@ -47,7 +47,7 @@ def _reader() -> Callable:
     return after
 
 
-def _variant(kind: str, run_dir: Path) -> Variant:
+def _variant(kind: str, run_dir: Path, babysitters: list[Babysitter]) -> Variant:
     model = _model("fast")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if kind == "bare":
@@ -59,6 +59,7 @@ def _variant(kind: str, run_dir: Path) -> Variant:
         optimizer.register_step_post_hook(lambda opt, args, kwargs: None)
         return model, optimizer, _reader()
     babysitter = Babysitter(optimizer, run_dir, model=model)
+    babysitters.append(babysitter)
     return model, optimizer, babysitter.step
 
 
@@ -82,16 +83,19 @@ def measure(segments: int, steps: int) -> dict[str, list[tuple[float, float]]]:
     torch.set_num_threads(1)
     batch = FixedBatch()
     names = ["bare", "loss read", "+ hook pair", "Panda"]
+    babysitters: list[Babysitter] = []
     with tempfile.TemporaryDirectory(prefix="panda-floor-") as tmp:
-        variants = {name: _variant(name, Path(tmp) / "run") for name in names}
-        for name in names:  # warm-up: first calls allocate
-            _segment(variants[name], steps, batch)
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
-        for i in range(segments):
-            for name in names[i % len(names):] + names[:i % len(names)]:
-                results[name].append(_segment(variants[name], steps, batch))
-        babysitter = variants["Panda"][2].__self__
-        babysitter.close()
+        try:
+            variants = {name: _variant(name, Path(tmp) / "run", babysitters) for name in names}
+            for name in names:  # warm-up: first calls allocate
+                _segment(variants[name], steps, batch)
+            results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+            for i in range(segments):
+                for name in names[i % len(names):] + names[:i % len(names)]:
+                    results[name].append(_segment(variants[name], steps, batch))
+        finally:  # its writer thread stops before the directory goes
+            for babysitter in babysitters:
+                babysitter.close()
     return results
 
 

@@ -257,6 +257,17 @@ def test_a_live_trainer_that_stopped_stepping_is_said_so(open_page, status, age,
         assert float(metrics["steps/s"]) > 0
 
 
+def test_a_failed_run_says_why(make_run, monkeypatch, tmp_path):
+    """A run whose trainer raised: the page says the exception under the status row."""
+    run_dir = make_run(status="failed")
+    with SqliteStore(run_dir) as store:
+        store.set_meta(error="RuntimeError: CUDA out of memory", ended=time.time())
+    monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
+    assert [e.value for e in at.error] == ["The run failed: RuntimeError: CUDA out of memory"]
+    assert {m.label: m.value for m in at.metric}["state"] == "failed"
+
+
 def test_new_run_form_refuses_bad_and_existing_names(page):
     at, _ = page()
     for name, reason in (("../escape", "invalid run name"), ("live", "already exists")):

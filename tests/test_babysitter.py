@@ -634,6 +634,9 @@ def test_checkpoint_round_trip_restores_model_and_optimizer_bitwise(tmp_path):
         train_steps(bs, model, opt, 7)  # trained past the checkpoint, then it crashes
         raise RuntimeError("crash")
 
+    with SqliteStore(tmp_path / "run") as store:  # the crash: failed, and why
+        assert store.summary()["state"] == "failed"
+        assert store.summary()["failure"] == "RuntimeError: crash"
     torch.manual_seed(123)  # a different model and RNG state: all must come from the file
     fresh = Net()
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -653,6 +656,9 @@ def test_checkpoint_round_trip_restores_model_and_optimizer_bitwise(tmp_path):
         # The resumed trainer says when it took the run: its rows all predate it (the page
         # counts a trainer's silence from there, not from the last row before the crash).
         assert store.meta()["trainer_started"] > max(store.metrics_since()["wall"])
+        # Running again: the crash's end time and reason are gone (the page's elapsed time
+        # runs, no old failure is shown).
+        assert store.meta()["ended"] is None and store.summary()["failure"] is None
         train_steps(bs, model=fresh, opt=fresh_opt, n=2)
     assert store.metrics_since()["step"] == list(range(12))
     assert store.meta()["status"] == "finished"

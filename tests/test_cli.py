@@ -230,8 +230,22 @@ def test_status_text_is_one_readable_line(capsys, finished):
     code, out, _ = run_cli(capsys, "status", finished)
     assert code == 0
     assert out.strip() == "done: finished, step 5, epoch 0, loss 1, lr 1e-01, momentum 0, " \
-        "weight_decay 0"
+        "weight_decay 0"  # no failure, none said
     assert len(out.strip().splitlines()) == 1
+
+
+def test_the_status_of_a_failed_run_says_why(capsys, runs_dir):
+    opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="out of memory"), \
+            Babysitter(opt, runs_dir / "crashed", flush_interval=0.02) as bs:
+        bs.step(1.0)
+        raise RuntimeError("CUDA out of memory")
+    code, out, _ = run_cli(capsys, "status", runs_dir / "crashed")
+    assert code == 0
+    assert out.strip().startswith("crashed: failed, step 1,")
+    assert out.strip().endswith("; failed with RuntimeError: CUDA out of memory")
+    code, out, _ = run_cli(capsys, "status", runs_dir / "crashed", "--json")
+    assert json.loads(out)["failure"] == "RuntimeError: CUDA out of memory"
 
 
 def test_runs_json_lists_every_run(capsys, runs_dir, finished, live):

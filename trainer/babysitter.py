@@ -775,7 +775,10 @@ class Babysitter:
             "knobs": self._knobs_now(), "schedule": self.schedule.to_dict(),
             "lr_composition": self.composition.describe(),
             "steps_per_epoch": self.steps_per_epoch, "step": self.step_count,
-            "run_dir": str(self.run_dir.resolve())}
+            "run_dir": str(self.run_dir.resolve()),
+            # A resumed run is not ended and has not failed: the last end's time and reason go
+            # (else the page's elapsed time stood still and an old failure was shown).
+            "ended": None, "error": None}
         if "created" not in meta:
             values.update(name=self.run_dir.name, created=now)
         if config:

@@ -1,7 +1,7 @@
 """Where a run's checkpoints lie and which one to take: names, listing, finding.
 
 No torch here, so that the dashboard, the CLI and ``panda train --help`` can ask about
-checkpoints without loading it (``import torch`` is ~1.3 s; the writing and reading of
+checkpoints without loading it (``import torch`` takes over a second; the writing and reading of
 checkpoints is :mod:`trainer.checkpoint`).
 
 Files live in ``run_dir/checkpoints/``: automatic ones (``ckpt-<step>-<reason>.pt``) form a

@@ -241,7 +241,6 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 
 
 def cmd_branch(args: argparse.Namespace) -> int:
-
     knobs = {name: getattr(args, name) for name in ("lr", "momentum", "weight_decay")
              if getattr(args, name) is not None}
     with _open_run(args) as store:
@@ -279,9 +278,10 @@ def _status_line(s: dict) -> str:
     def fmt(v):
         return "-" if v is None else format_sci(v)
     loss = "-" if s.get("loss") is None or not math.isfinite(s["loss"]) else f"{s['loss']:.4g}"
-    return (f"{s['run']}: {s['state']}, step {s['step']}, epoch {s['epoch']}, loss {loss}, "
+    line = (f"{s['run']}: {s['state']}, step {s['step']}, epoch {s['epoch']}, loss {loss}, "
             f"lr {fmt(s['lr'])}, momentum {fmt(s['momentum'])}, "
             f"weight_decay {fmt(s['weight_decay'])}")
+    return f"{line}; failed with {s['failure']}" if s.get("failure") else line
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -427,7 +427,6 @@ def _browsable(host: str) -> str:
 
 
 def _open_browser(args: argparse.Namespace, url: str, server) -> None:
-
     if open_when_serving(url, server):
         _emit(args, {"opened": url}, f"opened {url} in your browser")
         sys.stdout.flush()

@@ -126,7 +126,8 @@ def branch_run(parent_dir: str | os.PathLike, from_step: int, knobs: dict[str, f
     if run_exists(store or child.parent, child.name) or folder.exists():
         raise ValueError(f"run {child.name} already exists; choose another --name")
     folder.mkdir(parents=True)
-    shutil.copyfile(found.path, folder / f"ckpt-{found.step:09d}-branch.pt")
+    shutil.copyfile(found.path, checkpoint_files.checkpoint_path(child, found.step, "branch",
+                                                                 pinned=False))
     parent = {"run": parent_dir.name, "run_dir": str(parent_dir.resolve()), "step": found.step}
     return child, launch_training(cfg, child, resume=True, store=store,
                                   meta={"parent": parent, "branch_knobs": knobs})

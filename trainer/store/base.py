@@ -628,6 +628,8 @@ class RunStore(abc.ABC):
             "optimizer": meta.get("optimizer"),
             "created": meta.get("created"),
             "heartbeat": heartbeat,
+            # Why a failed run failed (the exception's one line, as its trainer wrote it).
+            "failure": meta.get("error") if state == "failed" else None,
         }
 
     def _dicts(self, sql: str, params: tuple) -> list[dict[str, Any]]:
