@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from browsing import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -38,6 +39,7 @@ from browsing import (
 from helpers import screenshot
 
 from app.lr_panel import format_factor, lr_factor, needs_confirmation
+from trainer import Babysitter
 from trainer.store import SqliteStore, StoreError
 from trainer.store.address import open_store, run_address
 
@@ -476,6 +478,26 @@ def test_a_trainer_that_stopped_stepping_is_said_so(browser, servers):
         note.wait_for()
         assert "although the trainer is alive" in note.inner_text()
         assert metric(tab, "steps/s") == "0.0" and metric(tab, "state").endswith("running")
+
+
+def test_a_run_that_failed_says_why(browser, servers):
+    """A loop that raised inside its Babysitter, picked in the sidebar: the page says the run
+    failed and with which exception."""
+    url, store, _ = servers
+    opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="out of memory"), \
+            Babysitter(opt, Path(store.address).parent / "crashed", flush_interval=0.05) as bs:
+        for _ in range(20):
+            bs.step(1.0)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with _browse(browser, url) as tab:
+        picker = tab.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').filter(
+            has=tab.get_by_text("Run", exact=True))
+        picker.click()
+        tab.get_by_role("option", name=re.compile(r"^crashed")).click()
+        tab.get_by_text("The run failed: RuntimeError: CUDA out of memory. Tried to allocate "
+                        "2.00 GiB", exact=True).wait_for()
+        assert metric(tab, "state").endswith("failed") and metric(tab, "step") == "20"
 
 
 def test_the_server_log_has_no_warnings(servers):
