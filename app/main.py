@@ -47,6 +47,7 @@ from app.snapshot import Snapshot, take
 from app.stream_chart import figure_json, stream_chart
 from app.study import open_clicked_trial, study_section
 from trainer.knobs import format_sci
+from trainer.launch import resume_hint
 from trainer.store import RUNNING_STATES, RunStore, StoreError
 from trainer.store.address import (
     is_server_url,
@@ -196,6 +197,10 @@ def _notes(snap: Snapshot, stalled: str | None) -> None:
     meta, state = snap.meta, snap.state
     if snap.summary.get("failure"):
         st.error(f"The run failed: {snap.summary['failure']}")
+    if state == "interrupted":
+        st.warning("The trainer stopped without closing the run: killed, out of memory, or its "
+                   f"machine went down. Its steps up to {snap.summary['step']:,} are kept. "
+                   f"{resume_hint(meta, in_database=is_server_url(snap.address))}")
     composition = lr_composition(meta.get("lr_composition"))
     if composition:
         st.caption(composition)

@@ -21,20 +21,20 @@ DEFAULT_KNOBS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0}
 @pytest.fixture
 def make_run(tmp_path: Path) -> Callable[..., Path]:
     """Factory for a run store under ``tmp_path/runs`` that looks like a live Babysitter's:
-    status, heartbeat and pid (this process, so it counts as alive), knobs, supported knobs and
-    ``steps`` metric rows, one a second, the newest ``last_step_age`` seconds ago. No trainer is
-    needed; returns the run directory."""
+    status, heartbeat and pid (this process, so it counts as alive, unless ``pid`` is given),
+    knobs, supported knobs and ``steps`` metric rows, one a second, the newest
+    ``last_step_age`` seconds ago. No trainer is needed; returns the run directory."""
 
     def make(name: str = "live", *, status: str = "running", steps: int = 20,
              knobs: dict[str, Any] | None = None,
              supported: tuple[str, ...] = ("lr", "momentum", "weight_decay"),
-             last_step_age: float = 1.0) -> Path:
+             last_step_age: float = 1.0, pid: int | None = None) -> Path:
         run_dir = tmp_path / "runs" / name
         knobs = {**DEFAULT_KNOBS, **(knobs or {})}
         now = time.time()
         with SqliteStore(run_dir, create=True) as store:
             store.set_meta(name=name, created=now - steps, status=status, heartbeat=now,
-                           pid=os.getpid(), host=socket.gethostname(), task="digits",
+                           pid=pid or os.getpid(), host=socket.gethostname(), task="digits",
                            optimizer="SGD", supported_knobs=list(supported), knobs=knobs,
                            step=steps, epoch=0, schedule={"shape": "constant"})
             store.append_metrics([(s, 0, now - last_step_age - (steps - 1) + s, 1.0 / (s + 1),

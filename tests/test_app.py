@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import APP, APP_TIMEOUT_S, knob_widget, stream_charts, wait_until
+from helpers import APP, APP_TIMEOUT_S, dead_pid, knob_widget, stream_charts, wait_until
 from streamlit.testing.v1 import AppTest
 
 from app.charts import MAX_POINTS, downsample, ema, training_figure
@@ -266,6 +266,17 @@ def test_a_failed_run_says_why(make_run, monkeypatch, tmp_path):
     at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
     assert [e.value for e in at.error] == ["The run failed: RuntimeError: CUDA out of memory"]
     assert {m.label: m.value for m in at.metric}["state"] == "failed"
+
+
+def test_an_interrupted_run_says_how_to_resume(open_page):
+    """A run whose trainer died without closing it (its pid is gone): the page says so, keeps
+    the steps, and says how to resume (a user's loop here: no `panda train` config)."""
+    at, _ = open_page(pid=dead_pid())
+    (warning,) = [w.value for w in at.warning]
+    assert warning.startswith("The trainer stopped without closing the run: killed, out of "
+                              "memory, or its machine went down. Its steps up to 20 are kept.")
+    assert "`Babysitter(optimizer, run_dir, model=model, resume=True)` in your loop" in warning
+    assert {m.label: m.value for m in at.metric}["state"] == "interrupted"
 
 
 def test_new_run_form_refuses_bad_and_existing_names(page):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +37,12 @@ from browsing import (
     sync_api,
     wait,
 )
-from helpers import screenshot
+from helpers import dead_pid, screenshot
 
 from app.lr_panel import format_factor, lr_factor, needs_confirmation
 from trainer import Babysitter
+from trainer.checkpoint_files import checkpoint_path
+from trainer.config import TrainConfig, config_values
 from trainer.store import SqliteStore, StoreError
 from trainer.store.address import open_store, run_address
 
@@ -498,6 +501,35 @@ def test_a_run_that_failed_says_why(browser, servers):
         tab.get_by_text("The run failed: RuntimeError: CUDA out of memory. Tried to allocate "
                         "2.00 GiB", exact=True).wait_for()
         assert metric(tab, "state").endswith("failed") and metric(tab, "step") == "20"
+
+
+def test_an_interrupted_run_says_how_to_resume(browser, servers):
+    """A `panda train` run whose trainer was killed (kill -9: its pid is gone, its status still
+    "running"), picked in the sidebar: the page says what happened and the command to resume,
+    from its newest checkpoint."""
+    url, store, _ = servers
+    killed = Path(store.address).parent / "killed"
+    with SqliteStore(killed, create=True) as run:
+        now = time.time()
+        run.set_meta(name="killed", created=now - 60, status="running", heartbeat=now - 5,
+                     pid=dead_pid(), host=socket.gethostname(), run_dir=str(killed),
+                     config=asdict(TrainConfig(**config_values("digits"))), task="digits",
+                     optimizer="SGD", supported_knobs=["lr"], knobs={"lr": 0.01}, step=40,
+                     epoch=0, schedule={"shape": "constant"})
+        run.append_metrics([(s, 0, now - 60 + s, 1.0, 0.01, 0.9, 0.0) for s in range(40)])
+    checkpoint_path(killed, 30, "periodic", pinned=False).parent.mkdir()
+    checkpoint_path(killed, 30, "periodic", pinned=False).write_bytes(b"")
+    with _browse(browser, url) as tab:
+        picker = tab.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').filter(
+            has=tab.get_by_text("Run", exact=True))
+        picker.click()
+        tab.get_by_role("option", name=re.compile(r"^killed")).click()
+        note = tab.get_by_text(re.compile(r"^The trainer stopped without closing the run"))
+        note.wait_for()
+        assert "Its steps up to 40 are kept." in note.inner_text()
+        assert (f"panda train --resume --run-dir {killed} from its checkpoint of step 30"
+                in note.inner_text())
+        assert metric(tab, "state").endswith("interrupted")
 
 
 def test_the_server_log_has_no_warnings(servers):

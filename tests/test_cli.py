@@ -12,17 +12,22 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, holds_for, panda, subprocess_env, summary_of, wait_until
+from helpers import REPO, dead_pid, holds_for, panda, subprocess_env, summary_of, wait_until
 
 from trainer import Babysitter, cli
+from trainer.checkpoint_files import checkpoint_path
+from trainer.config import TrainConfig, config_values
+from trainer.launch import resume_hint
 from trainer.store import SqliteStore
 
 torch.set_num_threads(1)
@@ -246,6 +251,36 @@ def test_the_status_of_a_failed_run_says_why(capsys, runs_dir):
     assert out.strip().endswith("; failed with RuntimeError: CUDA out of memory")
     code, out, _ = run_cli(capsys, "status", runs_dir / "crashed", "--json")
     assert json.loads(out)["failure"] == "RuntimeError: CUDA out of memory"
+
+
+def test_the_status_of_an_interrupted_run_says_how_to_resume(capsys, make_run):
+    """A trainer killed without closing its run: `panda status` says so and how to go on."""
+    run_dir = make_run("killed", pid=dead_pid())
+    with SqliteStore(run_dir) as store:
+        store.set_meta(run_dir=str(run_dir), config=asdict(TrainConfig(**config_values("digits"))))
+    checkpoint_path(run_dir, 120, "periodic", pinned=False).parent.mkdir()
+    checkpoint_path(run_dir, 120, "periodic", pinned=False).write_bytes(b"")
+    code, out, _ = run_cli(capsys, "status", run_dir)
+    assert code == 0 and out.startswith("killed: interrupted, step 20,")
+    assert out.strip().endswith(
+        f"; its trainer is gone. Resume it with `panda train --resume --run-dir {run_dir}` from "
+        "its checkpoint of step 120 (the steps after it are trained again).")
+
+
+def test_the_resume_hint_fits_the_run(tmp_path):
+    """`panda train` runs get the command, a user's loop the Babysitter argument; the
+    checkpoint is named only where its files are on this machine."""
+    built_in = {"config": asdict(TrainConfig(**config_values("digits"))),
+                "run_dir": str(tmp_path / "a"), "host": socket.gethostname()}
+    (tmp_path / "a").mkdir()
+    assert resume_hint(built_in) == (f"Resume it with `panda train --resume --run-dir "
+                                     f"{tmp_path / 'a'}` (it has no checkpoint yet, so it starts "
+                                     "again from step 0).")
+    assert "--store $PANDA_STORE`" in resume_hint(built_in, in_database=True)
+    elsewhere = {**built_in, "host": "gpu-node-7"}
+    assert resume_hint(elsewhere).endswith(f"--run-dir {tmp_path / 'a'}`.")
+    assert resume_hint({"run_dir": str(tmp_path / "a")}).startswith(
+        "Resume it with `Babysitter(optimizer, run_dir, model=model, resume=True)` in your loop")
 
 
 def test_runs_json_lists_every_run(capsys, runs_dir, finished, live):

@@ -39,6 +39,7 @@ from trainer.launch import (
     dashboard_command,
     dashboard_cwd,
     open_when_serving,
+    resume_hint,
     start_demo_run,
     stop_run,
     stored_config,
@@ -269,8 +270,11 @@ def _control(kind: str) -> Callable[[argparse.Namespace], int]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     with _open_run(args) as store:
-        summary = store.summary()
-    _emit(args, summary, _status_line(summary))
+        summary, meta = store.summary(), store.meta()
+    line = _status_line(summary)
+    if summary["state"] == "interrupted":  # the trainer is gone: say how to go on
+        line += f"; its trainer is gone. {resume_hint(meta, in_database=store.backend != 'sqlite')}"
+    _emit(args, summary, line)
     return 0
 
 

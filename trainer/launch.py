@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import webbrowser
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from trainer import checkpoint_files
 from trainer.config import TrainConfig, config_values
@@ -102,6 +104,27 @@ def stored_config(run_dir: str | os.PathLike, store: str | None = None) -> Train
         return TrainConfig.of_run(meta)
     except ValueError as err:
         raise ValueError(f"cannot resume {run_dir} here: {err}") from None
+
+
+def resume_hint(meta: Mapping[str, Any], *, in_database: bool = False) -> str:
+    """How to continue a run whose trainer is gone (kill -9, out of memory, a machine that went
+    down), from its meta: the command for a ``panda train`` run (``--store`` for a run kept in
+    PostgreSQL), the Babysitter argument for a user's own loop; and from which checkpoint, when
+    the run's directory is on this machine (checkpoints are files next to the trainer)."""
+    run_dir = meta.get("run_dir")
+    try:
+        TrainConfig.of_run(dict(meta))
+        store = " --store $PANDA_STORE" if in_database else ""
+        how = f"`panda train --resume --run-dir {run_dir}{store}`"
+    except ValueError:  # not started by `panda train`
+        how = "`Babysitter(optimizer, run_dir, model=model, resume=True)` in your loop"
+    where = ""
+    if run_dir and meta.get("host") in (None, socket.gethostname()) and Path(run_dir).is_dir():
+        found = checkpoint_files.find(run_dir)
+        where = (f" from its checkpoint of step {found.step:,} (the steps after it are trained "
+                 "again)" if found is not None else
+                 " (it has no checkpoint yet, so it starts again from step 0)")
+    return f"Resume it with {how}{where}."
 
 
 def branch_run(parent_dir: str | os.PathLike, from_step: int, knobs: dict[str, float], *,
