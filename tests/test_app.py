@@ -275,7 +275,7 @@ def test_an_interrupted_run_says_how_to_resume(open_page):
     (warning,) = [w.value for w in at.warning]
     assert warning.startswith("The trainer stopped without closing the run: killed, out of "
                               "memory, or its machine went down. Its steps up to 20 are kept.")
-    assert "`Babysitter(optimizer, run_dir, model=model, resume=True)` in your loop" in warning
+    assert "Resume it with `resume=True` where your loop makes its Babysitter" in warning
     assert {m.label: m.value for m in at.metric}["state"] == "interrupted"
 
 

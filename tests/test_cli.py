@@ -280,7 +280,7 @@ def test_the_resume_hint_fits_the_run(tmp_path):
     elsewhere = {**built_in, "host": "gpu-node-7"}
     assert resume_hint(elsewhere).endswith(f"--run-dir {tmp_path / 'a'}`.")
     assert resume_hint({"run_dir": str(tmp_path / "a")}).startswith(
-        "Resume it with `Babysitter(optimizer, run_dir, model=model, resume=True)` in your loop")
+        "Resume it with `resume=True` where your loop makes its Babysitter (or its Lightning")
 
 
 def test_runs_json_lists_every_run(capsys, runs_dir, finished, live):

@@ -117,7 +117,8 @@ def resume_hint(meta: Mapping[str, Any], *, in_database: bool = False) -> str:
         store = " --store $PANDA_STORE" if in_database else ""
         how = f"`panda train --resume --run-dir {run_dir}{store}`"
     except ValueError:  # not started by `panda train`
-        how = "`Babysitter(optimizer, run_dir, model=model, resume=True)` in your loop"
+        how = ("`resume=True` where your loop makes its Babysitter (or its Lightning or Hugging "
+               "Face PandaCallback)")
     where = ""
     if run_dir and meta.get("host") in (None, socket.gethostname()) and Path(run_dir).is_dir():
         found = checkpoint_files.find(run_dir)
