@@ -239,6 +239,18 @@ def idle_cpu(pid: int, seconds: float) -> float:
     return 100.0 * (cpu_seconds(pid) - start_cpu) / (time.monotonic() - start)
 
 
+def _explain(err: BaseException, tab, run_dir: Path, root: Path) -> None:
+    """Log what a timed-out Apply left behind: the page (a screenshot kept outside the
+    temporary directory), its messages and the run's last commands."""
+    shot = Path(tempfile.gettempdir()) / f"page-bench-timeout-{os.getpid()}.png"
+    with contextlib.suppress(Exception):
+        tab.screenshot(path=str(shot), full_page=True)
+    with SqliteStore(run_dir) as store:
+        commands = [(c.id, c.kind, c.payload, c.status, c.error) for c in store.commands()][-5:]
+        log.error("Apply not confirmed (%s); page: %s; state %s; last commands %s; run dir %s",
+                  err, shot, store.summary()["state"], commands, root)
+
+
 def _open_tab(context, url: str, step: int):
     tab = context.new_page()
     tab.set_default_timeout(TIMEOUT_S * 1000)
@@ -253,6 +265,7 @@ def _lr_values() -> Iterator[float]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     trees = {"before": Path(args.before).resolve(), "after": REPO}
@@ -301,7 +314,12 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
                 tab = _open_tab(warm_contexts[name], url, step)
                 # A set command is confirmed by the update that uses it: the run trains.
                 set_state(newest, "resume")
-                click, applied, verdict = apply_latency(tab, newest, next(lrs))
+                try:
+                    click, applied, verdict = apply_latency(tab, newest, next(lrs))
+                except (TimeoutError, PlaywrightTimeout) as err:  # seen twice in ~20 rounds:
+                    # keep what shows why
+                    _explain(err, tab, newest, root)
+                    raise
                 set_state(newest, "pause")
                 results[name]["click"].append(click)
                 results[name]["applied"].append(applied)
