@@ -458,6 +458,13 @@ def test_stop_ends_the_run_and_locks_the_knobs(page, servers):
     assert page.get_by_role("button", name="Pause").is_disabled()
 
 
+def _pick_run(tab, name: str) -> None:
+    """Open run ``name`` from the sidebar's run picker, as a person would."""
+    tab.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').filter(
+        has=tab.get_by_text("Run", exact=True)).click()
+    tab.get_by_role("option", name=re.compile(rf"^{re.escape(name)} ")).click()
+
+
 def test_a_trainer_that_stopped_stepping_is_said_so(browser, servers):
     """A run whose trainer is alive (this process) but whose newest step is two minutes old,
     picked in the sidebar as a person would: the page says it has stopped stepping and shows
@@ -473,10 +480,7 @@ def test_a_trainer_that_stopped_stepping_is_said_so(browser, servers):
         stuck.append_metrics([(s, 0, now - 120 - (199 - s) * 0.5, 1.0, 0.01, 0.9, 0.0)
                               for s in range(200)])
     with _browse(browser, url) as tab:
-        picker = tab.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').filter(
-            has=tab.get_by_text("Run", exact=True))
-        picker.click()
-        tab.get_by_role("option", name=re.compile(r"^stuck")).click()
+        _pick_run(tab, "stuck")
         note = tab.get_by_text(re.compile(r"^No training step for 00:0[23]:"))
         note.wait_for()
         assert "although the trainer is alive" in note.inner_text()
@@ -494,10 +498,7 @@ def test_a_run_that_failed_says_why(browser, servers):
             bs.step(1.0)
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
     with _browse(browser, url) as tab:
-        picker = tab.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').filter(
-            has=tab.get_by_text("Run", exact=True))
-        picker.click()
-        tab.get_by_role("option", name=re.compile(r"^crashed")).click()
+        _pick_run(tab, "crashed")
         tab.get_by_text("The run failed: RuntimeError: CUDA out of memory. Tried to allocate "
                         "2.00 GiB", exact=True).wait_for()
         assert metric(tab, "state").endswith("failed") and metric(tab, "step") == "20"
@@ -520,10 +521,7 @@ def test_an_interrupted_run_says_how_to_resume(browser, servers):
     checkpoint_path(killed, 30, "periodic", pinned=False).parent.mkdir()
     checkpoint_path(killed, 30, "periodic", pinned=False).write_bytes(b"")
     with _browse(browser, url) as tab:
-        picker = tab.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').filter(
-            has=tab.get_by_text("Run", exact=True))
-        picker.click()
-        tab.get_by_role("option", name=re.compile(r"^killed")).click()
+        _pick_run(tab, "killed")
         note = tab.get_by_text(re.compile(r"^The trainer stopped without closing the run"))
         note.wait_for()
         assert "Its steps up to 40 are kept." in note.inner_text()
