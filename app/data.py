@@ -253,6 +253,14 @@ def steps_per_second(cache: dict[str, Any]) -> float | None:
     return float((steps[-1] - steps[0]) / (wall[-1] - wall[0]))
 
 
+def elapsed_seconds(meta: dict[str, Any], state: str, now: float) -> float:
+    """How long the run has run: from its creation to its end, or to its trainer's last
+    heartbeat when the trainer is gone without ending it ("interrupted": a run killed two
+    days ago did not run for two more days), else to now."""
+    end = meta.get("ended") or (meta.get("heartbeat") if state == "interrupted" else None)
+    return (end or now) - (meta.get("created") or now)
+
+
 def duration(seconds: float) -> str:
     """``HH:MM:SS`` with the hours not wrapped at a day (a 30-hour run reads 30:00:00, where
     ``time.strftime`` on ``gmtime`` reads 06:00:00); negative reads as zero."""

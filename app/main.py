@@ -36,6 +36,7 @@ from app.data import (
     chart_view,
     duration,
     early_stop_hint,
+    elapsed_seconds,
     stall_note,
     steps_per_second,
     visible_range,
@@ -176,11 +177,10 @@ def _status_row(snap: Snapshot) -> None:
     if state == "running":
         stalled = stall_note(snap.curves, time.time(), meta.get("trainer_started"))
         rate = 0.0 if stalled else steps_per_second(snap.curves)
-    elapsed = (meta.get("ended") or time.time()) - (meta.get("created") or time.time())
     cells = [("state", state), ("step", f"{summary['step']:,}"),
              ("epoch", str(summary["epoch"])),
              ("steps/s", "–" if rate is None else f"{rate:,.1f}"),
-             ("elapsed", duration(elapsed)),
+             ("elapsed", duration(elapsed_seconds(meta, state, time.time()))),
              ("learning rate", _fmt(summary["lr"])),
              ("momentum β", _fmt(summary["momentum"], lambda v: f"{v:.4g}")),
              ("weight decay", _fmt(summary["weight_decay"])),
@@ -192,8 +192,9 @@ def _status_row(snap: Snapshot) -> None:
 
 
 def _notes(snap: Snapshot, stalled: str | None) -> None:
-    """Under the status row: what the LR is made of, a trainer that stopped stepping, an
-    early-stop hint, a divergence, why the run failed."""
+    """Under the status row: why the run failed, or how to resume one whose trainer is gone;
+    what the LR is made of, a trainer that stopped stepping, an early-stop hint, a
+    divergence."""
     meta, state = snap.meta, snap.state
     if snap.summary.get("failure"):
         st.error(f"The run failed: {snap.summary['failure']}")

@@ -23,6 +23,7 @@ from app.data import (
     RAW_TAIL,
     chart_view,
     duration,
+    elapsed_seconds,
     empty_cache,
     fetch,
     stall_note,
@@ -230,6 +231,15 @@ def test_stall_note_on_hand_made_walls():
     assert "00:00:40" in stall_note(empty_cache(), now, started=now - 40)  # no step at all yet
     # A trainer stuck since yesterday: the hours go on past a day.
     assert "No training step for 30:00:00 " in stall_note(cache(0.01, now - 30 * 3600), now)
+
+
+def test_elapsed_time_ends_where_the_run_or_its_trainer_did():
+    now = 1_000_000.0
+    meta = {"created": now - 7200, "heartbeat": now - 3600}
+    assert elapsed_seconds(meta, "running", now) == 7200
+    assert elapsed_seconds(meta, "interrupted", now) == 3600   # killed an hour ago
+    assert elapsed_seconds({**meta, "ended": now - 5400}, "finished", now) == 1800
+    assert elapsed_seconds({}, "starting", now) == 0
 
 
 def test_durations_count_hours_past_a_day():
