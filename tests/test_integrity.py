@@ -20,6 +20,7 @@ import pytest
 import torch
 from helpers import (
     REPO,
+    dead_pid,
     panda,
     panda_cmd,
     reaped,
@@ -265,16 +266,15 @@ def test_a_second_babysitter_on_a_live_run_is_refused_and_the_first_is_untouched
 
 
 def test_a_stale_holder_is_taken_over_and_the_takeover_recorded(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = dead_pid()
     with SqliteStore(tmp_path / "beta", create=True) as store:
-        store.set_meta(name="beta", status="running", pid=int(dead.stdout), heartbeat=time.time(),
+        store.set_meta(name="beta", status="running", pid=dead, heartbeat=time.time(),
                        host=socket.gethostname())
     with Babysitter(linear()[1], tmp_path / "beta", **FAST):
         pass
     with SqliteStore(tmp_path / "beta") as store:
         (event,) = [e for e in store.events_since(0) if e["kind"] == "takeover"]
-    assert f"took over from pid {int(dead.stdout)}" in event["message"]
+    assert f"took over from pid {dead}" in event["message"]
 
 
 @pytest.mark.parametrize(("age", "busy"), [(1.0, True), (60.0, False)])

@@ -20,7 +20,7 @@ import time
 
 import pytest
 import torch
-from helpers import HELPERS, REPO, subprocess_env
+from helpers import HELPERS, REPO, dead_pid, subprocess_env
 
 from trainer.store import sqlite as store_mod
 from trainer.store.address import list_runs, open_store, resolve_run, run_address
@@ -295,9 +295,7 @@ def test_summary_reports_knobs_and_notices_a_dead_trainer(store):
     s = store.summary()
     assert (s["run"], s["state"], s["step"], s["lr"]) == ("r", "running", 2, 0.02)
     # A heartbeat long gone and a pid that does not exist: the trainer was killed.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    store.set_meta(heartbeat=time.time() - 3600, pid=int(dead.stdout))
+    store.set_meta(heartbeat=time.time() - 3600, pid=dead_pid())
     assert store.summary()["state"] == "interrupted"
 
 

@@ -355,7 +355,6 @@ def _lr_find_text(where: str, r: dict) -> str:
 def _dashboard(args: argparse.Namespace) -> tuple[list[str], dict[str, str], str | None]:
     """The dashboard's command line, environment and working directory (where
     ``.streamlit/config.toml``, the theme, lives)."""
-
     cmd = dashboard_command(args.runs_dir, host=args.host, port=args.port)
     env = child_env(_store(args))
     if args.token:  # passed in the environment, not argv, so `ps` does not show it
