@@ -6,7 +6,9 @@
    first, medians of the per-round ratios. Two loops: ``fast`` (a 64-128-10 MLP on one fixed
    batch of 32, about 150 µs a step on a CPU) and ``digits`` (the digits MLP 64-64-10 with its
    shuffled batches, about 400 µs a step). Goal: under 2 % on the fast loop (3 % with
-   PostgreSQL).
+   PostgreSQL). With ``--device cuda`` the same loops train on a GPU, where a logger that
+   reads the loss every step (TensorBoard's ``add_scalar`` calls ``.item()``) makes the host
+   wait for the device at every step, and Panda reads it once a flush, off the training thread.
 2. Command latency: a real ``panda train`` subprocess, commands committed to its store the way
    ``panda set`` commits them, and the time from commit to being taken at a step boundary
    (the intervention event's wall time) and to the trainer's confirmation in the store (from
@@ -48,7 +50,8 @@ def _loop(task, model, optimizer, steps: int, babysitter: Babysitter | None, *,
           seed: int = 0, ready=None, log: Callable | None = None) -> float:
     """Train ``steps`` steps on ``task``'s batches; return steps per second. ``ready()`` runs just
     before the clock starts (DDP ranks use a barrier there); ``log(loss, step)`` is another
-    logger's per-step call (TensorBoard's)."""
+    logger's per-step call (TensorBoard's). On a GPU the clock stops once the device has done
+    the work queued (the host runs ahead of it otherwise)."""
     epoch, done = 0, 0
     if ready is not None:
         ready()
@@ -67,6 +70,8 @@ def _loop(task, model, optimizer, steps: int, babysitter: Babysitter | None, *,
             if done == steps:
                 break
         epoch += 1
+    if loss.is_cuda:
+        torch.cuda.synchronize()
     return steps / (time.perf_counter() - start)
 
 
@@ -74,14 +79,26 @@ class FixedBatch:
     """The fast loop's task: one fixed batch, no data loading, so per-step costs show in full
     (a stand-in for a task's ``batches`` and ``loss_fn``, as ``_loop`` reads them)."""
 
-    def __init__(self):
+    def __init__(self, device: str = "cpu"):
         g = torch.Generator().manual_seed(0)
-        self.batch = (torch.randn(BATCH_SIZE, 64, generator=g),
-                      torch.randint(0, 10, (BATCH_SIZE,), generator=g))
+        self.batch = (torch.randn(BATCH_SIZE, 64, generator=g).to(device),
+                      torch.randint(0, 10, (BATCH_SIZE,), generator=g).to(device))
         self.loss_fn = torch.nn.CrossEntropyLoss()
 
     def batches(self, batch_size: int, *, seed: int, epoch: int) -> Iterator:
         return itertools.repeat(self.batch)
+
+
+class OnDevice:
+    """A task whose batches are moved to ``device`` as they come (the digits loop on a GPU,
+    the way a data loader's batches reach one)."""
+
+    def __init__(self, task, device: str):
+        self.task, self.device, self.loss_fn = task, device, task.loss_fn
+
+    def batches(self, batch_size: int, *, seed: int, epoch: int) -> Iterator:
+        for x, y in self.task.batches(batch_size, seed=seed, epoch=epoch):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def _model(loop: str) -> torch.nn.Module:
@@ -101,18 +118,22 @@ def _tensorboard(tmp: str) -> Callable[[], object] | None:
 
 
 def throughput(rounds: int, steps: int, store: str | None = None, loop: str = "fast",
-               warmup: int = 0) -> dict[str, dict[str, float]]:
+               warmup: int = 0, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Rounds of the three loops, rotating which goes first, so a machine that speeds up or
     slows down during the run favours none of them. Returns per loop: median steps/s, and for
     Panda and TensorBoard the median of the per-round ratios to bare, with quartiles."""
-    task = FixedBatch() if loop == "fast" else make_task("digits", seed=0)
+    if loop == "fast":
+        task = FixedBatch(device)
+    else:
+        task = make_task("digits", seed=0)
+        task = task if device == "cpu" else OnDevice(task, device)
     results: dict[str, list[float]] = {"bare": [], "panda": [], "tensorboard": []}
     # CPU µs a step, every thread of this process (the loggers' background threads included):
     # what babysitting costs in work, which a loaded machine inflates far less than wall time.
     cpu: dict[str, list[float]] = {"bare": [], "panda": [], "tensorboard": []}
 
     def run(kind: str, i: int, tmp: str, writer_factory) -> None:
-        model = _model(loop)
+        model = _model(loop).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def train(bs=None, log=None) -> float:
@@ -211,11 +232,13 @@ def main() -> None:
                         help="steps every loop runs, untimed, before its timed steps")
     parser.add_argument("--commands", type=int, default=40)
     parser.add_argument("--store", metavar="URL", help="a PostgreSQL store to babysit into")
+    parser.add_argument("--device", default="cpu", help="where the loops train (e.g. cuda)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # steadier on a shared 2-core machine; every loop alike
     if args.rounds > 0:  # --rounds 0: the latency test alone
-        t = throughput(args.rounds, args.steps, args.store, args.loop, args.warmup)
-        print(f"{args.loop} loop, {args.rounds} rounds of {args.steps} steps, "
+        t = throughput(args.rounds, args.steps, args.store, args.loop, args.warmup,
+                       args.device)
+        print(f"{args.loop} loop on {args.device}, {args.rounds} rounds of {args.steps} steps, "
               f"{'PostgreSQL' if args.store else 'SQLite'}:")
         print("| loop | median steps/s | median ratio to bare (quartiles) | overhead | "
               "CPU µs a step (all threads) | CPU ratio to bare |")

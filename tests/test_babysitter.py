@@ -24,6 +24,7 @@ from helpers import holds_for, wait_until
 import trainer.babysitter as babysitter_module
 from trainer import Babysitter, KnobError
 from trainer.checkpoint_files import list_checkpoints
+from trainer.rng import set_rng_state
 from trainer.store import RunStore, SqliteStore
 from trainer.workers import to_floats
 
@@ -663,6 +664,25 @@ def test_checkpoint_round_trip_restores_model_and_optimizer_bitwise(tmp_path):
     assert store.metrics_since()["step"] == list(range(12))
     assert store.meta()["status"] == "finished"
     store.close()
+
+
+@pytest.mark.parametrize("visible", [2, 1])
+def test_the_cuda_generators_come_back_only_onto_as_many_devices(monkeypatch, caplog, visible):
+    """A checkpoint holds every CUDA device's generator (trainer.rng; tests/test_cuda.py reads
+    the masks back on a GPU). Resumed where as many devices are visible, they are put back;
+    elsewhere the CPU generator alone is, and the log says why dropout draws differ."""
+    put_back = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", put_back.append)
+    cpu = torch.get_rng_state()
+    torch.rand(3)
+    devices = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    with caplog.at_level("WARNING", logger="trainer.rng"):
+        set_rng_state({"rng": cpu, "cuda_rng": devices})
+    assert torch.equal(torch.get_rng_state(), cpu)
+    assert put_back == ([devices] if visible == 2 else [])
+    assert ("saved on 2 CUDA devices and this process sees 1" in caplog.text) == (visible == 1)
 
 
 def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path):

@@ -60,11 +60,12 @@ class Recorder:
 
 
 def run_loop(tmp_path, make_schedule: Callable | None, *, write_lr: str | None = None,
-             lr: float = 0.01, steps: int = STEPS):
+             lr: float | torch.Tensor = 0.01, steps: int = STEPS):
     """Train ``steps`` updates under a Babysitter; at CHANGE_AT send `set lr X` through the
     store. ``make_schedule(optimizer)`` returns (step_fn) called after each update;
     ``write_lr`` = "before" writes the LR at the top of each iteration (nanoGPT), "after"
-    right after ``bs.step``. Returns (recorder, the command's applied step, run_dir)."""
+    right after ``bs.step``. ``lr`` may be a tensor (a compiled optimizer's). Returns
+    (recorder, the command's applied step, run_dir)."""
     model, x, y = model_and_data()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     schedule_step = make_schedule(optimizer) if make_schedule else None
@@ -74,8 +75,8 @@ def run_loop(tmp_path, make_schedule: Callable | None, *, write_lr: str | None =
     def nano_lr(it: int) -> float:  # nanoGPT's get_lr: linear warm-up, then cosine
         warm = 10
         if it < warm:
-            return lr * (it + 1) / warm
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (it - warm) / steps)))
+            return float(lr) * (it + 1) / warm
+        return float(lr) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (it - warm) / steps)))
 
     with Babysitter(optimizer, run_dir, **FAST) as bs, SqliteStore(run_dir) as store:
         command = None
@@ -111,18 +112,19 @@ def run_loop(tmp_path, make_schedule: Callable | None, *, write_lr: str | None =
     return rec, verdict.applied_step, logged
 
 
-def assert_holds(rec: Recorder, applied: int) -> float:
-    """The update at ``applied`` used X; later ones the user's LR × one constant k."""
+def assert_holds(rec: Recorder, applied: int, rel: float = RATIO_TOL) -> float:
+    """The update at ``applied`` used X; later ones the user's LR × one constant k (each to
+    ``rel``: a float32 LR rounds every composed value to float32)."""
     assert applied == CHANGE_AT, "lands at the first update after the change was taken"
-    assert rec.used[applied] == pytest.approx(X, rel=1e-9)
+    assert rec.used[applied] == pytest.approx(X, rel=max(rel, 1e-9))
     k = X / rec.user[applied]
     for t in range(applied, len(rec.used)):
         if rec.user[t] == 0:  # e.g. a cosine at its end: 0 × k
             assert abs(rec.used[t]) < 1e-15, t
             continue
-        assert rec.used[t] / rec.user[t] == pytest.approx(k, rel=RATIO_TOL), t
+        assert rec.used[t] / rec.user[t] == pytest.approx(k, rel=rel), t
     for t in range(applied):  # before the change: exactly the user's LR
-        assert rec.used[t] == pytest.approx(rec.user[t], rel=1e-9), t
+        assert rec.used[t] == pytest.approx(rec.user[t], rel=max(rel, 1e-9)), t
     return k
 
 
@@ -188,6 +190,51 @@ def test_a_live_lr_change_holds_in_a_loop_that_writes_the_lr_itself(tmp_path, wh
     after `bs.step`. Either way the next update uses X and then get_lr(it) × k."""
     rec, applied, _ = run_loop(tmp_path, None, write_lr=where)
     assert_holds(rec, applied)
+
+
+FLOAT32_REL = 2 * torch.finfo(torch.float32).eps  # one rounding of the user's, one of Panda's
+
+
+@pytest.mark.parametrize("name", ["none", "CosineAnnealingLR", "OneCycleLR", "StepLR"])
+def test_a_live_lr_change_holds_with_a_tensor_lr(tmp_path, name):
+    """``lr=torch.tensor(0.01)``, PyTorch's recipe for an LR scheduler driving a compiled
+    optimizer step (the scheduler fills the tensor in place): the change holds to float32's
+    rounding, what is stored is what the updates used, and the verdict is "applied"."""
+    rec, applied, logged = run_loop(tmp_path, SCHEDULES[name], lr=torch.tensor(0.01))
+    assert_holds(rec, applied, rel=FLOAT32_REL)
+    assert logged["user_lr"] == pytest.approx(rec.user, rel=1e-12)
+
+
+def test_a_tensor_lr_reaches_the_update_as_a_tensor_of_its_dtype(tmp_path):
+    """A compiled step is specialised on its LR being a tensor: Panda's composed value and
+    its landing value are tensors like the user's, and the user's own tensor is put back."""
+    model, x, y = model_and_data()
+    user_lr = torch.tensor(0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=user_lr)
+    seen = []
+    with Babysitter(optimizer, tmp_path / "run", **FAST) as bs:
+        optimizer.register_step_pre_hook(  # runs after Panda's: what the update gets
+            lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+        for it in range(6):
+            if it == 2:
+                bs.set(lr=X)
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+            bs.step(0.0)
+            assert optimizer.param_groups[0]["lr"] is user_lr
+    assert all(type(lr) is torch.Tensor and lr.dtype == torch.float32 for lr in seen), seen
+    assert float(seen[2]) == pytest.approx(X, rel=FLOAT32_REL) and seen[2] is not user_lr
+
+
+def test_a_knob_held_on_a_device_is_refused_with_the_reason(tmp_path):
+    """Panda reads the knobs at every update; a device tensor would make that a wait."""
+    model, _, _ = model_and_data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    optimizer.param_groups[0]["lr"] = torch.tensor(0.01, device="meta")
+    with pytest.raises(ValueError, match=r"tensor on meta: .*keep them on the CPU"):
+        Babysitter(optimizer, tmp_path / "run", **FAST)
+    assert not (tmp_path / "run").exists()
 
 
 def test_recursive_schedulers_never_see_the_factor(tmp_path):

@@ -47,14 +47,14 @@ from trainer.channels import (
     WriteVerdicts,
 )
 from trainer.commands import FAILURE_KIND, GUARD_KIND, ValidCommand, validate_command
-from trainer.composition import Composition, Landing, same
+from trainer.composition import Composition, Landing
 from trainer.config import ON_DIVERGE
 from trainer.coordinator import Coordinator
 from trainer.distributed import DEFAULT_SYNC_EVERY, coordinator_for
 from trainer.export import TimedCommand, build_timeline, replay_commands
 from trainer.guard import DivergenceGuard, EarlyStopping
 from trainer.knobs import format_sci
-from trainer.optim import OptimizerKnobs
+from trainer.optim import OptimizerKnobs, same
 from trainer.ranges import KnobError
 from trainer.rollback import RollbackPoints
 from trainer.schedules import Schedule, schedule_from
@@ -569,7 +569,7 @@ class Babysitter:
                 continue
             step = self.step_count - 1  # the row just logged is the update that used it
             wrong = [name for name, asked in landing.requested.items()
-                     if not same(landing.used.get(name), asked)]
+                     if not same(landing.used.get(name), asked, self.knobs.rel_tol)]
             if wrong:
                 name = wrong[0]
                 self._settle(item.command, step, [], status="not holding", error=(

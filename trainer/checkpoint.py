@@ -1,9 +1,10 @@
 """Checkpoints: snapshot in memory on the training thread, write atomically elsewhere.
 
 A checkpoint holds the model and optimizer state, the Babysitter's knob state and step, and the
-RNG state, so a resumed run continues exactly where the checkpoint was taken. Files are written
-to a temporary name, fsynced and renamed (POSIX ``rename`` is atomic), so a kill -9 during a
-write leaves the previous checkpoints intact. Loading uses ``torch.load(weights_only=True)``:
+random generators' state (the CPU's and the CUDA devices', :mod:`trainer.rng`), so a resumed run
+continues exactly where the checkpoint was taken. Files are written to a temporary name, fsynced
+and renamed (POSIX ``rename`` is atomic), so a kill -9 during a write leaves the previous
+checkpoints intact. Loading uses ``torch.load(weights_only=True)``:
 a checkpoint can never execute code.
 
 Where the files lie, their names, and finding one: :mod:`trainer.checkpoint_files` (no torch).
@@ -19,6 +20,7 @@ import torch
 
 from trainer import atomic
 from trainer.checkpoint_files import checkpoint_dir, checkpoint_path, list_checkpoints
+from trainer.rng import rng_state, set_rng_state
 
 DEFAULT_KEEP = 10  # automatic checkpoints kept in the ring
 REASONS = ("periodic", "epoch", "intervention", "final", "manual", "best", "branch")
@@ -42,7 +44,7 @@ def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         "model": _cpu_copy(model.state_dict()),
         "optimizer": _cpu_copy(optimizer.state_dict()),
         "babysitter": _cpu_copy(babysitter_state),
-        "rng": torch.get_rng_state(),
+        **rng_state(),  # the CPU generator's and, on a GPU, the devices' (trainer.rng)
     }
 
 
@@ -101,5 +103,5 @@ def restore(state: dict[str, Any], model: torch.nn.Module,
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
+    set_rng_state(state)
     return state["babysitter"]

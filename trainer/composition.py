@@ -38,20 +38,22 @@ weight decay    ``user_wd_i · w``: groups without decay (biases, norms) stay at
 A user value of 0 at the landing (an LR warm-up that starts at 0) defines no factor: the update
 uses X and the change stays pending, landing again at the next update, until the user's value
 is positive.
+
+A user value that is a CPU tensor (a compiled or fused optimizer's ``lr=torch.tensor(0.01)``,
+see :mod:`trainer.optim`) stays a tensor of its dtype in the update: the composed value is the
+tensor times the factors, and X lands as a tensor like it, so the user's step sees the type it
+was written for; what the update used is read back as a float, rounded as that dtype rounds.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from trainer.optim import OptimizerKnobs
+from trainer.optim import OptimizerKnobs, value
 from trainer.schedules import Schedule, rebased, schedule_from
-
-SAME_REL = 1e-12  # a used value within this relative distance of the intended one is that value
 
 
 @dataclass
@@ -132,7 +134,7 @@ class Composition:
         theirs before it): requested targets (unless ``requested`` is False), else the user's
         current values composed."""
         first = self.knobs.groups[0]
-        values = {"lr": self._lr(first["lr"]),
+        values = {"lr": self._lr(value(first["lr"])),
                   "momentum": None if self.knobs.momentum_key is None else
                   self._beta(self.knobs.momentum()),
                   "weight_decay": None if not self.knobs.has_weight_decay else
@@ -169,7 +171,7 @@ class Composition:
         for i, group in enumerate(groups):
             saved.append((group, group["lr"], group.get(key) if key else None,
                           group.get("weight_decay")))
-            group["lr"] = self._lr(lrs[i])
+            group["lr"] = self._lr(lrs[i])  # a tensor stays one (see the module)
             if key == "betas":
                 group["betas"] = (self._beta(group["betas"][0]), group["betas"][1])
             elif key == "momentum":
@@ -182,28 +184,34 @@ class Composition:
             # other groups keep the user's ratios. A user LR of 0 took no factor: the target
             # stays, and lands again at the next update.
             for i, (group, user_lr, *_) in enumerate(saved):
-                group["lr"] = landing_lr if i == 0 else landing_lr * (
+                lr = landing_lr if i == 0 else landing_lr * value(
                     user_lr / lrs[0] if lrs[0] else 1.0)
+                group["lr"] = torch.full_like(user_lr, lr) \
+                    if isinstance(user_lr, torch.Tensor) else lr
 
     def _after_update(self, optimizer, args, kwargs) -> None:
         # Runs after every update: plain dict reads, no method calls on the common path.
         groups = optimizer.param_groups
         first, saved = groups[0], self._saved
         lr = first["lr"]
-        user_lr = lr if saved is None else saved[0][1]
+        if type(lr) is not float:  # an int, or a CPU tensor (see the module)
+            lr = value(lr)
+        user_lr = lr if saved is None else value(saved[0][1])
         if user_lr != self.user_lr:
             if self.updates:
                 self.user_schedule = True
             self.user_lr = user_lr
         self.used_lr = lr
         key = self.knobs.momentum_key
-        if key == "betas":
-            self.used_momentum = first["betas"][0]
-        elif key is not None:
-            self.used_momentum = first["momentum"]
+        if key is not None:
+            beta = first["betas"][0] if key == "betas" else first["momentum"]
+            self.used_momentum = beta if type(beta) is float else value(beta)
         if self.knobs.has_weight_decay:
-            self.used_weight_decay = first["weight_decay"] if len(groups) == 1 else max(
-                g["weight_decay"] for g in groups)
+            if len(groups) == 1:
+                wd = first["weight_decay"]
+                self.used_weight_decay = wd if type(wd) is float else value(wd)
+            else:
+                self.used_weight_decay = max(value(g["weight_decay"]) for g in groups)
         self.updates += 1
         if self.landings:
             used = self.last_used()
@@ -240,7 +248,7 @@ class Composition:
             self.beta_scale = (1.0 - target) / gap if gap > 0 else 1.0
         if "weight_decay" in targets:
             target = targets.pop("weight_decay")
-            top = max(g["weight_decay"] for g in groups)
+            top = max(value(g["weight_decay"]) for g in groups)
             if top > 0:
                 self.wd_factor, self.wd_override = target / top, None
             else:
@@ -287,11 +295,3 @@ class Composition:
             self.targets = {}
         self._refresh()
 
-
-def same(a: float | None, b: float | None) -> bool:
-    """Whether a used value is the requested one (float rounding aside)."""
-    if a is None or b is None:
-        return a is b
-    if isinstance(a, torch.Tensor):
-        a = float(a)
-    return math.isclose(a, b, rel_tol=SAME_REL, abs_tol=0.0)

@@ -8,14 +8,44 @@ Knob meaning per optimizer family:
   Adam family. A change sets every group to the value.
 * ``weight_decay``: ``group["weight_decay"]``. The reported value is the largest over groups;
   a change keeps the ratios, so groups excluded from decay (0, e.g. biases and norms) stay 0.
+
+A value may be a Python number or a one-value CPU tensor: ``lr=torch.tensor(0.01)`` is how an
+LR scheduler drives a ``torch.compile``-d optimizer step without recompiling (PyTorch recipe
+"Running the compiled optimizer with an LR scheduler"), and fused or capturable optimizers take
+one too. Panda reads it as a float (a memory read). A value on a device is refused: Panda reads
+the knobs at every update, and reading a device tensor makes the host wait for the device.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from trainer.config import OPTIMIZERS
 from trainer.ranges import KnobError
+
+SAME_REL = 1e-12  # a float knob used within this relative distance of the one asked is that one
+
+
+def value(knob: float | torch.Tensor) -> float:
+    """A knob's value as a float (a number as it is, a CPU tensor read: no device involved)."""
+    return knob if type(knob) is float else float(knob)
+
+
+def precision(knob: float | torch.Tensor) -> float:
+    """How close to a value asked for a knob can be written: a float's to ``SAME_REL``, a
+    tensor's to its dtype's rounding (a float32 LR of 0.003 is 0.0030000000260770321)."""
+    if isinstance(knob, torch.Tensor) and knob.is_floating_point():
+        return max(SAME_REL, torch.finfo(knob.dtype).eps)
+    return SAME_REL
+
+
+def same(used: float | None, asked: float | None, rel_tol: float = SAME_REL) -> bool:
+    """Whether a value an update used is the one asked for, rounding aside."""
+    if used is None or asked is None:
+        return used is asked
+    return math.isclose(used, asked, rel_tol=rel_tol, abs_tol=0.0)
 
 
 def make_optimizer(name: str, params, *, lr: float, momentum: float,
@@ -39,9 +69,19 @@ class OptimizerKnobs:
             "momentum" if "momentum" in first else None)
         self.has_weight_decay = "weight_decay" in first
         self.name = type(optimizer).__name__
+        knobs = [k for g in optimizer.param_groups for k in (
+            g.get("lr"), *(g.get("betas") or ()), g.get("momentum"), g.get("weight_decay"))]
+        on_device = [k for k in knobs if isinstance(k, torch.Tensor) and not k.is_cpu]
+        if on_device:
+            raise ValueError(f"{self.name}'s knobs include a tensor on {on_device[0].device}: "
+                             "Panda reads them at every update, which would wait for the "
+                             "device; keep them on the CPU (lr=torch.tensor(0.01)), which fused "
+                             "and compiled optimizers take too")
+        # How close a knob can be written to a value asked for (see precision()).
+        self.rel_tol = max(precision(k) for k in knobs)
         # Ratios between groups' weight decay, fixed at construction: a decay set on groups that
         # have none keeps the original exclusions (see trainer.composition).
-        decays = [g.get("weight_decay", 0.0) for g in optimizer.param_groups]
+        decays = [value(g.get("weight_decay", 0.0)) for g in optimizer.param_groups]
         top = max(decays)
         self.wd_ratios = [w / top for w in decays] if top > 0 else [1.0] * len(decays)
 
@@ -70,26 +110,26 @@ class OptimizerKnobs:
     # --- reads (cheap: a few dict lookups; called every step) ----------------------------------
 
     def lr(self) -> float:
-        return self.groups[0]["lr"]
+        return value(self.groups[0]["lr"])
 
     def momentum(self) -> float | None:
         if self.momentum_key == "betas":
-            return self.groups[0]["betas"][0]
+            return value(self.groups[0]["betas"][0])
         if self.momentum_key == "momentum":
-            return self.groups[0]["momentum"]
+            return value(self.groups[0]["momentum"])
         return None
 
     def weight_decay(self) -> float | None:
         if not self.has_weight_decay:
             return None
-        return max(g["weight_decay"] for g in self.groups)
+        return max(value(g["weight_decay"]) for g in self.groups)
 
     def values(self) -> dict[str, float | None]:
         return {"lr": self.lr(), "momentum": self.momentum(),
                 "weight_decay": self.weight_decay()}
 
     def lrs(self) -> list[float]:
-        return [g["lr"] for g in self.groups]
+        return [value(g["lr"]) for g in self.groups]
 
     # --- writes ---------------------------------------------------------------------------------
 

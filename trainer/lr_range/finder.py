@@ -52,6 +52,7 @@ from trainer.lr_range.suggestions import (
 )
 from trainer.optim import OptimizerKnobs
 from trainer.ranges import COUNT, POSITIVE
+from trainer.rng import rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -159,14 +160,10 @@ class _Session:
         self.val = None if val_batches is None else _Replay(val_batches)
         self.check_every = check_every
         self.progress = _Progress()
-        self.cpu_rng = torch.get_rng_state()
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        self.cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
+        self.rng = rng_state()
 
     def restore_rng(self) -> None:
-        torch.set_rng_state(self.cpu_rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self.cuda_rng)
+        set_rng_state(self.rng)
 
     def fresh(self):
         """A deep copy of (model, optimizer), with the RNG reset to the caller's state.

@@ -1,0 +1,43 @@
+"""The state of torch's random number generators, to be put back exactly.
+
+The CPU generator's and, once CUDA is in use, every CUDA device's: dropout and ``torch.rand``
+on a GPU draw from the device's own generator, not the CPU's, so a resumed GPU run that put
+back only the CPU state would draw other dropout masks than the run it continues. Shared by
+checkpoints (see :mod:`trainer.checkpoint`) and the LR range test, which leaves the caller's
+generators as it found them. The state is a plain dict of tensors, so a checkpoint holding it
+loads with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CPU, CUDA = "rng", "cuda_rng"  # keys in a checkpoint ("rng" since Panda 0.1)
+
+
+def rng_state() -> dict[str, Any]:
+    """The generators' state now; CUDA's only where CUDA was used (asking would start it)."""
+    state: dict[str, Any] = {CPU: torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state[CUDA] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back what :func:`rng_state` took. A state taken on another number of CUDA devices
+    leaves the CUDA generators as they are, and says so."""
+    torch.set_rng_state(state[CPU])
+    cuda = state.get(CUDA)
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    else:
+        log.warning("the random state was saved on %d CUDA devices and this process sees %d: "
+                    "the CUDA generators are not restored (dropout draws other masks)",
+                    len(cuda), torch.cuda.device_count())
