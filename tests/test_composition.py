@@ -227,6 +227,41 @@ def test_a_tensor_lr_reaches_the_update_as_a_tensor_of_its_dtype(tmp_path):
     assert float(seen[2]) == pytest.approx(X, rel=FLOAT32_REL) and seen[2] is not user_lr
 
 
+def test_panda_never_makes_a_compiled_optimizer_step_recompile(tmp_path):
+    """``torch.compile(optimizer.step)`` with a tensor LR: after its first steps, LR changes
+    and Panda's decay (a new factor at every step) compile nothing more. Traced into the
+    graph, the hooks would guard it on the factors: a recompile at every change, and the
+    whole step back to eager at torch's recompile limit (trainer.composition, _compiling).
+    (A momentum change does recompile it once, as the user's own would: torch specialises
+    the step on Adam's float betas.)"""
+    graphs = []
+
+    def counting_backend(graph, example_inputs):  # one call per graph compiled, run eagerly
+        graphs.append(graph)
+        return graph.forward
+
+    torch.compiler.reset()  # another test may have compiled Adam.step already
+    model, x, y = model_and_data()
+    optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01))
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=40)
+    step = torch.compile(optimizer.step, backend=counting_backend)
+    with Babysitter(optimizer, tmp_path / "run", steps_per_epoch=5,
+                    schedule={"shape": "exponential", "rate": 0.5}, **FAST) as bs:
+        for it in range(30):
+            if it == 3:
+                first = len(graphs)
+            if it % 6 == 4:
+                bs.set(lr=0.003 + 1e-4 * it)
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            step()
+            scheduler.step()
+            bs.step(0.0)
+    assert first > 0 and len(graphs) == first, f"{len(graphs) - first} graphs after step 3"
+    with SqliteStore(tmp_path / "run") as store:
+        assert {c.status for c in store.commands()} == {"applied"}
+
+
 def test_a_knob_held_on_a_device_is_refused_with_the_reason(tmp_path):
     """Panda reads the knobs at every update; a device tensor would make that a wait."""
     model, _, _ = model_and_data()

@@ -55,6 +55,14 @@ import torch
 from trainer.optim import OptimizerKnobs, value
 from trainer.schedules import Schedule, rebased, schedule_from
 
+# A compiled optimizer step (``torch.compile(optimizer.step)``) would trace the hooks into its
+# graph and guard it on Panda's factors: a recompile at every knob change and, with Panda's
+# decay on, at every step, until torch's recompile limit sends the whole step back to eager.
+# So while torch.compile traces, each hook calls itself through ``torch.compiler.disable``: a
+# graph break, and the hook runs as plain Python at every step. Outside a compile this costs
+# one call a hook (~0.07 µs; the disable wrapper itself would cost ~0.4 µs).
+_compiling = torch.compiler.is_compiling
+
 
 @dataclass
 class Landing:
@@ -155,6 +163,9 @@ class Composition:
     # --- the hooks (training thread, inside optimizer.step) ------------------------------------
 
     def _before_update(self, optimizer, args, kwargs) -> None:
+        if _compiling():  # see _compiling
+            return torch.compiler.disable(Composition._before_update)(self, optimizer, args,
+                                                                       kwargs)
         if self._saved is not None:  # the last step raised before its post-hook: undo it
             self._put_back()
         if not self._active:
@@ -166,8 +177,10 @@ class Composition:
         key = self.knobs.momentum_key
         saved = []
         lrs = [g["lr"] for g in groups]
-        wds = self._wds([g["weight_decay"] for g in groups]) if self.knobs.has_weight_decay \
-            else None
+        # The user's decay is left as it is (not even 0 → 0.0) unless Panda changes it.
+        changes_wd = self.wd_factor != 1.0 or self.wd_override is not None
+        wds = self._wds([g["weight_decay"] for g in groups]) \
+            if self.knobs.has_weight_decay and changes_wd else None
         for i, group in enumerate(groups):
             saved.append((group, group["lr"], group.get(key) if key else None,
                           group.get("weight_decay")))
@@ -191,6 +204,9 @@ class Composition:
 
     def _after_update(self, optimizer, args, kwargs) -> None:
         # Runs after every update: plain dict reads, no method calls on the common path.
+        if _compiling():  # see _compiling
+            return torch.compiler.disable(Composition._after_update)(self, optimizer, args,
+                                                                      kwargs)
         groups = optimizer.param_groups
         first, saved = groups[0], self._saved
         lr = first["lr"]
