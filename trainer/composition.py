@@ -61,7 +61,7 @@ from trainer.schedules import Schedule, rebased, schedule_from
 # So while torch.compile traces, each hook calls itself through ``torch.compiler.disable``: a
 # graph break, and the hook runs as plain Python at every step. Outside a compile this costs
 # one call a hook (~0.07 µs; the disable wrapper itself would cost ~0.4 µs).
-_compiling = torch.compiler.is_compiling
+_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
 
 
 @dataclass
