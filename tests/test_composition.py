@@ -262,6 +262,45 @@ def test_panda_never_makes_a_compiled_optimizer_step_recompile(tmp_path):
         assert {c.status for c in store.commands()} == {"applied"}
 
 
+def test_a_change_lands_on_the_next_update_a_grad_scaler_lets_through(tmp_path):
+    """Mixed precision: ``GradScaler.step`` skips the update when the gradients overflow (as
+    fp16 does at the start of a run). A change taken before a skipped update lands on the next
+    real one, which uses exactly X; the verdict names that step; the schedule goes on."""
+    model, x, y = model_and_data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    rec, skipped, overflow_at = Recorder(model), [], {3, CHANGE_AT, CHANGE_AT + 1}
+    with Babysitter(optimizer, tmp_path / "run", **FAST) as bs:
+        for it in range(STEPS):
+            if it == CHANGE_AT:
+                bs.set(lr=X)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            scaler.scale(loss * (math.inf if it in overflow_at else 1.0)).backward()
+            scaler.unscale_(optimizer)  # the grads the update would use (as for clipping)
+            rec.before(optimizer)
+            scale = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            rec.after()
+            if scaler.get_scale() < scale:
+                skipped.append(it)
+            scheduler.step()
+            bs.step(loss)
+    assert skipped == sorted(overflow_at)
+    with SqliteStore(tmp_path / "run") as store:
+        (command,) = store.commands()
+    landed = CHANGE_AT + 2  # the first update the scaler let through after the change
+    assert command.status == "applied" and command.applied_step == landed
+    assert rec.used[landed] == pytest.approx(X, rel=1e-9)
+    k = X / rec.user[landed]
+    for t in range(landed, STEPS):
+        assert rec.used[t] / rec.user[t] == pytest.approx(k, rel=RATIO_TOL), t
+    for t in set(range(landed)) - overflow_at:  # before: the user's own LR, skips aside
+        assert rec.used[t] == pytest.approx(rec.user[t], rel=1e-9), t
+
+
 def test_a_knob_held_on_a_device_is_refused_with_the_reason(tmp_path):
     """Panda reads the knobs at every update; a device tensor would make that a wait."""
     model, _, _ = model_and_data()
