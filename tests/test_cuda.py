@@ -281,6 +281,44 @@ def test_fused_adam_with_a_tensor_lr_waits_no_more_babysat_than_bare(tmp_path):
     assert lrs[5] == pytest.approx(0.003, rel=1e-6) and lrs[6] > lrs[5]  # the warm-up goes on
 
 
+def train_mixed_precision(model, opt, x, y, steps: int, bs: Babysitter | None = None
+                          ) -> list[str]:
+    """torch.amp's loop: fp16 autocast and a GradScaler (whose step reads its overflow flag:
+    torch's own wait, once a step); under ``bs``, `set lr 0.003` at step 5. Returns the
+    training thread's waits for the device."""
+    scaler = torch.amp.GradScaler("cuda")
+    with waits_of_this_thread() as waits:
+        for step in range(steps):
+            if bs is not None and step == 5:
+                bs.set(lr=0.003)
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if bs is not None:
+                bs.step(loss)
+    return waits
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="fp16 autocast needs a device")
+def test_a_mixed_precision_loop_waits_no_more_babysat_than_bare(tmp_path):
+    model, opt, x, y = adam_with_a_tensor_lr()
+    train_mixed_precision(model, opt, x, y, 3)  # kernels loaded, states made
+    bare = train_mixed_precision(model, opt, x, y, 20)
+    model, opt, x, y = adam_with_a_tensor_lr()
+    train_mixed_precision(model, opt, x, y, 3)
+    with Babysitter(opt, tmp_path / "run", **QUIET) as bs:
+        babysat = train_mixed_precision(model, opt, x, y, 20, bs)
+    assert bare and len(babysat) == len(bare), (bare, babysat)
+    with SqliteStore(tmp_path / "run") as store:
+        (command,) = store.commands()
+        lrs = store.metrics_since()["lr"]
+    assert command.status == "applied"
+    assert lrs[command.applied_step] == pytest.approx(0.003, rel=1e-6)
+
+
 def test_a_compiled_optimizer_step_with_a_tensor_lr_takes_a_live_change(tmp_path):
     """PyTorch's recipe for an LR scheduler with ``torch.compile``: the LR a CPU tensor.
     Panda's hooks run inside the compiled step; the change lands, the warm-up goes on."""
