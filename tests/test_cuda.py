@@ -246,76 +246,63 @@ def adam_with_a_tensor_lr(**options):
     return model, torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01), **options), x, y
 
 
-def train_adam(model, opt, x, y, steps: int, bs: Babysitter | None = None,
-               step_fn=None) -> list[str]:
+def train_adam(model, opt, x, y, steps: int, bs: Babysitter | None = None, *,
+               step_fn=None, amp: bool = False) -> list[str]:
     """``steps`` steps with a LinearLR warm-up and, under ``bs``, `set lr 0.003` at step 5;
-    returns the waits for the device the training thread made."""
+    returns the waits for the device the training thread made. ``amp``: torch.amp's loop,
+    fp16 autocast and a GradScaler (whose step reads its overflow flag: torch's own wait,
+    once a step)."""
     scheduler = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=steps)
-    step_fn = step_fn or opt.step
+    scaler = torch.amp.GradScaler(DEVICE.type, enabled=amp)
+    step_fn = step_fn or (lambda: scaler.step(opt))
     with waits_of_this_thread() as waits:
         for step in range(steps):
             if bs is not None and step == 5:
                 bs.set(lr=0.003)
-            loss = nn.functional.mse_loss(model(x), y)
+            with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=amp):
+                loss = nn.functional.mse_loss(model(x), y)
             opt.zero_grad()
-            loss.backward()
+            scaler.scale(loss).backward()
             step_fn()
+            scaler.update()
             scheduler.step()
             if bs is not None:
                 bs.step(loss)
     return waits
 
 
+def bare_and_babysat(tmp_path, *, amp: bool = False, **options) -> list[list[str]]:
+    """The training thread's waits for the device in 20 steps of ``train_adam``, bare and then
+    babysat, each on a fresh model after 3 steps (kernels loaded, states made)."""
+    waits = []
+    for babysat in (False, True):
+        model, opt, x, y = adam_with_a_tensor_lr(**options)
+        train_adam(model, opt, x, y, 3, amp=amp)
+        if not babysat:
+            waits.append(train_adam(model, opt, x, y, 20, amp=amp))
+            continue
+        with Babysitter(opt, tmp_path / "run", **QUIET) as bs:
+            waits.append(train_adam(model, opt, x, y, 20, bs, amp=amp))
+    return waits
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="fused Adam needs a device")
 def test_fused_adam_with_a_tensor_lr_waits_no_more_babysat_than_bare(tmp_path):
-    model, opt, x, y = adam_with_a_tensor_lr(fused=True)
-    train_adam(model, opt, x, y, 3)  # kernels loaded, states made
-    bare = train_adam(model, opt, x, y, 20)
-    model, opt, x, y = adam_with_a_tensor_lr(fused=True)
-    train_adam(model, opt, x, y, 3)
-    with Babysitter(opt, tmp_path / "run", **QUIET) as bs:
-        babysat = train_adam(model, opt, x, y, 20, bs)
+    bare, babysat = bare_and_babysat(tmp_path, fused=True)
     assert len(babysat) == len(bare), (bare, babysat)
     with SqliteStore(tmp_path / "run") as store:
         lrs = store.metrics_since()["lr"]
     assert lrs[5] == pytest.approx(0.003, rel=1e-6) and lrs[6] > lrs[5]  # the warm-up goes on
 
 
-def train_mixed_precision(model, opt, x, y, steps: int, bs: Babysitter | None = None
-                          ) -> list[str]:
-    """torch.amp's loop: fp16 autocast and a GradScaler (whose step reads its overflow flag:
-    torch's own wait, once a step); under ``bs``, `set lr 0.003` at step 5. Returns the
-    training thread's waits for the device."""
-    scaler = torch.amp.GradScaler("cuda")
-    with waits_of_this_thread() as waits:
-        for step in range(steps):
-            if bs is not None and step == 5:
-                bs.set(lr=0.003)
-            with torch.autocast("cuda", dtype=torch.float16):
-                loss = nn.functional.mse_loss(model(x), y)
-            opt.zero_grad()
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            if bs is not None:
-                bs.step(loss)
-    return waits
-
-
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="fp16 autocast needs a device")
 def test_a_mixed_precision_loop_waits_no_more_babysat_than_bare(tmp_path):
-    model, opt, x, y = adam_with_a_tensor_lr()
-    train_mixed_precision(model, opt, x, y, 3)  # kernels loaded, states made
-    bare = train_mixed_precision(model, opt, x, y, 20)
-    model, opt, x, y = adam_with_a_tensor_lr()
-    train_mixed_precision(model, opt, x, y, 3)
-    with Babysitter(opt, tmp_path / "run", **QUIET) as bs:
-        babysat = train_mixed_precision(model, opt, x, y, 20, bs)
+    bare, babysat = bare_and_babysat(tmp_path, amp=True)
     assert bare and len(babysat) == len(bare), (bare, babysat)
     with SqliteStore(tmp_path / "run") as store:
         (command,) = store.commands()
         lrs = store.metrics_since()["lr"]
-    assert command.status == "applied"
+    assert command.status == "applied"  # on an update the scaler let through
     assert lrs[command.applied_step] == pytest.approx(0.003, rel=1e-6)
 
 
