@@ -98,7 +98,7 @@ class OnDevice:
 
     def batches(self, batch_size: int, *, seed: int, epoch: int) -> Iterator:
         for x, y in self.task.batches(batch_size, seed=seed, epoch=epoch):
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield x.to(self.device), y.to(self.device)
 
 
 def _model(loop: str) -> torch.nn.Module:

@@ -666,23 +666,30 @@ def test_checkpoint_round_trip_restores_model_and_optimizer_bitwise(tmp_path):
     store.close()
 
 
-@pytest.mark.parametrize("visible", [2, 1])
-def test_the_cuda_generators_come_back_only_onto_as_many_devices(monkeypatch, caplog, visible):
-    """A checkpoint holds every CUDA device's generator (trainer.rng; tests/test_cuda.py reads
-    the masks back on a GPU). Resumed where as many devices are visible, they are put back;
-    elsewhere the CPU generator alone is, and the log says why dropout draws differ."""
-    put_back = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+@pytest.mark.parametrize(("saved", "available", "visible", "cuda", "put_back", "warned"), [
+    (2, True, 2, True, True, False),     # the GPUs it was saved on: every generator back
+    (2, True, 1, True, False, True),     # fewer GPUs here: the CPU's alone, and the log says
+    (2, False, 0, True, False, False),   # no CUDA here (a GPU run resumed on a laptop)
+    (None, True, 2, True, False, False),  # a checkpoint from before Panda kept them
+    (2, True, 2, False, False, False),   # DDP: rank 0's devices are no other rank's
+])
+def test_cuda_generators_are_put_back_only_where_they_belong(
+        monkeypatch, caplog, saved, available, visible, cuda, put_back, warned):
+    """trainer.rng, as checkpoints use it (tests/test_cuda.py reads the masks on a GPU)."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", put_back.append)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
     cpu = torch.get_rng_state()
     torch.rand(3)
-    devices = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    state = {"rng": cpu}
+    if saved:
+        state["cuda_rng"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(saved)]
     with caplog.at_level("WARNING", logger="trainer.rng"):
-        set_rng_state({"rng": cpu, "cuda_rng": devices})
+        set_rng_state(state, cuda=cuda)
     assert torch.equal(torch.get_rng_state(), cpu)
-    assert put_back == ([devices] if visible == 2 else [])
-    assert ("saved on 2 CUDA devices and this process sees 1" in caplog.text) == (visible == 1)
+    assert restored == ([state["cuda_rng"]] if put_back else [])
+    assert ("saved on 2 CUDA devices and this process sees 1" in caplog.text) == warned
 
 
 def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path):

@@ -4,8 +4,9 @@ folded without a wait), and the range test and checkpoints put back the device's
 generator (dropout on a GPU draws from it, not from the CPU's).
 
 Skipped where CUDA is missing (CI has no GPU); run on a GPU machine with
-``pytest tests/test_cuda.py``. ``PANDA_TEST_DEVICE=cpu`` runs the same checks on the CPU, all
-but the wait detector, to try a change to them where no GPU is at hand.
+``pytest tests/test_cuda.py`` (or ``bash benchmarks/gpu_checks.sh``). ``PANDA_TEST_DEVICE=cpu``
+runs them on the CPU, to try a change to them where no GPU is at hand: there the wait detector
+sees nothing (a CPU never waits for a device) and the fused and fp16 tests are skipped.
 """
 
 from __future__ import annotations
@@ -170,14 +171,14 @@ def test_half_precision_device_losses_are_kept_and_folded_without_a_wait(tmp_pat
     assert kept[limit] == pytest.approx(sum(values[limit:]) / (steps - limit), rel=1e-6)
 
 
-def same(a: Any, b: Any) -> bool:
+def bitwise_equal(a: Any, b: Any) -> bool:
     """Bitwise equality of nested state (tensors compared with torch.equal, on any device)."""
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.device == b.device and torch.equal(a, b)
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(bitwise_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+        return len(a) == len(b) and all(bitwise_equal(u, v) for u, v in zip(a, b))
     return a == b
 
 
@@ -201,7 +202,7 @@ def test_the_range_test_leaves_a_device_model_its_optimizer_and_its_generators_a
     momentum_find(model, optimizer, task.loss_fn, batches, lr=1e-2, num_iter=5)
 
     assert result.lrs and result.suggestion_probes
-    assert same(before, (model.state_dict(), optimizer.state_dict(), rng_state()))
+    assert bitwise_equal(before, (model.state_dict(), optimizer.state_dict(), rng_state()))
 
 
 def test_a_resumed_device_run_draws_the_same_dropout_masks(tmp_path):
@@ -308,7 +309,8 @@ def test_a_mixed_precision_loop_waits_no_more_babysat_than_bare(tmp_path):
 
 def test_a_compiled_optimizer_step_with_a_tensor_lr_takes_a_live_change(tmp_path):
     """PyTorch's recipe for an LR scheduler with ``torch.compile``: the LR a CPU tensor.
-    Panda's hooks run inside the compiled step; the change lands, the warm-up goes on."""
+    Panda's hooks run beside the compiled step (a graph break, see trainer.composition); the
+    change lands, the warm-up goes on."""
     model, opt, x, y = adam_with_a_tensor_lr()
     step = torch.compile(opt.step)
     with Babysitter(opt, tmp_path / "run", **FAST) as bs:

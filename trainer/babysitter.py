@@ -569,7 +569,7 @@ class Babysitter:
                 continue
             step = self.step_count - 1  # the row just logged is the update that used it
             wrong = [name for name, asked in landing.requested.items()
-                     if not same(landing.used.get(name), asked, self.knobs.rel_tol)]
+                     if not same(landing.used.get(name), asked, self.knobs.tolerance(name))]
             if wrong:
                 name = wrong[0]
                 self._settle(item.command, step, [], status="not holding", error=(

@@ -103,5 +103,12 @@ def restore(state: dict[str, Any], model: torch.nn.Module,
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state)
+    # Under DDP only rank 0 writes checkpoints, and its devices' generators are no other
+    # rank's: each rank keeps its own CUDA generators (the CPU one comes from rank 0 as before).
+    set_rng_state(state, cuda=not _several_processes())
     return state["babysitter"]
+
+
+def _several_processes() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

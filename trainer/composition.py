@@ -147,7 +147,7 @@ class Composition:
                   "momentum": None if self.knobs.momentum_key is None else
                   self._beta(self.knobs.momentum()),
                   "weight_decay": None if not self.knobs.has_weight_decay else
-                  max(self._wds([g["weight_decay"] for g in self.knobs.groups]))}
+                  max(value(w) for w in self._wds([g["weight_decay"] for g in self.knobs.groups]))}
         return {**values, **self.targets} if requested else values
 
     def last_used(self) -> dict[str, float | None]:
@@ -198,10 +198,8 @@ class Composition:
             # other groups keep the user's ratios. A user LR of 0 took no factor: the target
             # stays, and lands again at the next update.
             for i, (group, user_lr, *_) in enumerate(saved):
-                lr = landing_lr if i == 0 else landing_lr * value(
-                    user_lr / lrs[0] if lrs[0] else 1.0)
-                group["lr"] = torch.full_like(user_lr, lr) \
-                    if isinstance(user_lr, torch.Tensor) else lr
+                group["lr"] = _like(user_lr, landing_lr if i == 0 else landing_lr * value(
+                    user_lr / lrs[0] if lrs[0] else 1.0))
 
     def _after_update(self, optimizer, args, kwargs) -> None:
         # Runs after every update: plain dict reads, no method calls on the common path.
@@ -213,7 +211,9 @@ class Composition:
         lr = first["lr"]
         if type(lr) is not float:  # an int, or a CPU tensor (see the module)
             lr = value(lr)
-        user_lr = lr if saved is None else value(saved[0][1])
+        user_lr = lr if saved is None else saved[0][1]
+        if type(user_lr) is not float:
+            user_lr = value(user_lr)
         if user_lr != self.user_lr:
             if self.updates:
                 self.user_schedule = True
@@ -228,7 +228,8 @@ class Composition:
                 wd = first["weight_decay"]
                 self.used_weight_decay = wd if type(wd) is float else value(wd)
             else:
-                self.used_weight_decay = max(value(g["weight_decay"]) for g in groups)
+                wd = max(g["weight_decay"] for g in groups)
+                self.used_weight_decay = wd if type(wd) is float else value(wd)
         self.updates += 1
         if self.landings:
             used = self.last_used()
@@ -260,7 +261,7 @@ class Composition:
             if base > 0:
                 self.lr_factor = targets.pop("lr") / base
         if "momentum" in targets:
-            gap = 1.0 - float(self.knobs.momentum())
+            gap = 1.0 - self.knobs.momentum()
             target = targets.pop("momentum")
             self.beta_scale = (1.0 - target) / gap if gap > 0 else 1.0
         if "weight_decay" in targets:
@@ -274,17 +275,23 @@ class Composition:
 
     # --- composition rules -----------------------------------------------------------------------
 
-    def _lr(self, user_lr: Any) -> Any:
-        return user_lr * self.lr_factor * self.decay
+    # A user's value that is a tensor gets a tensor like it back (see the module): the LR is
+    # scaled by one tensor op (one rounding); β and a decay set from nothing are computed in
+    # float64 and written once, since 1 − (1 − β)·s in float32 cancels (β 0.1 would land as
+    # 0.10000004, outside float32's own rounding of 0.1).
 
-    def _beta(self, user_beta: float) -> float:
+    def _lr(self, user_lr: Any) -> Any:
+        return user_lr * (self.lr_factor * self.decay)
+
+    def _beta(self, user_beta: Any) -> Any:
         if self.beta_scale == 1.0:
             return user_beta
-        return max(0.0, 1.0 - (1.0 - user_beta) * self.beta_scale)
+        return _like(user_beta, max(0.0, 1.0 - (1.0 - value(user_beta)) * self.beta_scale))
 
-    def _wds(self, user_wds: list[float]) -> list[float]:
+    def _wds(self, user_wds: list[Any]) -> list[Any]:
         if self.wd_override is not None:
-            return [self.wd_override * r for r in self.knobs.wd_ratios]
+            return [_like(wd, self.wd_override * r)
+                    for wd, r in zip(user_wds, self.knobs.wd_ratios)]
         return [wd * self.wd_factor for wd in user_wds]
 
     # --- checkpoints -----------------------------------------------------------------------------
@@ -306,9 +313,13 @@ class Composition:
             self.wd_factor, self.wd_override = saved["wd_factor"], saved["wd_override"]
             self.targets = dict(saved.get("targets", {}))
         else:
-            first = float(self.knobs.lr())
+            first = self.knobs.lr()
             self.lr_factor = state["base_lr"] / first if first > 0 else 1.0
             self.beta_scale, self.wd_factor, self.wd_override = 1.0, 1.0, None
             self.targets = {}
         self._refresh()
 
+
+def _like(user: Any, composed: float) -> Any:
+    """``composed`` in the type of the user's value: a tensor like theirs, else a number."""
+    return torch.full_like(user, composed) if isinstance(user, torch.Tensor) else composed

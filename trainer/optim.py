@@ -29,7 +29,7 @@ SAME_REL = 1e-12  # a float knob used within this relative distance of the one a
 
 
 def value(knob: float | torch.Tensor) -> float:
-    """A knob's value as a float (a number as it is, a CPU tensor read: no device involved)."""
+    """A knob's value as a float (a number converted, a CPU tensor read: no device involved)."""
     return knob if type(knob) is float else float(knob)
 
 
@@ -72,13 +72,11 @@ class OptimizerKnobs:
         knobs = [k for g in optimizer.param_groups for k in (
             g.get("lr"), *(g.get("betas") or ()), g.get("momentum"), g.get("weight_decay"))]
         on_device = [k for k in knobs if isinstance(k, torch.Tensor) and not k.is_cpu]
-        if on_device:
+        if on_device:  # checked here only: a knob moved to a device later is not caught
             raise ValueError(f"{self.name}'s knobs include a tensor on {on_device[0].device}: "
                              "Panda reads them at every update, which would wait for the "
                              "device; keep them on the CPU (lr=torch.tensor(0.01)), which fused "
                              "and compiled optimizers take too")
-        # How close a knob can be written to a value asked for (see precision()).
-        self.rel_tol = max(precision(k) for k in knobs)
         # Ratios between groups' weight decay, fixed at construction: a decay set on groups that
         # have none keeps the original exclusions (see trainer.composition).
         decays = [value(g.get("weight_decay", 0.0)) for g in optimizer.param_groups]
@@ -123,6 +121,15 @@ class OptimizerKnobs:
         if not self.has_weight_decay:
             return None
         return max(value(g["weight_decay"]) for g in self.groups)
+
+    def tolerance(self, name: str) -> float:
+        """How close to a value asked for knob ``name`` group 0 can hold now (see
+        :func:`precision`): what a change's verdict allows (asked only at a landing)."""
+        first = self.groups[0]
+        knob = {"lr": first["lr"], "weight_decay": first.get("weight_decay"),
+                "momentum": first["betas"][0] if self.momentum_key == "betas"
+                else first.get("momentum")}[name]
+        return precision(knob)
 
     def values(self) -> dict[str, float | None]:
         return {"lr": self.lr(), "momentum": self.momentum(),

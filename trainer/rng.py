@@ -28,16 +28,18 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Put back what :func:`rng_state` took. A state taken on another number of CUDA devices
-    leaves the CUDA generators as they are, and says so."""
+def set_rng_state(state: dict[str, Any], *, cuda: bool = True) -> None:
+    """Put back what :func:`rng_state` took: the CPU generator's state, and the CUDA
+    generators' (unless ``cuda`` is False) where the state has them and CUDA is here. A state
+    taken on another number of CUDA devices leaves the CUDA generators as they are, and says
+    so; a state from before Panda kept them (only ``"rng"``) puts back the CPU's alone."""
     torch.set_rng_state(state[CPU])
-    cuda = state.get(CUDA)
-    if cuda is None or not torch.cuda.is_available():
+    devices = state.get(CUDA)
+    if not cuda or devices is None or not torch.cuda.is_available():
         return
-    if len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    if len(devices) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(devices)
     else:
         log.warning("the random state was saved on %d CUDA devices and this process sees %d: "
                     "the CUDA generators are not restored (dropout draws other masks)",
-                    len(cuda), torch.cuda.device_count())
+                    len(devices), torch.cuda.device_count())
