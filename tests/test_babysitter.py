@@ -198,14 +198,33 @@ def test_step_never_syncs_on_the_training_thread(tmp_path):
         bs.log_validation(val)
         on_main = {name for name, thread in Spy.calls if thread == main}
         wait_until(lambda: any(t != main for _, t in Spy.calls), what="the flusher")
-    # Metadata only on the training thread: the size check (numel), .data / detach (the
-    # tensor without its graph); never a value.
-    assert on_main <= {"data", "detach", "numel"}, f"training thread touched the values: {on_main}"
+    # Metadata and device ops only on the training thread: the size check (numel), .data /
+    # detach (the tensor without its graph), clone (a copy queued on the device); never a value.
+    assert on_main <= {"data", "detach", "numel", "clone"}, \
+        f"training thread touched the values: {on_main}"
     off_main = {name for name, thread in Spy.calls if thread != main}
     assert off_main & {"tolist", "item", "__float__"}  # converted, but elsewhere
     with SqliteStore(tmp_path / "run") as store:
         assert store.metrics_since()["loss"] == pytest.approx(values)
         assert store.validation_since()[0]["value"] == 0.25
+
+
+def test_device_values_overwritten_in_place_keep_each_steps_value(tmp_path):
+    """torch.compile(mode="reduce-overhead") returns its outputs in CUDA-graph memory that the
+    next replay overwrites (reading an overwritten one raises): a device loss or metric is kept
+    as a copy queued on the device, not as the tensor handed in."""
+    _, opt = make()
+    loss, metric = (torch.zeros(()).as_subclass(DeviceSpy) for _ in range(2))
+    values = [0.5 + i / 8 for i in range(8)]
+    with Babysitter(opt, tmp_path / "run", flush_interval=60, poll_interval=60) as bs:
+        for v in values:
+            loss.fill_(v)  # the next replay writes its loss where the last one was
+            bs.step(loss)
+            metric.fill_(v / 2)
+            bs.log_validation(accuracy=metric, end_epoch=False)
+    with SqliteStore(tmp_path / "run") as store:
+        assert store.metrics_since()["loss"] == values
+        assert [r["value"] for r in store.validation_since()] == [v / 2 for v in values]
 
 
 def test_a_cpu_loss_is_read_at_once_and_not_kept(tmp_path):

@@ -311,12 +311,17 @@ class Babysitter:
             # hot memory; measured with the fast loop of benchmarks/overhead.py, the training
             # thread's CPU a step: +0.8 µs keeping a row of floats, +11 µs keeping a row
             # holding loss.data). A device loss stays a tensor (reading it would wait for the
-            # device), and so does a pinned CPU one: the target of a non_blocking copy, which
-            # may not have landed yet. Pinned memory needs an accelerator, so without one
-            # is_pinned() is not asked (it goes through torch's dispatcher: ~2 µs a step in
-            # the fast loop, where the whole of step() is ~7). .data is the tensor without its
-            # autograd graph, like detach() at half the cost.
-            if loss.is_cpu and not (self._pinned_possible and loss.is_pinned()):
+            # device): a copy of it, one device op queued after the one that made it, since
+            # the tensor handed in may be overwritten before the flusher reads it
+            # (torch.compile(mode="reduce-overhead") returns outputs in CUDA-graph memory that
+            # the next replay reuses, and reading an overwritten one raises). A pinned CPU
+            # loss, the target of a non_blocking copy that may not have landed yet, is kept as
+            # it is (a copy now could read it before it lands). Pinned memory needs an
+            # accelerator, so without one is_pinned() is not asked (it goes through torch's
+            # dispatcher: ~2 µs a step in the fast loop, where the whole of step() is ~7).
+            # .data is the tensor without its autograd graph, like detach() at half the cost.
+            is_cpu = loss.is_cpu
+            if is_cpu and not (self._pinned_possible and loss.is_pinned()):
                 try:
                     value = loss.item()
                 except RuntimeError:  # item() checks the size itself: no call beforehand
@@ -324,7 +329,7 @@ class Babysitter:
                         raise
                     value = _number(loss)  # raises the one-line error of a missing reduction
             elif loss.numel() == 1:  # metadata, no sync
-                value = loss.data
+                value = loss.data if is_cpu else loss.data.clone()
             else:
                 value = _number(loss)
         else:
@@ -389,7 +394,7 @@ class Babysitter:
             values = {"loss": loss, **values}
         wall = time.time()
         rows = [ValidationRow(self.step_count, self.epoch, wall, name,
-                              v.detach() if isinstance(v, torch.Tensor) else v)
+                              v.detach().clone() if isinstance(v, torch.Tensor) else v)
                 for name, v in values.items()]
         self.channels.outbox.append(WriteValidation(rows))
         if self._early_stopping and loss is not None:
