@@ -649,7 +649,8 @@ class Babysitter:
 
     def _load_state(self, state: dict) -> int:
         """Put a checkpoint back into model, optimizer (incl. its knobs) and our knob state."""
-        sitter = checkpoint.restore(state, self.model, self.optimizer)
+        sitter = checkpoint.restore(state, self.model, self.optimizer,
+                                    cuda_rng=self.coordinator.alone)
         self.composition.load(sitter)
         self.extra_state = dict(sitter.get("extra", {}))
         return int(sitter["step"])

@@ -98,17 +98,12 @@ def load_into(path: str | os.PathLike, model: torch.nn.Module,
 
 
 def restore(state: dict[str, Any], model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Put an in-memory checkpoint back into ``model`` / ``optimizer`` and the RNG."""
+            optimizer: torch.optim.Optimizer | None, *, cuda_rng: bool = True) -> dict[str, Any]:
+    """Put an in-memory checkpoint back into ``model`` / ``optimizer`` and the RNG (the CUDA
+    generators too unless ``cuda_rng`` is False: under DDP, where rank 0 writes the
+    checkpoints, each rank keeps its own)."""
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    # Under DDP only rank 0 writes checkpoints, and its devices' generators are no other
-    # rank's: each rank keeps its own CUDA generators (the CPU one comes from rank 0 as before).
-    set_rng_state(state, cuda=not _several_processes())
+    set_rng_state(state, cuda=cuda_rng)
     return state["babysitter"]
-
-
-def _several_processes() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
