@@ -96,6 +96,8 @@ class Composition:
         self.used_weight_decay = knobs.weight_decay()
         self.user_lr = self.used_lr
         self._active = False          # any factor, target or override: the slow path
+        # The optimizer's kinds of knobs, fixed: read by the post-hook at every update.
+        self._momentum_key, self._has_weight_decay = knobs.momentum_key, knobs.has_weight_decay
         self._saved: list[tuple] | None = None  # the user's values, until the post-hook
         optimizer = knobs.optimizer
         self._handles = [optimizer.register_step_pre_hook(self._before_update),
@@ -211,19 +213,22 @@ class Composition:
         lr = first["lr"]
         if type(lr) is not float:  # an int, or a CPU tensor (see the module)
             lr = value(lr)
-        user_lr = lr if saved is None else saved[0][1]
-        if type(user_lr) is not float:
-            user_lr = value(user_lr)
+        if saved is None:
+            user_lr = lr
+        else:
+            user_lr = saved[0][1]
+            if type(user_lr) is not float:
+                user_lr = value(user_lr)
         if user_lr != self.user_lr:
             if self.updates:
                 self.user_schedule = True
             self.user_lr = user_lr
         self.used_lr = lr
-        key = self.knobs.momentum_key
+        key = self._momentum_key
         if key is not None:
             beta = first["betas"][0] if key == "betas" else first["momentum"]
             self.used_momentum = beta if type(beta) is float else value(beta)
-        if self.knobs.has_weight_decay:
+        if self._has_weight_decay:
             if len(groups) == 1:
                 wd = first["weight_decay"]
                 self.used_weight_decay = wd if type(wd) is float else value(wd)
