@@ -314,19 +314,23 @@ def test_a_change_lands_on_the_next_update_a_grad_scaler_lets_through(tmp_path):
 
 @pytest.mark.parametrize("knob, target", [("momentum", 0.5), ("momentum", 0.1),
                                            ("momentum", 1e-3), ("weight_decay", 0.03)])
-def test_a_change_holds_on_knobs_held_as_tensors(tmp_path, knob, target):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_change_holds_on_knobs_held_as_tensors(tmp_path, knob, target, groups):
     """β1 and the weight decay may be float32 CPU tensors too (Adam takes ``betas`` as
     tensors): a change lands to float32's rounding of the value asked (β is composed in
     float64: 1 − (1 − β)·s in float32 would cancel), is confirmed "applied", and the update
-    gets tensors like the user's."""
+    gets tensors like the user's. With two groups the first is the usual one without decay
+    (a float 0), so the decay checked, the largest, is the second's tensor."""
     model, x, y = model_and_data()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01,
+    params = list(model.parameters()) if groups == 1 else [
+        {"params": [model.bias], "weight_decay": 0.0}, {"params": [model.weight]}]
+    optimizer = torch.optim.AdamW(params, lr=0.01,
                                   betas=(torch.tensor(0.9), torch.tensor(0.999)),
                                   weight_decay=torch.tensor(0.01))
     seen = []
     with Babysitter(optimizer, tmp_path / "run", **FAST) as bs:
         optimizer.register_step_pre_hook(  # runs after Panda's: what the update gets
-            lambda opt, args, kwargs: seen.append(dict(opt.param_groups[0])))
+            lambda opt, args, kwargs: seen.append(dict(opt.param_groups[-1])))
         for it in range(6):
             if it == 2:
                 bs.set(**{knob: target})

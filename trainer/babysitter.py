@@ -153,6 +153,14 @@ def _number(loss: Any) -> float:
     return float(loss)
 
 
+def _kept(metric: torch.Tensor) -> torch.Tensor:
+    """A validation metric as kept for the flusher: a device one copied (see step(): CUDA
+    graphs reuse their outputs' memory), a CPU one as it is (a pinned one may still be the
+    target of a copy in flight, which a copy now would read too early)."""
+    metric = metric.detach()
+    return metric if metric.is_cpu else metric.clone()
+
+
 def _describe(payload: dict) -> str:
     return " ".join(f"{k}={_fmt(v) if isinstance(v, (int, float)) else v}"
                     for k, v in payload.items() if k != "origin_epoch")
@@ -394,7 +402,7 @@ class Babysitter:
             values = {"loss": loss, **values}
         wall = time.time()
         rows = [ValidationRow(self.step_count, self.epoch, wall, name,
-                              v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                              _kept(v) if isinstance(v, torch.Tensor) else v)
                 for name, v in values.items()]
         self.channels.outbox.append(WriteValidation(rows))
         if self._early_stopping and loss is not None:
@@ -649,8 +657,10 @@ class Babysitter:
 
     def _load_state(self, state: dict) -> int:
         """Put a checkpoint back into model, optimizer (incl. its knobs) and our knob state."""
+        # The leader took the snapshot: its CUDA generators are its own, not another rank's
+        # (each keeps its own; the CPU generator comes from the leader on every rank, as ever).
         sitter = checkpoint.restore(state, self.model, self.optimizer,
-                                    cuda_rng=self.coordinator.alone)
+                                    cuda_rng=self.coordinator.leader)
         self.composition.load(sitter)
         self.extra_state = dict(sitter.get("extra", {}))
         return int(sitter["step"])

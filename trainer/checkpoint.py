@@ -91,17 +91,18 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_into(path: str | os.PathLike, model: torch.nn.Module,
-              optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Load a checkpoint into ``model`` (and ``optimizer``), restore the RNG; return its
-    Babysitter state."""
-    return restore(load(path), model, optimizer)
+              optimizer: torch.optim.Optimizer | None, *, cuda_rng: bool = True
+              ) -> dict[str, Any]:
+    """Load a checkpoint into ``model`` (and ``optimizer``), restore the RNG (see
+    :func:`restore`); return its Babysitter state."""
+    return restore(load(path), model, optimizer, cuda_rng=cuda_rng)
 
 
 def restore(state: dict[str, Any], model: torch.nn.Module,
             optimizer: torch.optim.Optimizer | None, *, cuda_rng: bool = True) -> dict[str, Any]:
     """Put an in-memory checkpoint back into ``model`` / ``optimizer`` and the RNG (the CUDA
-    generators too unless ``cuda_rng`` is False: under DDP, where rank 0 writes the
-    checkpoints, each rank keeps its own)."""
+    generators too unless ``cuda_rng`` is False: under DDP only rank 0's snapshot is written,
+    so the other ranks keep their own)."""
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])

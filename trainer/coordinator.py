@@ -42,7 +42,6 @@ class Coordinator:
     """A Babysitter alone in its process: nothing to meet, nothing to share."""
 
     leader = True       # this process records the run (store, checkpoints, guard)
-    alone = True        # the run's only process: a checkpoint's CUDA generators are its own
     meet_every = 0      # steps between meetings; 0: never
 
     def channels(self) -> tuple[Channels, Channels | None]:

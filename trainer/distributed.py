@@ -84,8 +84,6 @@ class DistributedCoordinator(Coordinator):
     nothing). See the module docstring for what a meeting does.
     """
 
-    alone = False  # rank 0 writes the checkpoints: its devices' generators are no other rank's
-
     def __init__(self, every: int = DEFAULT_SYNC_EVERY, group: Any = None, *,
                  pause_wake_s: float = 0.5):
         if every < 1:

@@ -123,13 +123,13 @@ class OptimizerKnobs:
         return max(value(g["weight_decay"]) for g in self.groups)
 
     def tolerance(self, name: str) -> float:
-        """How close to a value asked for knob ``name`` group 0 can hold now (see
+        """How close to a value asked for knob ``name`` the groups can hold now (see
         :func:`precision`): what a change's verdict allows (asked only at a landing)."""
         first = self.groups[0]
-        knob = {"lr": first["lr"], "weight_decay": first.get("weight_decay"),
-                "momentum": first["betas"][0] if self.momentum_key == "betas"
-                else first.get("momentum")}[name]
-        return precision(knob)
+        if name == "weight_decay":  # the value checked is the largest over the groups
+            return max(precision(g.get("weight_decay")) for g in self.groups)
+        return precision(first["lr"] if name == "lr" else first["betas"][0]
+                         if self.momentum_key == "betas" else first.get("momentum"))
 
     def values(self) -> dict[str, float | None]:
         return {"lr": self.lr(), "momentum": self.momentum(),
