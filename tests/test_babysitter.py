@@ -24,6 +24,7 @@ from helpers import holds_for, wait_until
 import trainer.babysitter as babysitter_module
 from trainer import Babysitter, KnobError
 from trainer.checkpoint_files import list_checkpoints
+from trainer.coordinator import Coordinator
 from trainer.rng import set_rng_state
 from trainer.store import RunStore, SqliteStore
 from trainer.workers import to_floats
@@ -709,6 +710,38 @@ def test_cuda_generators_are_put_back_only_where_they_belong(
     assert torch.equal(torch.get_rng_state(), cpu)
     assert restored == ([state["cuda_rng"]] if put_back else [])
     assert ("saved on 2 CUDA devices and this process sees 1" in caplog.text) == warned
+
+
+class Follower(Coordinator):
+    """A process that records nothing of its own (a DDP rank other than 0), alone here."""
+
+    leader = False
+
+
+@pytest.mark.parametrize("coordinator", [Coordinator(), Follower()], ids=["leader", "follower"])
+def test_a_resume_puts_back_the_cuda_generators_only_where_the_snapshot_was_taken(
+        tmp_path, monkeypatch, coordinator):
+    """Under DDP rank 0 takes the snapshots: resumed, it gets its CUDA generators back, and
+    every other rank keeps its own (trainer.rng; CUDA is faked here, read on a GPU in
+    tests/test_cuda.py)."""
+    devices = [torch.full((16,), 7, dtype=torch.uint8)]
+    restored = []
+    for name, fake in {"is_available": lambda: True, "is_initialized": lambda: True,
+                       "device_count": lambda: 1, "get_rng_state_all": lambda: devices,
+                       "set_rng_state_all": restored.append}.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    model, opt = make()
+    with Babysitter(opt, tmp_path / "run", model=model, checkpoint_every=2, **FAST) as bs:
+        train_steps(bs, model, opt, 2)
+    restored.clear()
+    with Babysitter(opt, tmp_path / "run", model=model, resume=True, coordinator=coordinator,
+                    **FAST) as bs:
+        assert bs.step_count == 2
+    if not coordinator.leader:
+        assert restored == []
+        return
+    (got,) = restored
+    assert len(got) == len(devices) and all(map(torch.equal, got, devices))
 
 
 def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path):
