@@ -38,6 +38,13 @@ def wait(predicate, what: str, timeout: float = TIMEOUT_S) -> Any:
     return wait_until(predicate, timeout=timeout, interval=0.1, what=what)
 
 
+def wait_for_knobs(page) -> None:
+    """Until the knobs panel is drawn. While a script run replaces the page's elements (the
+    first run after the run appears, another run picked), Streamlit keeps the old ones, faded,
+    beside the new: the label may be there twice for a moment."""
+    page.get_by_text("Learning rate (log scale)").first.wait_for()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

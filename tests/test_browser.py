@@ -36,6 +36,7 @@ from browsing import (
     plot,
     sync_api,
     wait,
+    wait_for_knobs,
 )
 from helpers import dead_pid, screenshot
 
@@ -127,7 +128,7 @@ def _browse(browser, url: str):
     try:
         tab.set_default_timeout(TIMEOUT_S * 1000)
         tab.goto(url)
-        tab.get_by_text("Learning rate (log scale)").wait_for()
+        wait_for_knobs(tab)
         yield tab
     finally:
         tab.close()
@@ -232,7 +233,7 @@ def test_plotly_js_is_a_static_file_the_browser_keeps(page):
     instead of downloading it again, and V8 may reuse the code it compiled."""
     wait(lambda: _loss_points(page), "the chart to be drawn")
     page.reload()
-    page.get_by_text("Learning rate (log scale)").wait_for()
+    wait_for_knobs(page)
     wait(lambda: _loss_points(page), "the chart to be drawn again")
     loaded = [entry for frame in chart_frames(page) for entry in frame.evaluate(
         "performance.getEntriesByType('resource').map(e => [e.name, e.transferSize])")
@@ -251,7 +252,7 @@ def test_the_chart_draws_when_the_static_plotly_js_cannot_be_loaded(browser, ser
         tab.route("**/app/static/**", lambda route: (refused.append(route.request.url),
                                                       route.abort()))
         tab.goto(servers[0])
-        tab.get_by_text("Learning rate (log scale)").wait_for()
+        wait_for_knobs(tab)
         wait(lambda: _loss_points(tab), "the chart to be drawn through the component route")
         assert refused  # the static file was asked for first
         assert _view(tab)["renders"] >= 1

@@ -30,6 +30,7 @@ from browsing import (
     plot,
     sync_api,
     wait,
+    wait_for_knobs,
 )
 from helpers import holds_for
 
@@ -123,7 +124,7 @@ def _tab(context, url: str):
     try:
         tab.set_default_timeout(TIMEOUT_S * 1000)
         tab.goto(url)
-        tab.get_by_text("Learning rate (log scale)").wait_for()
+        wait_for_knobs(tab)
         yield tab
     finally:
         tab.close()
@@ -198,7 +199,7 @@ def test_with_a_token_nothing_acts_until_it_is_given(context, tmp_path):
             assert TOKEN not in page.url
 
             page.reload()  # the same tab: unlocked again from its sessionStorage
-            page.get_by_text("Learning rate (log scale)").wait_for()
+            wait_for_knobs(page)
             wait(page.get_by_role("button", name="Apply", exact=True).is_enabled,
                   "the reloaded tab to unlock itself")
             assert TOKEN not in page.url
