@@ -96,7 +96,7 @@ class Composition:
         self.used_weight_decay = knobs.weight_decay()
         self.user_lr = self.used_lr
         self._active = False          # any factor, target or override: the slow path
-        # The optimizer's kinds of knobs, fixed: read by the post-hook at every update.
+        # The optimizer's kinds of knobs, fixed: read by the hooks at every update.
         self._momentum_key, self._has_weight_decay = knobs.momentum_key, knobs.has_weight_decay
         self._saved: list[tuple] | None = None  # the user's values, until the post-hook
         optimizer = knobs.optimizer
@@ -146,9 +146,9 @@ class Composition:
         current values composed."""
         first = self.knobs.groups[0]
         values = {"lr": self._lr(value(first["lr"])),
-                  "momentum": None if self.knobs.momentum_key is None else
+                  "momentum": None if self._momentum_key is None else
                   self._beta(self.knobs.momentum()),
-                  "weight_decay": None if not self.knobs.has_weight_decay else
+                  "weight_decay": None if not self._has_weight_decay else
                   max(value(w) for w in self._wds([g["weight_decay"] for g in self.knobs.groups]))}
         return {**values, **self.targets} if requested else values
 
@@ -177,13 +177,13 @@ class Composition:
         landing_lr = self.targets.get("lr")
         if self.targets:
             self._land(groups)
-        key = self.knobs.momentum_key
+        key = self._momentum_key
         saved = []
         lrs = [g["lr"] for g in groups]
         # The user's decay is left as it is (not even 0 → 0.0) unless Panda changes it.
         changes_wd = self.wd_factor != 1.0 or self.wd_override is not None
         wds = self._wds([g["weight_decay"] for g in groups]) \
-            if self.knobs.has_weight_decay and changes_wd else None
+            if self._has_weight_decay and changes_wd else None
         for i, group in enumerate(groups):
             saved.append((group, group["lr"], group.get(key) if key else None,
                           group.get("weight_decay")))
@@ -249,7 +249,7 @@ class Composition:
         saved, self._saved = self._saved, None
         if saved is None:
             return
-        key = self.knobs.momentum_key
+        key = self._momentum_key
         for group, lr, beta, wd in saved:
             group["lr"] = lr
             if key:
