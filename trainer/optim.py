@@ -111,11 +111,14 @@ class OptimizerKnobs:
         return value(self.groups[0]["lr"])
 
     def momentum(self) -> float | None:
+        beta = self._beta(self.groups[0])
+        return None if beta is None else value(beta)
+
+    def _beta(self, group: dict) -> float | torch.Tensor | None:
+        """A group's β as it holds it (β1 of ``betas``, or ``momentum``), or None."""
         if self.momentum_key == "betas":
-            return value(self.groups[0]["betas"][0])
-        if self.momentum_key == "momentum":
-            return value(self.groups[0]["momentum"])
-        return None
+            return group["betas"][0]
+        return group["momentum"] if self.momentum_key == "momentum" else None
 
     def weight_decay(self) -> float | None:
         if not self.has_weight_decay:
@@ -125,11 +128,10 @@ class OptimizerKnobs:
     def tolerance(self, name: str) -> float:
         """How close to a value asked for knob ``name`` the groups can hold now (see
         :func:`precision`): what a change's verdict allows (asked only at a landing)."""
-        first = self.groups[0]
         if name == "weight_decay":  # the value checked is the largest over the groups
             return max(precision(g.get("weight_decay")) for g in self.groups)
-        return precision(first["lr"] if name == "lr" else first["betas"][0]
-                         if self.momentum_key == "betas" else first.get("momentum"))
+        first = self.groups[0]
+        return precision(first["lr"] if name == "lr" else self._beta(first))
 
     def values(self) -> dict[str, float | None]:
         return {"lr": self.lr(), "momentum": self.momentum(),
