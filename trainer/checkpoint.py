@@ -90,14 +90,6 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_into(path: str | os.PathLike, model: torch.nn.Module,
-              optimizer: torch.optim.Optimizer | None, *, cuda_rng: bool = True
-              ) -> dict[str, Any]:
-    """Load a checkpoint into ``model`` (and ``optimizer``), restore the RNG (see
-    :func:`restore`); return its Babysitter state."""
-    return restore(load(path), model, optimizer, cuda_rng=cuda_rng)
-
-
 def restore(state: dict[str, Any], model: torch.nn.Module,
             optimizer: torch.optim.Optimizer | None, *, cuda_rng: bool = True) -> dict[str, Any]:
     """Put an in-memory checkpoint back into ``model`` / ``optimizer`` and the RNG (the CUDA
