@@ -142,6 +142,21 @@ def test_a_babysat_loop_never_waits_for_the_device_and_reports_the_lr_its_update
         assert used[step] == pytest.approx(expected, rel=1e-9), step
 
 
+def square_loss_steps(bs: Babysitter, model: nn.Module, opt: torch.optim.Optimizer,
+                      x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """``n`` plain steps on the mean square of ``model(x)``, each logged by ``bs``; returns the
+    losses, detached (still on the device: reading them here would wait for it)."""
+    losses = []
+    for _ in range(n):
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bs.step(loss)
+        losses.append(loss.detach())
+    return losses
+
+
 def test_half_precision_device_losses_are_kept_and_folded_without_a_wait(tmp_path):
     """bf16 losses on the device, more of them than may wait for the store: the first rows are
     kept as they were, the rest folded into their mean (summed in float32 on the device)."""
@@ -151,16 +166,10 @@ def test_half_precision_device_losses_are_kept_and_folded_without_a_wait(tmp_pat
     (x,) = on_device(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)
                                  ).to(torch.bfloat16))
     warm_up(model, x)
-    losses, limit, steps = [], 8, 30
+    limit, steps = 8, 30
     with Babysitter(opt, tmp_path / "run", row_limit=limit, on_diverge="ignore",
                     **QUIET) as bs, waits_of_this_thread() as waits:
-        for _ in range(steps):
-            loss = model(x).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            bs.step(loss)
-            losses.append(loss.detach())
+        losses = square_loss_steps(bs, model, opt, x, steps)
     assert waits == []
     assert losses[0].dtype == torch.bfloat16
     values = torch.stack(losses).double().tolist()
@@ -216,15 +225,7 @@ def test_a_resumed_device_run_draws_the_same_dropout_masks(tmp_path):
         return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def train(bs: Babysitter, model: nn.Module, opt: torch.optim.Optimizer, n: int):
-        losses = []
-        for _ in range(n):
-            loss = model(x).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            bs.step(loss)
-            losses.append(loss.item())
-        return losses
+        return torch.stack(square_loss_steps(bs, model, opt, x, n)).tolist()
 
     model, opt = fresh(0)
     with pytest.raises(RuntimeError, match="crash"), \
