@@ -31,7 +31,7 @@ import streamlit as st
 
 from app import access, actions
 from app.charts import training_figure
-from app.controls import is_locked, knob_widgets, pending_table, run_buttons, show_outcome
+from app.controls import is_locked, key, knob_widgets, pending_table, run_buttons, show_outcome
 from app.data import (
     chart_view,
     duration,
@@ -41,6 +41,7 @@ from app.data import (
     steps_per_second,
     visible_range,
 )
+from app.folding import folding
 from app.lr_panel import render_lr_panel
 from app.panels import decay_controls, export_block, new_run_form, sample_panel
 from app.runs_table import open_clicked_run, runs_table
@@ -49,6 +50,7 @@ from app.stream_chart import figure_json, stream_chart
 from app.study import open_clicked_trial, study_section
 from trainer.knobs import format_sci
 from trainer.launch import resume_hint
+from trainer.lr_range.job import RESULT_KIND as LR_FIND
 from trainer.store import RUNNING_STATES, RunStore, StoreError
 from trainer.store.address import (
     is_server_url,
@@ -65,6 +67,7 @@ DEFAULT_SMOOTHING = 0.6    # TensorBoard's default EMA weight
 RUNS_DIR_ENV = "PANDA_RUNS_DIR"
 TOKEN_ENV = access.TOKEN_ENV
 WINDOWS = {"all": None, "last 500": 500, "last 2,000": 2_000, "last 10,000": 10_000}
+LR_PANEL, INTERVENTIONS_PANEL = "lr_panel_open", "interventions_open"  # app.folding keys
 KEPT_SERVER_STORES = 4     # PostgreSQL runs a session keeps open (the run shown, recent others)
 CHART_HEIGHT = 480        # px: loss and LR panels fit a 1280×800 window under the status row
 # Compact metrics and narrower page margins, so nine status cells fit beside the sidebar at
@@ -155,8 +158,7 @@ def run_view(address: str, compare: tuple[str, ...], allowed: bool) -> None:
             _training_chart(snap, store)
             with st.container():
                 _interventions(snap)
-            with st.expander("LR range test", expanded=bool(store.results("lr_find"))):
-                render_lr_panel(store, allowed=allowed)
+            _lr_range_panel(snap, store, allowed)
             sample_panel(snap.samples)  # charlm's generated text, newest first
 
 
@@ -283,12 +285,27 @@ def _training_chart(snap: Snapshot, store: RunStore) -> None:
                  revision=revision)
 
 
+def _lr_range_panel(snap: Snapshot, store: RunStore, allowed: bool) -> None:
+    """The LR range test's panel. It opens by itself for a test this session has not shown
+    yet (one started from a terminal with ``panda lr-find``, or finished since the page was
+    opened), and the person may close it again."""
+    state, panel = st.session_state, key(snap.run, LR_PANEL)
+    tests = store.results(LR_FIND)
+    newest, seen = (tests[-1]["id"] if tests else None), key(snap.run, "lr_find_seen")
+    if newest is not None and state.get(seen) != newest:
+        state[seen], state[panel] = newest, True
+    with folding("LR range test", panel) as open_:
+        if open_:
+            render_lr_panel(store, allowed=allowed)
+
+
 def _interventions(snap: Snapshot) -> None:
     events = snap.curves["events"]
     if events:
-        with st.expander(f"Interventions ({len(events)})"):
-            st.dataframe([{"step": e["step"], "what": e["message"] or e["kind"]}
-                          for e in reversed(events)], hide_index=True, width="stretch")
+        with folding(f"Interventions ({len(events)})", INTERVENTIONS_PANEL) as open_:
+            if open_:
+                st.dataframe([{"step": e["step"], "what": e["message"] or e["kind"]}
+                              for e in reversed(events)], hide_index=True, width="stretch")
 
 
 # --- page ---------------------------------------------------------------------------------------

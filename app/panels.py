@@ -13,6 +13,7 @@ import streamlit as st
 
 from app import access, actions
 from app.controls import key
+from app.folding import folding
 from trainer.config import OPTIMIZERS, TASKS, TrainConfig, config_values
 from trainer.export import ExportError, build_export, render
 from trainer.knobs import format_sci, log_ladder
@@ -35,6 +36,9 @@ DEFAULT_STEP_EPOCHS = 10.0
 DEFAULT_COSINE_EPOCHS = 100.0
 DEFAULT_STEP_DELAY = 0.01  # seconds per step: slow enough to watch the curves move
 EXPORT_SUFFIX = {"json": "json", "yaml": "yaml", "python": "py"}
+# Keys of the panels' open state (app.folding); the decay panel's is per run: key(run, DECAY_PANEL).
+NEW_RUN_PANEL, EXPORT_PANEL, SAMPLES_PANEL, DECAY_PANEL = (
+    "new_run_open", "export_open", "samples_open", "decay_open")
 
 
 def decay_controls(address: str, run: str, schedule: dict[str, Any] | None,
@@ -46,7 +50,10 @@ def decay_controls(address: str, run: str, schedule: dict[str, Any] | None,
     # (its value is never written from here: see app.controls on why).
     first = st.session_state.setdefault(key(run, "shape_shown_first"),
                                         current if current in SHAPES else SHAPES[0])
-    with st.expander(f"LR decay: {SHAPE_LABELS.get(current, current)}"):
+    with folding(f"LR decay: {SHAPE_LABELS.get(current, current)}", key(run, DECAY_PANEL)) \
+            as open_:
+        if not open_:
+            return
         shape = st.selectbox("shape", SHAPES, format_func=SHAPE_LABELS.get,
                              index=SHAPES.index(first), key=key(run, "shape"), disabled=locked)
         if shape != "constant":
@@ -125,7 +132,9 @@ def _task_knobs_to_form() -> None:
 def new_run_form(runs_dir: Path, store: str | None = None, *, allowed: bool = True) -> None:
     """Sidebar form: task, optimizer, starting knobs, epochs and a name. ``allowed`` False (no
     access token) disables Start training (and its callback refuses anyway)."""
-    with st.sidebar.expander("Start a new run"):
+    with folding("Start a new run", NEW_RUN_PANEL, where=st.sidebar) as open_:
+        if not open_:
+            return
         # Outside the form, so that choosing a task can fill in its defaults at once.
         task = st.selectbox("task", TASKS.options, key="new_task", on_change=_task_knobs_to_form)
         _new_run_fields(runs_dir, store, task, allowed)
@@ -158,7 +167,9 @@ def export_block(store: RunStore) -> None:
 
     Built on request: an export reads every metric row, too slow for every page refresh.
     """
-    with st.expander("Export settings"):
+    with folding("Export settings", EXPORT_PANEL) as open_:
+        if not open_:
+            return
         fmt = st.radio("format", tuple(EXPORT_SUFFIX), horizontal=True, key="export_fmt")
         if st.button("Prepare export", key="export_prepare", width="stretch"):
             try:
@@ -191,7 +202,7 @@ def sample_panel(newest: list[dict[str, Any]]) -> None:
     if not newest:
         return
     step = newest[0].get("step")
-    with st.expander(f"Generated text at step {step:,}" if isinstance(step, int) else
-                     "Generated text"):
-        for payload in newest:
+    with folding(f"Generated text at step {step:,}" if isinstance(step, int) else
+                 "Generated text", SAMPLES_PANEL) as open_:
+        for payload in newest if open_ else ():
             st.code(str(payload.get("text", "")), language="python", wrap_lines=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import streamlit as st
 
+from app.folding import folding
 from trainer.store import StoreError
 from trainer.store.address import list_runs, open_store, run_address
 
@@ -23,6 +24,7 @@ TABLE_KEY = "runs_table"
 FILTER_KEY = "runs_filter"
 OPEN_KEY = "runs_open_run"   # a run clicked in the table, for the picker on the next page run
 PICKER_KEY = "run_picker"    # the sidebar's run picker (app/main.py)
+PANEL_KEY = "runs_table_open"  # the table's panel is open (app.folding)
 
 
 def _best_and_tags(address: str, cache: dict[str, Any]) -> tuple[float | None, list[str]]:
@@ -91,13 +93,15 @@ def runs_table(root: str) -> None:
     """The table, in an expander below the run on show."""
     if st.session_state.get(OPEN_KEY):
         st.rerun(scope="app")  # a row was clicked: the whole page opens its run
-    try:
-        runs = [r for r in list_runs(root) if r.get("state") != "unreadable"]
-    except StoreError as err:
-        st.error(str(err))
-        return
-    rows = run_rows(root, runs, st.session_state.setdefault("runs_best", {}))
-    with st.expander("Runs", expanded=False):
+    with folding("Runs", PANEL_KEY) as open_:
+        if not open_:  # nothing read while nobody looks
+            return
+        try:
+            runs = [r for r in list_runs(root) if r.get("state") != "unreadable"]
+        except StoreError as err:
+            st.error(str(err))
+            return
+        rows = run_rows(root, runs, st.session_state.setdefault("runs_best", {}))
         words = st.text_input("filter", key=FILTER_KEY, placeholder="filter: words in the name, "
                               "state or tags (e.g. paused charlm)",
                               label_visibility="collapsed")

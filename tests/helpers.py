@@ -143,6 +143,14 @@ def knob_widget(at: Any, name: str, run: str = "live") -> Any:
     return next(w for w in widgets if w.key == base or (w.key or "").startswith(base + "#"))
 
 
+def open_panels(at: Any, *keys: str) -> Any:
+    """Open the page's folding panels (:mod:`app.folding`) named by their state's keys, as a
+    click on each would (its state, then a run); returns ``at``."""
+    for name in keys:
+        at.session_state[name] = True
+    return at.run()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` (all threads) from /proc/<pid>/stat."""
     text = Path(f"/proc/{pid}/stat").read_text()

@@ -12,11 +12,12 @@ import hmac
 from pathlib import Path
 
 import pytest
-from helpers import APP, knob_widget
+from helpers import APP, knob_widget, open_panels
 from streamlit.testing.v1 import AppTest
 
 from app import access
 from app.controls import key
+from app.panels import DECAY_PANEL, NEW_RUN_PANEL
 from trainer.store import SqliteStore
 
 APP_TIMEOUT_S = 60
@@ -39,6 +40,7 @@ def locked_page(make_run, tmp_path, monkeypatch):
     monkeypatch.setattr(access, "_delay", slept.append)
     at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
     assert not at.exception, at.exception
+    open_panels(at, NEW_RUN_PANEL, key("live", DECAY_PANEL))  # their buttons are checked too
     return at, run_dir, result, slept
 
 

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import APP, APP_TIMEOUT_S, dead_pid, knob_widget, stream_charts, wait_until
+from helpers import (
+    APP,
+    APP_TIMEOUT_S,
+    dead_pid,
+    knob_widget,
+    open_panels,
+    stream_charts,
+    wait_until,
+)
 from streamlit.testing.v1 import AppTest
 
 from app.charts import MAX_POINTS, downsample, ema, training_figure
@@ -32,6 +40,7 @@ from app.data import (
     visible_range,
 )
 from app.main import runs_dir
+from app.panels import DECAY_PANEL, NEW_RUN_PANEL
 from trainer.store import SqliteStore
 
 
@@ -173,6 +182,7 @@ def test_a_diverged_run_offers_roll_back_and_resume(page):
 
 def test_finished_run_shows_knobs_disabled(page):
     at, _ = page(status="finished")
+    open_panels(at, key("live", DECAY_PANEL))
     for name in ("lr", "momentum", "weight_decay"):
         assert knob_widget(at, name).disabled
     for name in ("apply", "half", "double", "pause", "resume", "stop", "apply_decay"):
@@ -190,6 +200,7 @@ def test_only_supported_knobs_are_shown(page):
 
 def test_decay_is_sent_as_one_schedule_command(page):
     at, run_dir = page()
+    open_panels(at, key("live", DECAY_PANEL))
     at.selectbox(key=key("live", "shape")).select("exponential").run()
     at.button(key=key("live", "apply_decay")).click().run()
     (command,) = commands(run_dir)
@@ -291,6 +302,7 @@ def test_an_interrupted_run_says_how_to_resume(open_page):
 
 def test_new_run_form_refuses_bad_and_existing_names(page):
     at, _ = page()
+    open_panels(at, NEW_RUN_PANEL)
     for name, reason in (("../escape", "invalid run name"), ("live", "already exists")):
         at.text_input(key="new_name").input(name)
         at.button(key="FormSubmitter:new_run-Start training").click().run()
@@ -299,6 +311,7 @@ def test_new_run_form_refuses_bad_and_existing_names(page):
 
 def test_new_run_form_starts_a_run_that_outlives_the_page(page, tmp_path):
     at, _ = page()
+    open_panels(at, NEW_RUN_PANEL)
     at.selectbox(key="new_task").select("quadratic")
     at.number_input(key="new_epochs").set_value(1)
     at.number_input(key="new_delay").set_value(0.0)

@@ -8,9 +8,10 @@ import hashlib
 
 import pytest
 import torch
-from helpers import APP
+from helpers import APP, open_panels
 from streamlit.testing.v1 import AppTest
 
+from app.panels import NEW_RUN_PANEL, SAMPLES_PANEL
 from trainer import charlm
 from trainer.cli import main as cli_main
 from trainer.config import TASK_DEFAULTS, TrainConfig, config_values
@@ -197,6 +198,7 @@ def test_dashboard_shows_the_newest_sample_and_task_defaults(make_run, tmp_path,
     at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
     assert not at.exception, at.exception
     assert any(e.label == "Generated text at step 9" for e in at.expander)
+    open_panels(at, SAMPLES_PANEL, NEW_RUN_PANEL)
     assert [c.value for c in at.code] == ["def newest"]
     at.selectbox(key="new_task").select("charlm").run()
     defaults = TrainConfig(**config_values("charlm"))

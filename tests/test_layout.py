@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from app.controls import key
+from app.main import INTERVENTIONS_PANEL, LR_PANEL
+from app.panels import DECAY_PANEL, EXPORT_PANEL, NEW_RUN_PANEL
+from app.runs_table import PANEL_KEY as RUNS_PANEL
+
 TRAINER = Path(__file__).resolve().parent.parent / "trainer"
 
 
@@ -123,8 +128,10 @@ def test_the_dashboard_and_the_cli_load_neither_torch_nor_scipy(tmp_path):
     imports ``trainer.cli``. torch (over a second) and ``scipy.signal`` (~0.7 s) made that
     first page ~2.5 s slower to come and each store-only command (``panda status``, ``set``
     …) slower to answer. The page is rendered (Streamlit's AppTest) on a run that has a
-    checkpoint file, so the imports of what a first render runs count too: the new-run form,
-    the LR range test's readiness, the export panel."""
+    checkpoint file, with every panel open, so the imports of what a render runs count too:
+    the new-run form, the LR range test's readiness, the export panel, the runs table."""
+    panels = [NEW_RUN_PANEL, EXPORT_PANEL, RUNS_PANEL, INTERVENTIONS_PANEL,
+              key("live", DECAY_PANEL), key("live", LR_PANEL)]
     code = f"""
 import os, sys, time
 from pathlib import Path
@@ -143,8 +150,13 @@ with SqliteStore(run, create=True) as store:
 (run / "checkpoints" / "ckpt-000000003-periodic.pt").write_bytes(b"")
 os.environ["PANDA_RUNS_DIR"] = str(runs)
 at = AppTest.from_file({str(TRAINER.parent / "app" / "main.py")!r}, default_timeout=60).run()
+for panel in {panels!r}:
+    at.session_state[panel] = True
+at.run()
 assert not at.exception, at.exception
 assert any(m.label == "step" for m in at.metric)
+assert at.dataframe and any(b.key == "export_prepare" for b in at.button)
+assert any(b.key == "lrfind_start_live" for b in at.button)
 print([m for m in ("torch", "scipy") if m in sys.modules])
 """
     done = subprocess.run([sys.executable, "-c", code], cwd=TRAINER.parent, capture_output=True,

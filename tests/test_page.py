@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import APP, APP_TIMEOUT_S, knob_widget
+from helpers import APP, APP_TIMEOUT_S, knob_widget, open_panels
 from streamlit.testing.v1 import AppTest
 
 import app.charts
 from app.charts import training_figure
 from app.controls import key
-from app.runs_table import matches
+from app.panels import DECAY_PANEL
+from app.runs_table import PANEL_KEY, matches
 from trainer.store import SqliteStore
 
 
@@ -90,6 +91,7 @@ def test_a_click_before_the_browser_drew_the_moved_widgets_does_not_undo_them(pa
 def test_the_decay_panel_reads_the_schedule_in_force(page):
     at, run_dir = page()
     assert any(e.label == "LR decay: constant" for e in at.expander)
+    open_panels(at, key("live", DECAY_PANEL))
     at.selectbox(key=key("live", "shape")).select("cosine")
     at.button(key=key("live", "apply_decay")).click().run()
     with SqliteStore(run_dir) as store:
@@ -133,6 +135,8 @@ def test_the_runs_table_sorts_filters_and_opens_a_run(make_run, tmp_path, monkey
     monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path / "runs"))
     at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run()
     assert not at.exception, at.exception
+    assert not at.dataframe  # nothing built, nor any run read, while the panel is closed
+    open_panels(at, PANEL_KEY)
     table = at.dataframe[0].value
     assert list(table.columns) == ["run", "state", "step", "best val loss", "LR now",
                                    "started", "tags"]

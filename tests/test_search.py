@@ -382,8 +382,8 @@ def test_kill_9_then_resume_keeps_finished_trials_and_reruns_the_cut_ones(tmp_pa
     # run once drew a trial that diverged.
     proc = start_search("--task", "quadratic", "--lr", "1e-3:3e-2", "--beta", "0.9",
                         "--batch-size", "32", "--trials", "4", "--parallel", "2", "--epochs", "2",
-                        "--prune", "none", "--step-delay", "0.04", "--study", "cut", "--runs-dir", runs,
-                        log=tmp_path / "search.log")
+                        "--prune", "none", "--step-delay", "0.04", "--study", "cut",
+                        "--runs-dir", runs, log=tmp_path / "search.log")
     with reaped(proc):
         def one_done_one_running():
             states = [t.state for t in trials_of(runs, "cut")]

@@ -1,0 +1,42 @@
+"""Panels whose content is built only while they are open: ``with folding(label, key) as open_``.
+
+A plain ``st.expander`` is built and sent at every run of the script even while collapsed, and
+the browser renders the hidden content too: a dataframe, a chart frame, a form of eight
+widgets. On the run view of a paused run, leaving out the collapsed panels' content (the new-run
+form, the export, the LR range test, the runs table) took the first view in a warm Chromium
+from 1,883 to 1,660 ms (medians of 8 interleaved rounds, `benchmarks/page.py`'s measure), and
+the runs table no longer reads every run's store every 5 s while nobody looks at it.
+
+Streamlit (1.67) tracks an expander's state when it has an ``on_change``: opening one re-runs
+the script (or the fragment holding it), which then builds the content. But it knows the
+expander by its label and initial state as well as its key, so a label that changes (the decay
+shape in force, the count of interventions) would be a new expander, closed again. So the
+panel's state is kept under ``key`` in ``st.session_state`` by the page itself (written when the
+person opens or closes it, or by the page, e.g. when a new result arrives) and drawn as the
+expander's initial state; the expander's own widget state lives under ``key + WIDGET_SUFFIX``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import streamlit as st
+
+WIDGET_SUFFIX = ":expander"
+
+
+@contextmanager
+def folding(label: str, key: str, *, expanded: bool = False, where: Any = st) -> Iterator[bool]:
+    """An expander (in ``where``: ``st``, ``st.sidebar`` or a container), entered; yields
+    whether it is open, i.e. whether to build its content. ``expanded``: open on first show."""
+    is_open = bool(st.session_state.setdefault(key, expanded))
+    with where.expander(label, expanded=is_open, key=key + WIDGET_SUFFIX, on_change=_toggled,
+                        args=(key,)):
+        yield is_open
+
+
+def _toggled(key: str) -> None:
+    """The person opened or closed the panel (a callback: runs before the re-run)."""
+    st.session_state[key] = bool(st.session_state[key + WIDGET_SUFFIX])
