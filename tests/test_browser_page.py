@@ -303,12 +303,16 @@ def test_the_runs_table_filters_and_a_click_opens_a_run(context, tmp_path, make_
     """The runs table lists every run; its filter keeps the matching ones; one click on a
     row opens that run (title, status row, knobs and the run picker), and it stays open
     through the refreshes that follow (the picker's old value in the browser must not bring
-    the last run back)."""
+    the last run back). The table's panel builds nothing while closed (app/folding.py), and
+    stays open across the runs' refreshes until closed."""
     make_run("other", status="paused", knobs={"lr": 0.003})
     with _serve(tmp_path, ["live", "--task", "digits", "--epochs", "200", "--step-delay",
                            "0.01"]) as (url, _, _log), _tab(context, url) as page:
         wait(lambda: _title(page).startswith("live ·"), "the live run on show")
-        page.locator("summary").filter(has_text=re.compile(r"Runs$")).click()
+        tables = page.locator('[data-testid="stDataFrame"]')
+        assert tables.count() == 0 and page.get_by_text("2 of 2 runs").count() == 0
+        runs_panel = page.locator("summary").filter(has_text=re.compile(r"Runs$"))
+        runs_panel.click()
         page.get_by_text("2 of 2 runs").wait_for()
         words = page.get_by_placeholder(re.compile("^filter: words"))
         words.fill("paused")
@@ -326,6 +330,9 @@ def test_the_runs_table_filters_and_a_click_opens_a_run(context, tmp_path, make_
         assert picker.locator("input").input_value() == "other · paused"
         holds_for(lambda: _title(page).startswith("other ·"), QUIET_S,
                   what="the opened run to stay on show")
+        assert page.get_by_text("1 of 2 runs").count() == 1  # still open, filter kept
+        runs_panel.click()
+        wait(lambda: tables.count() == 0, "the closed panel's table to go")
 
 
 # --- a charlm run ------------------------------------------------------------------------------
