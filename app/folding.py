@@ -2,18 +2,20 @@
 
 A plain ``st.expander`` is built and sent at every run of the script even while collapsed, and
 the browser renders the hidden content too: a dataframe, a chart frame, a form of eight
-widgets. On the run view of a paused run, leaving out the collapsed panels' content (the new-run
-form, the export, the LR range test, the runs table) took the first view in a warm Chromium
-from 1,883 to 1,660 ms (medians of 8 interleaved rounds, `benchmarks/page.py`'s measure), and
-the runs table no longer reads every run's store every 5 s while nobody looks at it.
+widgets. Building the run view's collapsed panels (the new-run form, the export, the LR range
+test, the runs table, the decay, the interventions) only while open took the first view of a
+paused run in a warm Chromium from 1,716 to 1,364 ms (medians of 8 interleaved rounds, the
+measure of `benchmarks/page.py`), and the runs table no longer reads every run's store every
+5 s while nobody looks at it.
 
-Streamlit (1.67) tracks an expander's state when it has an ``on_change``: opening one re-runs
-the script (or the fragment holding it), which then builds the content. But it knows the
-expander by its label and initial state as well as its key, so a label that changes (the decay
-shape in force, the count of interventions) would be a new expander, closed again. So the
-panel's state is kept under ``key`` in ``st.session_state`` by the page itself (written when the
-person opens or closes it, or by the page, e.g. when a new result arrives) and drawn as the
-expander's initial state; the expander's own widget state lives under ``key + WIDGET_SUFFIX``.
+Streamlit (since 1.55) tracks an expander's state when it has an ``on_change``: opening one
+re-runs the script (or the fragment holding it), which then builds the content. But it knows
+the expander by its label and initial state as well as its key, so a label that changes (the
+decay shape in force, the count of interventions) would be a new expander, closed again. So
+the panel's state is kept under ``key`` in ``st.session_state`` by the page itself (written
+when the person opens or closes it, or by the page, e.g. when a new result arrives) and drawn
+as the expander's initial state; the expander's own widget state lives under
+``key + WIDGET_SUFFIX``.
 """
 
 from __future__ import annotations
