@@ -46,14 +46,17 @@ def decay_controls(address: str, run: str, schedule: dict[str, Any] | None,
     """LR decay shape and its rate, sent as one ``schedule`` command. The expander's label is
     the shape in force (``schedule``: the run's, from the page's snapshot)."""
     current = (schedule or {}).get("shape", "constant")
-    # The selectbox starts at the shape in force when first shown, and keeps the user's choice
-    # (its value is never written from here: see app.controls on why).
-    first = st.session_state.setdefault(key(run, "shape_shown_first"),
-                                        current if current in SHAPES else SHAPES[0])
+    shown_first = key(run, "shape_shown_first")
     with folding(f"LR decay: {SHAPE_LABELS.get(current, current)}", key(run, DECAY_PANEL)) \
             as open_:
         if not open_:
+            st.session_state.pop(shown_first, None)
             return
+        # The selectbox starts at the shape in force when the panel opens, and keeps the
+        # user's choice while it stays open (its value is never written from here: see
+        # app.controls on why).
+        first = st.session_state.setdefault(shown_first,
+                                            current if current in SHAPES else SHAPES[0])
         shape = st.selectbox("shape", SHAPES, format_func=SHAPE_LABELS.get,
                              index=SHAPES.index(first), key=key(run, "shape"), disabled=locked)
         if shape != "constant":

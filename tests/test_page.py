@@ -102,6 +102,13 @@ def test_the_decay_panel_reads_the_schedule_in_force(page):
     assert any(e.label == "LR decay: cosine to a floor" for e in at.expander)
     assert _metric(at, "decay") == "cosine"
     assert any("decay cosine: applied at step 21" in s.value for s in at.success)
+    at.session_state[key("live", DECAY_PANEL)] = False  # closed, then the shape changes …
+    at.run()
+    assert all(s.key != key("live", "shape") for s in at.selectbox)  # not built while closed
+    with SqliteStore(run_dir) as store:
+        store.set_meta(schedule={"shape": "step", "rate": 0.5, "step_epochs": 10.0})
+    open_panels(at, key("live", DECAY_PANEL))  # … reopened: it starts at the shape in force
+    assert at.selectbox(key=key("live", "shape")).value == "step"
 
 
 def test_a_refresh_with_nothing_new_does_not_rebuild_the_chart(page, monkeypatch):
