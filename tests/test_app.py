@@ -39,7 +39,7 @@ from app.data import (
     view_series,
     visible_range,
 )
-from app.main import runs_dir
+from app.main import LR_PANEL, runs_dir
 from app.panels import DECAY_PANEL, NEW_RUN_PANEL
 from trainer.store import SqliteStore
 
@@ -681,6 +681,23 @@ def test_a_flat_curve_jump_takes_a_second_click_that_names_the_factor(page):
     sent = commands(run_dir)
     assert [(c.kind, json.loads(c.payload)) for c in sent] == [("set", {"lr": 8.3})]
     assert not any(n.startswith("Apply 8.3e+00") for n in _warnings(at))
+
+
+def test_the_range_test_panel_opens_for_a_new_test_and_stays_closed_once_closed(page):
+    """Closed, it builds nothing; a test this session has not shown opens it (one started
+    from a terminal, say); closed by the person, it stays closed until the next test."""
+    at, run_dir = page()
+    assert all(b.key != "lrfind_start_live" for b in at.button)
+    first = _lr_result(run_dir)
+    at.run()
+    assert at.button(key=f"lrfind_apply_live_{first}").label.startswith("Apply suggested LR")
+    at.session_state[key("live", LR_PANEL)] = False  # as a click on its header does
+    at.run()
+    at.run()
+    assert all(not b.key.startswith("lrfind_") for b in at.button if b.key)
+    second = _lr_result(run_dir, suggested_lr=0.012)
+    at.run()
+    assert at.button(key=f"lrfind_apply_live_{second}").label.startswith("Apply suggested LR")
 
 
 def test_a_big_jump_can_be_cancelled(page):
