@@ -41,6 +41,9 @@ RAW_OPACITY = 0.3            # raw per-step losses: faint behind the smoothed cu
 BAND_COLOR = "rgba(44, 160, 44, 0.15)"
 Y_PAD = 0.05                 # share of the loss span added above and below the curve
 HEIGHT = 340                 # px
+# What plotly's automargin settles on for this chart (Chromium, the page's font): starting
+# there spares its first draw a second layout pass (see app.charts.MARGIN).
+MARGIN = {"l": 46, "r": 18, "t": 44, "b": 46}
 PLOT_PX = (560, 250)         # about the plot area's width and height in the page's chart column
 X_LABEL_GAP_PX = 24          # log x axis: "10⁻⁵" labels are wider than they are tall
 # Applying more than CONFIRM_FACTOR × the current LR takes a second click that names the factor
@@ -152,7 +155,7 @@ def lr_find_figure(payload: dict[str, Any]) -> go.Figure:
     measured = "mini-batch loss" if payload.get("options", {}).get("measure") == "batch" \
         else "training loss (fixed samples)"
     fig.update_yaxes(title_text=measured, **linear_axis((y0, y1), PLOT_PX[1]))
-    fig.update_layout(height=HEIGHT, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+    fig.update_layout(height=HEIGHT, margin=MARGIN,
                       legend={"orientation": "h", "y": 1.12})
     return fig
 
