@@ -37,6 +37,7 @@ DEFAULT_COSINE_EPOCHS = 100.0
 DEFAULT_STEP_DELAY = 0.01  # seconds per step: slow enough to watch the curves move
 EXPORT_SUFFIX = {"json": "json", "yaml": "yaml", "python": "py"}
 # Keys of the panels' open state (app.folding); the decay panel's is per run: key(run, DECAY_PANEL).
+KEEP = "page"  # a form's entries outlive its panel closing (see app.folding)
 NEW_RUN_PANEL, EXPORT_PANEL, SAMPLES_PANEL, DECAY_PANEL = (
     "new_run_open", "export_open", "samples_open", "decay_open")
 
@@ -50,13 +51,14 @@ def decay_controls(address: str, run: str, schedule: dict[str, Any] | None,
     with folding(f"LR decay: {SHAPE_LABELS.get(current, current)}", key(run, DECAY_PANEL)) \
             as open_:
         if not open_:
-            st.session_state.pop(shown_first, None)
             return
-        # The selectbox starts at the shape in force when the panel opens, and keeps the
-        # user's choice while it stays open (its value is never written from here: see
-        # app.controls on why).
-        first = st.session_state.setdefault(shown_first,
-                                            current if current in SHAPES else SHAPES[0])
+        # The selectbox starts at the shape in force whenever it is drawn anew (the panel
+        # opened, another run shown and back), and keeps the user's choice while drawn (its
+        # value is never written from here: see app.controls on why).
+        start = current if current in SHAPES else SHAPES[0]
+        if key(run, "shape") not in st.session_state:
+            st.session_state[shown_first] = start
+        first = st.session_state.setdefault(shown_first, start)
         shape = st.selectbox("shape", SHAPES, format_func=SHAPE_LABELS.get,
                              index=SHAPES.index(first), key=key(run, "shape"), disabled=locked)
         if shape != "constant":
@@ -139,7 +141,8 @@ def new_run_form(runs_dir: Path, store: str | None = None, *, allowed: bool = Tr
         if not open_:
             return
         # Outside the form, so that choosing a task can fill in its defaults at once.
-        task = st.selectbox("task", TASKS.options, key="new_task", on_change=_task_knobs_to_form)
+        task = st.selectbox("task", TASKS.options, key="new_task", persist_state=KEEP,
+                            on_change=_task_knobs_to_form)
         _new_run_fields(runs_dir, store, task, allowed)
 
 
@@ -147,17 +150,20 @@ def _new_run_fields(runs_dir: Path, store: str | None, task: str, allowed: bool)
     if "new_optimizer" not in st.session_state:  # first render: the first task's defaults
         _task_knobs_to_form()
     with st.form("new_run", border=False):
-        st.selectbox("optimizer", OPTIMIZERS.options, key="new_optimizer")
+        st.selectbox("optimizer", OPTIMIZERS.options, key="new_optimizer", persist_state=KEEP)
         st.select_slider("learning rate", options=NEW_RUN_LR_LADDER, format_func=format_sci,
-                         key="new_lr")
-        st.select_slider("momentum β", options=NEW_RUN_BETAS, key="new_momentum")
+                         key="new_lr", persist_state=KEEP)
+        st.select_slider("momentum β", options=NEW_RUN_BETAS, key="new_momentum",
+                         persist_state=KEEP)
         st.select_slider("weight decay", options=NEW_RUN_WD, format_func=format_sci,
-                         key="new_wd")
+                         key="new_wd", persist_state=KEEP)
         st.number_input("epochs", min_value=1, max_value=100_000, value=DEFAULT_EPOCHS,
-                        key="new_epochs")
+                        key="new_epochs", persist_state=KEEP)
         st.number_input("seconds per step (slows it down to watch)", min_value=0.0,
-                        max_value=1.0, value=DEFAULT_STEP_DELAY, step=0.01, key="new_delay")
-        st.text_input("run name", placeholder=f"{task}-YYYYMMDD-HHMMSS", key="new_name")
+                        max_value=1.0, value=DEFAULT_STEP_DELAY, step=0.01, key="new_delay",
+                        persist_state=KEEP)
+        st.text_input("run name", placeholder=f"{task}-YYYYMMDD-HHMMSS", key="new_name",
+                      persist_state=KEEP)
         st.form_submit_button("Start training", width="stretch", disabled=not allowed,
                               on_click=_start_run, args=(runs_dir, store))
         message = st.session_state.get("new_run_message")
@@ -173,7 +179,8 @@ def export_block(store: RunStore) -> None:
     with folding("Export settings", EXPORT_PANEL) as open_:
         if not open_:
             return
-        fmt = st.radio("format", tuple(EXPORT_SUFFIX), horizontal=True, key="export_fmt")
+        fmt = st.radio("format", tuple(EXPORT_SUFFIX), horizontal=True, key="export_fmt",
+                       persist_state=KEEP)
         if st.button("Prepare export", key="export_prepare", width="stretch"):
             try:
                 st.session_state["export_text"] = (store.name, fmt,

@@ -102,9 +102,9 @@ def runs_table(root: str) -> None:
             st.error(str(err))
             return
         rows = run_rows(root, runs, st.session_state.setdefault("runs_best", {}))
-        words = st.text_input("filter", key=FILTER_KEY, placeholder="filter: words in the name, "
-                              "state or tags (e.g. paused charlm)",
-                              label_visibility="collapsed")
+        words = st.text_input("filter", key=FILTER_KEY, persist_state="page",  # app.folding
+                              placeholder="filter: words in the name, state or tags (e.g. "
+                              "paused charlm)", label_visibility="collapsed")
         shown = [r for r in rows if matches(r, words or "")]
         st.session_state["_runs_table_rows"] = shown
         st.caption(f"{len(shown)} of {len(rows)} runs · click a column to sort, a row to "

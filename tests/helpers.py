@@ -151,6 +151,18 @@ def open_panels(at: Any, *keys: str) -> Any:
     return at.run()
 
 
+def click_panel(at: Any, label: str, opened: bool) -> Any:
+    """Open or close the panel whose header starts with ``label`` the way the browser does: the
+    expander's own state sent with a run, so its callback (:mod:`app.folding`) runs. AppTest
+    has no public call for it; ``_run`` with widget states is what its widgets' ``run`` use."""
+    from streamlit.proto.WidgetStates_pb2 import WidgetState
+
+    panel = next(e for e in at.expander if e.label.startswith(label))
+    states = at._tree.get_widget_states()
+    states.widgets.append(WidgetState(id=panel.proto.id, bool_value=opened))
+    return at._run(states)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` (all threads) from /proc/<pid>/stat."""
     text = Path(f"/proc/{pid}/stat").read_text()

@@ -334,6 +334,21 @@ def test_the_runs_table_filters_and_a_click_opens_a_run(context, tmp_path, make_
         runs_panel.click()
         wait(lambda: tables.count() == 0, "the closed panel's table to go")
 
+        def closed_and_empty() -> bool:
+            return tables.count() == 0 and not runs_panel.evaluate("s => s.parentElement.open")
+
+        # Quick double-clicks (two clicks 50 and 150 ms apart): open, then closed, and it stays
+        # so (the second click was once taken for the panel's previous identity, and left it
+        # drawn open and empty).
+        for gap_ms in (50, 150):
+            runs_panel.click()
+            page.wait_for_timeout(gap_ms)
+            runs_panel.click()
+            wait(closed_and_empty, "the panel closed again")
+            holds_for(closed_and_empty, 2.0, what="the panel to stay closed and empty")
+        runs_panel.click()
+        page.get_by_text("1 of 2 runs").wait_for()  # it opens again, its filter kept
+
 
 # --- a charlm run ------------------------------------------------------------------------------
 

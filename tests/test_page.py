@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import APP, APP_TIMEOUT_S, knob_widget, open_panels
+from helpers import APP, APP_TIMEOUT_S, click_panel, knob_widget, open_panels
 from streamlit.testing.v1 import AppTest
 
 import app.charts
 from app.charts import training_figure
 from app.controls import key
-from app.panels import DECAY_PANEL
+from app.panels import DECAY_PANEL, NEW_RUN_PANEL
 from app.runs_table import PANEL_KEY, matches
 from trainer.store import SqliteStore
 
@@ -128,6 +128,55 @@ def test_a_refresh_with_nothing_new_does_not_rebuild_the_chart(page, monkeypatch
         store.append_metrics([(20, 0, time.time(), 0.05, 0.01, 0.9, 0.0)])
     at.run()
     assert built == [1]
+
+
+def test_the_decay_shape_starts_at_the_one_in_force_after_another_run_was_shown(
+        make_run, tmp_path, monkeypatch):
+    """The panel stays open for a run while another is shown; back on it, the shape shown is
+    the one now in force, not the one the selectbox started at before (Apply decay would
+    have sent that)."""
+    make_run("other", status="paused")
+    live = make_run("live")
+    monkeypatch.setenv("PANDA_RUNS_DIR", str(tmp_path / "runs"))
+    at = open_panels(AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S).run(),
+                     key("live", DECAY_PANEL))
+    assert at.selectbox(key=key("live", "shape")).value == "constant"
+    at.selectbox(key="run_picker").select("other").run()
+    with SqliteStore(live) as store:
+        store.set_meta(schedule={"shape": "step", "rate": 0.5, "step_epochs": 10.0})
+    at.selectbox(key="run_picker").select("live").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key=key("live", "shape")).value == "step"
+
+
+def test_a_panel_opens_and_closes_with_clicks_on_its_header_and_builds_only_while_open(page):
+    """The expander's own state, as the browser sends it, opens and closes the panel (the
+    callback of app.folding), and what is inside is built only while it is open."""
+    at, _ = page()
+    assert not at.dataframe and at.session_state[PANEL_KEY] is False
+    click_panel(at, "Runs", True)
+    assert not at.exception, at.exception
+    assert at.session_state[PANEL_KEY] is True and len(at.dataframe[0].value) == 1
+    at.run()  # a refresh keeps it open
+    assert len(at.dataframe) == 1
+    click_panel(at, "Runs", False)
+    assert at.session_state[PANEL_KEY] is False and not at.dataframe
+
+
+def test_the_new_run_form_keeps_its_entries_while_closed(page):
+    """Closing the panel drops its widgets from the page (app.folding); what the person had
+    chosen comes back with it (the task, and the knobs it filled in). Entries typed into the
+    form and not yet submitted live in the browser until Start training, and go with it."""
+    at, _ = page()
+    open_panels(at, NEW_RUN_PANEL)
+    at.selectbox(key="new_task").select("charlm").run()
+    at.session_state[NEW_RUN_PANEL] = False
+    at.run()
+    assert all(s.key != "new_task" for s in at.selectbox)
+    open_panels(at, NEW_RUN_PANEL)
+    assert at.selectbox(key="new_task").value == "charlm"
+    assert at.selectbox(key="new_optimizer").value == "adamw"  # charlm's, filled in
+    assert at.select_slider(key="new_lr").value == 3e-3
 
 
 def test_the_runs_table_sorts_filters_and_opens_a_run(make_run, tmp_path, monkeypatch):
