@@ -36,8 +36,8 @@ DEFAULT_STEP_EPOCHS = 10.0
 DEFAULT_COSINE_EPOCHS = 100.0
 DEFAULT_STEP_DELAY = 0.01  # seconds per step: slow enough to watch the curves move
 EXPORT_SUFFIX = {"json": "json", "yaml": "yaml", "python": "py"}
+KEEP = "page"  # persist_state: a form's entries outlive its panel closing (see app.folding)
 # Keys of the panels' open state (app.folding); the decay panel's is per run: key(run, DECAY_PANEL).
-KEEP = "page"  # a form's entries outlive its panel closing (see app.folding)
 NEW_RUN_PANEL, EXPORT_PANEL, SAMPLES_PANEL, DECAY_PANEL = (
     "new_run_open", "export_open", "samples_open", "decay_open")
 
