@@ -151,6 +151,21 @@ def open_panels(at: Any, *keys: str) -> Any:
     return at.run()
 
 
+def square_loss_steps(bs: Any, model: Any, opt: Any, x: Any, n: int) -> list[Any]:
+    """``n`` plain steps of ``opt`` on the mean square of ``model(x)``, each logged by
+    Babysitter ``bs``; returns the losses, detached (on a device they stay there: reading them
+    here would wait for it). Torch-free itself: this module also runs as a script."""
+    losses = []
+    for _ in range(n):
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bs.step(loss)
+        losses.append(loss.detach())
+    return losses
+
+
 def click_panel(at: Any, label: str, opened: bool) -> Any:
     """Open or close the panel whose header starts with ``label`` the way the browser does: the
     expander's own state sent with a run, so its callback (:mod:`app.folding`) runs. AppTest

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import square_loss_steps
 from torch import nn
 
 from trainer import Babysitter
@@ -140,21 +141,6 @@ def test_a_babysat_loop_never_waits_for_the_device_and_reports_the_lr_its_update
     for step in [*range(1, CHANGE_AT), *range(CHANGE_AT + 1, STEPS)]:
         expected = used[step - 1] * user[step] / user[step - 1] * decay_per_step
         assert used[step] == pytest.approx(expected, rel=1e-9), step
-
-
-def square_loss_steps(bs: Babysitter, model: nn.Module, opt: torch.optim.Optimizer,
-                      x: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """``n`` plain steps on the mean square of ``model(x)``, each logged by ``bs``; returns the
-    losses, detached (still on the device: reading them here would wait for it)."""
-    losses = []
-    for _ in range(n):
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        bs.step(loss)
-        losses.append(loss.detach())
-    return losses
 
 
 def test_half_precision_device_losses_are_kept_and_folded_without_a_wait(tmp_path):

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import wait_until
+from helpers import square_loss_steps, wait_until
 
 from trainer.babysitter import Babysitter
 from trainer.ranges import KnobError
@@ -142,13 +142,7 @@ def _model_and_opt(lr: float):
 
 
 def _train(bs: Babysitter, model, opt, steps: int) -> None:
-    x = torch.randn(8, 3)
-    for _ in range(steps):
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        bs.step(loss)
+    square_loss_steps(bs, model, opt, torch.randn(8, 3), steps)
 
 
 def test_manual_lr_change_mid_decay_rescales_the_base_and_keeps_the_shape(tmp_path):
