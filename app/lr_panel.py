@@ -30,7 +30,6 @@ from trainer.knobs import format_sci, validate_knobs
 from trainer.lr_range.job import (
     curve_is_flat,
     describe_result,
-    latest_lr_find,
     readiness,
     start_lr_find_job,
 )
@@ -252,14 +251,16 @@ def _start(address: str, run: str) -> None:
     actions.start_range_test(address, run, start_lr_find_job)
 
 
-def render_lr_panel(store: RunStore, *, allowed: bool = True) -> None:
-    """The LR range test panel for one run (call it inside the page's ~1 s fragment).
-    ``allowed`` False (no access token) disables its buttons (their callbacks refuse anyway)."""
+def render_lr_panel(store: RunStore, row: dict[str, Any] | None, *,
+                    allowed: bool = True) -> None:
+    """The LR range test panel for one run (call it inside the page's ~1 s fragment); ``row``:
+    its newest test (:func:`trainer.lr_range.job.latest_lr_find`, read once a refresh by the
+    page). ``allowed`` False (no access token) disables its buttons (their callbacks refuse
+    anyway)."""
     key = store.name
     st.markdown("**LR range test**")
     reason = readiness(store)
     summary = store.summary()
-    row = latest_lr_find(store)
     stale = row is not None and row["status"] == "done" and stale_age(
         row["payload"].get("checkpoint_step"), summary.get("step")) is not None
     st.button("Re-run LR range test" if stale else "Run LR range test",

@@ -50,7 +50,7 @@ from app.stream_chart import figure_json, stream_chart
 from app.study import open_clicked_trial, study_section
 from trainer.knobs import format_sci
 from trainer.launch import resume_hint
-from trainer.lr_range.job import RESULT_KIND as LR_FIND
+from trainer.lr_range.job import latest_lr_find
 from trainer.store import RUNNING_STATES, RunStore, StoreError
 from trainer.store.address import (
     is_server_url,
@@ -290,13 +290,12 @@ def _lr_range_panel(snap: Snapshot, store: RunStore, allowed: bool) -> None:
     yet (one started from a terminal with ``panda lr-find``, or finished since the page was
     opened), and the person may close it again."""
     state, panel = st.session_state, key(snap.run, LR_PANEL)
-    tests = store.results(LR_FIND)
-    newest, seen = (tests[-1]["id"] if tests else None), key(snap.run, "lr_find_seen")
-    if newest is not None and state.get(seen) != newest:
-        state[seen], state[panel] = newest, True
+    newest, seen = latest_lr_find(store), key(snap.run, "lr_find_seen")  # one read a refresh
+    if newest is not None and state.get(seen) != newest["id"]:
+        state[seen], state[panel] = newest["id"], True
     with folding("LR range test", panel) as open_:
         if open_:
-            render_lr_panel(store, allowed=allowed)
+            render_lr_panel(store, newest, allowed=allowed)
 
 
 def _interventions(snap: Snapshot) -> None:
