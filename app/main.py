@@ -203,7 +203,7 @@ def _notes(snap: Snapshot, stalled: str | None) -> None:
     if state == "interrupted":
         st.warning("The trainer stopped without closing the run: killed, out of memory, or its "
                    f"machine went down. Its steps up to {snap.summary['step']:,} are kept. "
-                   f"{resume_hint(meta, in_database=is_server_url(snap.address))}")
+                   f"{resume_hint(meta, snap.address)}")
     composition = lr_composition(meta.get("lr_composition"))
     if composition:
         st.caption(composition)

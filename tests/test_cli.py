@@ -273,10 +273,10 @@ def test_the_resume_hint_fits_the_run(tmp_path):
     built_in = {"config": asdict(TrainConfig(**config_values("digits"))),
                 "run_dir": str(tmp_path / "a"), "host": socket.gethostname()}
     (tmp_path / "a").mkdir()
-    assert resume_hint(built_in) == (f"Resume it with `panda train --resume --run-dir "
-                                     f"{tmp_path / 'a'}` (it has no checkpoint yet, so it starts "
-                                     "again from step 0).")
-    assert "--store $PANDA_STORE`" in resume_hint(built_in, in_database=True)
+    assert resume_hint(built_in, tmp_path / "a") == (
+        f"Resume it with `panda train --resume --run-dir {tmp_path / 'a'}` (it has no checkpoint "
+        "yet, so it starts again from step 0).")
+    assert "--store $PANDA_STORE`" in resume_hint(built_in, "postgresql://panda@db/panda#a")
     elsewhere = {**built_in, "host": "gpu-node-7"}
     assert resume_hint(elsewhere).endswith(f"--run-dir {tmp_path / 'a'}`.")
     assert resume_hint({"run_dir": str(tmp_path / "a")}).startswith(

@@ -273,7 +273,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         summary, meta = store.summary(), store.meta()
     line = _status_line(summary)
     if summary["state"] == "interrupted":  # the trainer is gone: say how to go on
-        line += f"; its trainer is gone. {resume_hint(meta, in_database=store.backend != 'sqlite')}"
+        line += f"; its trainer is gone. {resume_hint(meta, store.address)}"
     _emit(args, summary, line)
     return 0
 

@@ -25,7 +25,7 @@ from typing import Any
 from trainer import checkpoint_files
 from trainer.config import TrainConfig, config_values
 from trainer.knobs import validate_knobs
-from trainer.store.address import child_env, run_exists, store_for
+from trainer.store.address import child_env, is_server_url, run_exists, store_for
 from trainer.store.base import StoreError, sanitize_run_name
 
 LOG_NAME = "train.log"
@@ -106,15 +106,16 @@ def stored_config(run_dir: str | os.PathLike, store: str | None = None) -> Train
         raise ValueError(f"cannot resume {run_dir} here: {err}") from None
 
 
-def resume_hint(meta: Mapping[str, Any], *, in_database: bool = False) -> str:
+def resume_hint(meta: Mapping[str, Any], address: str | os.PathLike = "") -> str:
     """How to continue a run whose trainer is gone (kill -9, out of memory, a machine that went
-    down), from its meta: the command for a ``panda train`` run (``--store`` for a run kept in
-    PostgreSQL), the Babysitter argument for a user's own loop; and from which checkpoint, when
-    the run's directory is on this machine (checkpoints are files next to the trainer)."""
+    down), from its meta and its store's ``address``: the command for a ``panda train`` run
+    (``--store`` for a run kept in PostgreSQL), the Babysitter argument for a user's own loop;
+    and from which checkpoint, when the run's directory is on this machine (checkpoints are
+    files next to the trainer)."""
     run_dir = meta.get("run_dir")
     try:
         TrainConfig.of_run(dict(meta))
-        store = " --store $PANDA_STORE" if in_database else ""
+        store = " --store $PANDA_STORE" if is_server_url(address) else ""
         how = f"`panda train --resume --run-dir {run_dir}{store}`"
     except ValueError:  # not started by `panda train`
         how = ("`resume=True` where your loop makes its Babysitter (or its Lightning or Hugging "
