@@ -5,7 +5,9 @@ Specification: under ``torch.distributed`` with world size > 1, only rank 0 writ
 rank at the same step, so the replicas keep identical parameters; the logged loss is the mean
 over ranks; pause, resume and stop reach every rank at the same step; losses buffered after
 the last meeting are still averaged and logged when the run ends; resume and rollback restore
-rank 0's state on every rank, also when the other ranks' disks hold no checkpoint.
+rank 0's state on every rank, also when the other ranks' disks hold no checkpoint, except the
+random generators: each rank gets back its own, so a resumed run draws what the uninterrupted
+one drew.
 
 Also runnable as the worker itself:
 ``python -m torch.distributed.run --nproc_per_node 2 tests/test_distributed.py RUN_DIR REPORTS``.
@@ -61,6 +63,9 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--private-dirs", action="store_true",
                         help="ranks > 0 get a run directory of their own (another node)")
+    parser.add_argument("--draw", action="store_true",
+                        help="each rank seeds its generator apart and draws a number a step "
+                        "(as dropout would)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -71,8 +76,10 @@ def worker(argv: list[str]) -> None:
     optimizer = torch.optim.SGD(ddp.parameters(), lr=OLD_LR, momentum=0.9)
     data = torch.Generator().manual_seed(1000 + rank)  # each rank its own shard
     x, y = torch.randn(512, 16, generator=data), torch.randint(0, 4, (512,), generator=data)
+    if args.draw:
+        torch.manual_seed(100 + rank)  # a resume must put this back, not rank 0's
 
-    losses, lr_changes = [], []
+    losses, lr_changes, draws = [], [], []
     slowest = {"wall": 0.0, "cpu": 0.0, "step": -1}
     last_lr = optimizer.param_groups[0]["lr"]
     wall0, cpu0 = time.monotonic(), time.process_time()
@@ -87,6 +94,8 @@ def worker(argv: list[str]) -> None:
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+            if args.draw:
+                draws.append([bs.step_count, torch.rand(()).item()])
             t, c = time.monotonic(), time.process_time()
             bs.step(loss)
             t, c = time.monotonic() - t, time.process_time() - c
@@ -103,6 +112,7 @@ def worker(argv: list[str]) -> None:
             "start_step": start_step,
             "should_stop": bs.should_stop, "lr_changes": lr_changes, "final_lr": bs.lr,
             "applied": bs.coordinator.applied, "losses": losses, "slowest_step": slowest,
+            "draws": draws,
             "store": type(bs.store).__name__,
             "threads": sorted(t.name for t in threading.enumerate()),
         }
@@ -324,6 +334,65 @@ def test_resume_and_rollback_restore_rank_0s_state_on_every_rank(tmp_path):
     with SqliteStore(run_dir) as store:
         (event,) = [e for e in store.events_since(0) if e["kind"] == "rollback"]
     assert "checkpoint of step 60" in event["message"]  # on rank 0's disk only
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_draws(tmp_path_factory):
+    """Each rank's draws, step by step, in a run of 60 steps that nothing interrupts."""
+    base = tmp_path_factory.mktemp("draws")
+    ranks = _finish(_launch(base / "whole", base / "reports", "--max-steps", "60", "--draw"),
+                    base / "whole", base / "reports")
+    return [dict(map(tuple, rank["draws"])) for rank in ranks]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resumed_from", ["final", "periodic"])
+def test_a_resume_puts_back_each_ranks_own_random_generators(
+        tmp_path, uninterrupted_draws, resumed_from):
+    """Rank 0 writes the checkpoints, yet every rank draws its own numbers (dropout masks):
+    resumed, each rank must draw what it drew in the uninterrupted run, not rank 0's numbers.
+    From the final checkpoint (step 30) or, that one removed, the periodic one (step 20)."""
+    from trainer.checkpoint_files import list_checkpoints
+
+    run_dir = tmp_path / "draws"
+    _finish(_launch(run_dir, tmp_path / "first", "--max-steps", "30", "--checkpoint-every", "20",
+                    "--draw"), run_dir, tmp_path / "first")
+    if resumed_from == "periodic":
+        for old in list_checkpoints(run_dir):
+            if old.reason == "final":
+                old.path.unlink()
+    ranks = _finish(_launch(run_dir, tmp_path / "second", "--resume", "--max-steps", "60",
+                            "--draw"), run_dir, tmp_path / "second")
+    start = {"final": 30, "periodic": 20}[resumed_from]
+    assert [r["start_step"] for r in ranks] == [start, start]
+    whole = uninterrupted_draws
+    assert whole[0] != whole[1]  # the ranks draw different numbers: a real test
+    for rank, report in enumerate(ranks):
+        assert dict(map(tuple, report["draws"])) == {
+            step: whole[rank][step] for step in range(start, 60)}, f"rank {rank}"
+
+
+def test_a_checkpoint_keeps_every_ranks_generators_and_each_rank_takes_its_own(tmp_path, caplog):
+    """The gathered states travel in a file that loads with weights_only=True; a rank takes
+    its own, and a job of another size takes rank 0's (the top-level keys), as before."""
+    from trainer import checkpoint
+    from trainer.rng import rng_state
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(rng_state())
+    torch.set_rng_state(states[0]["rng"])
+    checkpoint.write_atomic(tmp_path / "ckpt.pt", checkpoint.snapshot(
+        model, optimizer, {"step": 0}, states))
+    state = checkpoint.load(tmp_path / "ckpt.pt")  # weights_only=True
+    for rank, world_size, expected in [(1, 2, states[1]), (0, 2, states[0]), (0, 3, states[0])]:
+        torch.manual_seed(99)
+        checkpoint.restore(state, model, optimizer, rank=rank, world_size=world_size)
+        assert torch.equal(torch.get_rng_state(), expected["rng"]), (rank, world_size)
+    assert "saved by 2 ranks and this job has 3" in caplog.text
 
 
 def test_a_single_process_has_no_distributed_sync(tmp_path):

@@ -56,6 +56,7 @@ from trainer.guard import DivergenceGuard, EarlyStopping
 from trainer.knobs import format_sci
 from trainer.optim import OptimizerKnobs, same
 from trainer.ranges import KnobError
+from trainer.rng import rng_state
 from trainer.rollback import RollbackPoints
 from trainer.schedules import Schedule, schedule_from
 from trainer.store.address import store_url
@@ -275,6 +276,12 @@ class Babysitter:
 
         self.coordinator = coordinator or coordinator_for(sync_every)
         self._meet_every = self.coordinator.meet_every  # read every step: a plain attribute
+        # Under DDP the internal checkpoints gather every rank's generators (a collective), so
+        # all ranks must take them at the same steps: checked once, here (alone: no cost).
+        self._gather_rng = self.coordinator.agree((checkpoint_every, model is not None, replay))
+        if not self._gather_rng:
+            log.warning("%s: checkpoint_every, model or replay differ between ranks: "
+                        "checkpoints keep rank 0's random state only", self.run_dir.name)
         self.channels, workers = self.coordinator.channels()
         self._rows, self._commands = self.channels.rows, self.channels.commands
         self.store = self.coordinator.open_store(self.run_dir, store_url(store))
@@ -361,7 +368,7 @@ class Babysitter:
         if self.composition.decaying:
             self.composition.set_position(self._epoch_position())
         if self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
-            self.checkpoint("periodic")
+            self._checkpoint("periodic", gather=True)  # every rank at this step
 
     def _fold(self, row: MetricRow) -> None:
         """Keep memory bounded while the store is slower than training: rows beyond
@@ -503,7 +510,9 @@ class Babysitter:
             raise KnobError(f"the run diverged at step {self.diverged_at}: roll back first "
                             "(Undo, or panda rollback), then change the knobs")
         if kind in ("set", "schedule") and self.model is not None:
-            self.checkpoint("intervention")  # the state to roll back to if this goes wrong
+            # The state to roll back to if this goes wrong. A command from a meeting, a replay
+            # or a resume lands on every rank at this step; bs.set() from code may not.
+            self._checkpoint("intervention", gather=command.source != "api")
         if kind == "set":
             self._supersede(command, payload)
             # What the next update would have used without it (and without a change it
@@ -534,7 +543,7 @@ class Babysitter:
             events.append(Event(step, wall, kind, command_id=command_id,
                                 message=f"{kind} at step {step}{note}"))
         elif kind == "checkpoint":
-            self.checkpoint("manual", pin=True)
+            self._checkpoint("manual", pin=True, gather=True)  # a command: every rank, now
             events.append(Event(step, wall, "checkpoint", command_id=command_id,
                                 message=f"pinned checkpoint at step {step}"))
         elif kind == "rollback" and "step" not in payload:  # Undo
@@ -631,16 +640,25 @@ class Babysitter:
 
         The snapshot is a CPU copy taken on the training thread (a sync on GPU, but only at
         checkpoint time); the file is written atomically by the flusher. Automatic reasons
-        go to a bounded ring; ``pin=True`` keeps the file forever.
+        go to a bounded ring; ``pin=True`` keeps the file forever. Under DDP it holds rank 0's
+        random state only (rank 0 may be the only rank calling it now, so nothing is
+        gathered): a resume from it gives every rank rank 0's generators.
         """
+        self._checkpoint(reason, pin=pin, gather=False, extra=extra)
+
+    def _checkpoint(self, reason: str, *, pin: bool = False, gather: bool,
+                    extra: dict[str, Any] | None = None) -> None:
+        """:meth:`checkpoint`; with ``gather`` (only where every rank takes it at this step),
+        under DDP every rank's generators go into it (see :mod:`trainer.distributed`)."""
         if self.model is None:
             raise ValueError("checkpoints need the model: Babysitter(..., model=model)")
-        self.extra_state.update(extra)
+        self.extra_state.update(extra or {})
+        ranks_rng = self.coordinator.gather(rng_state) if gather and self._gather_rng else None
         if not self.coordinator.leader:
             return  # the leader's snapshots serve every rank (see Coordinator.share)
         state = checkpoint.snapshot(self.model, self.optimizer, {
             "step": self.step_count, "epoch": self.epoch, **self.composition.state(),
-            "extra": dict(self.extra_state)})
+            "extra": dict(self.extra_state)}, ranks_rng)
         if not checkpoint.finite(state):  # never a state to go back to (see RollbackPoints)
             if not self._skipped_non_finite:
                 self._skipped_non_finite = True
@@ -657,10 +675,12 @@ class Babysitter:
 
     def _load_state(self, state: dict) -> int:
         """Put a checkpoint back into model, optimizer (incl. its knobs) and our knob state."""
-        # The leader took the snapshot: its CUDA generators are its own, not another rank's
-        # (each keeps its own; the CPU generator comes from the leader on every rank, as ever).
-        sitter = checkpoint.restore(state, self.model, self.optimizer,
-                                    cuda_rng=self.coordinator.leader)
+        # Each rank's own generators where the snapshot gathered them; else the leader's CPU
+        # generator on every rank, and its CUDA ones on the leader only (they are its own).
+        coordinator = self.coordinator
+        sitter = checkpoint.restore(state, self.model, self.optimizer, rank=coordinator.rank,
+                                    world_size=coordinator.world_size,
+                                    cuda_rng=coordinator.leader)
         self.composition.load(sitter)
         self.extra_state = dict(sitter.get("extra", {}))
         return int(sitter["step"])
@@ -895,7 +915,8 @@ class Babysitter:
         self._awaiting = []
         self.composition.remove()  # the user's values are back in the param groups
         if self.model is not None and status != "failed":
-            self.checkpoint("final")
+            # A normal end (no status) is at the same step on every rank, as close() above.
+            self._checkpoint("final", gather=status is None)
         final = status or ("stopped" if self._stopped_by_command else "finished")
         self.final_status = final
         meta = {"status": final, "ended": time.time()}

@@ -1,10 +1,10 @@
 """Checkpoints: snapshot in memory on the training thread, write atomically elsewhere.
 
 A checkpoint holds the model and optimizer state, the Babysitter's knob state and step, and the
-random generators' state (the CPU's and the CUDA devices', :mod:`trainer.rng`), so a resumed run
-continues exactly where the checkpoint was taken. Files are written to a temporary name, fsynced
-and renamed (POSIX ``rename`` is atomic), so a kill -9 during a write leaves the previous
-checkpoints intact. Loading uses ``torch.load(weights_only=True)``:
+random generators' state (the CPU's and the CUDA devices', :mod:`trainer.rng`; under DDP every
+rank's), so a resumed run continues exactly where the checkpoint was taken. Files are written
+to a temporary name, fsynced and renamed (POSIX ``rename`` is atomic), so a kill -9 during a
+write leaves the previous checkpoints intact. Loading uses ``torch.load(weights_only=True)``:
 a checkpoint can never execute code.
 
 Where the files lie, their names, and finding one: :mod:`trainer.checkpoint_files` (no torch).
@@ -20,7 +20,7 @@ import torch
 
 from trainer import atomic
 from trainer.checkpoint_files import checkpoint_dir, checkpoint_path, list_checkpoints
-from trainer.rng import rng_state, set_rng_state
+from trainer.rng import RANKS, rng_state, set_rank_rng_state
 
 DEFAULT_KEEP = 10  # automatic checkpoints kept in the ring
 REASONS = ("periodic", "epoch", "intervention", "final", "manual", "best", "branch")
@@ -38,14 +38,19 @@ def _cpu_copy(value: Any) -> Any:
 
 
 def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             babysitter_state: dict[str, Any]) -> dict[str, Any]:
-    """An in-memory, CPU-side copy of everything a resume needs."""
-    return {
+             babysitter_state: dict[str, Any],
+             ranks_rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """An in-memory, CPU-side copy of everything a resume needs (and, under DDP, every rank's
+    generators as gathered: ``ranks_rng``)."""
+    state = {
         "model": _cpu_copy(model.state_dict()),
         "optimizer": _cpu_copy(optimizer.state_dict()),
         "babysitter": _cpu_copy(babysitter_state),
         **rng_state(),  # the CPU generator's and, on a GPU, the devices' (trainer.rng)
     }
+    if ranks_rng is not None:
+        state[RANKS] = ranks_rng
+    return state
 
 
 def finite(state: dict[str, Any]) -> bool:
@@ -91,12 +96,13 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def restore(state: dict[str, Any], model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer | None, *, cuda_rng: bool = True) -> dict[str, Any]:
-    """Put an in-memory checkpoint back into ``model`` / ``optimizer`` and the RNG (the CUDA
-    generators too unless ``cuda_rng`` is False: under DDP only rank 0's snapshot is written,
-    so the other ranks keep their own)."""
+            optimizer: torch.optim.Optimizer | None, *, rank: int = 0, world_size: int = 1,
+            cuda_rng: bool = True) -> dict[str, Any]:
+    """Put an in-memory checkpoint back into ``model`` / ``optimizer`` and the RNG: ``rank``'s
+    own generators where the checkpoint kept every rank's, else rank 0's (the CUDA generators
+    then only unless ``cuda_rng`` is False: rank 0's devices are no other rank's)."""
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state, cuda=cuda_rng)
+    set_rank_rng_state(state, rank, world_size, cuda=cuda_rng)
     return state["babysitter"]

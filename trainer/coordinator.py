@@ -8,7 +8,10 @@ The Babysitter asks its coordinator four things, and nothing else touches its in
 * :meth:`Coordinator.open_store`: the run store, or None where this process records nothing;
 * :meth:`Coordinator.meet`, every :attr:`Coordinator.meet_every` steps (never when alone);
 * :meth:`Coordinator.share`: a value one process loads and every process gets (a checkpoint
-  to restore), and :meth:`Coordinator.close` at the end.
+  to restore), and :meth:`Coordinator.close` at the end;
+* :meth:`Coordinator.agree` and :meth:`Coordinator.gather`: whether a setting is the same in
+  every process, and every process's value at the leader (each rank's random generators for a
+  checkpoint).
 
 The training loop reaches back only through the :class:`TrainingLoop` protocol.
 :class:`Coordinator` itself is the single-process case; :mod:`trainer.distributed` has DDP's.
@@ -43,6 +46,7 @@ class Coordinator:
 
     leader = True       # this process records the run (store, checkpoints, guard)
     meet_every = 0      # steps between meetings; 0: never
+    rank, world_size = 0, 1
 
     def channels(self) -> tuple[Channels, Channels | None]:
         """(the training thread's channels, the workers' channels or None for no workers)."""
@@ -63,6 +67,15 @@ class Coordinator:
     def share(self, load: Callable[[], T]) -> T:
         """``load()``'s value, the same in every process of the group."""
         return load()
+
+    def agree(self, value: Any) -> bool:
+        """Whether ``value`` is the same in every process of the group (a collective)."""
+        return True
+
+    def gather(self, take: Callable[[], T]) -> list[T] | None:
+        """Every process's ``take()`` in rank order, at the leader; None elsewhere and when
+        alone (then ``take`` is not called: a single process pays nothing)."""
+        return None
 
     def close(self, loop: TrainingLoop, *, collective: bool) -> None:
         """The run ends (``collective``: every process ends it at the same step)."""

@@ -42,7 +42,12 @@ Rank-0 concerns (by design, documented in the Babysitter):
 * the divergence guard watches the averaged losses in rank 0's flusher; its verdict is handed
   to the other ranks like a command, so with ``on_diverge="pause"`` all ranks pause together;
 * checkpoints, in memory and on disk, are taken by rank 0 only (the replicas are identical,
-  one copy is enough); a rollback or resume broadcasts the state rank 0 restores;
+  one copy is enough); a rollback or resume broadcasts the state rank 0 restores. The random
+  generators are not identical (each rank draws its own dropout masks), so where every rank
+  takes a checkpoint at the same step (periodic, a command's, the final one) rank 0 gathers
+  every rank's state into it (``gather_object``) and each rank puts back its own; a checkpoint
+  taken from code (``bs.checkpoint()``, the best model) may be taken on rank 0 alone, so it
+  gathers nothing and holds rank 0's state only (a resume from it gives every rank that);
 * validation metrics and early stopping use whatever each rank passes to ``log_validation``:
   pass a value that is identical on all ranks (e.g. all-reduced) so early stopping decides the
   same on every rank; only rank 0's values are stored.
@@ -52,7 +57,9 @@ checkpoint file, or a snapshot in memory) and broadcasts it, so the ranks need n
 system and can never restore different states.
 
 Limits: all ranks must call ``step()`` the same number of times (DDP requires it too) and
-construct the Babysitter at the same point.
+construct the Babysitter at the same point. Whether the ranks take their checkpoints at the same
+steps (the same ``checkpoint_every``, model or none, ``replay``) is checked once, then: if not,
+no state is gathered (a rank waiting in a gather no other rank calls would hang).
 """
 
 from __future__ import annotations
@@ -97,6 +104,7 @@ class DistributedCoordinator(Coordinator):
         self.backend = str(dist.get_backend(group))
         self.control = self._control_group(group)
         self.applied: list[tuple[int, str]] = []  # (step, kind) of each command applied here
+        self._apart = False  # a peer was gone at close(): no more collectives
         self._staged: deque = deque()         # the training thread's rows, until a meeting
         self._inbox: deque = deque()          # rank 0: commands from the poller and the guard
         self._flush_rows: deque = deque()     # rank 0: the flusher's rows (averaged losses)
@@ -233,6 +241,27 @@ class DistributedCoordinator(Coordinator):
             raise RuntimeError(f"rank 0 could not load the state to restore: {value}")
         return value
 
+    def agree(self, value: Any) -> bool:
+        """Whether ``value`` is the same on every rank (a collective: all ranks call it at the
+        same point, once, while the Babysitter is built)."""
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.control)
+        return all(v == values[LEADER] for v in values)
+
+    def gather(self, take: Callable[[], T]) -> list[T] | None:
+        """Every rank's ``take()`` in rank order at rank 0, None on the others (a collective:
+        all ranks call it at the same step). A peer gone (at the end of the run) costs the
+        gathered values, not the caller: rank 0 then keeps its own alone."""
+        if self._apart:
+            return None
+        box: list[Any] | None = [None] * self.world_size if self.leader else None
+        try:
+            dist.gather_object(take(), box, dst=LEADER, group=self.control)
+        except (RuntimeError, ValueError):
+            log.exception("could not gather every rank's value on rank %d", self.rank)
+            return None
+        return box
+
     def _wait_while_paused(self, loop: TrainingLoop) -> None:
         # Rank 0 sleeps on the wake event (set by its poller when a command arrives); the
         # others sleep in the broadcast. Every rank leaves the loop after the same meeting.
@@ -260,6 +289,7 @@ class DistributedCoordinator(Coordinator):
             except (RuntimeError, ValueError):  # a peer is gone: keep what this rank has
                 log.exception("could not average the last losses; logging rank %d's own",
                               self.rank)
+        self._apart = True  # the peers may be gone: the final checkpoint gathers nothing
         if self.leader:
             self._flush_rows.extend(rows)
 

@@ -6,6 +6,10 @@ back only the CPU state would draw other dropout masks than the run it continues
 checkpoints (see :mod:`trainer.checkpoint`) and the LR range test, which leaves the caller's
 generators as it found them. The state is a plain dict of tensors, so a checkpoint holding it
 loads with ``torch.load(..., weights_only=True)``.
+
+Under DDP every rank draws its own numbers (dropout masks, ``torch.rand``), so a checkpoint that
+rank 0 writes also keeps every rank's state, in rank order (:data:`RANKS`), and each rank puts
+back its own; the top-level keys stay rank 0's, which older Panda and single processes read.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CPU, CUDA = "rng", "cuda_rng"  # keys in a checkpoint ("rng" since Panda 0.1)
+RANKS = "rank_rng"             # under DDP: a list of every rank's rng_state(), in rank order
 
 
 def rng_state() -> dict[str, Any]:
@@ -43,3 +48,19 @@ def set_rng_state(state: dict[str, Any], *, cuda: bool = True) -> None:
         log.warning("the random state was saved on %d CUDA devices and this process sees %d: "
                     "the CUDA generators are not restored (dropout draws other masks)",
                     len(devices), torch.cuda.device_count())
+
+
+def set_rank_rng_state(state: dict[str, Any], rank: int, world_size: int, *,
+                       cuda: bool = True) -> None:
+    """Put back this rank's generators: its own where the checkpoint kept every rank's (its
+    CUDA generators too: they are its own), else rank 0's as :func:`set_rng_state` does (the
+    CUDA ones only if ``cuda``). A checkpoint of another number of ranks cannot say which
+    state is whose: every rank takes rank 0's, and the log says so."""
+    ranks = state.get(RANKS)
+    if ranks is not None and len(ranks) == world_size:
+        set_rng_state(ranks[rank])
+        return
+    if ranks is not None:
+        log.warning("the random state was saved by %d ranks and this job has %d: every rank "
+                    "takes rank 0's (ranks draw the same dropout masks)", len(ranks), world_size)
+    set_rng_state(state, cuda=cuda)
