@@ -336,27 +336,33 @@ def test_resume_and_rollback_restore_rank_0s_state_on_every_rank(tmp_path):
     assert "checkpoint of step 60" in event["message"]  # on rank 0's disk only
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_draws(tmp_path_factory):
-    """Each rank's draws, step by step, in a run of 60 steps that nothing interrupts."""
-    base = tmp_path_factory.mktemp("draws")
-    ranks = _finish(_launch(base / "whole", base / "reports", "--max-steps", "60", "--draw"),
-                    base / "whole", base / "reports")
-    return [dict(map(tuple, rank["draws"])) for rank in ranks]
+def uninterrupted_draws(steps: int) -> list[dict[int, float]]:
+    """Each rank's draws, step by step, in a run that nothing interrupts: the worker seeds each
+    rank with 100 + rank before its first step and draws once a step, and nothing else in the
+    loop (Panda included) draws from torch's generator."""
+    draws = []
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        draws.append({step: torch.rand(()).item() for step in range(steps)})
+    return draws
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("resumed_from", ["final", "periodic"])
-def test_a_resume_puts_back_each_ranks_own_random_generators(
-        tmp_path, uninterrupted_draws, resumed_from):
+def test_a_resume_puts_back_each_ranks_own_random_generators(tmp_path, resumed_from):
     """Rank 0 writes the checkpoints, yet every rank draws its own numbers (dropout masks):
     resumed, each rank must draw what it drew in the uninterrupted run, not rank 0's numbers.
     From the final checkpoint (step 30) or, that one removed, the periodic one (step 20)."""
     from trainer.checkpoint_files import list_checkpoints
 
     run_dir = tmp_path / "draws"
-    _finish(_launch(run_dir, tmp_path / "first", "--max-steps", "30", "--checkpoint-every", "20",
-                    "--draw"), run_dir, tmp_path / "first")
+    first = _finish(_launch(run_dir, tmp_path / "first", "--max-steps", "30",
+                            "--checkpoint-every", "20", "--draw"), run_dir, tmp_path / "first")
+    whole = uninterrupted_draws(60)
+    assert whole[0] != whole[1]  # the ranks draw different numbers: a real test
+    for rank, report in enumerate(first):  # and the expectation is the run's own
+        assert dict(map(tuple, report["draws"])) == {
+            step: whole[rank][step] for step in range(30)}, f"rank {rank}"
     if resumed_from == "periodic":
         for old in list_checkpoints(run_dir):
             if old.reason == "final":
@@ -365,8 +371,6 @@ def test_a_resume_puts_back_each_ranks_own_random_generators(
                             "--draw"), run_dir, tmp_path / "second")
     start = {"final": 30, "periodic": 20}[resumed_from]
     assert [r["start_step"] for r in ranks] == [start, start]
-    whole = uninterrupted_draws
-    assert whole[0] != whole[1]  # the ranks draw different numbers: a real test
     for rank, report in enumerate(ranks):
         assert dict(map(tuple, report["draws"])) == {
             step: whole[rank][step] for step in range(start, 60)}, f"rank {rank}"
