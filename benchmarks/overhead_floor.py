@@ -11,6 +11,9 @@ noise hits them alike, medians of the per-segment ratios to the bare loop beside
 * ``+ hook pair``: and an empty optimizer step pre-hook and post-hook, the least a tool does
   that sees what each update used and composes its knobs with the user's schedule (see
   :mod:`trainer.composition`): torch calls the hooks inside ``optimizer.step()``;
+* ``+ Panda's hooks``: the loss read with Panda's own pair instead (a
+  :class:`~trainer.composition.Composition` with no factor in force, as in a run nobody has
+  touched yet): what composing costs above the empty pair;
 * ``Panda``: ``bs.step(loss)`` with a SQLite run store, its writer thread included.
 
 Inside the loop every Python or torch call costs several times what it costs alone (the
@@ -32,6 +35,9 @@ import torch
 from overhead import FixedBatch, _model  # the whole-run benchmark's fast loop
 
 from trainer import Babysitter
+from trainer.composition import Composition
+from trainer.optim import OptimizerKnobs
+from trainer.schedules import Schedule
 
 VALUES_KEPT = 10_000  # the loss-read variants drop their list past this (bounded memory)
 Variant = tuple[torch.nn.Module, torch.optim.Optimizer, Callable | None]
@@ -58,6 +64,9 @@ def _variant(kind: str, run_dir: Path, babysitters: list[Babysitter]) -> Variant
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: None)
         optimizer.register_step_post_hook(lambda opt, args, kwargs: None)
         return model, optimizer, _reader()
+    if kind == "+ Panda's hooks":
+        Composition(OptimizerKnobs(optimizer), Schedule())  # the optimizer keeps its hooks
+        return model, optimizer, _reader()
     babysitter = Babysitter(optimizer, run_dir, model=model)
     babysitters.append(babysitter)
     return model, optimizer, babysitter.step
@@ -82,7 +91,7 @@ def _segment(variant: Variant, steps: int, batch: FixedBatch) -> tuple[float, fl
 def measure(segments: int, steps: int) -> dict[str, list[tuple[float, float]]]:
     torch.set_num_threads(1)
     batch = FixedBatch()
-    names = ["bare", "loss read", "+ hook pair", "Panda"]
+    names = ["bare", "loss read", "+ hook pair", "+ Panda's hooks", "Panda"]
     babysitters: list[Babysitter] = []
     with tempfile.TemporaryDirectory(prefix="panda-floor-") as tmp:
         try:
