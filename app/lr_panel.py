@@ -28,8 +28,8 @@ from app.axes import linear_axis, log_axis
 from app.stream_chart import figure_json, stream_chart
 from trainer.knobs import format_sci, validate_knobs
 from trainer.lr_range.job import (
-    curve_is_flat,
     describe_result,
+    flat_note,
     readiness,
     start_lr_find_job,
 )
@@ -235,9 +235,9 @@ def _cautions(payload: dict[str, Any], run_step: Any) -> list[str]:
         notes.append(f"Stale: measured from the checkpoint at step {payload['checkpoint_step']:,}"
                      f"; the run is at step {int(run_step):,} now, {age:,} steps later. "
                      "Re-run the test for a current answer.")
-    if curve_is_flat(payload):
-        notes.append("Flat curve: the loss barely changed over the whole ramp, so the curve "
-                     "says little about the LR.")
+    flat = flat_note(payload)
+    if flat:
+        notes.append(f"Flat curve: {flat}")
     if payload.get("max_stable_lr") is None:
         notes.append("No stability limit was found, so nothing bounds the suggestion from "
                      "above.")

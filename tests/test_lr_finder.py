@@ -532,6 +532,25 @@ def test_continue_from_a_converged_model_keeps_the_current_lr():
     assert max(p.lr for p in result.suggestion_probes) <= 1e-1 * 10 ** 0.25 * (1 + 1e-9)
 
 
+def test_continue_without_probes_on_a_flat_ramp_keeps_the_current_lr():
+    """``refine=False`` (``panda lr-find --no-refine``): no probes compare LRs, and a converged
+    model's ramp is flat, so its "steepest" point is noise; the run's LR is the answer. Starting
+    training, the curve's rule still answers (README, "LR suggestions")."""
+    task = make_task("quadratic", condition=10.0)
+    with torch.no_grad():
+        task.model.weight.copy_(torch.linalg.lstsq(task.train_x, task.train_y).solution.T)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
+    kept = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), num_iter=80,
+                   purpose="continue", refine=False)
+    assert kept.flat and kept.suggestion_probes == []
+    assert (kept.suggested_lr, kept.suggestion_rule) == (0.01, "keep_flat")
+    assert kept.suggestion_range == (0.01, 0.01)
+    assert "on a flat ramp" in kept.suggestion_reason
+    start = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), num_iter=80,
+                    refine=False)
+    assert start.flat and start.suggestion_rule in ("steepest", "valley")
+
+
 def test_continue_from_far_away_prefers_a_higher_lr():
     task, optimizer = quadratic_sgd(10.0, 0.0)
     result = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), num_iter=60,

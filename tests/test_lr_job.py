@@ -161,6 +161,24 @@ def test_summary_names_the_rule_the_purpose_and_a_flat_curve(stored_payload):
     assert "**curve** flat" in text
 
 
+def test_the_flat_note_says_how_the_curve_is_flat_and_where_the_suggestion_comes_from():
+    """A ramp that only rose until it diverged is flat too, but not "barely changed"; and a
+    suggestion from the probes does not rest on the flat curve (both said on the page and by
+    the CLI, from this one note)."""
+    lrs = list(np.geomspace(1e-6, 1.0, 40))
+    level = {"lrs": lrs, "losses": [1.0] * 40, "flat": True, "diverged_at": None,
+             "suggestion_rule": "steepest"}
+    assert lr_job.flat_note({**level, "flat": False}) is None
+    assert lr_job.flat_note(level) == ("the loss barely changed over the whole ramp, so the "
+                                       "curve says little about the LR.")
+    rising = {**level, "losses": [1.0 + i / 10 for i in range(39)] + ["inf"],
+              "flat": None, "diverged_at": lrs[-1], "suggestion_rule": "continue_probes"}
+    assert lr_job.flat_note(rising) == (
+        "the loss barely fell before the ramp diverged, so the curve says little about the LR."
+        " The suggestion comes from the probes, which trained at each LR.")
+    assert dict(lr_job.describe_result(rising))["curve"] == f"flat: {lr_job.flat_note(rising)}"
+
+
 def test_results_stored_before_rules_and_purposes_are_still_described():
     old = {"lrs": list(np.geomspace(1e-6, 1.0, 40)), "losses": [1.0] * 40,
            "smoothed_losses": [1.0] * 40, "stop_reason": "completed 40 steps",

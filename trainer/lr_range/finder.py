@@ -16,7 +16,8 @@ snapshot, below the limit, chosen by what it is for (``purpose``; the rules are 
 
 These probes measure the loss only over their last few steps, so they cost less than the
 refinement's (``benchmarks/lr_suggestion.py timing``). Without ``refine`` there are no probes
-and the suggestion is the curve's steepest descent.
+and the suggestion is the curve's steepest descent, unless the curve is flat when continuing a
+run: then the run's own LR (rule ``keep_flat``), as long as it is below the limit.
 :func:`momentum_find` and :func:`weight_decay_find` run the same constant-LR probe per value.
 
 Everything runs on deep copies of ``(model, optimizer)``: the caller's parameters, buffers,
@@ -409,7 +410,7 @@ def curve_suggestion(result: LRFindResult) -> Suggestion:
     """The ramp's own suggestion: steepest descent (or valley), capped by the limit."""
     s = suggest(result.lrs, result.smoothed_losses)
     limit = result.max_stable_lr
-    if limit is not None and (s.lr is None or s.lr > limit / STABLE_FRACTION):
+    if limit is not None and (s.lr is None or not _stable(result, s.lr)):
         # A flat curve (e.g. from a well-trained checkpoint) puts the "steepest" point right at
         # the blow-up. Never suggest what the probes showed to be near unstable: fall back to
         # Smith's rule of a third of the largest stable LR (Smith 2017, §3.3).
@@ -423,6 +424,12 @@ def curve_suggestion(result: LRFindResult) -> Suggestion:
     return s
 
 
+def _stable(result: LRFindResult, lr: float) -> bool:
+    """At or below the suggestions' cap (max_stable_lr / 3), or no limit was found."""
+    limit = result.max_stable_lr
+    return limit is None or lr <= limit / STABLE_FRACTION
+
+
 def _attach_suggestion(result: LRFindResult, probes: list[Probe]) -> None:
     result.flat = is_flat(result.lrs, result.losses)
     result.suggestion_probes = probes
@@ -432,6 +439,12 @@ def _attach_suggestion(result: LRFindResult, probes: list[Probe]) -> None:
         s = continue_suggestion(lrs, finals, lrs.index(result.current_lr))
     elif probes:
         s = start_suggestion(s, lrs, finals, probes[0].first_loss)
+    elif result.purpose == "continue" and result.flat and _stable(result, result.current_lr):
+        # A flat ramp's "steepest" point is noise (a converged checkpoint: 3× below or above
+        # the run's LR for no reason), and without probes nothing else compares LRs.
+        now = result.current_lr
+        s = Suggestion(now, None, "keep_flat", now, now, reason=f"instead of {s.method} "
+                       f"{s.lr:.3g} on a flat ramp" if s.lr is not None else s.reason)
     result.suggested_lr, result.suggestion_rule = s.lr, s.method
     result.suggestion_reason = s.reason
     result.suggestion_range = (s.low, s.high) if s.lr is not None else None

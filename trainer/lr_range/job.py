@@ -37,7 +37,7 @@ from trainer import checkpoint_files
 from trainer.config import TrainConfig, config_values
 from trainer.knobs import format_sci
 from trainer.lr_range import options
-from trainer.lr_range.suggestions import RULES, is_flat
+from trainer.lr_range.suggestions import PROBE_RULES, RULES, is_flat
 from trainer.ranges import KnobError
 from trainer.store.address import child_env, is_server_url, open_store
 from trainer.store.base import RunStore, pid_alive
@@ -362,8 +362,8 @@ def run_job(address: str | os.PathLike, result_id: int, **options: Any) -> dict[
 
 
 __all__ = ["RESULT_KIND", "LRJobError", "check_options", "curve_is_flat", "describe_result",
-           "effective_status", "latest_lr_find", "lr_find_for_task", "readiness", "run_config",
-           "run_job", "run_lr_find_for_run", "start_lr_find_job"]
+           "effective_status", "flat_note", "latest_lr_find", "lr_find_for_task", "readiness",
+           "run_config", "run_job", "run_lr_find_for_run", "start_lr_find_job"]
 
 
 def _float(value: Any) -> float:
@@ -380,6 +380,20 @@ def curve_is_flat(payload: dict[str, Any]) -> bool:
         return is_flat([_float(v) for v in lrs], [_float(v) for v in losses])
     except ValueError:
         return True
+
+
+def flat_note(payload: dict[str, Any]) -> str | None:
+    """Why the ramp's curve says little about the LR, for the CLI and the dashboard; None when
+    it is not flat. A ramp that only rose until it diverged is flat too (a converged
+    checkpoint), and a suggestion from the probes does not rest on the curve."""
+    if not curve_is_flat(payload):
+        return None
+    what = ("the loss barely fell before the ramp diverged" if payload.get("diverged_at")
+            is not None else "the loss barely changed over the whole ramp")
+    rule = payload.get("suggestion_rule") or payload.get("suggestion_method")
+    source = (" The suggestion comes from the probes, which trained at each LR."
+              if rule in PROBE_RULES else "")
+    return f"{what}, so the curve says little about the LR.{source}"
 
 
 def describe_result(payload: dict[str, Any]) -> list[tuple[str, str]]:
@@ -403,9 +417,9 @@ def describe_result(payload: dict[str, Any]) -> list[tuple[str, str]]:
             f", compared with its LR {format_sci(_float(current))}" if current else "")))
     elif payload.get("purpose") == "start":
         lines.append(("for", "starting training from these weights"))
-    if curve_is_flat(payload):
-        lines.append(("curve", "flat: the loss barely changed over the ramp, so the curve "
-                               "says little about the LR"))
+    flat = flat_note(payload)
+    if flat:
+        lines.append(("curve", f"flat: {flat}"))
     if payload.get("max_stable_lr") is not None:
         limit = format_sci(_float(payload["max_stable_lr"]))
     elif payload.get("diverged_at") is None:

@@ -170,7 +170,9 @@ RULES = {
     "max_stable/3": "a third of the largest stable LR",
     "continue_probes": "lowest loss after short constant-LR probes around the current LR",
     "keep_current": "no LR beat the current one over the probes",
+    "keep_flat": "the ramp is flat and no probes ran: nothing shows another LR is better",
 }
+PROBE_RULES = ("probes", "continue_probes", "keep_current")  # the rules that compare probes
 
 
 def probe_best(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float | None, int | None]:
