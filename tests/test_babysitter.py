@@ -763,3 +763,23 @@ def test_checkpoint_command_writes_a_checkpoint(tmp_path):
         assert [c.step for c in pinned] == [step]
         state = torch.load(pinned[0].path, weights_only=True)
         assert state["babysitter"]["step"] == step
+
+
+def test_undo_from_code_restores_the_knobs_and_its_event_names_those_it_changed(tmp_path):
+    """``bs.rollback()`` without a step is Undo: the state before the latest knob change, knobs
+    included; its event lists the knobs it changed back (a momentum change, not the LR that
+    stayed the same)."""
+    model, opt = make()
+    with Babysitter(opt, tmp_path / "run", model=model, **FAST) as bs:
+        train_steps(bs, model, opt, 5)
+        bs.set(momentum=0.95)
+        train_steps(bs, model, opt, 5)
+        assert bs.composition.last_used()["momentum"] == 0.95
+        bs.rollback()
+        train_steps(bs, model, opt, 1)
+        assert bs.composition.last_used() == {"lr": 0.01, "momentum": 0.9,
+                                              "weight_decay": 1e-4}
+    with SqliteStore(tmp_path / "run") as store:
+        undo = next(e for e in store.events_since() if e["kind"] == "rollback")
+    assert undo["message"] == ("rolled back to the checkpoint of step 5 (knobs as at step 5: "
+                               "momentum 9.5e-01 → 9e-01)")

@@ -171,6 +171,14 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else format_sci(float(value))
 
 
+def _knob_changes(before: dict[str, float | None], after: dict[str, float | None]) -> str:
+    """"lr 1e-02 → 3e-03, momentum 9.5e-01 → 9e-01": the knobs that differ (the LR alone
+    when none does), in the order the optimizer's knobs are listed."""
+    names = [name for name, value in after.items() if value is not None and
+             value != before.get(name)] or ["lr"]
+    return ", ".join(f"{name} {_fmt(before.get(name))} → {_fmt(after[name])}" for name in names)
+
+
 def _source_note(command: ValidCommand) -> str:
     return {"branch": " (branch)", "replay": " (replay)"}.get(command.source, "")
 
@@ -753,7 +761,7 @@ class Babysitter:
         """
         if self.model is None:
             raise KnobError("rollback needs the model: Babysitter(..., model=model)")
-        old_lr = self.lr
+        before = self.composition.in_force()
         points = self._rollback_points
         target = self.coordinator.share(
             (lambda: points.undo(self.diverged_at)) if undo else
@@ -780,8 +788,8 @@ class Babysitter:
                     f"undone by the rollback at step {step} before any update used it"))
         self._awaiting = [item for item in self._awaiting if item.landing.update is not None]
         knobs = (f"knobs kept: lr {format_sci(self.lr)}" if keep_knobs else
-                 f"knobs as at step {restored_step}: lr {format_sci(old_lr)} → "
-                 f"{format_sci(self.lr)}")
+                 f"knobs as at step {restored_step}: "
+                 f"{_knob_changes(before, self.composition.in_force())}")
         # knob "step": old → new is the step rolled back from → the checkpoint's step, which
         # a replay needs to do the same (trainer.export).
         return Event(step, wall, "rollback", "step", step, restored_step, command_id,
