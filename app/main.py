@@ -186,7 +186,7 @@ def _status_row(snap: Snapshot) -> None:
              ("learning rate", _fmt(summary["lr"])),
              ("momentum β", _fmt(summary["momentum"], lambda v: f"{v:.4g}")),
              ("weight decay", _fmt(summary["weight_decay"])),
-             ("decay", (summary.get("schedule") or {}).get("shape", "constant"))]
+             ("decay", decay_shown(summary.get("schedule"), meta.get("lr_composition")))]
     for column, (label, value) in zip(st.columns(len(cells)), cells):
         column.metric(label, value)
     with st.container():  # a fixed slot for what comes and goes (see run_view)
@@ -216,6 +216,16 @@ def _notes(snap: Snapshot, stalled: str | None) -> None:
         st.error(f"Diverged: {(meta.get('diverged') or {}).get('cause', '')}. Press Undo "
                  f"(or `panda rollback {snap.run}`) to go back to the last good state "
                  "(before the latest change), then change the knobs and resume.")
+
+
+def decay_shown(schedule: dict[str, Any] | None, described: dict[str, Any] | None) -> str:
+    """The status row's decay: Panda's own decay shape, and the user's schedule under it when
+    theirs moves the LR (a warm-up, a scheduler): the LR is the user's × Panda's factor (see
+    trainer.composition), so "constant" alone would read as an LR that does not decay."""
+    shape = (schedule or {}).get("shape", "constant")
+    if not (described or {}).get("user_schedule"):
+        return shape
+    return "your schedule" if shape == "constant" else f"{shape} × yours"
 
 
 def lr_composition(described: dict[str, Any] | None) -> str | None:

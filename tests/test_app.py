@@ -634,6 +634,15 @@ def test_window_log_scale_and_follow_settings_reach_the_chart(page):
     assert chart["figure"]["layout"]["yaxis"]["type"] == "log"
 
 
+def test_the_decay_shown_names_the_users_schedule_under_pandas_decay():
+    from app.main import decay_shown
+
+    assert decay_shown(None, None) == "constant"
+    assert decay_shown({"shape": "cosine"}, {"user_schedule": False}) == "cosine"
+    assert decay_shown({"shape": "constant"}, {"user_schedule": True}) == "your schedule"
+    assert decay_shown({"shape": "cosine"}, {"user_schedule": True}) == "cosine × yours"
+
+
 def test_the_lr_composition_is_said_in_words():
     from app.main import lr_composition
 
