@@ -586,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, func, text, json_flag=True)
         p.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only)")
-        p.add_argument("--port", type=PORT.parser("--port"), default=8501)
+        p.add_argument("--port", type=PORT.parser("--port"), default=8501,
+                       help="port to serve on (default 8501)")
         p.add_argument("--token", help="ask for this token before the page lets anyone "
                        "change a run or start work (or set PANDA_TOKEN)")
         if name == "demo":
