@@ -40,11 +40,12 @@ def tiny_gpt2() -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(config).to(torch.float64)
 
 
-def make_trainer(tmp_path, callbacks, *, max_steps: int = 30, **kwargs):
+def make_trainer(tmp_path, callbacks, *, max_steps: int = 30, logging_steps: int = 1000,
+                 **kwargs):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "hf-out"), max_steps=max_steps, per_device_train_batch_size=8,
         learning_rate=0.05, optim="sgd", lr_scheduler_type="cosine", warmup_steps=5,
-        weight_decay=0.0, logging_steps=1000, save_strategy="no", report_to=[],
+        weight_decay=0.0, logging_steps=logging_steps, save_strategy="no", report_to=[],
         use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True, **kwargs)
     return transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(240, 0),
                                 eval_dataset=Tokens(32, 1), callbacks=callbacks)
@@ -72,6 +73,17 @@ class UpdateReader(transformers.TrainerCallback):
         opt.register_step_post_hook(after)
 
 
+class LogReader(transformers.TrainerCallback):
+    """The LR in the Trainer's logs, step by step, as the callbacks after this one get it."""
+
+    def __init__(self):
+        self.lrs = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "learning_rate" in logs:
+            self.lrs[state.global_step] = logs["learning_rate"]
+
+
 class SendSet(transformers.TrainerCallback):
     """At the start of step N, send `set lr X` through the store, as `panda set` does, and
     hold the loop until the trainer's poller has taken it (so it lands deterministically)."""
@@ -95,7 +107,9 @@ def test_validation_metric_names():
 def test_a_live_lr_change_holds_on_top_of_the_trainers_cosine_schedule(tmp_path):
     panda = PandaCallback(tmp_path / "hf-run")
     reader, sender = UpdateReader(), SendSet(panda, at=12)
-    trainer = make_trainer(tmp_path, [panda, sender, reader])
+    logged_before, logged_after = LogReader(), LogReader()
+    trainer = make_trainer(tmp_path, [logged_before, panda, logged_after, sender, reader],
+                           logging_steps=5)
     trainer.train()
     assert panda.final_status == "finished"
     used, user = reader.used, reader.user
@@ -109,6 +123,13 @@ def test_a_live_lr_change_holds_on_top_of_the_trainers_cosine_schedule(tmp_path)
     assert [u / s for u, s in zip(used[landed:], user[landed:]) if s > 0] == pytest.approx(
         [k] * sum(s > 0 for s in user[landed:]), rel=1e-6)
     assert len(set(user[landed:])) > 5  # the Trainer's scheduler kept running
+    # The Trainer's own logs (console, log_history) say the LR in force: its scheduler's × k.
+    assert sorted(logged_before.lrs) == [5, 10, 15, 20, 25, 30]
+    for step, lr in logged_before.lrs.items():
+        assert logged_after.lrs[step] == pytest.approx(lr * (k if step > landed else 1.0),
+                                                       rel=1e-9), step
+    assert {e["step"]: e["learning_rate"] for e in trainer.state.log_history
+            if "learning_rate" in e} == logged_after.lrs
     with SqliteStore(tmp_path / "hf-run") as store:
         command = store.command(sender.command)
         logged = store.metrics_since(-1, columns=("lr", "user_lr"))

@@ -152,6 +152,25 @@ class PandaCallback(TrainerCallback):
         if bs.should_stop:
             control.should_training_stop = True
 
+    def on_log(self, args, state: TrainerState, control, logs=None, **kwargs: Any) -> None:
+        """The Trainer logs its scheduler's LR (``get_last_lr``), and after a live change the
+        updates use that times Panda's factor (see :mod:`trainer.composition`): the logs go on
+        with the LR in force, to the callbacks after this one (the console's printer is the
+        Trainer's last) and into ``state.log_history``. Reporting callbacks that come before
+        user callbacks (``report_to``: TensorBoard, W&B) have already sent the scheduler's."""
+        bs = self.babysitter
+        if bs is None or not logs or logs.get("learning_rate") is None:
+            return
+        factor = bs.composition.describe()["factor"]
+        if factor == 1.0:
+            return
+        lr = logs["learning_rate"] * factor
+        logs["learning_rate"] = lr
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and last.get("step") == state.global_step and \
+                "learning_rate" in last:  # the Trainer's copy of these logs
+            last["learning_rate"] = lr
+
     def on_epoch_end(self, args, state: TrainerState, control, **kwargs: Any) -> None:
         if self.babysitter is not None and state.epoch is not None:
             self.babysitter.epoch = round(state.epoch)  # epochs completed
