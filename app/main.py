@@ -219,13 +219,12 @@ def _notes(snap: Snapshot, stalled: str | None) -> None:
 
 
 def decay_shown(schedule: dict[str, Any] | None, described: dict[str, Any] | None) -> str:
-    """The status row's decay: Panda's own decay shape, and the user's schedule under it when
-    theirs moves the LR (a warm-up, a scheduler): the LR is the user's × Panda's factor (see
-    trainer.composition), so "constant" alone would read as an LR that does not decay."""
+    """The status row's decay: Panda's own decay shape, or "yours" when Panda adds none and the
+    user's own schedule moves the LR (a warm-up, a scheduler; the LR is the user's × Panda's
+    factor, see trainer.composition): "constant" would read as an LR that does not decay. The
+    cell is narrow (nine in a row): the line under the row says "LR: your schedule × k"."""
     shape = (schedule or {}).get("shape", "constant")
-    if not (described or {}).get("user_schedule"):
-        return shape
-    return "your schedule" if shape == "constant" else f"{shape} × yours"
+    return "yours" if shape == "constant" and (described or {}).get("user_schedule") else shape
 
 
 def lr_composition(described: dict[str, Any] | None) -> str | None:

@@ -639,8 +639,8 @@ def test_the_decay_shown_names_the_users_schedule_under_pandas_decay():
 
     assert decay_shown(None, None) == "constant"
     assert decay_shown({"shape": "cosine"}, {"user_schedule": False}) == "cosine"
-    assert decay_shown({"shape": "constant"}, {"user_schedule": True}) == "your schedule"
-    assert decay_shown({"shape": "cosine"}, {"user_schedule": True}) == "cosine × yours"
+    assert decay_shown({"shape": "constant"}, {"user_schedule": True}) == "yours"
+    assert decay_shown({"shape": "cosine"}, {"user_schedule": True}) == "cosine"
 
 
 def test_the_lr_composition_is_said_in_words():

@@ -385,7 +385,7 @@ def test_a_charlm_run_shows_its_schedule_and_a_change_lands_and_is_marked(contex
         page.get_by_text(re.compile(
             rf"LR: your schedule × {re.escape(f'{factor:.3g}')} → [0-9.e+-]+ now")).wait_for()
         # Panda's own decay is constant; the status row says the LR follows the user's.
-        wait(lambda: metric(page, "decay") == "your schedule", "the decay shown")
+        wait(lambda: metric(page, "decay") == "yours", "the decay shown")
         markers = wait(lambda: plot(page, "p => { const t = p._fullData.find("
                                       "t => t.name === 'interventions'); return t ? "
                                       "Array.from(t.text) : null; }", "learning rate"),
