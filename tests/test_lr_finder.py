@@ -549,6 +549,19 @@ def test_continue_without_probes_on_a_flat_ramp_keeps_the_current_lr():
     start = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), num_iter=80,
                     refine=False)
     assert start.flat and start.suggestion_rule in ("steepest", "valley")
+    # A run's LR above the cap (max_stable_lr / 3) is never kept.
+    above = lr_find(task.model, optimizer, task.loss_fn, full_batch(task), num_iter=80,
+                    purpose="continue", refine=False, current_lr=1.0)
+    assert above.flat and above.max_stable_lr / 3 < 1.0
+    assert above.suggestion_rule != "keep_flat" and above.suggested_lr < 1.0
+    # No finite loss at all (diverged at the first step, so no limit either): no suggestion.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    nothing = lr_find(model, torch.optim.SGD(model.parameters(), lr=0.01),
+                      lambda out, y: nn.functional.mse_loss(out, y) * math.nan,
+                      [(torch.randn(8, 4), torch.randn(8, 1))], num_iter=40,
+                      purpose="continue", refine=False)
+    assert nothing.max_stable_lr is None and nothing.suggested_lr is None
 
 
 def test_continue_from_far_away_prefers_a_higher_lr():

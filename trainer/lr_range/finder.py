@@ -425,9 +425,12 @@ def curve_suggestion(result: LRFindResult) -> Suggestion:
 
 
 def _stable(result: LRFindResult, lr: float) -> bool:
-    """At or below the suggestions' cap (max_stable_lr / 3), or no limit was found."""
+    """At or below the suggestions' cap (max_stable_lr / 3); with no limit found, only where
+    the ramp never diverged (a ramp that diverged at its first step has no limit either)."""
     limit = result.max_stable_lr
-    return limit is None or lr <= limit / STABLE_FRACTION
+    if limit is None:
+        return result.diverged_at is None
+    return lr <= limit / STABLE_FRACTION
 
 
 def _attach_suggestion(result: LRFindResult, probes: list[Probe]) -> None:
@@ -439,12 +442,14 @@ def _attach_suggestion(result: LRFindResult, probes: list[Probe]) -> None:
         s = continue_suggestion(lrs, finals, lrs.index(result.current_lr))
     elif probes:
         s = start_suggestion(s, lrs, finals, probes[0].first_loss)
-    elif result.purpose == "continue" and result.flat and _stable(result, result.current_lr):
+    elif result.purpose == "continue" and result.flat and s.lr is not None and \
+            _stable(result, result.current_lr):
         # A flat ramp's "steepest" point is noise (a converged checkpoint: 3× below or above
-        # the run's LR for no reason), and without probes nothing else compares LRs.
+        # the run's LR for no reason), and without probes nothing else compares LRs. A ramp
+        # with too few finite losses for any rule (s.lr None) says nothing, not "keep".
         now = result.current_lr
-        s = Suggestion(now, None, "keep_flat", now, now, reason=f"instead of {s.method} "
-                       f"{s.lr:.3g} on a flat ramp" if s.lr is not None else s.reason)
+        s = Suggestion(now, None, "keep_flat", now, now,
+                       reason=f"instead of {s.method} {s.lr:.3g} on a flat ramp")
     result.suggested_lr, result.suggestion_rule = s.lr, s.method
     result.suggestion_reason = s.reason
     result.suggestion_range = (s.low, s.high) if s.lr is not None else None
