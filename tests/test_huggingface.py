@@ -123,11 +123,13 @@ def test_a_live_lr_change_holds_on_top_of_the_trainers_cosine_schedule(tmp_path)
     assert [u / s for u, s in zip(used[landed:], user[landed:]) if s > 0] == pytest.approx(
         [k] * sum(s > 0 for s in user[landed:]), rel=1e-6)
     assert len(set(user[landed:])) > 5  # the Trainer's scheduler kept running
-    # The Trainer's own logs (console, log_history) say the LR in force: its scheduler's × k.
+    # The Trainer's own logs (console, log_history) say the LR the update just taken used:
+    # its scheduler's × k after the landing.
     assert sorted(logged_before.lrs) == [5, 10, 15, 20, 25, 30]
     for step, lr in logged_before.lrs.items():
+        assert logged_after.lrs[step] == pytest.approx(used[step - 1], rel=1e-6), step
         assert logged_after.lrs[step] == pytest.approx(lr * (k if step > landed else 1.0),
-                                                       rel=1e-9), step
+                                                       rel=1e-6), step
     assert {e["step"]: e["learning_rate"] for e in trainer.state.log_history
             if "learning_rate" in e} == logged_after.lrs
     with SqliteStore(tmp_path / "hf-run") as store:

@@ -153,18 +153,19 @@ class PandaCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_log(self, args, state: TrainerState, control, logs=None, **kwargs: Any) -> None:
-        """The Trainer logs its scheduler's LR (``get_last_lr``), and after a live change the
-        updates use that times Panda's factor (see :mod:`trainer.composition`): the logs go on
-        with the LR in force, to the callbacks after this one (the console's printer is the
-        Trainer's last) and into ``state.log_history``. Reporting callbacks that come before
-        user callbacks (``report_to``: TensorBoard, W&B) have already sent the scheduler's."""
+        """The Trainer logs its scheduler's LR (``get_last_lr``, read before the scheduler
+        steps: the update just taken's), and after a live change that update used it times
+        Panda's factor (see :mod:`trainer.composition`): the logs go on with the LR the update
+        used, to the callbacks after this one (the console's printer is the Trainer's last)
+        and into ``state.log_history``. Reporting callbacks that come before user callbacks
+        (``report_to``: TensorBoard, W&B) have already sent the scheduler's."""
         bs = self.babysitter
         if bs is None or not logs or logs.get("learning_rate") is None:
             return
-        factor = bs.composition.describe()["factor"]
-        if factor == 1.0:
+        composition = bs.composition
+        if composition.lr_factor * composition.decay == 1.0:  # the scheduler's is the one used
             return
-        lr = logs["learning_rate"] * factor
+        lr = composition.used_lr  # not the factor now: Panda's decay has moved on a step
         logs["learning_rate"] = lr
         last = state.log_history[-1] if state.log_history else None
         if last is not None and last.get("step") == state.global_step and \
