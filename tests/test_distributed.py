@@ -60,6 +60,8 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("--max-steps", type=int, default=3000)
     parser.add_argument("--sync-every", type=int, default=SYNC_EVERY)
     parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--checkpoint-on-rank-0-only", action="store_true",
+                        help="the other ranks pass no checkpoint_every (a mistake)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--private-dirs", action="store_true",
                         help="ranks > 0 get a run directory of their own (another node)")
@@ -84,8 +86,9 @@ def worker(argv: list[str]) -> None:
     last_lr = optimizer.param_groups[0]["lr"]
     wall0, cpu0 = time.monotonic(), time.process_time()
     run_dir = args.run_dir if rank == 0 or not args.private_dirs else f"{args.run_dir}-r{rank}"
+    every = None if args.checkpoint_on_rank_0_only and rank else args.checkpoint_every
     with Babysitter(optimizer, run_dir, model=model, sync_every=args.sync_every,
-                    checkpoint_every=args.checkpoint_every, resume=args.resume) as bs:
+                    checkpoint_every=every, resume=args.resume) as bs:
         start_step = bs.step_count
         while bs.step_count < args.max_steps and not bs.should_stop:
             i = (bs.step_count * 32) % 512
@@ -374,6 +377,25 @@ def test_a_resume_puts_back_each_ranks_own_random_generators(tmp_path, resumed_f
     for rank, report in enumerate(ranks):
         assert dict(map(tuple, report["draws"])) == {
             step: whole[rank][step] for step in range(start, 60)}, f"rank {rank}"
+
+
+@pytest.mark.slow
+def test_ranks_that_checkpoint_at_different_steps_gather_nothing_and_never_hang(tmp_path):
+    """Rank 0 checkpoints every 5 steps, rank 1 never (a mistake): a gather at rank 0's
+    checkpoints would wait for rank 1 forever. The ranks find out once, when the Babysitter is
+    built, say so, and keep rank 0's generators only."""
+    from trainer import checkpoint
+    from trainer.checkpoint_files import list_checkpoints
+    from trainer.rng import RANKS
+
+    run_dir = tmp_path / "apart"
+    _finish(_launch(run_dir, tmp_path / "reports", "--max-steps", "12", "--checkpoint-every",
+                    "5", "--checkpoint-on-rank-0-only"), run_dir, tmp_path / "reports")
+    found = {(f.step, f.reason) for f in list_checkpoints(run_dir)}
+    assert {(5, "periodic"), (10, "periodic"), (12, "final")} <= found, found
+    assert all(RANKS not in checkpoint.load(f.path) for f in list_checkpoints(run_dir))
+    log = (tmp_path / "apart-torchrun.log").read_text()
+    assert "checkpoint_every, model or replay differ between ranks" in log
 
 
 def test_a_checkpoint_keeps_every_ranks_generators_and_each_rank_takes_its_own(tmp_path, caplog):
