@@ -33,6 +33,7 @@ from trainer.lr_range.job import (
     readiness,
     start_lr_find_job,
 )
+from trainer.lr_range.suggestions import KEEP_RULES
 from trainer.ranges import KnobError
 from trainer.store import FINAL_STATES, RunStore
 
@@ -171,6 +172,12 @@ def _apply_block(store: RunStore, row: dict[str, Any], key: str, current: Any,
     payload = row["payload"]
     suggested = payload.get("suggested_lr")
     if suggested is None:
+        return
+    if payload.get("suggestion_rule") in KEEP_RULES:
+        # Applying it would set the LR the run had at its checkpoint, which its own schedule
+        # may have left since: a factor on the schedule, where the answer is to leave it be.
+        st.success(f"Keep the run's LR: no LR did better than its "
+                   f"{format_sci(suggested)} at the checkpoint.")
         return
     state = store.summary()["state"]
     refusal = None

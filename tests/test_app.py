@@ -692,6 +692,20 @@ def test_a_flat_curve_jump_takes_a_second_click_that_names_the_factor(page):
     assert not any(n.startswith("Apply 8.3e+00") for n in _warnings(at))
 
 
+@pytest.mark.parametrize("rule", ["keep_current", "keep_flat"])
+def test_a_keep_answer_says_keep_the_runs_lr_and_offers_nothing_to_apply(page, rule):
+    """"No LR beat the run's own" is not a change to send: applying the LR the run had at its
+    checkpoint would pin it against the run's own schedule."""
+    at, run_dir = page()
+    result = _lr_result(run_dir, suggested_lr=0.01, suggestion_range=[0.01, 0.01],
+                        suggestion_rule=rule)
+    at.run()
+    assert all(not (b.key or "").startswith("lrfind_apply") for b in at.button)
+    assert [s.value for s in at.success] == [
+        "Keep the run's LR: no LR did better than its 1e-02 at the checkpoint."], result
+    assert commands(run_dir) == []
+
+
 def test_the_range_test_panel_opens_for_a_new_test_and_stays_closed_once_closed(page):
     """Closed, it builds nothing; a test this session has not shown opens it (one started
     from a terminal, say); closed by the person, it stays closed until the next test."""

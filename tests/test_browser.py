@@ -44,6 +44,7 @@ from app.lr_panel import format_factor, lr_factor, needs_confirmation
 from trainer import Babysitter
 from trainer.checkpoint_files import checkpoint_path
 from trainer.config import TrainConfig, config_values
+from trainer.lr_range.suggestions import KEEP_RULES
 from trainer.store import SqliteStore, StoreError
 from trainer.store.address import open_store, run_address
 
@@ -418,6 +419,24 @@ def _range_test_plotted(page) -> bool:
     return bool(plot(page, "p => p._fullData.length", trace="smoothed loss"))
 
 
+def _apply_the_suggestion(page, store, suggested: float, current: float,
+                          sent_before: int) -> None:
+    """Apply suggested LR, confirming a big jump, and wait for the live run to take it."""
+    page.get_by_role("button", name=re.compile(r"Apply suggested LR")).click()
+    if needs_confirmation(suggested, current):
+        # More than CONFIRM_FACTOR × the run's LR: a second click that names the factor.
+        factor = format_factor(lr_factor(suggested, current))
+        page.get_by_text(f"({factor} the current LR)?", exact=False).wait_for()
+        assert len(store.commands()) == sent_before
+        page.get_by_role("button", name="Yes, apply").click()
+    wait(lambda: len(store.commands()) > sent_before, "the suggested LR to be sent")
+    wait(lambda: math.isclose(store.summary()["lr"], suggested, rel_tol=1e-9),
+          "the live run to take the suggested LR")
+    command = store.commands()[-1]
+    assert command.kind == "set" and command.source == "dashboard"
+    assert json.loads(command.payload) == {"lr": suggested}
+
+
 def test_lr_range_test_beside_the_live_run_and_applying_its_suggestion(page, servers,
                                                                          tmp_path):
     _, store, _ = servers
@@ -431,20 +450,12 @@ def test_lr_range_test_beside_the_live_run_and_applying_its_suggestion(page, ser
     assert result["purpose"] == "continue"  # beside a live run: what to continue with
     page.get_by_text(f"{result['suggestion_rule']}: ", exact=False).first.wait_for()
     sent_before, current = len(store.commands()), store.summary()["lr"]
-    apply = page.get_by_role("button", name=re.compile(r"Apply suggested LR"))
-    apply.click()
-    if needs_confirmation(suggested, current):
-        # More than CONFIRM_FACTOR × the run's LR: a second click that names the factor.
-        factor = format_factor(lr_factor(suggested, current))
-        page.get_by_text(f"({factor} the current LR)?", exact=False).wait_for()
+    if result["suggestion_rule"] in KEEP_RULES:  # no LR beat the run's own: nothing to apply
+        page.get_by_text("Keep the run's LR: no LR did better than its", exact=False).wait_for()
+        assert page.get_by_role("button", name=re.compile(r"Apply suggested LR")).count() == 0
         assert len(store.commands()) == sent_before
-        page.get_by_role("button", name="Yes, apply").click()
-    wait(lambda: len(store.commands()) > sent_before, "the suggested LR to be sent")
-    wait(lambda: math.isclose(store.summary()["lr"], suggested, rel_tol=1e-9),
-          "the live run to take the suggested LR")
-    command = store.commands()[-1]
-    assert command.kind == "set" and command.source == "dashboard"
-    assert json.loads(command.payload) == {"lr": suggested}
+    else:
+        _apply_the_suggestion(page, store, suggested, current, sent_before)
     assert page.locator(".js-plotly-plot").count() == 0  # both charts are components
     _screenshot(page, tmp_path / "lr-range-test.png")
 

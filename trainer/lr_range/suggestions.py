@@ -173,6 +173,7 @@ RULES = {
     "keep_flat": "the ramp is flat and no probes ran: nothing shows another LR is better",
 }
 PROBE_RULES = ("probes", "continue_probes", "keep_current")  # the rules that compare probes
+KEEP_RULES = ("keep_current", "keep_flat")  # the answer is the run's own LR: nothing to apply
 
 
 def probe_best(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float | None, int | None]:
