@@ -176,7 +176,7 @@ def _apply_block(store: RunStore, row: dict[str, Any], key: str, current: Any,
     if payload.get("suggestion_rule") in KEEP_RULES:
         # Applying it would set the LR the run had at its checkpoint, which its own schedule
         # may have left since: a factor on the schedule, where the answer is to leave it be.
-        st.success(f"Keep the run's LR: no LR did better than its "
+        st.success(f"Keep the run's LR: the test showed no better LR than its "
                    f"{format_sci(suggested)} at the checkpoint.")
         return
     state = store.summary()["state"]

@@ -702,7 +702,7 @@ def test_a_keep_answer_says_keep_the_runs_lr_and_offers_nothing_to_apply(page, r
     at.run()
     assert all(not (b.key or "").startswith("lrfind_apply") for b in at.button)
     assert [s.value for s in at.success] == [
-        "Keep the run's LR: no LR did better than its 1e-02 at the checkpoint."], result
+        "Keep the run's LR: the test showed no better LR than its 1e-02 at the checkpoint."], result
     assert commands(run_dir) == []
 
 

@@ -451,7 +451,8 @@ def test_lr_range_test_beside_the_live_run_and_applying_its_suggestion(page, ser
     page.get_by_text(f"{result['suggestion_rule']}: ", exact=False).first.wait_for()
     sent_before, current = len(store.commands()), store.summary()["lr"]
     if result["suggestion_rule"] in KEEP_RULES:  # no LR beat the run's own: nothing to apply
-        page.get_by_text("Keep the run's LR: no LR did better than its", exact=False).wait_for()
+        page.get_by_text("Keep the run's LR: the test showed no better LR than its",
+                         exact=False).wait_for()
         assert page.get_by_role("button", name=re.compile(r"Apply suggested LR")).count() == 0
         assert len(store.commands()) == sent_before
     else:
