@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def worker(argv: list[str]) -> None:
             if args.step_delay:
                 time.sleep(args.step_delay)
         report = {
-            "rank": rank, "pid": __import__("os").getpid(), "steps": bs.step_count,
+            "rank": rank, "pid": os.getpid(), "steps": bs.step_count,
             "start_step": start_step,
             "should_stop": bs.should_stop, "lr_changes": lr_changes, "final_lr": bs.lr,
             "applied": bs.coordinator.applied, "losses": losses, "slowest_step": slowest,
@@ -153,12 +154,25 @@ def _launch(run_dir: Path, reports: Path, *args: str) -> subprocess.Popen:
         log.close()
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop torchrun and the ranks it started. SIGTERM: torchrun stops its ranks (each in a
+    session of its own, out of reach of a signal to torchrun's group), where a SIGKILL to
+    torchrun leaves ranks that hang in a collective running after the test."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _finish(proc: subprocess.Popen, run_dir: Path, reports: Path) -> list[dict]:
     try:
         rc = proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        _stop(proc)
         rc = "timeout"
     log = (run_dir.parent / f"{run_dir.name}-torchrun.log").read_text(errors="replace")
     assert rc == 0, f"torchrun ended with {rc}:\n{log[-4000:]}"
@@ -207,9 +221,7 @@ def ddp_session(tmp_path_factory):
         cli["stop"] = _cli_json("stop", run_dir)
         ranks = _finish(proc, run_dir, reports)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
     with SqliteStore(run_dir) as store:
         stored = {"metrics": _rows(store), "events": store.events_since(0),
                   "commands": store.commands(0), "meta": store.meta()}
@@ -326,9 +338,7 @@ def test_resume_and_rollback_restore_rank_0s_state_on_every_rank(tmp_path):
         _cli_json("stop", run_dir)
         ranks = _finish(proc, run_dir, reports)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
     assert [r["start_step"] for r in ranks] == [60, 60]
     for rank in ranks:
         assert [kind for _, kind in rank["applied"]] == ["rollback", "stop"]
