@@ -254,13 +254,18 @@ class DistributedCoordinator(Coordinator):
         gathered values, not the caller: rank 0 then keeps its own alone."""
         if self._apart:
             return None
-        box: list[Any] | None = [None] * self.world_size if self.leader else None
+        # all_gather_object, not gather_object: the control group's other collectives are all
+        # symmetric, and with gather_object (a send to rank 0 on the other ranks) a rank now
+        # and then aborted at exit ("terminate called without an active exception", SIGABRT,
+        # after destroy_process_group; 3 of about 10 runs of tests/test_distributed.py). The
+        # states are small (~5 KB a rank).
+        box: list[Any] = [None] * self.world_size
         try:
-            dist.gather_object(take(), box, dst=LEADER, group=self.control)
+            dist.all_gather_object(box, take(), group=self.control)
         except (RuntimeError, ValueError):
             log.exception("could not gather every rank's value on rank %d", self.rank)
             return None
-        return box
+        return box if self.leader else None
 
     def _wait_while_paused(self, loop: TrainingLoop) -> None:
         # Rank 0 sleeps on the wake event (set by its poller when a command arrives); the
