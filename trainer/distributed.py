@@ -45,7 +45,7 @@ Rank-0 concerns (by design, documented in the Babysitter):
   one copy is enough); a rollback or resume broadcasts the state rank 0 restores. The random
   generators are not identical (each rank draws its own dropout masks), so where every rank
   takes a checkpoint at the same step (periodic, a command's, the final one) rank 0 gathers
-  every rank's state into it (``gather_object``) and each rank puts back its own; a checkpoint
+  every rank's state into it (``all_gather_object``) and each rank puts back its own; a checkpoint
   taken from code (``bs.checkpoint()``, the best model) may be taken on rank 0 alone, so it
   gathers nothing and holds rank 0's state only (a resume from it gives every rank that);
 * validation metrics and early stopping use whatever each rank passes to ``log_validation``:
