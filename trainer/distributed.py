@@ -244,8 +244,7 @@ class DistributedCoordinator(Coordinator):
     def agree(self, value: Any) -> bool:
         """Whether ``value`` is the same on every rank (a collective: all ranks call it at the
         same point, once, while the Babysitter is built)."""
-        values: list[Any] = [None] * self.world_size
-        dist.all_gather_object(values, value, group=self.control)
+        values = self._all_gathered(value)
         return all(v == values[LEADER] for v in values)
 
     def gather(self, take: Callable[[], T]) -> list[T] | None:
@@ -259,13 +258,18 @@ class DistributedCoordinator(Coordinator):
         # and then aborted at exit ("terminate called without an active exception", SIGABRT,
         # after destroy_process_group; 3 of about 10 runs of tests/test_distributed.py). The
         # states are small (~5 KB a rank).
-        box: list[Any] = [None] * self.world_size
         try:
-            dist.all_gather_object(box, take(), group=self.control)
+            values = self._all_gathered(take())
         except (RuntimeError, ValueError):
             log.exception("could not gather every rank's value on rank %d", self.rank)
             return None
-        return box if self.leader else None
+        return values if self.leader else None
+
+    def _all_gathered(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank (the control group)."""
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.control)
+        return values
 
     def _wait_while_paused(self, loop: TrainingLoop) -> None:
         # Rank 0 sleeps on the wake event (set by its poller when a command arrives); the
