@@ -715,7 +715,7 @@ def test_cuda_generators_are_put_back_only_where_they_belong(
 class Follower(Coordinator):
     """A process that records nothing of its own (a DDP rank other than 0), alone here."""
 
-    leader = False
+    leader, rank = False, 1
 
 
 @pytest.mark.parametrize("coordinator", [Coordinator(), Follower()], ids=["leader", "follower"])

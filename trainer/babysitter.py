@@ -687,8 +687,7 @@ class Babysitter:
         # generator on every rank, and its CUDA ones on the leader only (they are its own).
         coordinator = self.coordinator
         sitter = checkpoint.restore(state, self.model, self.optimizer, rank=coordinator.rank,
-                                    world_size=coordinator.world_size,
-                                    cuda_rng=coordinator.leader)
+                                    world_size=coordinator.world_size)
         self.composition.load(sitter)
         self.extra_state = dict(sitter.get("extra", {}))
         return int(sitter["step"])

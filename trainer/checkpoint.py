@@ -96,13 +96,13 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def restore(state: dict[str, Any], model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer | None, *, rank: int = 0, world_size: int = 1,
-            cuda_rng: bool = True) -> dict[str, Any]:
+            optimizer: torch.optim.Optimizer | None, *, rank: int = 0,
+            world_size: int = 1) -> dict[str, Any]:
     """Put an in-memory checkpoint back into ``model`` / ``optimizer`` and the RNG: ``rank``'s
     own generators where the checkpoint kept every rank's, else rank 0's (the CUDA generators
-    then only unless ``cuda_rng`` is False: rank 0's devices are no other rank's)."""
+    then on rank 0 only: rank 0's devices are no other rank's)."""
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    set_rank_rng_state(state, rank, world_size, cuda=cuda_rng)
+    set_rank_rng_state(state, rank, world_size)
     return state["babysitter"]

@@ -50,12 +50,12 @@ def set_rng_state(state: dict[str, Any], *, cuda: bool = True) -> None:
                     len(devices), torch.cuda.device_count())
 
 
-def set_rank_rng_state(state: dict[str, Any], rank: int, world_size: int, *,
-                       cuda: bool = True) -> None:
+def set_rank_rng_state(state: dict[str, Any], rank: int, world_size: int) -> None:
     """Put back this rank's generators: its own where the checkpoint kept every rank's (its
     CUDA generators too: they are its own), else rank 0's as :func:`set_rng_state` does (the
-    CUDA ones only if ``cuda``). A checkpoint of another number of ranks cannot say which
-    state is whose: every rank takes rank 0's, and the log says so."""
+    CUDA ones on rank 0 only: rank 0's devices are no other rank's). A checkpoint of another
+    number of ranks cannot say which state is whose: every rank takes rank 0's, and the log
+    says so."""
     ranks = state.get(RANKS)
     if ranks is not None and len(ranks) == world_size:
         set_rng_state(ranks[rank])
@@ -63,4 +63,4 @@ def set_rank_rng_state(state: dict[str, Any], rank: int, world_size: int, *,
     if ranks is not None:
         log.warning("the random state was saved by %d ranks and this job has %d: every rank "
                     "takes rank 0's (ranks draw the same dropout masks)", len(ranks), world_size)
-    set_rng_state(state, cuda=cuda)
+    set_rng_state(state, cuda=rank == 0)
