@@ -7,7 +7,8 @@ over ranks; pause, resume and stop reach every rank at the same step; losses buf
 the last meeting are still averaged and logged when the run ends; resume and rollback restore
 rank 0's state on every rank, also when the other ranks' disks hold no checkpoint, except the
 random generators: each rank gets back its own, so a resumed run draws what the uninterrupted
-one drew.
+one drew; the close returns once the process group holds none of Panda's tensors, so a script
+may end right after it (a barrier, ``destroy_process_group``, exit).
 
 Also runnable as the worker itself:
 ``python -m torch.distributed.run --nproc_per_node 2 tests/test_distributed.py RUN_DIR REPORTS``.
@@ -123,6 +124,9 @@ def worker(argv: list[str]) -> None:
     report["wall"] = time.monotonic() - wall0
     report["cpu"] = time.process_time() - cpu0
     report["params"] = _params_digest(model)
+    # A usual ending, right after the close: meet, then leave. Before the close waited for gloo
+    # to let go of Panda's tensors (DistributedCoordinator.retire), this died now and then at
+    # exit (SIGABRT, "terminate called without an active exception").
     dist.barrier()
     dist.destroy_process_group()
     out = Path(args.reports)
@@ -429,6 +433,48 @@ def test_a_checkpoint_keeps_every_ranks_generators_and_each_rank_takes_its_own(t
         checkpoint.restore(state, model, optimizer, rank=rank, world_size=world_size)
         assert torch.equal(torch.get_rng_state(), expected["rng"]), (rank, world_size)
     assert "saved by 2 ranks and this job has 3" in caplog.text
+
+
+@pytest.fixture
+def one_rank_job(tmp_path):
+    """A real gloo process group of one rank, in this process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}",
+                            rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_the_close_waits_until_the_backend_lets_go_of_pandas_tensors(one_rank_job, monkeypatch):
+    """gloo's worker thread drops a collective's work a moment after ``wait()`` returned; if it
+    then frees a tensor Python made while the interpreter exits, the process aborts (SIGABRT).
+    So every tensor Panda hands a collective is kept until the backend lets go of it, and
+    ``retire()`` (the end of ``close``) waits for that: here a backend that lets go 0.3 s
+    late. The object gather (the final checkpoint's generators) goes through it too."""
+    from trainer import distributed
+
+    real_all_gather = distributed.dist.all_gather
+    let_go = threading.Event()
+
+    def late_all_gather(outputs, tensor, group=None):
+        real_all_gather(outputs, tensor, group=group)
+        held = [t[:] for t in (tensor, *outputs)]  # C++ references, as a work keeps them
+
+        def release():
+            let_go.set()
+            held.clear()
+        threading.Timer(0.3, release).start()
+
+    monkeypatch.setattr(distributed.dist, "all_gather", late_all_gather)
+    coordinator = distributed.DistributedCoordinator()
+    state = {"rng": torch.get_rng_state(), "step": 7}
+    gathered = coordinator.gather(lambda: state)
+    assert len(gathered) == 1 and gathered[0]["step"] == 7
+    assert torch.equal(gathered[0]["rng"], state["rng"])
+    assert not let_go.is_set()  # the backend still holds them: the wait below is tested
+    coordinator.retire()
+    assert let_go.is_set()
 
 
 def test_a_single_process_has_no_distributed_sync(tmp_path):

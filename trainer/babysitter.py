@@ -924,6 +924,7 @@ class Babysitter:
         if self.model is not None and status != "failed":
             # A normal end (no status) is at the same step on every rank, as close() above.
             self._checkpoint("final", gather=status is None)
+        self.coordinator.retire()  # no collective after this: the process may exit now
         final = status or ("stopped" if self._stopped_by_command else "finished")
         self.final_status = final
         meta = {"status": final, "ended": time.time()}

@@ -1,6 +1,6 @@
 """How a Babysitter meets its environment: alone in its process, or one of several DDP ranks.
 
-The Babysitter asks its coordinator four things, and nothing else touches its insides:
+The Babysitter asks its coordinator these things, and nothing else touches its insides:
 
 * :meth:`Coordinator.channels`: the channels its training thread uses and the ones its workers
   use (the same object when alone; under DDP rank 0's workers see averaged losses and commands
@@ -8,7 +8,8 @@ The Babysitter asks its coordinator four things, and nothing else touches its in
 * :meth:`Coordinator.open_store`: the run store, or None where this process records nothing;
 * :meth:`Coordinator.meet`, every :attr:`Coordinator.meet_every` steps (never when alone);
 * :meth:`Coordinator.share`: a value one process loads and every process gets (a checkpoint
-  to restore), and :meth:`Coordinator.close` at the end;
+  to restore), and :meth:`Coordinator.close` at the end, then :meth:`Coordinator.retire` once
+  the last collective (the final checkpoint's) is done;
 * :meth:`Coordinator.agree` and :meth:`Coordinator.gather`: whether a setting is the same in
   every process, and every process's value at the leader (each rank's random generators for a
   checkpoint).
@@ -79,4 +80,8 @@ class Coordinator:
 
     def close(self, loop: TrainingLoop, *, collective: bool) -> None:
         """The run ends (``collective``: every process ends it at the same step)."""
+
+    def retire(self) -> None:
+        """After the last collective: return once the communication backend holds nothing of
+        this process's (alone: there is no backend)."""
 

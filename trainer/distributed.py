@@ -16,8 +16,8 @@ so no rank has to ask whether to sync) all ranks meet once:
    ranks, then divided by the world size (``ReduceOp.AVG`` exists only for NCCL); rank 0
    hands the averages to its flusher, so the logged curve is the mean over ranks;
 2. rank 0 tells every rank how many commands its poller handed over since the last meeting
-   and, if any, broadcasts the commands themselves (``broadcast_object_list``,
-   https://pytorch.org/docs/stable/distributed.html#torch.distributed.broadcast_object_list).
+   and, if any, broadcasts the commands themselves (pickled, as ``broadcast_object_list``
+   does: https://pytorch.org/docs/stable/distributed.html#torch.distributed.broadcast_object_list).
    On the CPU, steps 1 and 2 are one ``all_gather`` of ``[losses…, count]``: a meeting without
    commands costs a single small collective;
 3. every rank applies them, in order, through :meth:`Babysitter.apply_command` (rank 0 records
@@ -45,7 +45,8 @@ Rank-0 concerns (by design, documented in the Babysitter):
   one copy is enough); a rollback or resume broadcasts the state rank 0 restores. The random
   generators are not identical (each rank draws its own dropout masks), so where every rank
   takes a checkpoint at the same step (periodic, a command's, the final one) rank 0 gathers
-  every rank's state into it (``all_gather_object``) and each rank puts back its own; a checkpoint
+  every rank's state into it (pickled, as ``all_gather_object`` does) and each rank puts back its
+  own; a checkpoint
   taken from code (``bs.checkpoint()``, the best model) may be taken on rank 0 alone, so it
   gathers nothing and holds rank 0's state only (a resume from it gives every rank that);
 * validation metrics and early stopping use whatever each rank passes to ``log_validation``:
@@ -56,6 +57,19 @@ Resume and rollback restore rank 0's choice on every rank: rank 0 picks the stat
 checkpoint file, or a snapshot in memory) and broadcasts it, so the ranks need no shared file
 system and can never restore different states.
 
+Every tensor handed to a collective is kept until the backend has let go of it, and ``close``
+waits for that (:meth:`DistributedCoordinator.retire`). Why: gloo runs a collective on a worker
+thread, which drops its reference to the work a moment after the caller's ``wait()`` returned
+(a ``dist.barrier()`` called right after holds it until the barrier is done). If that thread
+holds the last reference to a tensor Python made, freeing it needs the GIL, and a thread that asks
+for the GIL while the interpreter exits is ended inside a C++ destructor: ``std::terminate``,
+SIGABRT, "terminate called without an active exception"
+(https://github.com/pytorch/pytorch/pull/179291 describes it). A script that ends with
+``dist.barrier()`` and ``destroy_process_group()`` right after the Babysitter's close died that way
+now and then (seen in 1 of about 15 runs on 2 busy cores). The object collectives are written
+here for the same reason: ``all_gather_object`` and ``broadcast_object_list`` make and drop their
+tensors inside torch.
+
 Limits: all ranks must call ``step()`` the same number of times (DDP requires it too) and
 construct the Babysitter at the same point. Whether the ranks take their checkpoints at the same
 steps (the same ``checkpoint_every``, model or none, ``replay``) is checked once, then: if not,
@@ -65,6 +79,8 @@ no state is gathered (a rank waiting in a gather no other rank calls would hang)
 from __future__ import annotations
 
 import logging
+import pickle
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -81,6 +97,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SYNC_EVERY = 10  # steps between meetings of all ranks (loss reduce + command hand-over)
 LEADER = 0               # the rank that owns the run store
+RETIRE_TIMEOUT_S = 5.0   # the longest close() waits for the backend to let go of our tensors
 T = TypeVar("T")
 
 
@@ -108,6 +125,7 @@ class DistributedCoordinator(Coordinator):
         self._staged: deque = deque()         # the training thread's rows, until a meeting
         self._inbox: deque = deque()          # rank 0: commands from the poller and the guard
         self._flush_rows: deque = deque()     # rank 0: the flusher's rows (averaged losses)
+        self._handed: list[torch.Tensor] = []  # given to collectives, maybe still held there
         self._wake = None
 
     @classmethod
@@ -175,12 +193,14 @@ class DistributedCoordinator(Coordinator):
                               torch.tensor([count], dtype=torch.float64)])
             gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
             dist.all_gather(gathered, mine, group=self.group)
+            self._hand(mine, *gathered)
             if self.leader and rows:
                 self._hand_to_flusher(rows, torch.stack(gathered)[:, :-1].sum(0))
             return int(gathered[LEADER][-1])
         if rows:
             stacked = torch.stack(losses)
             dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=self.group)
+            self._hand(stacked)
             if self.leader:
                 self._hand_to_flusher(rows, stacked)
         return self._broadcast_count(count)
@@ -207,15 +227,14 @@ class DistributedCoordinator(Coordinator):
     def _broadcast_count(self, count: int) -> int:
         box = torch.tensor([count], dtype=torch.int64)
         dist.broadcast(box, src=LEADER, group=self.control)
+        self._hand(box)
         return int(box)
 
     def _receive(self, loop: TrainingLoop, commands: list, count: int) -> None:
         """Rank 0 sends its ``count`` commands (if any); every rank applies them in order."""
         if not count:
             return
-        box = [commands]
-        dist.broadcast_object_list(box, src=LEADER, group=self.control)
-        for command in box[0]:
+        for command in self._from_leader(commands):
             self.applied.append((loop.step_count, command.kind))
             loop.apply_command(command)
 
@@ -228,15 +247,13 @@ class DistributedCoordinator(Coordinator):
         forever otherwise)."""
         if self.leader:
             try:
-                box = [("ok", load())]
+                outcome = ("ok", load())
             except Exception as err:
-                box = [("error", f"{type(err).__name__}: {err}")]
-                dist.broadcast_object_list(box, src=LEADER, group=self.control)
+                self._from_leader(("error", f"{type(err).__name__}: {err}"))
                 raise
         else:
-            box = [None]
-        dist.broadcast_object_list(box, src=LEADER, group=self.control)
-        outcome, value = box[0]
+            outcome = None
+        outcome, value = self._from_leader(outcome)
         if outcome == "error":
             raise RuntimeError(f"rank 0 could not load the state to restore: {value}")
         return value
@@ -253,12 +270,7 @@ class DistributedCoordinator(Coordinator):
         gathered values, not the caller: rank 0 then keeps its own alone."""
         if self._apart:
             return None
-        # all_gather_object, not gather_object: the control group's other collectives are all
-        # symmetric, and with gather_object (a send to rank 0 on the other ranks) a rank now
-        # and then aborted at exit ("terminate called without an active exception", SIGABRT,
-        # after destroy_process_group; 3 of about 10 runs of tests/test_distributed.py). The
-        # states are small (~5 KB a rank).
-        try:
+        try:  # to every rank, not only rank 0: all the control group's collectives are symmetric
             values = self._all_gathered(take())
         except (RuntimeError, ValueError):
             log.exception("could not gather every rank's value on rank %d", self.rank)
@@ -266,10 +278,51 @@ class DistributedCoordinator(Coordinator):
         return values if self.leader else None
 
     def _all_gathered(self, value: Any) -> list[Any]:
-        """Every rank's ``value``, in rank order, on every rank (the control group)."""
-        values: list[Any] = [None] * self.world_size
-        dist.all_gather_object(values, value, group=self.control)
-        return values
+        """Every rank's ``value``, in rank order, on every rank (the control group): what
+        ``all_gather_object`` does (gather the sizes, then the bytes padded to the longest),
+        on tensors handed over as the module docstring says."""
+        mine = _bytes_of(value)
+        size = torch.tensor([mine.numel()], dtype=torch.int64)
+        sizes = [torch.empty_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size, group=self.control)
+        padded = torch.zeros(max(int(s) for s in sizes), dtype=torch.uint8)
+        padded[:mine.numel()] = mine
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded, group=self.control)
+        self._hand(size, *sizes, padded, *parts)
+        return [_value_of(part[:int(s)]) for part, s in zip(parts, sizes)]
+
+    def _from_leader(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (the control group; the others pass anything):
+        what ``broadcast_object_list`` does, on tensors handed over as the module docstring
+        says."""
+        data = _bytes_of(value) if self.leader else None
+        size = torch.tensor([0 if data is None else data.numel()], dtype=torch.int64)
+        dist.broadcast(size, src=LEADER, group=self.control)
+        if data is None:
+            data = torch.empty(int(size), dtype=torch.uint8)
+        dist.broadcast(data, src=LEADER, group=self.control)
+        self._hand(size, data)
+        return value if self.leader else _value_of(data)
+
+    def _hand(self, *tensors: torch.Tensor) -> None:
+        """Keep ``tensors``, just given to a collective, until the backend has let go of them
+        (and drop those it has let go of since): the backend's thread then never frees a tensor
+        Python made (see the module docstring)."""
+        self._handed = [t for t in self._handed if _held_elsewhere(t)]
+        self._handed.extend(tensors)
+
+    def retire(self, timeout_s: float = RETIRE_TIMEOUT_S) -> None:
+        """Wait until the backend has let go of every tensor this rank gave a collective (at
+        the end of the run: after this, the process may exit at any moment)."""
+        deadline = time.monotonic() + timeout_s
+        while any(map(_held_elsewhere, self._handed)):
+            if time.monotonic() > deadline:
+                log.warning("the process group still holds %d of Panda's tensors after %.0f s",
+                            sum(map(_held_elsewhere, self._handed)), timeout_s)
+                return
+            time.sleep(0.001)
+        self._handed = []
 
     def _wait_while_paused(self, loop: TrainingLoop) -> None:
         # Rank 0 sleeps on the wake event (set by its poller when a command arrives); the
@@ -303,6 +356,21 @@ class DistributedCoordinator(Coordinator):
             self._flush_rows.extend(rows)
 
 
+def _bytes_of(value: Any) -> torch.Tensor:
+    """``value`` pickled into a uint8 tensor (torch's object collectives pickle too)."""
+    return torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8)
+
+
+def _value_of(data: torch.Tensor) -> Any:
+    """The value :func:`_bytes_of` pickled into ``data`` (a peer rank's, of this job)."""
+    return pickle.loads(data.numpy().tobytes())  # the job's own ranks: trusted as torch does
+
+
+def _held_elsewhere(tensor: torch.Tensor) -> bool:
+    """Whether something besides its Python object holds ``tensor`` (a collective's work).
+    ``_use_count`` counts C++ references; a torch without it is treated as holding nothing."""
+    use_count = getattr(tensor, "_use_count", None)
+    return use_count is not None and use_count() > 1
 
 
 def coordinator_for(sync_every: int = DEFAULT_SYNC_EVERY) -> Coordinator:
