@@ -921,10 +921,12 @@ class Babysitter:
                          error="the run ended before an update used it")
         self._awaiting = []
         self.composition.remove()  # the user's values are back in the param groups
-        if self.model is not None and status != "failed":
-            # A normal end (no status) is at the same step on every rank, as close() above.
-            self._checkpoint("final", gather=status is None)
-        self.coordinator.retire()  # no collective after this: the process may exit now
+        try:
+            if self.model is not None and status != "failed":
+                # A normal end (no status) is at the same step on every rank, as close() above.
+                self._checkpoint("final", gather=status is None)
+        finally:
+            self.coordinator.retire()  # no collective after this: the process may exit now
         final = status or ("stopped" if self._stopped_by_command else "finished")
         self.final_status = final
         meta = {"status": final, "ended": time.time()}

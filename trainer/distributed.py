@@ -57,18 +57,20 @@ Resume and rollback restore rank 0's choice on every rank: rank 0 picks the stat
 checkpoint file, or a snapshot in memory) and broadcasts it, so the ranks need no shared file
 system and can never restore different states.
 
-Every tensor handed to a collective is kept until the backend has let go of it, and ``close``
+Every tensor given to a collective is kept until the backend has let go of it, and ``close``
 waits for that (:meth:`DistributedCoordinator.retire`). Why: gloo runs a collective on a worker
-thread, which drops its reference to the work a moment after the caller's ``wait()`` returned
-(a ``dist.barrier()`` called right after holds it until the barrier is done). If that thread
-holds the last reference to a tensor Python made, freeing it needs the GIL, and a thread that asks
-for the GIL while the interpreter exits is ended inside a C++ destructor: ``std::terminate``,
-SIGABRT, "terminate called without an active exception"
-(https://github.com/pytorch/pytorch/pull/179291 describes it). A script that ends with
-``dist.barrier()`` and ``destroy_process_group()`` right after the Babysitter's close died that way
-now and then (seen in 1 of about 15 runs on 2 busy cores). The object collectives are written
-here for the same reason: ``all_gather_object`` and ``broadcast_object_list`` make and drop their
-tensors inside torch.
+thread, which lets go of the work (and its tensors) a moment after the caller's ``wait()``
+returned; a ``dist.barrier()`` called right after holds it until the barrier is done. While C++
+code holds a tensor Python made, torch (2.13) keeps its Python object alive, so the thread that
+lets go takes the GIL to drop that reference (an older torch takes it where it frees the tensor
+last). A thread that asks for the GIL while the interpreter exits is ended inside a C++
+destructor: ``std::terminate``, SIGABRT, "terminate called without an active exception" (core
+dump: ``runLoop`` → ``~AsyncBarrierWork`` → ``~AsyncAllgatherWork`` → ``decref_pyobject`` →
+``take_gil``; https://github.com/pytorch/pytorch/pull/179291 describes the same). A script
+that ended with ``dist.barrier()`` and ``destroy_process_group()`` right after the Babysitter's
+close died that way now and then (4 of about 56 launches on 2 busy cores). The object collectives
+are written here for the same reason: ``all_gather_object`` and ``broadcast_object_list`` make
+and drop their tensors inside torch.
 
 Limits: all ranks must call ``step()`` the same number of times (DDP requires it too) and
 construct the Babysitter at the same point. Whether the ranks take their checkpoints at the same
@@ -80,6 +82,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -98,6 +101,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SYNC_EVERY = 10  # steps between meetings of all ranks (loss reduce + command hand-over)
 LEADER = 0               # the rank that owns the run store
 RETIRE_TIMEOUT_S = 5.0   # the longest close() waits for the backend to let go of our tensors
+                         # (then it logs a warning and returns)
 T = TypeVar("T")
 
 
@@ -192,15 +196,15 @@ class DistributedCoordinator(Coordinator):
             mine = torch.cat([*(t.reshape(1) for t in losses),
                               torch.tensor([count], dtype=torch.float64)])
             gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
-            dist.all_gather(gathered, mine, group=self.group)
             self._hand(mine, *gathered)
+            dist.all_gather(gathered, mine, group=self.group)
             if self.leader and rows:
                 self._hand_to_flusher(rows, torch.stack(gathered)[:, :-1].sum(0))
             return int(gathered[LEADER][-1])
         if rows:
             stacked = torch.stack(losses)
-            dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=self.group)
             self._hand(stacked)
+            dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=self.group)
             if self.leader:
                 self._hand_to_flusher(rows, stacked)
         return self._broadcast_count(count)
@@ -226,8 +230,8 @@ class DistributedCoordinator(Coordinator):
 
     def _broadcast_count(self, count: int) -> int:
         box = torch.tensor([count], dtype=torch.int64)
-        dist.broadcast(box, src=LEADER, group=self.control)
         self._hand(box)
+        dist.broadcast(box, src=LEADER, group=self.control)
         return int(box)
 
     def _receive(self, loop: TrainingLoop, commands: list, count: int) -> None:
@@ -254,6 +258,7 @@ class DistributedCoordinator(Coordinator):
         else:
             outcome = None
         outcome, value = self._from_leader(outcome)
+        self._let_go()  # a whole checkpoint's bytes: not kept longer than the backend holds them
         if outcome == "error":
             raise RuntimeError(f"rank 0 could not load the state to restore: {value}")
         return value
@@ -284,12 +289,13 @@ class DistributedCoordinator(Coordinator):
         mine = _bytes_of(value)
         size = torch.tensor([mine.numel()], dtype=torch.int64)
         sizes = [torch.empty_like(size) for _ in range(self.world_size)]
+        self._hand(size, *sizes)
         dist.all_gather(sizes, size, group=self.control)
         padded = torch.zeros(max(int(s) for s in sizes), dtype=torch.uint8)
         padded[:mine.numel()] = mine
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        self._hand(padded, *parts)
         dist.all_gather(parts, padded, group=self.control)
-        self._hand(size, *sizes, padded, *parts)
         return [_value_of(part[:int(s)]) for part, s in zip(parts, sizes)]
 
     def _from_leader(self, value: Any) -> Any:
@@ -298,31 +304,39 @@ class DistributedCoordinator(Coordinator):
         says."""
         data = _bytes_of(value) if self.leader else None
         size = torch.tensor([0 if data is None else data.numel()], dtype=torch.int64)
+        self._hand(size)
         dist.broadcast(size, src=LEADER, group=self.control)
         if data is None:
             data = torch.empty(int(size), dtype=torch.uint8)
+        self._hand(data)
         dist.broadcast(data, src=LEADER, group=self.control)
-        self._hand(size, data)
         return value if self.leader else _value_of(data)
 
     def _hand(self, *tensors: torch.Tensor) -> None:
-        """Keep ``tensors``, just given to a collective, until the backend has let go of them
-        (and drop those it has let go of since): the backend's thread then never frees a tensor
-        Python made (see the module docstring)."""
-        self._handed = [t for t in self._handed if _held_elsewhere(t)]
+        """Keep ``tensors``, about to be given to a collective (before it, so one that raises
+        is kept too), until the backend has let go of them; drop those it has let go of since
+        the last call (see the module docstring)."""
+        self._let_go()
         self._handed.extend(tensors)
+
+    def _let_go(self) -> None:
+        """Drop the kept tensors the backend has let go of."""
+        handed, self._handed = self._handed, []
+        self._handed = _still_held(handed)
 
     def retire(self, timeout_s: float = RETIRE_TIMEOUT_S) -> None:
         """Wait until the backend has let go of every tensor this rank gave a collective (at
-        the end of the run: after this, the process may exit at any moment)."""
+        the end of the run: after this, the process may exit at any moment). The sleeps
+        release the GIL, which a thread letting go may be waiting for."""
         deadline = time.monotonic() + timeout_s
-        while any(map(_held_elsewhere, self._handed)):
+        self._let_go()
+        while self._handed:
             if time.monotonic() > deadline:
-                log.warning("the process group still holds %d of Panda's tensors after %.0f s",
-                            sum(map(_held_elsewhere, self._handed)), timeout_s)
+                log.warning("the process group still holds %d of Panda's tensors after %.0f s; "
+                            "exiting now may abort the process", len(self._handed), timeout_s)
                 return
             time.sleep(0.001)
-        self._handed = []
+            self._let_go()
 
     def _wait_while_paused(self, loop: TrainingLoop) -> None:
         # Rank 0 sleeps on the wake event (set by its poller when a command arrives); the
@@ -366,11 +380,18 @@ def _value_of(data: torch.Tensor) -> Any:
     return pickle.loads(data.numpy().tobytes())  # the job's own ranks: trusted as torch does
 
 
-def _held_elsewhere(tensor: torch.Tensor) -> bool:
-    """Whether something besides its Python object holds ``tensor`` (a collective's work).
-    ``_use_count`` counts C++ references; a torch without it is treated as holding nothing."""
-    use_count = getattr(tensor, "_use_count", None)
-    return use_count is not None and use_count() > 1
+def _still_held(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Those of ``tensors`` that something besides this list holds: more than one C++
+    reference (``_use_count``: a collective's work), or more Python references than a tensor
+    held by this list alone (while C++ holds a tensor, torch keeps a reference to its Python
+    object; the thread that lets go drops it under the GIL, after lowering the count). Pass a
+    list that is the tensors' only holder. A torch without ``_use_count`` holds nothing."""
+    tensors.append(torch.empty(0))  # held by this list alone: the reference count to compare
+    refs = [sys.getrefcount(tensors[i]) for i in range(len(tensors))]
+    alone = refs.pop()
+    tensors.pop()
+    return [tensors[i] for i in range(len(tensors))
+            if refs[i] > alone or getattr(tensors[i], "_use_count", lambda: 1)() > 1]
 
 
 def coordinator_for(sync_every: int = DEFAULT_SYNC_EVERY) -> Coordinator:
