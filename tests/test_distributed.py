@@ -8,7 +8,7 @@ the last meeting are still averaged and logged when the run ends; resume and rol
 rank 0's state on every rank, also when the other ranks' disks hold no checkpoint, except the
 random generators: each rank gets back its own, so a resumed run draws what the uninterrupted
 one drew; the close returns once the process group holds none of Panda's tensors, so a script
-may end right after it (a barrier, ``destroy_process_group``, exit).
+may end right after it (a barrier, ``destroy_process_group``, exit), also when a peer is gone.
 
 Also runnable as the worker itself:
 ``python -m torch.distributed.run --nproc_per_node 2 tests/test_distributed.py RUN_DIR REPORTS``.
@@ -446,53 +446,125 @@ def one_rank_job(tmp_path):
     dist.destroy_process_group()
 
 
-def test_the_close_waits_until_the_backend_lets_go_of_pandas_tensors(one_rank_job, monkeypatch,
-                                                                     caplog):
+class SlowBackend:
+    """gloo's collectives, each call's tensors then held by the backend (views: C++ references,
+    as a work keeps them) until ``release_after`` seconds have passed, or until :meth:`let_go`
+    (None); ``fail``: each call raises once it holds them, as one whose peer is gone."""
+
+    def __init__(self, monkeypatch, release_after: float | None = None, fail: bool = False):
+        from trainer import distributed
+
+        self.held: list[torch.Tensor] = []
+        self.released: list[threading.Event] = []
+        self.release_after, self.fail = release_after, fail
+        for name in ("all_gather", "broadcast"):
+            monkeypatch.setattr(distributed.dist, name, self._holding(getattr(distributed.dist,
+                                                                              name)))
+
+    def _holding(self, collective):
+        def call(*args, **kwargs):
+            if not self.fail:
+                collective(*args, **kwargs)
+            views = [t[:] for a in args for t in (a if isinstance(a, list) else [a])
+                     if isinstance(t, torch.Tensor)]
+            if self.release_after is None:
+                self.held.extend(views)
+                views = []  # held by self.held alone (a traceback keeps this frame)
+            else:
+                done = threading.Event()
+                self.released.append(done)
+
+                def release():
+                    done.set()
+                    views.clear()
+                threading.Timer(self.release_after, release).start()
+            if self.fail:
+                raise RuntimeError("Connection closed by peer")
+        return call
+
+    def let_go(self) -> None:
+        self.held.clear()
+
+
+class NoLoop:
+    step_count, paused, should_stop = 0, False, False
+
+
+def test_every_tensor_given_to_a_collective_is_waited_for(one_rank_job, monkeypatch, caplog):
     """gloo's worker thread lets go of a collective's work a moment after ``wait()`` returned,
     taking the GIL to do so; if the interpreter is exiting then, the process aborts (SIGABRT).
     So every tensor Panda gives a collective is kept until the backend lets go of it, and
-    ``retire()`` (the end of ``close``) waits for that. Here a backend that holds on: the last
-    meeting's tensors, a shared checkpoint's (rank 0's state to every rank) and the final
-    checkpoint's gather must all be waited for."""
+    ``retire()`` (the end of ``close``) waits for that: here a backend that holds on, so
+    ``retire`` gives up and says how many it still holds: the last meeting's, a shared
+    checkpoint's (rank 0's state to every rank) and the final checkpoint's gather."""
     from trainer import distributed
 
-    backend: list[torch.Tensor] = []  # what the backend still holds (views: C++ references)
-
-    def holding(collective):
-        def call(*args, **kwargs):
-            collective(*args, **kwargs)
-            backend.extend(t[:] for a in args for t in (a if isinstance(a, list) else [a])
-                           if isinstance(t, torch.Tensor))
-        return call
-
-    for name in ("all_gather", "broadcast"):
-        monkeypatch.setattr(distributed.dist, name, holding(getattr(distributed.dist, name)))
+    backend = SlowBackend(monkeypatch)
     coordinator = distributed.DistributedCoordinator()
-
-    class Loop:
-        step_count, paused, should_stop = 0, False, False
-
-    coordinator.close(Loop(), collective=True)  # the last losses: one all_gather
+    coordinator.close(NoLoop(), collective=True)  # the last losses: one all_gather
     state = {"weights": torch.arange(6.0), "step": 7}
     assert coordinator.share(lambda: state)["step"] == 7  # two broadcasts
     gathered = coordinator.gather(lambda: {"rng": torch.get_rng_state()})  # two all_gathers
     assert torch.equal(gathered[0]["rng"], torch.get_rng_state())
-    given = len(backend)
-    assert given == 8  # 2 + 2 + 4 tensors
-
+    assert len(backend.held) == 8  # 2 + 2 + 4 tensors
     with caplog.at_level("WARNING", logger="trainer.distributed"):
-        coordinator.retire(timeout_s=0.2)  # never let go: it gives up, and says how many
-    assert f"still holds {given} of Panda's tensors" in caplog.text
-
-    let_go = threading.Event()
-
-    def release():
-        let_go.set()
-        backend.clear()
-    threading.Timer(0.3, release).start()
+        coordinator.retire(timeout_s=0.2)
+    assert "still holds 8 of Panda's tensors" in caplog.text
     caplog.clear()
+    threading.Timer(0.3, backend.let_go).start()
     coordinator.retire()
-    assert let_go.is_set() and not caplog.text
+    assert not backend.held and not caplog.text
+
+
+def test_a_babysitters_close_returns_once_the_backend_has_let_go(one_rank_job, monkeypatch,
+                                                                  tmp_path):
+    """The whole run, meetings and checkpoints (which gather every rank's generators): when
+    the ``with`` block ends, the backend holds none of Panda's tensors, so the script may exit
+    at once (here each collective's tensors are let go of 0.3 s late)."""
+    from trainer import Babysitter, distributed
+
+    backend = SlowBackend(monkeypatch, release_after=0.3)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Babysitter(optimizer, tmp_path / "run", model=model, checkpoint_every=5,
+                    coordinator=distributed.DistributedCoordinator()) as bs:
+        for _ in range(12):
+            loss = model(torch.ones(4, 2)).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            bs.step(loss)
+    assert len(backend.released) > 8 and all(e.is_set() for e in backend.released)
+
+
+def test_a_collective_that_raised_is_waited_for_but_not_its_traceback(one_rank_job,
+                                                                     monkeypatch, caplog):
+    """A peer gone at the last meeting: the backend may still hold the tensors (waited for),
+    and the logged traceback keeps them too, which is not the backend (not waited for)."""
+    from trainer import distributed
+
+    backend = SlowBackend(monkeypatch, fail=True)
+    coordinator = distributed.DistributedCoordinator()
+    with caplog.at_level("WARNING"):  # the record keeps the traceback, and so the tensors
+        coordinator.close(NoLoop(), collective=True)
+        assert "could not average the last losses" in caplog.text
+        coordinator.retire(timeout_s=0.3)
+        assert "still holds 2 of Panda's tensors" in caplog.text
+        backend.let_go()
+        caplog.clear()
+        coordinator.retire()
+        assert not caplog.text  # no 5 s wait for the traceback's references, no warning
+
+
+def test_a_shared_checkpoints_bytes_are_not_kept_past_the_backend(one_rank_job, monkeypatch):
+    """``share`` (resume, rollback) carries a whole checkpoint: it returns once the backend has
+    let go of the bytes, rather than keeping them until the next meeting."""
+    from trainer import distributed
+
+    backend = SlowBackend(monkeypatch, release_after=0.05)
+    coordinator = distributed.DistributedCoordinator()
+    assert coordinator.share(lambda: {"weights": torch.zeros(1000)})["weights"].shape == (1000,)
+    assert len(backend.released) == 2 and all(e.is_set() for e in backend.released)
 
 
 def test_a_tensor_is_still_held_while_a_view_or_a_pending_release_refers_to_it():

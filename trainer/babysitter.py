@@ -909,22 +909,8 @@ class Babysitter:
         if self._closed:
             return
         self._closed = True
-        _OPEN.discard(self)
-        self.channels.wake.set()
-        # The last, not yet averaged losses under DDP (a normal end: every rank at this step).
-        self.coordinator.close(self, collective=status is None)
-        self._workers.stop_polling()
-        if self._folded is not None:
-            self._unfold()
-        for item in self._awaiting:
-            self._settle(item.command, self.step_count, [], status="not holding",
-                         error="the run ended before an update used it")
-        self._awaiting = []
-        self.composition.remove()  # the user's values are back in the param groups
         try:
-            if self.model is not None and status != "failed":
-                # A normal end (no status) is at the same step on every rank, as close() above.
-                self._checkpoint("final", gather=status is None)
+            self._end_training(status)
         finally:
             self.coordinator.retire()  # no collective after this: the process may exit now
         final = status or ("stopped" if self._stopped_by_command else "finished")
@@ -937,6 +923,25 @@ class Babysitter:
         if self.store is not None:
             self.store.close()
         _release(self._trainer_lock)
+
+    def _end_training(self, status: str | None) -> None:
+        """The training side of :meth:`close`: the last meeting, pending changes settled, the
+        user's values back, the final checkpoint."""
+        _OPEN.discard(self)
+        self.channels.wake.set()
+        # The last, not yet averaged losses under DDP (a normal end: every rank at this step).
+        self.coordinator.close(self, collective=status is None)
+        self._workers.stop_polling()
+        if self._folded is not None:
+            self._unfold()
+        for item in self._awaiting:
+            self._settle(item.command, self.step_count, [], status="not holding",
+                         error="the run ended before an update used it")
+        self._awaiting = []
+        self.composition.remove()  # the user's values are back in the param groups
+        if self.model is not None and status != "failed":
+            # A normal end (no status) is at the same step on every rank, as close() above.
+            self._checkpoint("final", gather=status is None)
 
     def __enter__(self) -> Babysitter:
         return self

@@ -45,10 +45,10 @@ Rank-0 concerns (by design, documented in the Babysitter):
   one copy is enough); a rollback or resume broadcasts the state rank 0 restores. The random
   generators are not identical (each rank draws its own dropout masks), so where every rank
   takes a checkpoint at the same step (periodic, a command's, the final one) rank 0 gathers
-  every rank's state into it (pickled, as ``all_gather_object`` does) and each rank puts back its
-  own; a checkpoint
-  taken from code (``bs.checkpoint()``, the best model) may be taken on rank 0 alone, so it
-  gathers nothing and holds rank 0's state only (a resume from it gives every rank that);
+  every rank's state into it (pickled, as ``all_gather_object`` does) and each rank puts back
+  its own; a checkpoint taken from code (``bs.checkpoint()``, the best model) may be taken on
+  rank 0 alone, so it gathers nothing and holds rank 0's state only (a resume from it gives
+  every rank that);
 * validation metrics and early stopping use whatever each rank passes to ``log_validation``:
   pass a value that is identical on all ranks (e.g. all-reduced) so early stopping decides the
   same on every rank; only rank 0's values are stored.
@@ -102,6 +102,9 @@ DEFAULT_SYNC_EVERY = 10  # steps between meetings of all ranks (loss reduce + co
 LEADER = 0               # the rank that owns the run store
 RETIRE_TIMEOUT_S = 5.0   # the longest close() waits for the backend to let go of our tensors
                          # (then it logs a warning and returns)
+SHARE_RELEASE_S = 1.0    # the longest a share waits for it (a whole checkpoint's bytes)
+PENDING_RELEASE_S = 0.1  # how long an extra reference to a tensor no C++ code holds may be a
+                         # release under way (it needs the GIL for a moment, then it is gone)
 T = TypeVar("T")
 
 
@@ -258,7 +261,7 @@ class DistributedCoordinator(Coordinator):
         else:
             outcome = None
         outcome, value = self._from_leader(outcome)
-        self._let_go()  # a whole checkpoint's bytes: not kept longer than the backend holds them
+        self._let_go(SHARE_RELEASE_S)  # a whole checkpoint's bytes: not kept past the backend
         if outcome == "error":
             raise RuntimeError(f"rank 0 could not load the state to restore: {value}")
         return value
@@ -319,24 +322,29 @@ class DistributedCoordinator(Coordinator):
         self._let_go()
         self._handed.extend(tensors)
 
-    def _let_go(self) -> None:
-        """Drop the kept tensors the backend has let go of."""
-        handed, self._handed = self._handed, []
-        self._handed = _still_held(handed)
+    def _let_go(self, wait_s: float = 0.0) -> bool:
+        """Drop the kept tensors the backend has let go of, waiting up to ``wait_s`` for the
+        others (the sleeps release the GIL, which a thread letting go may be waiting for);
+        whether none is left. While waiting, a tensor no C++ code holds any more whose Python
+        object still has another holder after :data:`PENDING_RELEASE_S` is not waited for:
+        that holder is not the backend (a traceback's frame, of a collective that raised)."""
+        start = time.monotonic()
+        while True:
+            handed, self._handed = self._handed, []
+            self._handed = _still_held(handed)
+            waited = time.monotonic() - start
+            if wait_s and waited >= PENDING_RELEASE_S:
+                self._handed = [t for t in self._handed if _held_in_cpp(t)]
+            if not self._handed or waited >= wait_s:
+                return not self._handed
+            time.sleep(0.001)
 
     def retire(self, timeout_s: float = RETIRE_TIMEOUT_S) -> None:
         """Wait until the backend has let go of every tensor this rank gave a collective (at
-        the end of the run: after this, the process may exit at any moment). The sleeps
-        release the GIL, which a thread letting go may be waiting for."""
-        deadline = time.monotonic() + timeout_s
-        self._let_go()
-        while self._handed:
-            if time.monotonic() > deadline:
-                log.warning("the process group still holds %d of Panda's tensors after %.0f s; "
-                            "exiting now may abort the process", len(self._handed), timeout_s)
-                return
-            time.sleep(0.001)
-            self._let_go()
+        the end of the run: after this, the process may exit at any moment)."""
+        if not self._let_go(timeout_s):
+            log.warning("the process group still holds %d of Panda's tensors after %.1f s; "
+                        "exiting now may abort the process", len(self._handed), timeout_s)
 
     def _wait_while_paused(self, loop: TrainingLoop) -> None:
         # Rank 0 sleeps on the wake event (set by its poller when a command arrives); the
@@ -390,8 +398,12 @@ def _still_held(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     refs = [sys.getrefcount(tensors[i]) for i in range(len(tensors))]
     alone = refs.pop()
     tensors.pop()
-    return [tensors[i] for i in range(len(tensors))
-            if refs[i] > alone or getattr(tensors[i], "_use_count", lambda: 1)() > 1]
+    return [tensors[i] for i in range(len(tensors)) if refs[i] > alone or _held_in_cpp(tensors[i])]
+
+
+def _held_in_cpp(tensor: torch.Tensor) -> bool:
+    """Whether C++ code (a collective's work) holds ``tensor`` besides its Python object."""
+    return getattr(tensor, "_use_count", lambda: 1)() > 1
 
 
 def coordinator_for(sync_every: int = DEFAULT_SYNC_EVERY) -> Coordinator:
