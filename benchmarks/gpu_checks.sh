@@ -3,8 +3,8 @@
 # and for minutes, so everything that needs one runs from this one script.
 #   1. tests/test_cuda.py: no host-device wait in a babysat loop, the LR read back from the
 #      updates, device losses kept and folded, the range test and a resume put back the
-#      device's generator, fused, compiled and mixed-precision Adam (skipped on machines
-#      without CUDA, as in CI);
+#      device's generator, fused, compiled and mixed-precision Adam, a one-rank NCCL close
+#      (skipped on machines without CUDA, as in CI);
 #   2. benchmarks/overhead.py on the GPU, both loops: bare, Panda, TensorBoard side by side.
 # Usage: bash benchmarks/gpu_checks.sh [ROUNDS]; the log goes to ${OUT:-.}/gpu_checks.log.
 # About 4 minutes on an H200 machine (its tiny-MLP step takes ~1 ms: kernel launches).

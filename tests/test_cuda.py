@@ -1,7 +1,8 @@
 """On a CUDA device, read back where it happens: the Babysitter never makes the host wait for
 the device, the LR it reports is the one the updates used, device losses are kept exactly (and
-folded without a wait), and the range test and checkpoints put back the device's own random
-generator (dropout on a GPU draws from it, not from the CPU's).
+folded without a wait), the range test and checkpoints put back the device's own random
+generator (dropout on a GPU draws from it, not from the CPU's), and a DDP close on the device
+(NCCL) waits for the backend to let go of its tensors without reaching its timeout.
 
 Skipped where CUDA is missing (CI has no GPU); run on a GPU machine with
 ``pytest tests/test_cuda.py`` (or ``bash benchmarks/gpu_checks.sh``). ``PANDA_TEST_DEVICE=cpu``
@@ -311,3 +312,33 @@ def test_a_compiled_optimizer_step_with_a_tensor_lr_takes_a_live_change(tmp_path
     for lr, user in zip(rows["lr"][5:], rows["user_lr"][5:]):
         assert lr == pytest.approx(user * factor, rel=1e-6)
     assert rows["user_lr"][11] > rows["user_lr"][5]  # the user's warm-up, still going
+
+
+def test_a_ddp_close_on_the_device_waits_for_the_backend_without_the_timeout(tmp_path, caplog):
+    """Under NCCL the last meeting's loss all-reduce stays on the device (asynchronous) and the
+    close waits until the backend has let go of its tensor (see trainer.distributed): the NCCL
+    watchdog must let go well within the wait's 5 s, else every GPU run's close would stall
+    and warn. One rank, in this process (gloo where PANDA_TEST_DEVICE=cpu)."""
+    import torch.distributed as dist
+
+    from trainer.distributed import DistributedCoordinator
+
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo",
+                            init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)
+    try:
+        model, x, y = linear_problem()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        coordinator = DistributedCoordinator()
+        with caplog.at_level("WARNING", logger="trainer.distributed"), \
+                Babysitter(optimizer, tmp_path / "run", model=model, checkpoint_every=5,
+                           coordinator=coordinator, **FAST) as bs:
+            for _ in range(12):  # meetings at steps 10 and 12 (the close's)
+                loss = (model(x) - y).pow(2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                bs.step(loss)
+        assert "still holds" not in caplog.text
+    finally:
+        dist.destroy_process_group()
