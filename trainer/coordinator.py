@@ -84,4 +84,3 @@ class Coordinator:
     def retire(self) -> None:
         """After the last collective: return once the communication backend holds nothing of
         this process's (alone: there is no backend)."""
-
