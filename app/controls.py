@@ -16,6 +16,13 @@ the old widget, and anything the browser still says about it, is gone. A browser
 drawn the new widget yet still reports the old one (a click right after ×½), and Streamlit
 takes that for a change and calls the old widget's on_change: each callback is given its
 widget's generation and does nothing for one that is no longer shown.
+
+A click on Apply right after ×½ (or ×2) may reach the server before the ×½ rerun has started;
+Streamlit then merges the two requests into one rerun and may call Apply's callback first
+(the older trigger is appended after the newer request's widgets). Apply would send the value
+from before ×½, and ×½ would then halve the field after the fact. So Apply does a scaling
+clicked in the same rerun first, and the scaling's own callback then does nothing
+(:data:`SCALES`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ LOCKED_STATES = actions.LOCKED_STATES
 SAME_REL_TOL = 1e-9        # pending within this relative distance of applied is "no change"
 KNOB_LABELS = {"lr": "learning rate", "momentum": "momentum β", "weight_decay": "weight decay"}
 TABLE_LABELS = {"lr": "LR", "momentum": "momentum β", "weight_decay": "weight decay"}
+SCALES = {"half": 0.5, "double": 2.0}  # the LR buttons: ×½, ×2 (their keys' names)
 
 
 def key(run: str, name: str) -> str:
@@ -201,9 +209,15 @@ def _current_lr(run: str, applied: dict[str, Any]) -> float | None:
         return None
 
 
-def _scale_lr(address: str, run: str, factor: float) -> None:
-    """×½ / ×2: the exact result goes into the text field, the slider to its nearest stop."""
+def _scale_lr(address: str, run: str, button: str) -> None:
+    """×½ / ×2: the exact result goes into the text field, the slider to its nearest stop.
+    Once per click: Apply may have done it already, in the same rerun (module docstring)."""
+    state = st.session_state
+    if state.pop(key(run, f"{button}_done"), False):
+        return
+    state[key(run, f"{button}_done")] = True  # until this rerun draws the knobs
     base = _current_lr(run, _applied(address)[1])
+    factor = SCALES[button]
     if base is None:  # an invalid typed LR: its hint under the field says so
         return
     target = float(f"{base * factor:.6g}")
@@ -256,6 +270,9 @@ def _apply(address: str, run: str, supported: list[str]) -> None:
     """Apply: validate, send one ``set`` command with the changed knobs, re-seed widgets."""
     if not actions.permitted(run):
         return
+    for button in SCALES:  # clicked just before Apply, in this same rerun, and not done yet
+        if st.session_state.get(key(run, button)):
+            _scale_lr(address, run, button)
     run_state, applied = _applied(address)
     if is_locked(run_state):
         actions.say(run, "error", f"Not sent: the run is {run_state}.")
@@ -286,6 +303,8 @@ def knob_widgets(address: str, summary: dict[str, Any], meta: dict[str, Any],
     callbacks refuse anyway).
     """
     run = summary["run"]
+    for button in SCALES:  # this rerun's clicks are done: the next one scales again
+        st.session_state.pop(key(run, f"{button}_done"), None)
     applied = {k: summary.get(k) for k in KNOB_ORDER}
     if applied["lr"] is None:
         st.info("Waiting for the trainer to report its knobs…")
@@ -301,9 +320,9 @@ def knob_widgets(address: str, summary: dict[str, Any], meta: dict[str, Any],
                      on_change=_slider_moved, args=(run, _generation(run, "lr")),
                      help="equal effort per decade: 1e-6 … 10")
     half, double, exact = st.columns([1, 1, 2], vertical_alignment="bottom")
-    half.button("×½", key=key(run, "half"), on_click=_scale_lr, args=(address, run, 0.5),
+    half.button("×½", key=key(run, "half"), on_click=_scale_lr, args=(address, run, "half"),
                 disabled=locked, width="stretch", help="halve the pending learning rate")
-    double.button("×2", key=key(run, "double"), on_click=_scale_lr, args=(address, run, 2.0),
+    double.button("×2", key=key(run, "double"), on_click=_scale_lr, args=(address, run, "double"),
                   disabled=locked, width="stretch", help="double the pending learning rate")
     exact.text_input("exact LR", key=widget_key(run, "exact"), value=widget_value(run, "exact"),
                      placeholder="exact LR",
