@@ -18,11 +18,11 @@ takes that for a change and calls the old widget's on_change: each callback is g
 widget's generation and does nothing for one that is no longer shown.
 
 A click on Apply right after ×½ (or ×2) may reach the server before the ×½ rerun has started;
-Streamlit then merges the two requests into one rerun and may call Apply's callback first
-(the older trigger is appended after the newer request's widgets). Apply would send the value
-from before ×½, and ×½ would then halve the field after the fact. So Apply does a scaling
-clicked in the same rerun first, and the scaling's own callback then does nothing
-(:data:`SCALES`).
+Streamlit then merges the two requests into one rerun and calls Apply's callback first (the
+older trigger is appended after the newer request's widgets). Apply would send the value from
+before ×½, and ×½ would then halve the field after the fact. So when both are in one rerun,
+Apply does the scaling first whichever callback comes first, and it is done once: the first of
+the two callbacks leaves a mark that the second consumes in the same pass (:data:`SCALES`).
 """
 
 from __future__ import annotations
@@ -210,17 +210,22 @@ def _current_lr(run: str, applied: dict[str, Any]) -> float | None:
 
 
 def _scale_lr(address: str, run: str, button: str) -> None:
-    """×½ / ×2: the exact result goes into the text field, the slider to its nearest stop.
-    Once per click: Apply may have done it already, in the same rerun (module docstring)."""
+    """×½ / ×2's callback: :func:`_scale`, unless Apply did it in this rerun already; with
+    Apply's callback still to come in this rerun, it tells Apply so (module docstring)."""
     state = st.session_state
-    if state.pop(key(run, f"{button}_done"), False):
+    if state.pop(key(run, f"{button}_by_apply"), False):
         return
-    state[key(run, f"{button}_done")] = True  # until this rerun draws the knobs
+    _scale(address, run, button)
+    if state.get(key(run, "apply")):
+        state[key(run, f"{button}_before_apply")] = True
+
+
+def _scale(address: str, run: str, button: str) -> None:
+    """×½ / ×2: the exact result goes into the text field, the slider to its nearest stop."""
     base = _current_lr(run, _applied(address)[1])
-    factor = SCALES[button]
     if base is None:  # an invalid typed LR: its hint under the field says so
         return
-    target = float(f"{base * factor:.6g}")
+    target = float(f"{base * SCALES[button]:.6g}")
     _set_exact(run, f"{target:.6g}")
     _show_on_slider(run, target)
 
@@ -267,12 +272,16 @@ def _exact_typed(run: str, generation: int) -> None:
 
 
 def _apply(address: str, run: str, supported: list[str]) -> None:
-    """Apply: validate, send one ``set`` command with the changed knobs, re-seed widgets."""
+    """Apply: validate, send one ``set`` command with the changed knobs, re-seed widgets. A
+    ×½ / ×2 in the same rerun is done first (module docstring)."""
+    state = st.session_state
+    for button in SCALES:
+        if state.get(key(run, button)) and not state.pop(key(run, f"{button}_before_apply"),
+                                                         False):
+            _scale(address, run, button)
+            state[key(run, f"{button}_by_apply")] = True  # its own callback comes next
     if not actions.permitted(run):
         return
-    for button in SCALES:  # clicked just before Apply, in this same rerun, and not done yet
-        if st.session_state.get(key(run, button)):
-            _scale_lr(address, run, button)
     run_state, applied = _applied(address)
     if is_locked(run_state):
         actions.say(run, "error", f"Not sent: the run is {run_state}.")
@@ -303,8 +312,9 @@ def knob_widgets(address: str, summary: dict[str, Any], meta: dict[str, Any],
     callbacks refuse anyway).
     """
     run = summary["run"]
-    for button in SCALES:  # this rerun's clicks are done: the next one scales again
-        st.session_state.pop(key(run, f"{button}_done"), None)
+    for button in SCALES:  # a backstop: the marks live within one pass of callbacks
+        st.session_state.pop(key(run, f"{button}_by_apply"), None)
+        st.session_state.pop(key(run, f"{button}_before_apply"), None)
     applied = {k: summary.get(k) for k in KNOB_ORDER}
     if applied["lr"] is None:
         st.info("Waiting for the trainer to report its knobs…")

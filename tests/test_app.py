@@ -108,28 +108,28 @@ def test_exact_lr_and_halving_buttons(page):
     assert knob_widget(at, "exact").value == ""  # sent: the field is cleared
 
 
-def test_apply_right_after_halving_sends_the_halved_lr_once(page):
+@pytest.mark.parametrize("apply_first", [True, False], ids=["apply first", "halving first"])
+def test_halving_and_apply_in_one_rerun_send_the_halved_lr_once(page, apply_first):
     """A click on Apply that reaches the server before the ×½ rerun started: Streamlit merges
-    the two requests into one rerun, ×½'s trigger after Apply's, and calls Apply's callback
-    first. Apply must send the halved LR (not the one from before ×½), and ×½ must not halve
-    the field again after it. The merge is Streamlit's own (``_coalesce_widget_states``)."""
+    the two requests into one rerun and appends ×½'s trigger after Apply's
+    (``_coalesce_widget_states``), so Apply's callback runs first. Either order must send the
+    halved LR (not the one from before ×½), not halve the field again after it, and leave no
+    mark behind: the next ×½ halves again."""
     from streamlit.proto.WidgetStates_pb2 import WidgetStates
-    from streamlit.runtime.scriptrunner_utils.script_requests import _coalesce_widget_states
 
     at, run_dir = page()
     knob_widget(at, "exact").input("3.2e-4").run()
     at.button(key=key("live", "half")).click()
     at.button(key=key("live", "apply")).click()
-    clicked = at._tree.get_widget_states()  # both triggers, as the browser's two requests hold
+    clicked = at._tree.get_widget_states()  # both triggers, as the merged request holds them
     half = [w for w in clicked.widgets if w.id.endswith(key("live", "half"))]
+    others = [w for w in clicked.widgets if w not in half]
     assert len(half) == 1 and half[0].trigger_value
-    earlier = WidgetStates(widgets=half)  # the ×½ request; the Apply request no longer has it
-    later = WidgetStates(widgets=[w for w in clicked.widgets if w not in half])
-    merged = _coalesce_widget_states(earlier, later)
-    assert merged.widgets[-1].id == half[0].id  # ×½ now comes after Apply
-    at._run(merged)
+    at._run(WidgetStates(widgets=others + half if apply_first else half + others))
     assert [json.loads(c.payload) for c in commands(run_dir)] == [{"lr": 0.00016}]
     assert knob_widget(at, "exact").value == "" and not at.error  # sent; not halved again
+    at.button(key=key("live", "half")).click().run()
+    assert knob_widget(at, "exact").value != ""  # a later ×½ is not swallowed
 
 
 def test_doubling_from_the_applied_lr(page):
