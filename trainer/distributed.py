@@ -330,8 +330,7 @@ class DistributedCoordinator(Coordinator):
         that holder is not the backend (a traceback's frame, of a collective that raised)."""
         start = time.monotonic()
         while True:
-            handed, self._handed = self._handed, []
-            self._handed = _still_held(handed)
+            self._handed = _still_held(self._handed)
             waited = time.monotonic() - start
             if wait_s and waited >= PENDING_RELEASE_S:
                 self._handed = [t for t in self._handed if _held_in_cpp(t)]
@@ -395,10 +394,10 @@ def _still_held(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     object; the thread that lets go drops it under the GIL, after lowering the count). Pass a
     list that is the tensors' only holder. A torch without ``_use_count`` holds nothing."""
     tensors.append(torch.empty(0))  # held by this list alone: the reference count to compare
-    refs = [sys.getrefcount(tensors[i]) for i in range(len(tensors))]
+    refs = [sys.getrefcount(t) for t in tensors]  # each +1 for t, the probe's too
     alone = refs.pop()
     tensors.pop()
-    return [tensors[i] for i in range(len(tensors)) if refs[i] > alone or _held_in_cpp(tensors[i])]
+    return [t for t, n in zip(tensors, refs) if n > alone or _held_in_cpp(t)]
 
 
 def _held_in_cpp(tensor: torch.Tensor) -> bool:
